@@ -1,0 +1,2 @@
+"""regkern: fused kernels for regularization-based neural-network pruning."""
+import torch  # noqa: F401  (loaded first: regkern._C shares torch's OpenMP runtime)

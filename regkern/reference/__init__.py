@@ -1,0 +1,8 @@
+"""Pure-torch reference kernels: SPEC.md made executable.
+
+Every fast backend (C++ on CPU, Triton on CUDA) is tested against these
+functions; they also run on any other device.
+"""
+from regkern.reference.sgd import sgd_step
+
+__all__ = ["sgd_step"]
