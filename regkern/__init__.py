@@ -1,2 +1,7 @@
 """regkern: fused kernels for regularization-based neural-network pruning."""
 import torch  # noqa: F401  (loaded first: regkern._C shares torch's OpenMP runtime)
+
+from regkern.optim import SGD
+from regkern.regularizers import RowL2
+
+__all__ = ["SGD", "RowL2"]

@@ -12,7 +12,8 @@ The contract every backend implements, for each tensor ``i``:
     norms[r] = (sum |W_r|, ||W_r||_2, mean |W_r|) of the stored, updated W
 
 A row ``r`` is ``W[r]``: the first dimension indexes rows, a 0-d tensor is one
-row. All math is fp32; W and buf are rounded once to their storage dtype. When
+row. All math is fp32 (float64 parameters, which only the reference takes, keep
+float64); W and buf are rounded once to their storage dtype. When
 ``found_inf`` is a non-zero tensor nothing at all is written.
 """
 from __future__ import annotations
@@ -62,14 +63,16 @@ def sgd_step(
     lams = lams if lams is not None else [None] * count
     masks = masks if masks is not None else [None] * count
     norms = norms if norms is not None else [None] * count
-    lr32 = lr.to(torch.float32) if isinstance(lr, Tensor) else lr
     for w, grad, buf, first, lam, mask, norm in zip(
         params, grads, momentum_buffers, firsts, lams, masks, norms
     ):
-        w32 = w.detach().to(torch.float32)
-        g = grad.to(torch.float32)
+        # fp32 math for fp32/bf16/fp16 storage; float64 parameters keep float64
+        math = torch.float64 if w.dtype == torch.float64 else torch.float32
+        lr32 = lr.to(device=w.device, dtype=math) if isinstance(lr, Tensor) else lr
+        w32 = w.detach().to(math)
+        g = grad.to(math)
         if grad_scale is not None:
-            g = g / grad_scale.to(device=g.device, dtype=torch.float32)
+            g = g / grad_scale.to(device=g.device, dtype=math)
         if maximize:
             g = -g
         d = g + weight_decay * w32 if weight_decay != 0 else g
@@ -79,13 +82,13 @@ def sgd_step(
             if first:
                 b = d
             else:
-                b = momentum * buf.to(torch.float32) + (1 - dampening) * d
+                b = momentum * buf.to(math) + (1 - dampening) * d
             s = d + momentum * b if nesterov else b
         else:
             b, s = None, d
         new_w = w32 - lr32 * s
         if mask is not None:
-            keep = _broadcast_mask(mask, w).to(torch.float32)
+            keep = _broadcast_mask(mask, w).to(math)
             new_w = new_w * keep
             if b is not None:
                 b = b * keep

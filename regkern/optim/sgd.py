@@ -1,0 +1,158 @@
+"""``regkern.SGD``: ``torch.optim.SGD`` with regularizers fused into its step."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from torch import Tensor
+
+from regkern.backend import SGDLaunch
+from regkern.regularizers import as_regularizer
+
+# Optimizer-state entries whose dtype does not follow the parameter's: torch's
+# load_state_dict would cast them to the parameter dtype (a bool mask to
+# float, an fp32 lambda to bf16), so they are restored as saved.
+FIXED_DTYPE_STATE = ("lam", "mask", "row_norms")
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2), or the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None and type(t).__name__ == "DTensor" else t
+
+
+class SGD(torch.optim.Optimizer):
+    r"""Stochastic gradient descent with fused regularization.
+
+    Same arguments and behaviour as :class:`torch.optim.SGD` (momentum,
+    dampening, weight decay, Nesterov, ``maximize``, float or tensor ``lr``,
+    LR schedulers, closures, ``state_dict``, ``torch.amp.GradScaler``), and
+    every parameter group may carry a ``regularizer`` key, e.g.
+    ``regkern.RowL2()``. For each parameter with a gradient, one fused pass
+    computes (SPEC.md sections 1, 2 and 7)::
+
+        d   = g + weight_decay * W + lam[r] * W        # lam: state["lam"], per row
+        buf = d (first step) or momentum * buf + (1 - dampening) * d
+        W   = W - lr * (d + momentum * buf if nesterov else buf)
+        W  *= mask; buf *= mask                        # state["mask"], if present
+        state["row_norms"][r] = L1, L2, mean |W| of the updated row r
+
+    The optimizer state is the interface: ``state[p]["lam"]`` (fp32, one
+    entry per row ``W[r]``, any sign), ``state[p]["mask"]`` (bool, ``[R]`` or
+    ``W``'s shape) and ``state[p]["row_norms"]`` (fp32 ``[R, 3]``) are read
+    when present, whatever the group's regularizer; regularizers create them,
+    schedules and users write them in place, and ``state_dict`` saves them.
+
+    ``foreach`` and ``fused`` are accepted for compatibility and have no
+    effect: the step is always fused. ``backend`` ("cpp", "triton",
+    "reference"; default: by device, or the ``REGKERN_BACKEND`` variable)
+    forces a kernel backend. Under a GradScaler the regularizer acts on the
+    unscaled gradient and a step with inf/NaN gradients changes nothing.
+    """
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, differentiable: bool = False,
+                 fused: Optional[bool] = None, backend: Optional[str] = None) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if differentiable:
+            raise ValueError("regkern.SGD steps with fused kernels and does not support differentiable=True")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, foreach=foreach,
+                        differentiable=False, fused=fused, regularizer=None)
+        self.backend = backend
+        super().__init__(params, defaults)
+        # GradScaler hands us grad_scale / found_inf instead of unscaling itself.
+        self._step_supports_amp_scaling = True
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["regularizer"] = as_regularizer(group["regularizer"])
+        if group["regularizer"] is not None:
+            for p in group["params"]:
+                group["regularizer"].init_state(local_tensor(p), self.state[p])
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("regularizer", None)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        """Perform one optimization step; returns the closure's loss, if any."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf.item()):
+            return loss  # an overflow step: parameters and state stay as they are
+        grad_scale = getattr(self, "grad_scale", None)
+        # Validate every group before touching anything: a rejected step is a no-op.
+        prepared = [self._prepare(group) for group in self.param_groups]
+        for group, (launch, params, bufs) in zip(self.param_groups, prepared):
+            if group["momentum"] != 0:
+                for p, buf in zip(params, bufs):
+                    self.state[p]["momentum_buffer"] = buf
+            launch.run(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                       nesterov=group["nesterov"], weight_decay=group["weight_decay"],
+                       maximize=group["maximize"], grad_scale=grad_scale)
+        return loss
+
+    def _prepare(self, group: Dict[str, Any]):
+        params, weights, grads, bufs, lams, masks, norms, firsts = [], [], [], [], [], [], [], []
+        with_momentum = group["momentum"] != 0
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            weight = local_tensor(p)
+            buf = state.get("momentum_buffer") if with_momentum else None
+            firsts.append(with_momentum and buf is None)
+            if firsts[-1]:
+                buf = torch.empty_like(weight)
+            params.append(p)
+            weights.append(weight)
+            grads.append(local_tensor(p.grad))
+            bufs.append(buf)
+            lams.append(state.get("lam"))
+            masks.append(state.get("mask"))
+            norms.append(state.get("row_norms"))
+        launch = SGDLaunch(weights, grads, bufs, lams, masks, norms, firsts, self.backend)
+        return launch, params, bufs
+
+    def state_dict(self) -> Dict[str, Any]:
+        saved = super().state_dict()
+        for group in saved["param_groups"]:
+            if group.get("regularizer") is not None:
+                group["regularizer"] = group["regularizer"].to_dict()
+        return saved
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        state_dict["param_groups"] = [
+            {**g, "regularizer": as_regularizer(g.get("regularizer"))} for g in state_dict["param_groups"]
+        ]
+        kept = {}
+        state = {}
+        for key, entry in state_dict["state"].items():
+            kept[key] = {k: v for k, v in entry.items() if k in FIXED_DTYPE_STATE}
+            state[key] = {k: v for k, v in entry.items() if k not in FIXED_DTYPE_STATE}
+        state_dict["state"] = state
+        super().load_state_dict(state_dict)
+        ids = (i for g in state_dict["param_groups"] for i in g["params"])
+        by_id = dict(zip(ids, (p for g in self.param_groups for p in g["params"])))
+        for key, entries in kept.items():
+            param = by_id[key]
+            for name, value in entries.items():
+                self.state[param][name] = value.to(device=local_tensor(param).device).clone()
