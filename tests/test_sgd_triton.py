@@ -1,0 +1,193 @@
+"""The Triton `sgd` kernel against the reference (SPEC 1, 2, 7).
+
+Without a GPU the kernel runs on CPU tensors under ``TRITON_INTERPRET=1``
+(set here before the kernels are imported: triton reads it when a kernel is
+decorated); with one it runs on CUDA tensors.
+"""
+import importlib
+import os
+import random
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from regkern.backend import build_sgd_table  # noqa: E402
+from regkern.reference import sgd_step as reference_step  # noqa: E402
+from sgd_cases import DTYPES, SHAPES, Case, assert_same, make_case, run  # noqa: E402
+
+try:
+    from regkern.kernels import sgd as triton_sgd
+except ImportError:  # not installed: the source tree's kernels/
+    from kernels import sgd as triton_sgd
+
+INTERPRET = triton.knobs.runtime.interpret
+DEVICE = "cpu" if INTERPRET else "cuda"
+if INTERPRET and type(triton_sgd._sgd_kernel).__name__ != "InterpretedFunction":
+    triton_sgd = importlib.reload(triton_sgd)  # imported before TRITON_INTERPRET was set
+
+
+@pytest.fixture(autouse=True, scope="module")
+def bf16_rounds_to_nearest_even():
+    """The interpreter (triton 3.x) truncates fp32 -> bf16; GPUs round to
+    nearest even (cvt.rn.bf16.f32). Make the interpreter round like them."""
+    if not INTERPRET:
+        yield
+        return
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+    cast = InterpreterBuilder.cast_impl
+
+    def cast_rne(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = src.data.astype(np.float32).view(np.uint32).astype(np.uint64)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            rounded = np.where(np.isnan(src.data), (bits >> 16) | 0x40, rounded)
+            return TensorHandle(rounded.astype(np.uint16), tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    InterpreterBuilder.cast_impl = cast_rne
+    yield
+    InterpreterBuilder.cast_impl = cast
+
+
+def triton_step(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0, nesterov=False,
+                weight_decay=0.0, maximize=False, first_step=False, lams=None, masks=None, norms=None,
+                grad_scale=None, found_inf=None, block=triton_sgd.DEFAULT_BLOCK, chunk=triton_sgd.DEFAULT_CHUNK):
+    """reference.sgd_step's signature: one launch per dtype."""
+    count = len(params)
+    columns = list(zip(params, grads, momentum_buffers,
+                       [first_step] * count if isinstance(first_step, bool) else first_step,
+                       lams or [None] * count, masks or [None] * count, norms or [None] * count))
+    for dtype in DTYPES:
+        same = [c for c in columns if c[0].dtype == dtype]
+        if not same:
+            continue
+        w, g, buf, first, lam, mask, norm = zip(*same)
+        table = build_sgd_table(w, g, buf, lam, mask, norm, first)
+        units = triton_sgd.build_units(table, chunk)
+        triton_sgd.sgd_step(table.to(DEVICE), dtype, units=units.to(DEVICE), block=block, lr=lr,
+                            momentum=momentum, dampening=dampening, nesterov=nesterov,
+                            weight_decay=weight_decay, maximize=maximize,
+                            grad_scale=grad_scale, found_inf=found_inf)
+
+
+def check(case, **launch):
+    expected = run(reference_step, case)
+    actual = run(lambda *a, **k: triton_step(*a, **k, **launch), case)
+    assert_same(actual, expected)
+    return actual
+
+
+CONFIGS = {
+    # torch.optim.SGD without extras
+    "plain": dict(momentum=0.0, with_lam=False, with_mask=False, with_norms=False),
+    # momentum with random nesterov / dampening / maximize / grad_scale / lam / mask / norms
+    "momentum": dict(momentum=0.9),
+    # everything at once
+    "all": dict(momentum=0.9, dampening=0.0, nesterov=True, maximize=True, weight_decay=0.1,
+                with_lam=True, with_mask=True, with_norms=True, grad_scale=torch.tensor(1024.0)),
+}
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(dtype, config):
+    options = dict(CONFIGS[config])
+    if "grad_scale" in options:
+        options["grad_scale"] = options["grad_scale"].to(DEVICE)
+    rng = random.Random(f"{dtype}-{config}")
+    check(make_case(rng, SHAPES + [(3, 0)], dtype, DEVICE, **options))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_small_blocks_and_chunks(dtype):
+    # units that start mid-row, rows spread over many pieces and units
+    case = make_case(random.Random(1), [(33, 129), (257, 9), (5, 1), (2, 100)], dtype, DEVICE, momentum=0.9)
+    check(case, block=32, chunk=64)
+
+
+def test_mixed_dtypes():
+    cases = [make_case(random.Random(2), [(3, 17), (8,)], dtype, DEVICE) for dtype in DTYPES]
+    mixed = Case(*[sum((getattr(c, f) for c in cases), []) for f in
+                   ("params", "grads", "bufs", "lams", "masks", "norms", "first_step")],
+                 options=dict(lr=0.1, momentum=0.9, weight_decay=5e-4))
+    check(mixed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_found_inf_skips_the_step(dtype):
+    case = make_case(random.Random(3), [(16, 3, 3, 3), (7,), (2, 1000)], dtype, DEVICE,
+                     momentum=0.9, with_norms=True, with_mask=True)
+    case.options["found_inf"] = torch.tensor(1.0, device=DEVICE)
+    skipped = run(triton_step, case)
+    for name in ("params", "grads", "bufs", "norms"):
+        for a, e in zip(getattr(skipped, name), getattr(case, name)):
+            assert torch.equal(a.isnan(), e.isnan()) and torch.equal(a.nan_to_num(), e.nan_to_num()), name
+    case.options["found_inf"] = torch.tensor(0.0, device=DEVICE)
+    check(case)
+
+
+def test_tensor_lr():
+    case = make_case(random.Random(4), [(33, 129), (7,)], torch.float32, DEVICE, momentum=0.9)
+    case.options["lr"] = torch.tensor(0.05, device=DEVICE)
+    check(case)
+    case.options["lr"] = torch.tensor(0.05, dtype=torch.float64)  # a CPU scalar
+    check(case)
+
+
+@pytest.mark.skipif(INTERPRET, reason="the interpreter compiles nothing")
+def test_new_lr_does_not_recompile():
+    case = make_case(random.Random(5), [(7, 3)], torch.float32, DEVICE, momentum=0.0,
+                     maximize=False, grad_scale=None)
+    case.options.pop("grad_scale", None)
+    run(triton_step, case)
+    compiled = sum(len(c) for c in triton_sgd._sgd_kernel.device_caches[0][0].values()) \
+        if hasattr(triton_sgd._sgd_kernel, "device_caches") else None
+    for lr in (0.3, 0.01, 1e-5):
+        case.options["lr"] = lr
+        check(case)
+    if compiled is not None:
+        assert sum(len(c) for c in triton_sgd._sgd_kernel.device_caches[0][0].values()) == compiled
+
+
+@pytest.mark.parametrize("chunk", [1, 64, 4096])
+def test_units_cover_every_element_once(chunk):
+    tensors = [torch.zeros(s) for s in SHAPES + [(3, 0)]]
+    norms = [torch.zeros(t.shape[0] if t.dim() else 1, 3) if i % 2 else None for i, t in enumerate(tensors)]
+    table = build_sgd_table(tensors, tensors, [None] * len(tensors), [None] * len(tensors),
+                            [None] * len(tensors), norms, [False] * len(tensors))
+    units = triton_sgd.build_units(table, chunk)
+    assert units.dtype == torch.int64 and units.shape[1] == triton_sgd.UNIT_FIELDS
+    for i, t in enumerate(tensors):
+        mine = units[units[:, 0] == i]
+        row_len = t.numel() // (t.shape[0] if t.dim() else 1) if t.numel() else 0
+        if t.numel() == 0:
+            empty_rows = norms[i] is not None and norms[i].shape[0] > 0
+            assert mine[:, 1:].tolist() == ([[0, 0]] if empty_rows else [])
+            continue
+        assert mine[0, 1] == 0 and mine[-1, 2] == t.numel()
+        assert torch.equal(mine[1:, 1], mine[:-1, 2]) and bool((mine[:, 2] > mine[:, 1]).all())
+        longest = max(chunk, row_len) if norms[i] is not None else chunk
+        assert int((mine[:, 2] - mine[:, 1]).max()) <= longest
+        if norms[i] is not None:
+            assert bool((mine[:, 1:] % row_len == 0).all())
+
+
+@settings(deadline=None, max_examples=8, derandomize=True)
+@given(
+    shapes=st.lists(st.sampled_from(SHAPES[:12]), min_size=1, max_size=4),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+    block=st.sampled_from([32, 256]),
+    chunk=st.sampled_from([32, 100, 4096]),
+)
+def test_hypothesis(shapes, dtype, seed, block, chunk):
+    check(make_case(random.Random(seed), shapes, dtype, DEVICE), block=block, chunk=chunk)
