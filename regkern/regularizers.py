@@ -11,10 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Dict, Optional
 
-import torch
 from torch import Tensor
 
-from regkern.reference.sgd import num_rows
+from regkern.sharding import row_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +57,10 @@ class RowL2(Regularizer):
     track_norms: bool = False
 
     def init_state(self, param: Tensor, state: Dict[str, Any]) -> None:
-        rows = num_rows(param)
         if "lam" not in state:
-            state["lam"] = torch.zeros(rows, dtype=torch.float32, device=param.device)
+            state["lam"] = row_state(param)
         if self.track_norms and "row_norms" not in state:
-            state["row_norms"] = torch.zeros(rows, 3, dtype=torch.float32, device=param.device)
+            state["row_norms"] = row_state(param, (3,))
 
 
 def as_regularizer(value: Any) -> Optional[Regularizer]:

@@ -8,17 +8,12 @@ from torch import Tensor
 
 from regkern.backend import SGDLaunch
 from regkern.regularizers import as_regularizer
+from regkern.sharding import local_tensor
 
 # Optimizer-state entries whose dtype does not follow the parameter's: torch's
 # load_state_dict would cast them to the parameter dtype (a bool mask to
 # float, an fp32 lambda to bf16), so they are restored as saved.
 FIXED_DTYPE_STATE = ("lam", "mask", "row_norms")
-
-
-def local_tensor(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (FSDP2), or the tensor itself."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None and type(t).__name__ == "DTensor" else t
 
 
 class SGD(torch.optim.Optimizer):
@@ -80,7 +75,7 @@ class SGD(torch.optim.Optimizer):
         group["regularizer"] = as_regularizer(group["regularizer"])
         if group["regularizer"] is not None:
             for p in group["params"]:
-                group["regularizer"].init_state(local_tensor(p), self.state[p])
+                group["regularizer"].init_state(p, self.state[p])
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -116,19 +111,20 @@ class SGD(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             state = self.state[p]
-            weight = local_tensor(p)
             buf = state.get("momentum_buffer") if with_momentum else None
             firsts.append(with_momentum and buf is None)
             if firsts[-1]:
-                buf = torch.empty_like(weight)
+                buf = torch.empty_like(p)
             params.append(p)
-            weights.append(weight)
-            grads.append(local_tensor(p.grad))
             bufs.append(buf)
-            lams.append(state.get("lam"))
-            masks.append(state.get("mask"))
-            norms.append(state.get("row_norms"))
-        launch = SGDLaunch(weights, grads, bufs, lams, masks, norms, firsts, self.backend)
+            # kernels see local shards: the same tensors for non-DTensors
+            weights.append(local_tensor(p))
+            grads.append(local_tensor(p.grad))
+            lams.append(local_tensor(state.get("lam")))
+            masks.append(local_tensor(state.get("mask")))
+            norms.append(local_tensor(state.get("row_norms")))
+        local_bufs = [local_tensor(b) for b in bufs]
+        launch = SGDLaunch(weights, grads, local_bufs, lams, masks, norms, firsts, self.backend)
         return launch, params, bufs
 
     def state_dict(self) -> Dict[str, Any]:
@@ -155,4 +151,4 @@ class SGD(torch.optim.Optimizer):
         for key, entries in kept.items():
             param = by_id[key]
             for name, value in entries.items():
-                self.state[param][name] = value.to(device=local_tensor(param).device).clone()
+                self.state[param][name] = value.to(device=param.device).clone()
