@@ -144,99 +144,117 @@ def _describe(t: Tensor) -> str:
     return f"{str(t.dtype).replace('torch.', '')} {tuple(t.shape)} on {t.device}"
 
 
-def check_sgd_inputs(params, grads, bufs, lams, masks, norms) -> None:
-    """Raise ``ValueError`` (one sentence) on input the step cannot take."""
+def check_sgd_state(params, bufs, lams, masks, norms) -> None:
+    """Raise ``ValueError`` (one sentence) on parameters or state the step cannot take."""
     device = params[0].device if params else None
-    for i, (w, g, buf, lam, mask, norm) in enumerate(zip(params, grads, bufs, lams, masks, norms)):
-        where = f"parameter {i} ({_describe(w)})"
+    for i, (w, buf, lam, mask, norm) in enumerate(zip(params, bufs, lams, masks, norms)):
+        where = lambda: f"parameter {i} ({_describe(w)})"  # noqa: E731  (built only on error)
         if w.device != device:
-            raise ValueError(f"{where} is not on {device} like the first parameter of its group; put each device's parameters in their own param group")
-        if g.is_sparse or w.is_sparse:
-            raise ValueError(f"{where} has a sparse gradient, which regkern does not support; step it with torch.optim.SparseAdam or torch.optim.SGD")
-        if g.shape != w.shape or g.dtype != w.dtype or g.device != w.device:
-            raise ValueError(f"{where} has a gradient of {_describe(g)}; it must match the parameter's shape, dtype and device")
+            raise ValueError(f"{where()} is not on {device} like the first parameter of its group; put each device's parameters in their own param group")
+        if w.is_sparse:
+            raise ValueError(f"{where()} is sparse, which regkern does not support; step it with torch.optim.SparseAdam or torch.optim.SGD")
         if not w.is_floating_point():
-            raise ValueError(f"{where} is not floating point; only floating-point parameters can be optimized")
+            raise ValueError(f"{where()} is not floating point; only floating-point parameters can be optimized")
         rows = num_rows(w)
         if buf is not None and (buf.shape != w.shape or buf.dtype != w.dtype or buf.device != w.device):
-            raise ValueError(f"{where} has a momentum buffer of {_describe(buf)}; it must match the parameter")
+            raise ValueError(f"{where()} has a momentum buffer of {_describe(buf)}; it must match the parameter")
         if lam is not None and (lam.shape != (rows,) or lam.dtype != torch.float32 or lam.device != device):
-            raise ValueError(f"{where} has a lambda of {_describe(lam)}; it must be a float32 vector of length {rows} on {device}")
+            raise ValueError(f"{where()} has a lambda of {_describe(lam)}; it must be a float32 vector of length {rows} on {device}")
         if mask is not None and (mask.dtype != torch.bool or mask.device != device or mask.shape not in ((rows,), w.shape)):
-            raise ValueError(f"{where} has a mask of {_describe(mask)}; it must be a bool tensor of shape ({rows},) (rows) or {tuple(w.shape)} (elements) on {device}")
+            raise ValueError(f"{where()} has a mask of {_describe(mask)}; it must be a bool tensor of shape ({rows},) (rows) or {tuple(w.shape)} (elements) on {device}")
         if norm is not None and (norm.shape != (rows, 3) or norm.dtype != torch.float32 or norm.device != device):
-            raise ValueError(f"{where} has a row-norm output of {_describe(norm)}; it must be float32 of shape ({rows}, 3) on {device}")
+            raise ValueError(f"{where()} has a row-norm output of {_describe(norm)}; it must be float32 of shape ({rows}, 3) on {device}")
+
+
+def check_sgd_grads(params, grads) -> None:
+    """Raise ``ValueError`` (one sentence) on gradients the step cannot take."""
+    strided = torch.strided
+    for i, (w, g) in enumerate(zip(params, grads)):
+        if g.layout is not strided or g.shape != w.shape or g.dtype is not w.dtype:
+            break
+    else:
+        return
+    if g.layout is not strided:
+        raise ValueError(f"parameter {i} ({_describe(w)}) has a sparse gradient, which regkern does not support; step it with torch.optim.SparseAdam or torch.optim.SGD")
+    raise ValueError(f"parameter {i} ({_describe(w)}) has a gradient of {_describe(g)}; it must match the parameter's shape and dtype")
 
 
 def _fast_path_ok(*tensors: Optional[Tensor]) -> bool:
     return tensors[0].dtype in FAST_DTYPES and all(t is None or t.is_contiguous() for t in tensors)
 
 
-class SGDLaunch:
-    """One validated step of the ``sgd`` family over tensors on one device.
+class SGDPlan:
+    """The validated, static part of an ``sgd`` step over tensors on one device.
 
-    Building it checks every input and builds the metadata, so a rejected step
-    changes nothing; ``run`` then applies the update with the chosen backend.
+    Parameters and their state (momentum buffers, lambdas, masks, row-norm
+    outputs) are checked and their metadata built once; each step then only
+    checks the gradients and patches their pointers and the first-step flags
+    into the table, so a step costs one C++ call or one launch per dtype.
     Tensors the fast kernels cannot take (non-contiguous, float64) are stepped
     by the reference, which handles any layout in place.
     """
 
-    def __init__(self, params, grads, bufs, lams=None, masks=None, norms=None, first_step=False, backend=None):
+    def __init__(self, params, bufs=None, lams=None, masks=None, norms=None, backend=None):
         count = len(params)
         bufs = list(bufs) if bufs is not None else [None] * count
         lams = list(lams) if lams is not None else [None] * count
         masks = list(masks) if masks is not None else [None] * count
         norms = list(norms) if norms is not None else [None] * count
-        firsts = [first_step] * count if isinstance(first_step, bool) else list(first_step)
-        if not all(len(x) == count for x in (grads, bufs, lams, masks, norms, firsts)):
-            raise ValueError("params, grads, momentum buffers, lams, masks, norms and first_step must have one entry per parameter")
-        check_sgd_inputs(params, grads, bufs, lams, masks, norms)
-        columns = list(zip(params, grads, bufs, lams, masks, norms, firsts))
-        self.backend = choose_backend(params[0].device, backend) if count else "reference"
-        if self.backend == "reference":
-            fast, slow = [], columns
-        else:
-            fast = [c for c in columns if _fast_path_ok(*c[:6])]
-            slow = [c for c in columns if not _fast_path_ok(*c[:6])]
-        self.slow = [list(x) for x in zip(*slow)] if slow else None
-        self.fast = []  # (dtype or None, table, extra) per launch
-        self.keep_alive = fast
-        if not fast:
-            return
-        if self.backend == "cpp":
-            self.fast.append((None, build_sgd_table(*zip(*fast)), None))
-        else:
-            triton_sgd = load_triton()
-            for dtype in FAST_DTYPES:
-                same = [c for c in fast if c[0].dtype == dtype]
-                if same:
-                    table = build_sgd_table(*zip(*same))
-                    units = triton_sgd.build_units(table).to(params[0].device)
-                    self.fast.append((dtype, table.to(params[0].device), units))
+        if not all(len(x) == count for x in (bufs, lams, masks, norms)):
+            raise ValueError("params, momentum buffers, lams, masks and norms must have one entry per parameter")
+        check_sgd_state(params, bufs, lams, masks, norms)
+        self.params = list(params)
+        self.columns = list(zip(params, bufs, lams, masks, norms))
+        self.device = params[0].device if count else torch.device("cpu")
+        self.backend = choose_backend(self.device, backend) if count else "reference"
+        fast = [self.backend != "reference" and _fast_path_ok(*c) for c in self.columns]
+        self.slow_index = [i for i, f in enumerate(fast) if not f]
+        # One launch per storage dtype for Triton; C++ takes them mixed in one table.
+        self.launches = []  # (dtype, indices, cpu table, device units)
+        groups = {None: [i for i, f in enumerate(fast) if f]} if self.backend == "cpp" else {
+            dtype: [i for i, f in enumerate(fast) if f and params[i].dtype == dtype] for dtype in FAST_DTYPES}
+        for dtype, index in groups.items():
+            if not index:
+                continue
+            cols = [self.columns[i] for i in index]
+            table = build_sgd_table([c[0] for c in cols], [c[0] for c in cols], [c[1] for c in cols],
+                                    [c[2] for c in cols], [c[3] for c in cols], [c[4] for c in cols],
+                                    [False] * len(cols))
+            units = load_triton().build_units(table).to(self.device) if self.backend == "triton" else None
+            self.launches.append((dtype, index, table, units))
 
-    def run(self, *, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
-            maximize=False, grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
-        options = dict(momentum=momentum, dampening=dampening, nesterov=nesterov,
-                       weight_decay=float(weight_decay), maximize=maximize)
-        if self.slow is not None:
-            params, grads, bufs, lams, masks, norms, firsts = self.slow
-            reference.sgd_step(params, grads, bufs, lr=lr, lams=lams, masks=masks, norms=norms,
-                               first_step=firsts, grad_scale=grad_scale, found_inf=found_inf, **options)
-        if not self.fast:
+    def check_grads(self, grads: Sequence[Tensor]) -> None:
+        """Raise ``ValueError`` unless ``grads`` (one per parameter) can be stepped."""
+        if len(grads) != len(self.params):
+            raise ValueError(f"expected {len(self.params)} gradients, got {len(grads)}")
+        check_sgd_grads(self.params, grads)
+
+    def run(self, grads: Sequence[Tensor], first_step=False, *, lr, momentum=0.0, dampening=0.0,
+            nesterov=False, weight_decay=0.0, maximize=False,
+            grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+        """Apply the step with gradients that passed ``check_grads``."""
+        firsts = [first_step] * len(grads) if isinstance(first_step, bool) else list(first_step)
+        if found_inf is not None and self.backend != "triton" and bool(found_inf.item()):
             return
-        if self.backend == "cpp":
-            if found_inf is not None and bool(found_inf.item()):
-                return
-            (_, table, _), = self.fast
-            scale = 1.0 if grad_scale is None else float(grad_scale)
-            load_cpp().sgd_step(table.data_ptr(), table.shape[0], float(lr), float(momentum),
-                                float(dampening), bool(nesterov), options["weight_decay"],
-                                bool(maximize), scale, torch.get_num_threads())
-            return
-        triton_sgd = load_triton()
-        for dtype, table, units in self.fast:
-            triton_sgd.sgd_step(table, dtype, lr=lr, grad_scale=grad_scale, found_inf=found_inf,
-                                units=units, **options)
+        options = dict(momentum=float(momentum), dampening=float(dampening), nesterov=bool(nesterov),
+                       weight_decay=float(weight_decay), maximize=bool(maximize))
+        if self.slow_index:
+            cols = [self.columns[i] for i in self.slow_index]
+            reference.sgd_step([c[0] for c in cols], [grads[i] for i in self.slow_index], [c[1] for c in cols],
+                               lams=[c[2] for c in cols], masks=[c[3] for c in cols], norms=[c[4] for c in cols],
+                               first_step=[firsts[i] for i in self.slow_index], lr=lr,
+                               grad_scale=grad_scale, found_inf=found_inf, **options)
+        for dtype, index, table, units in self.launches:
+            table[:, SGD_COLUMN["GRAD"]] = torch.tensor([grads[i].data_ptr() for i in index], dtype=torch.int64)
+            table[:, SGD_COLUMN["FIRST"]] = torch.tensor([firsts[i] for i in index], dtype=torch.int64)
+            if self.backend == "cpp":
+                scale = 1.0 if grad_scale is None else float(grad_scale)
+                load_cpp().sgd_step(table.data_ptr(), table.shape[0], float(lr), options["momentum"],
+                                    options["dampening"], options["nesterov"], options["weight_decay"],
+                                    options["maximize"], scale, torch.get_num_threads())
+            else:
+                load_triton().sgd_step(table.to(self.device, non_blocking=True), dtype, lr=lr,
+                                       grad_scale=grad_scale, found_inf=found_inf, units=units, **options)
 
 
 def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers, *,
@@ -247,6 +265,7 @@ def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers
              backend: Optional[str] = None) -> None:
     """Functional fused step: same contract as ``regkern.reference.sgd_step``,
     on the backend chosen for the tensors' device."""
-    launch = SGDLaunch(params, grads, momentum_buffers, lams, masks, norms, first_step, backend)
-    launch.run(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
-               weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
+    plan = SGDPlan(params, momentum_buffers, lams, masks, norms, backend)
+    plan.check_grads(grads)
+    plan.run(grads, first_step, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+             weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)

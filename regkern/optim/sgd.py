@@ -6,7 +6,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import Tensor
 
-from regkern.backend import SGDLaunch
+from regkern.backend import SGDPlan
 from regkern.regularizers import as_regularizer
 from regkern.sharding import local_tensor
 
@@ -65,6 +65,7 @@ class SGD(torch.optim.Optimizer):
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
                         differentiable=False, fused=fused, regularizer=None)
         self.backend = backend
+        self._plans: Dict[int, Any] = {}  # per group: (signature, SGDPlan, tensors it holds)
         super().__init__(params, defaults)
         # GradScaler hands us grad_scale / found_inf instead of unscaling itself.
         self._step_supports_amp_scaling = True
@@ -79,6 +80,8 @@ class SGD(torch.optim.Optimizer):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_plans", {})
+        self.__dict__.setdefault("backend", None)
         for group in self.param_groups:
             group.setdefault("regularizer", None)
 
@@ -93,39 +96,42 @@ class SGD(torch.optim.Optimizer):
         if found_inf is not None and bool(found_inf.item()):
             return loss  # an overflow step: parameters and state stay as they are
         grad_scale = getattr(self, "grad_scale", None)
-        # Validate every group before touching anything: a rejected step is a no-op.
-        prepared = [self._prepare(group) for group in self.param_groups]
-        for group, (launch, params, bufs) in zip(self.param_groups, prepared):
+        # Check every group before touching anything: a rejected step is a no-op.
+        prepared = [self._prepare(i, group) for i, group in enumerate(self.param_groups)]
+        for group, (plan, params, grads, bufs, firsts) in zip(self.param_groups, prepared):
+            plan.run(grads, firsts, lr=group["lr"], momentum=group["momentum"],
+                     dampening=group["dampening"], nesterov=group["nesterov"],
+                     weight_decay=group["weight_decay"], maximize=group["maximize"],
+                     grad_scale=grad_scale)
             if group["momentum"] != 0:
                 for p, buf in zip(params, bufs):
                     self.state[p]["momentum_buffer"] = buf
-            launch.run(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
-                       nesterov=group["nesterov"], weight_decay=group["weight_decay"],
-                       maximize=group["maximize"], grad_scale=grad_scale)
         return loss
 
-    def _prepare(self, group: Dict[str, Any]):
-        params, weights, grads, bufs, lams, masks, norms, firsts = [], [], [], [], [], [], [], []
+    def _prepare(self, index: int, group: Dict[str, Any]):
+        """The group's cached plan (rebuilt when a parameter or a state tensor
+        was replaced), its parameters with gradients, their local gradients,
+        momentum buffers and first-step flags."""
+        params = [p for p in group["params"] if p.grad is not None]
+        states = [self.state[p] for p in params]
         with_momentum = group["momentum"] != 0
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            buf = state.get("momentum_buffer") if with_momentum else None
-            firsts.append(with_momentum and buf is None)
-            if firsts[-1]:
-                buf = torch.empty_like(p)
-            params.append(p)
-            bufs.append(buf)
-            # kernels see local shards: the same tensors for non-DTensors
-            weights.append(local_tensor(p))
-            grads.append(local_tensor(p.grad))
-            lams.append(local_tensor(state.get("lam")))
-            masks.append(local_tensor(state.get("mask")))
-            norms.append(local_tensor(state.get("row_norms")))
-        local_bufs = [local_tensor(b) for b in bufs]
-        launch = SGDLaunch(weights, grads, local_bufs, lams, masks, norms, firsts, self.backend)
-        return launch, params, bufs
+        bufs = [st.get("momentum_buffer") for st in states] if with_momentum else [None] * len(params)
+        firsts = [with_momentum and b is None for b in bufs]
+        grads = [local_tensor(p.grad) for p in params]
+        if any(firsts):
+            bufs = [torch.empty_like(p) if first else b for p, b, first in zip(params, bufs, firsts)]
+        signature = [(id(p), local_tensor(p).data_ptr(), id(b), id(st.get("lam")), id(st.get("mask")),
+                      id(st.get("row_norms"))) for p, b, st in zip(params, bufs, states)]
+        cached = self._plans.get(index)
+        if cached is None or cached[0] != signature or cached[1].backend_request != self.backend:
+            plan = SGDPlan([local_tensor(p) for p in params], [local_tensor(b) for b in bufs],
+                           [local_tensor(st.get("lam")) for st in states],
+                           [local_tensor(st.get("mask")) for st in states],
+                           [local_tensor(st.get("row_norms")) for st in states], self.backend)
+            plan.backend_request = self.backend
+            self._plans[index] = cached = (signature, plan, bufs)  # the plan keeps the state tensors alive
+        cached[1].check_grads(grads)
+        return cached[1], params, grads, bufs, firsts
 
     def state_dict(self) -> Dict[str, Any]:
         saved = super().state_dict()

@@ -1,0 +1,35 @@
+"""Session setup shared by the test modules."""
+import os
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def triton_interpreter_rounds_bf16_to_nearest_even():
+    """Under TRITON_INTERPRET=1, triton 3.x converts fp32 to bf16 by truncation;
+    GPUs round to nearest even (cvt.rn.bf16.f32), like torch. Make the
+    interpreter round like the hardware so CPU runs of the Triton kernels
+    check what a GPU computes."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    try:
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+    except ImportError:
+        yield
+        return
+    cast = InterpreterBuilder.cast_impl
+
+    def cast_rne(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = src.data.astype(np.float32).view(np.uint32).astype(np.uint64)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            rounded = np.where(np.isnan(src.data), (bits >> 16) | 0x40, rounded)  # NaN stays NaN
+            return TensorHandle(rounded.astype(np.uint16), tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    InterpreterBuilder.cast_impl = cast_rne
+    yield
+    InterpreterBuilder.cast_impl = cast
