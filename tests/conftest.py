@@ -1,8 +1,15 @@
 """Session setup shared by the test modules."""
 import os
 
-import numpy as np
-import pytest
+import torch
+
+# Without a GPU the Triton kernels run on CPU tensors in triton's interpreter,
+# which must be chosen before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,0 +1,253 @@
+"""Triton kernel for the `sgd` family (SPEC sections 1, 2 and 7).
+
+One launch steps every tensor of a dtype group. The caller gives
+
+- ``table``: the int64 ``[T, len(SGD_FIELDS)]`` metadata of
+  ``regkern.backend.build_sgd_table``, on the device;
+- ``units``: the work list of :func:`build_units` (int64 ``[U, 3]``: tensor,
+  first element, end element), built once on the CPU from the same table and
+  cached on the device with it.
+
+Program ``u`` steps the elements ``[start, end)`` of tensor ``t`` in pieces of
+``BLOCK``. Units are ``chunk`` elements long, except for tensors that ask for
+norms: theirs hold whole rows (``max(1, chunk // row_len)`` of them), so one
+program sees every element of a row and reduces it while it writes W. Inside a
+piece the per-row sums come from a segmented scan (reset at each row's first
+element); the partial sum of a row that runs past the piece is carried into
+the next piece. Rows of any length keep every lane busy, and there is neither
+a second pass nor an atomic.
+
+Hyper-parameters are runtime arguments (a new lr does not compile a new
+kernel); ``lr`` may be a 0-d tensor on the device, read by the kernel (no host
+sync). Compile-time constants are the storage dtype, the flags that change
+the code (momentum on, nesterov, maximize, lr / grad_scale / found_inf given)
+and ``BLOCK``. Math is fp32 whatever the storage, rounded op by op like the
+reference (no fma contraction, IEEE division and square root); W and the
+momentum buffer are rounded once to their dtype, to nearest even.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from regkern.backend import MASK_ROW, SGD_COLUMN, SGD_FIELDS
+
+DEFAULT_CHUNK = 16384  # elements per work unit (a multiple of the block)
+DEFAULT_BLOCK = 1024   # elements per piece
+UNIT_FIELDS = 3        # a unit: tensor index, first element, end element
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+# Columns of the metadata table, as compile-time constants for the kernel.
+_NUM_FIELDS = tl.constexpr(len(SGD_FIELDS))
+_PARAM = tl.constexpr(SGD_COLUMN["PARAM"])
+_GRAD = tl.constexpr(SGD_COLUMN["GRAD"])
+_BUF = tl.constexpr(SGD_COLUMN["BUF"])
+_LAM = tl.constexpr(SGD_COLUMN["LAM"])
+_MASK = tl.constexpr(SGD_COLUMN["MASK"])
+_MASK_KIND = tl.constexpr(SGD_COLUMN["MASK_KIND"])
+_NORMS = tl.constexpr(SGD_COLUMN["NORMS"])
+_ROW_LEN = tl.constexpr(SGD_COLUMN["ROW_LEN"])
+_ROWS = tl.constexpr(SGD_COLUMN["ROWS"])
+_FIRST = tl.constexpr(SGD_COLUMN["FIRST"])
+_UNIT_FIELDS = tl.constexpr(UNIT_FIELDS)
+_MASK_ROW = tl.constexpr(MASK_ROW)
+
+
+@triton.jit
+def _segmented_add(head_a, l1_a, sq_a, head_b, l1_b, sq_b):
+    # (head, sums) pairs: a segment restarts at every element flagged head.
+    return head_a | head_b, tl.where(head_b != 0, l1_b, l1_a + l1_b), tl.where(head_b != 0, sq_b, sq_a + sq_b)
+
+
+@triton.jit
+def _sgd_kernel(
+    table, units,
+    lr, lr_ptr, momentum, keep_d, weight_decay, grad_scale_ptr, found_inf_ptr,
+    DTYPE: tl.constexpr, LR_ON_DEVICE: tl.constexpr, MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
+):
+    if HAS_FOUND_INF:
+        if tl.load(found_inf_ptr) != 0:
+            return
+    if LR_ON_DEVICE:
+        lr = tl.load(lr_ptr).to(tl.float32)
+    if HAS_GRAD_SCALE:
+        grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
+
+    unit = units + tl.program_id(0) * _UNIT_FIELDS
+    meta = table + tl.load(unit) * _NUM_FIELDS
+    start = tl.load(unit + 1)
+    end = tl.load(unit + 2)
+
+    w_ptr = tl.load(meta + _PARAM).to(tl.pointer_type(DTYPE)) + start
+    g_ptr = tl.load(meta + _GRAD).to(tl.pointer_type(DTYPE)) + start
+    b_ptr = tl.load(meta + _BUF).to(tl.pointer_type(DTYPE)) + start
+    lam = tl.load(meta + _LAM)
+    lam_ptr = lam.to(tl.pointer_type(tl.float32))
+    mask_kind = tl.load(meta + _MASK_KIND)
+    mask_ptr = tl.load(meta + _MASK).to(tl.pointer_type(tl.int8))  # torch.bool: one byte, 0 or 1
+    norms = tl.load(meta + _NORMS)
+    norms_ptr = norms.to(tl.pointer_type(tl.float32))
+    first = tl.load(meta + _FIRST) != 0
+    row_len = tl.load(meta + _ROW_LEN)
+    idx = tl.arange(0, BLOCK)
+
+    if (norms != 0) & (row_len == 0):
+        # rows without elements (shape (R, 0)): their norms are 0
+        n_norms = tl.load(meta + _ROWS) * 3
+        for piece in range(0, n_norms, BLOCK):
+            tl.store(norms_ptr + piece + idx, 0.0, mask=piece + idx < n_norms)
+
+    # Element start + i lies in row r0 + (c0 + i) // row_len (int32 math per element).
+    row_len = tl.maximum(row_len, 1)
+    r0 = start // row_len
+    c0 = (start - r0 * row_len).to(tl.int32)
+    row_len = row_len.to(tl.int32)
+    carry_l1 = 0.0  # sums of the row that the previous piece left unfinished
+    carry_sq = 0.0
+    size = (end - start).to(tl.int32)
+    for piece in range(0, size, BLOCK):
+        i = piece + idx
+        inb = i < size
+        w = tl.load(w_ptr + i, mask=inb).to(tl.float32)
+        g = tl.load(g_ptr + i, mask=inb).to(tl.float32)
+        if HAS_GRAD_SCALE:
+            g = tl.div_rn(g, grad_scale)
+        if MAXIMIZE:
+            g = -g
+        d = g
+        if weight_decay != 0:
+            d = d + weight_decay * w
+        if lam != 0:
+            d = d + tl.load(lam_ptr + r0 + (c0 + i) // row_len, mask=inb) * w
+        if MOMENTUM:
+            if first:
+                b = d
+            else:
+                b = momentum * tl.load(b_ptr + i, mask=inb).to(tl.float32) + keep_d * d
+            if NESTEROV:
+                s = d + momentum * b
+            else:
+                s = b
+        else:
+            s = d
+        w = w - lr * s
+        if mask_kind != 0:
+            if mask_kind == _MASK_ROW:
+                at = r0 + (c0 + i) // row_len
+            else:
+                at = start + i
+            keep = tl.load(mask_ptr + at, mask=inb).to(tl.float32)
+            w = w * keep
+            if MOMENTUM:
+                b = b * keep
+        stored = w.to(DTYPE)
+        tl.store(w_ptr + i, stored, mask=inb)
+        if MOMENTUM:
+            tl.store(b_ptr + i, b.to(DTYPE), mask=inb)
+
+        if norms != 0:
+            # units of these tensors start on a row: c0 == 0
+            col = i % row_len
+            head = col == 0
+            l1 = tl.where(inb, tl.abs(stored.to(tl.float32)), 0.0)
+            sq = l1 * l1
+            continued = (idx == 0) & (col != 0)
+            l1 = tl.where(continued, l1 + carry_l1, l1)
+            sq = tl.where(continued, sq + carry_sq, sq)
+            _, l1, sq = tl.associative_scan((head.to(tl.int32), l1, sq), 0, _segmented_add)
+            out = norms_ptr + (r0 + i // row_len) * 3
+            tail = inb & (col == row_len - 1)
+            tl.store(out, l1, mask=tail)
+            tl.store(out + 1, tl.sqrt_rn(sq), mask=tail)
+            tl.store(out + 2, tl.div_rn(l1, row_len.to(tl.float32)), mask=tail)
+            carry_l1 = tl.sum(tl.where(idx == BLOCK - 1, l1, 0.0))
+            carry_sq = tl.sum(tl.where(idx == BLOCK - 1, sq, 0.0))
+
+
+def build_units(table: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """The work list of a metadata table: int64 ``[U, 3]`` (tensor, start, end), on the CPU.
+
+    Build it once per table (it depends only on sizes and which tensors have
+    norms) and keep it on the device beside the table. Units are ``chunk``
+    elements; tensors with norms get units of whole rows.
+    """
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, got {chunk}.")
+    table = table.cpu()
+    numel = table[:, SGD_COLUMN["NUMEL"]]
+    row_len = table[:, SGD_COLUMN["ROW_LEN"]]
+    rows = table[:, SGD_COLUMN["ROWS"]]
+    with_norms = table[:, SGD_COLUMN["NORMS"]] != 0
+    by_rows = with_norms & (row_len > 0)
+    length = torch.where(by_rows, (chunk // row_len.clamp(min=1)).clamp(min=1) * row_len, chunk)
+    count = (numel + length - 1) // length
+    # a tensor of empty rows still has norms (zeros) to write: one empty unit
+    count = torch.where(with_norms & (numel == 0) & (rows > 0), 1, count)
+    tensor = torch.repeat_interleave(torch.arange(len(table)), count)
+    first_unit = torch.cumsum(count, 0) - count
+    start = (torch.arange(len(tensor)) - first_unit[tensor]) * length[tensor]
+    end = torch.minimum(start + length[tensor], numel[tensor])
+    return torch.stack([tensor, start, end], dim=1).contiguous()
+
+
+def sgd_step(
+    table: Tensor,
+    dtype: torch.dtype,
+    *,
+    lr: Union[float, Tensor],
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    units: Optional[Tensor] = None,
+    block: int = DEFAULT_BLOCK,
+    num_warps: int = 4,
+) -> None:
+    """One SGD step of every tensor in ``table`` (all of storage ``dtype``), one launch.
+
+    ``table`` and ``units`` live on the tensors' device; without ``units`` they
+    are built here (a device-to-host copy: pass cached ones in a training
+    loop). ``lr``, ``grad_scale`` and ``found_inf`` may be device tensors; the
+    kernel reads them, so nothing waits on the device.
+    """
+    if dtype not in _TL_DTYPE:
+        raise TypeError(f"the sgd kernel takes float32, bfloat16 or float16 tensors, not {dtype}.")
+    if units is None:
+        units = build_units(table).to(table.device)
+    if units.numel() == 0:
+        return
+    device = table.device
+    if found_inf is not None and found_inf.device != device:
+        if found_inf.device.type != "cpu":
+            found_inf = found_inf.to(device)
+        elif bool(found_inf):  # a CPU tensor: read it here, no device sync
+            return
+        else:
+            found_inf = None
+    if grad_scale is not None and grad_scale.device != device:
+        grad_scale = grad_scale.to(device)
+    lr_on_device = isinstance(lr, Tensor) and lr.device == device
+    if isinstance(lr, Tensor) and not lr_on_device:
+        lr = float(lr)  # a CPU scalar: reading it costs no device sync
+    _sgd_kernel[(units.shape[0],)](
+        table, units,
+        0.0 if lr_on_device else float(lr), lr if lr_on_device else table,
+        float(momentum), float(1.0 - dampening), float(weight_decay),
+        table if grad_scale is None else grad_scale,
+        table if found_inf is None else found_inf,
+        DTYPE=_TL_DTYPE[dtype], LR_ON_DEVICE=lr_on_device, MOMENTUM=momentum != 0,
+        NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
+        HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+        BLOCK=block, num_warps=num_warps,
+        enable_fp_fusion=False,  # no mul+add -> fma: rounds op by op like the reference
+    )
