@@ -22,8 +22,8 @@ def _add_bench(commands) -> None:
             "conv/linear weight, against (a) the official GReg loop grad += lam*W then "
             "torch.optim.SGD(foreach=True), (b) the same with fused=True, (c) torch.compile "
             "of the whole step, (d) torch.optim.SGD(fused=True) without the penalty, and "
-            "(e) the memory floor: the bytes the fused step must move at the copy bandwidth "
-            "measured in the same run. Prints the median step time, its interquartile range "
+            "(e) the memory floor: the bytes the fused step must move at the bandwidth of a copy "
+            "(and, e2, of an in-place x += y) measured in the same run. Prints the median step time, its interquartile range "
             "and minimum, and each row's ratio to regkern."))
     sgd.add_arguments(parser)
     parser.set_defaults(func=sgd.main)

@@ -12,14 +12,14 @@ import random
 
 import torch
 
-import pytest  # noqa: E402
+import pytest
 
 triton = pytest.importorskip("triton")
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings, strategies as st
 
-from regkern.backend import build_sgd_table  # noqa: E402
-from regkern.reference import sgd_step as reference_step  # noqa: E402
-from sgd_cases import DTYPES, SHAPES, Case, assert_same, make_case, run  # noqa: E402
+from regkern.backend import build_sgd_table
+from regkern.reference import sgd_step as reference_step
+from sgd_cases import DTYPES, SHAPES, Case, assert_same, make_case, run
 
 try:
     from regkern.kernels import sgd as triton_sgd

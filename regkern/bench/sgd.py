@@ -9,13 +9,19 @@ and times one optimizer step per row of the table:
   ``torch.optim.SGD(foreach=True)``; ``b``: the same loop, ``fused=True``;
 - ``c``: ``torch.compile`` of the whole GReg step over the tensor lists;
 - ``d``: ``torch.optim.SGD(fused=True)`` without the regularizer;
-- ``floor``: the bytes the regkern step must move at the copy bandwidth
-  measured in the same run (read W, grad, buf, lam; write W, buf).
+- ``floor``: the bytes the regkern step must move (read W, grad, buf, lam;
+  write W, buf) at the bandwidth of ``dst.copy_(src)`` measured in the same
+  run; ``floor-rmw``: the same bytes at the bandwidth of an in-place
+  ``x += y``, which, like the step, writes lines it has just read (a copy
+  into another buffer pays for write-allocate, so on CPUs it can be slower
+  per byte than the step itself).
 
 Every row starts from copies of the same tensors, so all do identical work.
 A row is a function ``prepare(case, ctx) -> Prepared`` registered with
-``@row(key, label)``: it builds its optimizer from ``case`` and returns the
-step to time (or a computed time). New regularizers add rows that way.
+``@row(key, label)``: it builds its optimizer (or buffers) from ``case`` and
+returns the call to time and a factor to scale its time by. New regularizers
+add rows that way. Rows are timed in turn over a few rounds, so noise on a
+shared machine falls on all rows alike.
 """
 from __future__ import annotations
 
@@ -72,25 +78,27 @@ def synchronize(device: torch.device) -> None:
 
 
 def measure(fn: Callable[[], object], device: torch.device, *, repeat: Optional[int] = None,
-            target_s: float = 1.0, warmup: int = 2, min_repeat: int = 2, max_repeat: int = 5000) -> List[float]:
-    """Seconds per call of ``fn()``, ``repeat`` samples after ``warmup`` calls.
+            target_s: float = 1.0, warmup: int = 2, max_repeat: int = 5000) -> List[float]:
+    """Seconds per call of ``fn()``: ``repeat`` samples after ``warmup`` calls.
 
-    ``repeat=None`` picks the number of calls that takes about ``target_s``.
-    CPU: ``time.perf_counter`` around each call; CUDA: a pair of CUDA events
-    around each call, synchronised once at the end.
+    ``repeat=None`` takes one sample, then as many more as fit in about
+    ``target_s``. CPU: ``time.perf_counter`` around each call; CUDA: a pair of
+    CUDA events around each call, synchronised after the last.
     """
     for _ in range(warmup):
         fn()
     synchronize(device)
-    if repeat is None:
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        est = max(time.perf_counter() - t0, 1e-7)
-        repeat = int(min(max(target_s / est, min_repeat), max_repeat))
+    if repeat is not None:
+        return _timed_calls(fn, device, repeat)
+    samples = _timed_calls(fn, device, 1)
+    more = int(min(target_s / max(samples[0], 1e-7), max_repeat)) - 1
+    return samples + (_timed_calls(fn, device, more) if more > 0 else [])
+
+
+def _timed_calls(fn: Callable[[], object], device: torch.device, n: int) -> List[float]:
     if device.type == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(repeat)]
+                  for _ in range(n)]
         for start, end in events:
             start.record()
             fn()
@@ -98,7 +106,7 @@ def measure(fn: Callable[[], object], device: torch.device, *, repeat: Optional[
         synchronize(device)
         return [start.elapsed_time(end) / 1e3 for start, end in events]
     samples = []
-    for _ in range(repeat):
+    for _ in range(n):
         t0 = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t0)
@@ -257,8 +265,8 @@ def _loop_then(fused: bool):
     return prepare
 
 
-row("a", "(a) loop grad+=lam*W, SGD foreach")(_loop_then(fused=False))
-row("b", "(b) loop grad+=lam*W, SGD fused")(_loop_then(fused=True))
+loop_foreach = row("a", "(a) loop grad+=lam*W, SGD foreach")(_loop_then(fused=False))
+loop_fused = row("b", "(b) loop grad+=lam*W, SGD fused")(_loop_then(fused=True))
 
 
 def greg_step_math(params: List[Tensor], grads: List[Tensor], bufs: List[Tensor],
@@ -328,15 +336,30 @@ def torch_fused(case: Case, ctx: Context) -> Prepared:
     return Prepared(step=opt.step, keep=(params, opt))
 
 
-@row("floor", "(e) memory floor")
+@row("floor", "(e) memory floor, copy")
 def memory_floor(case: Case, ctx: Context) -> Prepared:
-    """``floor_bytes`` at the bandwidth of ``dst.copy_(src)`` over the working set."""
-    n = max(case.working_set_bytes, 1 << 20) // 4
+    """``floor_bytes`` at the bandwidth of ``dst.copy_(src)``, src and dst
+    together as large as the step's working set (W, grad, buf), so that the
+    copy and the step see the same caches."""
+    n = max(case.working_set_bytes // 2, 1 << 20) // 4
     src = torch.ones(n, dtype=torch.float32, device=case.device)
     dst = torch.empty_like(src)
     moved = 2 * src.nbytes  # read src, write dst
     return Prepared(step=lambda: dst.copy_(src), scale=case.floor_bytes / moved,
-                    note=f"copy of {src.nbytes / 2**20:.0f} MiB", keep=(src, dst))
+                    note=f"copy {src.nbytes / 2**20:.0f} MiB", keep=(src, dst))
+
+
+@row("floor-rmw", "(e2) memory floor, x += y")
+def memory_floor_in_place(case: Case, ctx: Context) -> Prepared:
+    """``floor_bytes`` at the bandwidth of ``x.add_(y)``: like the step it
+    updates in place (a written line was just read, no write-allocate), which
+    a copy into a separate buffer does not."""
+    n = max(case.working_set_bytes // 2, 1 << 20) // 4
+    x = torch.ones(n, dtype=torch.float32, device=case.device)
+    y = torch.ones_like(x)
+    moved = 3 * x.nbytes  # read x, y; write x
+    return Prepared(step=lambda: x.add_(y, alpha=1e-30), scale=case.floor_bytes / moved,
+                    note=f"x += y on 2 x {x.nbytes / 2**20:.0f} MiB", keep=(x, y))
 
 
 # --------------------------------------------------------------------------- running
@@ -396,7 +419,7 @@ def run_case(case: Case, ctx: Context, keys: Optional[Sequence[str]] = None,
             log(f"  {case.name}: round {i + 1}/{rounds}: {result.label}")
             try:
                 samples[k] += [t * p.scale for t in measure(
-                    p.step, case.device, repeat=repeat, target_s=ctx.target_s / rounds, warmup=2 if i else 3)]
+                    p.step, case.device, repeat=repeat, target_s=ctx.target_s / rounds, warmup=1 if i else 2)]
             except Exception as e:  # noqa: BLE001
                 result.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:90] if str(e) else ''}"
                 prepared[k] = None
@@ -405,7 +428,7 @@ def run_case(case: Case, ctx: Context, keys: Optional[Sequence[str]] = None,
         if xs:
             result.stats = Stats.of(xs)
     for result in results:
-        if result.key == "floor" and result.stats is not None:  # state the copy bandwidth too
+        if result.key.startswith("floor") and result.stats is not None:  # state the bandwidth too
             result.note += f" at {case.floor_bytes / result.stats.median / 1e9:.1f} GB/s"
     del prepared
     _release(case.device)
@@ -424,7 +447,7 @@ def format_table(table: Table) -> str:
         s = r.stats
         if base is None or r is base:
             ratio = "1.00x" if r is base else "-"
-        elif r.key == "floor":
+        elif r.key.startswith("floor"):
             ratio = f"{100 * s.median / base.stats.median:.0f}% of floor"
         else:
             ratio = f"{s.median / base.stats.median:.2f}x"
@@ -433,7 +456,7 @@ def format_table(table: Table) -> str:
                       f"{r.note} (n={s.n})".strip()))
     widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" if i in (0, 6) else f"{{:>{w}}}" for i, w in enumerate(widths))
-    out = [f"== {table.title}", fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+    out = [f"== {table.title}", fmt.format(*head).rstrip(), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*line).rstrip() for line in lines]
     return "\n".join(out)
 
@@ -456,6 +479,7 @@ def machine_info(argv: Sequence[str]) -> Dict[str, object]:
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "isa": isa,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -469,7 +493,7 @@ def format_machine(info: Dict[str, object]) -> str:
     lines = [f"regkern bench, {info['date']}",
              f"command: {info['command']}",
              f"machine: {info['cpu']}, {info['cores']} cores ({info['cores_usable']} usable), "
-             f"torch threads {info['torch_threads']}, ISA: {info['isa']}"]
+             f"torch threads {info['torch_threads']}, ISA: {info['isa']}, load average {info['load_average']}"]
     if "gpu" in info:
         lines.append(f"gpu: {info['gpu']}")
     lines.append(f"torch {info['torch']}, python {info['python']}")

@@ -1,0 +1,63 @@
+"""Micro-benchmarks (pytest-benchmark) of one optimizer step: regkern's fused
+GReg step against torch.optim.SGD, on a few parameter shape sets.
+
+They measure and never assert a time. Run::
+
+    pytest benchmarks/ --benchmark-group-by=group --benchmark-columns=min,median,iqr,rounds
+
+``python -m regkern bench`` prints the same comparison as ratio tables, with
+torch.compile and the memory floor (too slow to compile here).
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from regkern.bench import sgd as bench
+from regkern.bench.shapes import shape_set
+
+SHAPES = ["resnet56", "resnet50", "tensor16m"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _torch_sgd(flag: str):
+    """torch.optim.SGD without the penalty (``foreach`` or ``fused``)."""
+    def prepare(case, ctx):
+        params = case.fresh_params()
+        opt = torch.optim.SGD(params, lr=bench.LR, momentum=bench.MOMENTUM,
+                              weight_decay=bench.WEIGHT_DECAY, **{flag: True})
+        return bench.Prepared(step=opt.step, keep=(params, opt))
+    return prepare
+
+
+ROWS = {
+    "regkern": bench.regkern_sgd,                        # fused step with RowL2
+    "loop+foreach": bench.loop_foreach,                  # official grad += lam*W, then foreach
+    "loop+fused": bench.loop_fused,                      # official grad += lam*W, then fused
+    "torch-foreach": _torch_sgd("foreach"),              # no penalty
+    "torch-fused": _torch_sgd("fused"),                  # no penalty
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _case(shapes: str, dtype: str) -> bench.Case:
+    return bench.Case(shapes, shape_set(shapes), DTYPES[dtype], torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shapes", SHAPES)
+@pytest.mark.parametrize("impl", list(ROWS))
+def test_sgd_step(benchmark, impl, shapes, dtype):
+    case = _case(shapes, dtype)
+    try:
+        prepared = ROWS[impl](case, bench.Context())
+    except bench.Unavailable as e:
+        pytest.skip(str(e))
+    for _ in range(3):  # warm-up: momentum buffers, metadata caches
+        prepared.step()
+    benchmark.group = f"sgd-step {shapes} {dtype}"
+    benchmark.extra_info["floor_bytes"] = case.floor_bytes
+    benchmark.extra_info["params"] = case.numel
+    benchmark(prepared.step)
