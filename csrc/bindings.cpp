@@ -1,0 +1,59 @@
+// Python bindings of regkern._C (pybind11 only: no torch headers; tensors
+// arrive as raw addresses, validated on the Python side).
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "sgd.h"
+#include "sgd_table.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "regkern C++ CPU kernels (fused multi-tensor optimizer steps).";
+
+  m.def(
+      "sgd_step",
+      [](int64_t table_ptr, int64_t num_tensors, double lr, double momentum, double dampening,
+         bool nesterov, double weight_decay, bool maximize, double grad_scale, int num_threads) {
+        py::gil_scoped_release release;
+        regkern::sgd_step(reinterpret_cast<const int64_t*>(table_ptr), num_tensors, lr, momentum,
+                          dampening, nesterov, weight_decay, maximize, grad_scale, num_threads);
+      },
+      py::arg("table_ptr"), py::arg("num_tensors"), py::arg("lr"), py::arg("momentum"),
+      py::arg("dampening"), py::arg("nesterov"), py::arg("weight_decay"), py::arg("maximize"),
+      py::arg("grad_scale"), py::arg("num_threads"),
+      "One fused SGD step over every tensor of the int64 metadata table at `table_ptr` "
+      "([num_tensors, len(SGD_FIELDS)], see regkern.backend.build_sgd_table). Inputs are "
+      "not checked here: regkern.backend validates them.");
+
+  m.def("isa", &regkern::active_isa,
+        "Instruction-set variant the kernels run: 'avx512f', 'avx2' or 'default'.");
+
+  m.def("_available_isas", [] {
+    const char* names[8];
+    const int n = regkern::available_isas(names, 8);
+    py::list out;
+    for (int i = 0; i < n; ++i) out.append(names[i]);
+    return out;
+  }, "Variants this CPU can run, best first (testing).");
+
+  m.def("_set_isa", [](const std::string& name) {
+    if (!regkern::set_isa(name.c_str()))
+      throw py::value_error("ISA variant '" + name + "' is unknown or not supported by this CPU");
+  }, py::arg("name"), "Force a variant (testing); see _available_isas().");
+
+  m.def("_to_f32", [](int dtype, int64_t src, int64_t dst, int64_t n) {
+    regkern::convert_to_f32(dtype, reinterpret_cast<const uint16_t*>(src), reinterpret_cast<float*>(dst), n);
+  }, py::arg("dtype"), py::arg("src_ptr"), py::arg("dst_ptr"), py::arg("n"),
+     "Convert n bf16 (dtype 1) or f16 (dtype 2) values to fp32 with the kernels' code (testing).");
+
+  m.def("_from_f32", [](int dtype, int64_t src, int64_t dst, int64_t n) {
+    regkern::convert_from_f32(dtype, reinterpret_cast<const float*>(src), reinterpret_cast<uint16_t*>(dst), n);
+  }, py::arg("dtype"), py::arg("src_ptr"), py::arg("dst_ptr"), py::arg("n"),
+     "Round n fp32 values to bf16 (dtype 1) or f16 (dtype 2) with the kernels' code (testing).");
+
+  py::tuple fields(regkern::sgd_col::NUM_FIELDS);
+  for (int i = 0; i < regkern::sgd_col::NUM_FIELDS; ++i) fields[i] = py::str(regkern::sgd_col::NAMES[i]);
+  m.attr("SGD_FIELDS") = fields;
+}

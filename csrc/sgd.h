@@ -1,0 +1,58 @@
+// C++ CPU backend of the `sgd` kernel family (see regkern/reference/sgd.py for
+// the contract). Python validates every input; these functions only compute.
+#pragma once
+
+#include <cstdint>
+
+namespace regkern {
+
+// One fused SGD step over every tensor of the metadata table (sgd_table.h).
+// Runs on up to `num_threads` OpenMP threads; call it without the GIL.
+void sgd_step(const int64_t* table, int64_t num_tensors, double lr, double momentum,
+              double dampening, bool nesterov, double weight_decay, bool maximize,
+              double grad_scale, int num_threads);
+
+// Name of the instruction-set variant in use: "avx512f", "avx2" or "default".
+const char* active_isa();
+// Variants this CPU can run, best first.
+int available_isas(const char** names, int capacity);
+// Force a variant (testing); returns false if unknown or unsupported here.
+bool set_isa(const char* name);
+
+// Storage conversions of the active variant (testing): dtype code 1 bf16, 2 f16.
+void convert_to_f32(int dtype, const uint16_t* src, float* dst, int64_t n);
+void convert_from_f32(int dtype, const float* src, uint16_t* dst, int64_t n);
+
+namespace detail {
+
+// Hyper-parameters of one call, already rounded to fp32 like torch rounds a
+// Python scalar that multiplies an fp32 tensor.
+struct Hyper {
+  float lr, mu, damp1, wd, scale;
+  bool nesterov, maximize, has_scale, has_wd, has_momentum;
+};
+
+// One decoded row of the metadata table.
+struct TensorDesc {
+  void* w;
+  const void* g;
+  void* buf;
+  const float* lam;
+  const uint8_t* mask;
+  float* norms;
+  int64_t numel, rows, row_len;
+  int mask_kind, dtype;
+  bool first;
+};
+
+// Per-ISA entry points (sgd_kernel.h, compiled once per variant in sgd.cpp).
+struct IsaKernels {
+  const char* name;
+  // Step elements [lo, hi) of one tensor; row-aligned when the tensor has norms.
+  void (*range)(const TensorDesc&, const Hyper&, int64_t lo, int64_t hi);
+  void (*to_f32)(int dtype, const uint16_t* src, float* dst, int64_t n);
+  void (*from_f32)(int dtype, const float* src, uint16_t* dst, int64_t n);
+};
+
+}  // namespace detail
+}  // namespace regkern

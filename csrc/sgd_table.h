@@ -1,0 +1,40 @@
+// Column layout of the per-tensor metadata table of the `sgd` kernel family.
+//
+// These constants MIRROR `SGD_FIELDS` in regkern/backend.py (same names, same
+// order): change both together. The table is a contiguous int64 CPU tensor of
+// shape [num_tensors, kSgdNumFields] built by regkern.backend.build_sgd_table;
+// pointers are raw addresses (0 = absent) of contiguous tensors.
+#pragma once
+
+#include <cstdint>
+
+namespace regkern {
+namespace sgd_col {
+
+constexpr int PARAM = 0;      // W, storage dtype DTYPE
+constexpr int GRAD = 1;       // gradient, same dtype and shape as W (never written)
+constexpr int BUF = 2;        // momentum buffer, same dtype and shape as W (0: momentum == 0)
+constexpr int LAM = 3;        // fp32 [ROWS] per-row L2 coefficient (0: none)
+constexpr int MASK = 4;       // bool mask (0: none)
+constexpr int MASK_KIND = 5;  // 0 none, 1 row mask [ROWS], 2 element mask (W's shape)
+constexpr int NORMS = 6;      // fp32 [ROWS, 3] out: L1, L2, mean |W| of the updated rows (0: none)
+constexpr int NUMEL = 7;
+constexpr int ROWS = 8;
+constexpr int ROW_LEN = 9;    // NUMEL / ROWS (0 when ROWS == 0)
+constexpr int DTYPE = 10;     // 0 float32, 1 bfloat16, 2 float16
+constexpr int FIRST = 11;     // 1: first momentum step, buf = d
+constexpr int NUM_FIELDS = 12;
+
+// Names in column order, exported as regkern._C.SGD_FIELDS so a test can
+// check them against regkern.backend.SGD_FIELDS.
+constexpr const char* NAMES[NUM_FIELDS] = {
+    "PARAM", "GRAD", "BUF", "LAM", "MASK", "MASK_KIND", "NORMS",
+    "NUMEL", "ROWS", "ROW_LEN", "DTYPE", "FIRST",
+};
+
+}  // namespace sgd_col
+
+constexpr int64_t kDtypeF32 = 0, kDtypeBF16 = 1, kDtypeF16 = 2;
+constexpr int64_t kMaskNone = 0, kMaskRow = 1, kMaskElement = 2;
+
+}  // namespace regkern
