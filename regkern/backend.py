@@ -183,15 +183,25 @@ def _fast_path_ok(*tensors: Optional[Tensor]) -> bool:
     return tensors[0].dtype in FAST_DTYPES and all(t is None or t.is_contiguous() for t in tensors)
 
 
+class _Launch:
+    """One C++ call or Triton launch: a metadata table over some of a plan's tensors."""
+
+    def __init__(self, dtype, index, table, units):
+        self.dtype, self.index, self.table, self.units = dtype, index, table, units
+        self.columns = table.numpy()  # a view: per-step patches cost no torch op
+        self.firsts = None  # the first-step flags now in the table
+
+
 class SGDPlan:
     """The validated, static part of an ``sgd`` step over tensors on one device.
 
     Parameters and their state (momentum buffers, lambdas, masks, row-norm
     outputs) are checked and their metadata built once; each step then only
-    checks the gradients and patches their pointers and the first-step flags
-    into the table, so a step costs one C++ call or one launch per dtype.
-    Tensors the fast kernels cannot take (non-contiguous, float64) are stepped
-    by the reference, which handles any layout in place.
+    checks the gradients and patches their pointers (and the first-step flags
+    when they change) into the table, so a step costs one C++ call or one
+    launch per dtype and little Python work per tensor. Tensors the fast
+    kernels cannot take (non-contiguous, float64) are stepped by the
+    reference, which handles any layout in place.
     """
 
     def __init__(self, params, bufs=None, lams=None, masks=None, norms=None, backend=None):
@@ -204,13 +214,15 @@ class SGDPlan:
             raise ValueError("params, momentum buffers, lams, masks and norms must have one entry per parameter")
         check_sgd_state(params, bufs, lams, masks, norms)
         self.params = list(params)
+        self.shapes = [p.shape for p in params]
+        self.dtypes = [p.dtype for p in params]
         self.columns = list(zip(params, bufs, lams, masks, norms))
         self.device = params[0].device if count else torch.device("cpu")
         self.backend = choose_backend(self.device, backend) if count else "reference"
         fast = [self.backend != "reference" and _fast_path_ok(*c) for c in self.columns]
         self.slow_index = [i for i, f in enumerate(fast) if not f]
         # One launch per storage dtype for Triton; C++ takes them mixed in one table.
-        self.launches = []  # (dtype, indices, cpu table, device units)
+        self.launches: List[_Launch] = []
         groups = {None: [i for i, f in enumerate(fast) if f]} if self.backend == "cpp" else {
             dtype: [i for i, f in enumerate(fast) if f and params[i].dtype == dtype] for dtype in FAST_DTYPES}
         for dtype, index in groups.items():
@@ -221,18 +233,24 @@ class SGDPlan:
                                     [c[2] for c in cols], [c[3] for c in cols], [c[4] for c in cols],
                                     [False] * len(cols))
             units = load_triton().build_units(table).to(self.device) if self.backend == "triton" else None
-            self.launches.append((dtype, index, table, units))
+            self.launches.append(_Launch(dtype, None if len(index) == count else index, table, units))
 
-    def check_grads(self, grads: Sequence[Tensor]) -> None:
-        """Raise ``ValueError`` unless ``grads`` (one per parameter) can be stepped."""
+    def checked_grads(self, grads: Sequence[Tensor]) -> List[Tensor]:
+        """``grads`` (one per parameter) ready for ``run``; ``ValueError`` on
+        gradients that cannot be stepped. Non-contiguous ones are copied."""
         if len(grads) != len(self.params):
             raise ValueError(f"expected {len(self.params)} gradients, got {len(grads)}")
+        # the common case in three C-level passes, the details only on a mismatch
+        if ([g.shape for g in grads] == self.shapes and [g.dtype for g in grads] == self.dtypes
+                and all(map(Tensor.is_contiguous, grads))):
+            return grads
         check_sgd_grads(self.params, grads)
+        return [g if g.is_contiguous() else g.contiguous() for g in grads]
 
     def run(self, grads: Sequence[Tensor], first_step=False, *, lr, momentum=0.0, dampening=0.0,
             nesterov=False, weight_decay=0.0, maximize=False,
             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
-        """Apply the step with gradients that passed ``check_grads``."""
+        """Apply the step with gradients from ``checked_grads``."""
         firsts = [first_step] * len(grads) if isinstance(first_step, bool) else list(first_step)
         if found_inf is not None and self.backend != "triton" and bool(found_inf.item()):
             return
@@ -244,17 +262,23 @@ class SGDPlan:
                                lams=[c[2] for c in cols], masks=[c[3] for c in cols], norms=[c[4] for c in cols],
                                first_step=[firsts[i] for i in self.slow_index], lr=lr,
                                grad_scale=grad_scale, found_inf=found_inf, **options)
-        for dtype, index, table, units in self.launches:
-            table[:, SGD_COLUMN["GRAD"]] = torch.tensor([grads[i].data_ptr() for i in index], dtype=torch.int64)
-            table[:, SGD_COLUMN["FIRST"]] = torch.tensor([firsts[i] for i in index], dtype=torch.int64)
+        for launch in self.launches:
+            index = launch.index
+            mine = grads if index is None else [grads[i] for i in index]
+            launch.columns[:, SGD_COLUMN["GRAD"]] = list(map(Tensor.data_ptr, mine))
+            flags = firsts if index is None else [firsts[i] for i in index]
+            if flags != launch.firsts:
+                launch.columns[:, SGD_COLUMN["FIRST"]] = flags
+                launch.firsts = flags
+            table = launch.table
             if self.backend == "cpp":
                 scale = 1.0 if grad_scale is None else float(grad_scale)
                 load_cpp().sgd_step(table.data_ptr(), table.shape[0], float(lr), options["momentum"],
                                     options["dampening"], options["nesterov"], options["weight_decay"],
                                     options["maximize"], scale, torch.get_num_threads())
             else:
-                load_triton().sgd_step(table.to(self.device, non_blocking=True), dtype, lr=lr,
-                                       grad_scale=grad_scale, found_inf=found_inf, units=units, **options)
+                load_triton().sgd_step(table.to(self.device), launch.dtype, lr=lr, grad_scale=grad_scale,
+                                       found_inf=found_inf, units=launch.units, **options)
 
 
 def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers, *,
@@ -266,6 +290,6 @@ def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers
     """Functional fused step: same contract as ``regkern.reference.sgd_step``,
     on the backend chosen for the tensors' device."""
     plan = SGDPlan(params, momentum_buffers, lams, masks, norms, backend)
-    plan.check_grads(grads)
+    grads = plan.checked_grads(grads)
     plan.run(grads, first_step, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
              weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)

@@ -1,6 +1,8 @@
 """``regkern.SGD``: ``torch.optim.SGD`` with regularizers fused into its step."""
 from __future__ import annotations
 
+import operator
+from itertools import repeat
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -8,7 +10,8 @@ from torch import Tensor
 
 from regkern.backend import SGDPlan
 from regkern.regularizers import as_regularizer
-from regkern.sharding import local_tensor
+from regkern.optim.tracked_state import TrackedState
+from regkern.sharding import is_dtensor, local_tensor
 
 # Optimizer-state entries whose dtype does not follow the parameter's: torch's
 # load_state_dict would cast them to the parameter dtype (a bool mask to
@@ -65,8 +68,9 @@ class SGD(torch.optim.Optimizer):
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
                         differentiable=False, fused=fused, regularizer=None)
         self.backend = backend
-        self._plans: Dict[int, Any] = {}  # per group: (signature, SGDPlan, tensors it holds)
+        self._plans: Dict[int, _GroupPlan] = {}
         super().__init__(params, defaults)
+        self.state = TrackedState(self.state)
         # GradScaler hands us grad_scale / found_inf instead of unscaling itself.
         self._step_supports_amp_scaling = True
 
@@ -80,8 +84,9 @@ class SGD(torch.optim.Optimizer):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_plans", {})
         self.__dict__.setdefault("backend", None)
+        self.state = TrackedState(self.state)  # load_state_dict hands back a plain dict
+        self._plans = {}
         for group in self.param_groups:
             group.setdefault("regularizer", None)
 
@@ -98,43 +103,43 @@ class SGD(torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         # Check every group before touching anything: a rejected step is a no-op.
         prepared = [self._prepare(i, group) for i, group in enumerate(self.param_groups)]
-        for group, (plan, params, grads, bufs, firsts) in zip(self.param_groups, prepared):
-            plan.run(grads, firsts, lr=group["lr"], momentum=group["momentum"],
-                     dampening=group["dampening"], nesterov=group["nesterov"],
-                     weight_decay=group["weight_decay"], maximize=group["maximize"],
-                     grad_scale=grad_scale)
-            if group["momentum"] != 0:
-                for p, buf in zip(params, bufs):
+        for group, (cached, grads) in zip(self.param_groups, prepared):
+            cached.plan.run(grads, cached.firsts, lr=group["lr"], momentum=group["momentum"],
+                            dampening=group["dampening"], nesterov=group["nesterov"],
+                            weight_decay=group["weight_decay"], maximize=group["maximize"],
+                            grad_scale=grad_scale)
+            for p, buf, first in zip(cached.params, cached.bufs, cached.firsts):
+                if first:
                     self.state[p]["momentum_buffer"] = buf
         return loss
 
     def _prepare(self, index: int, group: Dict[str, Any]):
-        """The group's cached plan (rebuilt when a parameter or a state tensor
-        was replaced), its parameters with gradients, their local gradients,
-        momentum buffers and first-step flags."""
-        params = [p for p in group["params"] if p.grad is not None]
-        states = [self.state[p] for p in params]
-        with_momentum = group["momentum"] != 0
-        bufs = [st.get("momentum_buffer") for st in states] if with_momentum else [None] * len(params)
-        firsts = [with_momentum and b is None for b in bufs]
-        grads = [local_tensor(p.grad) for p in params]
-        if any(firsts):
-            bufs = [torch.empty_like(p) if first else b for p, b, first in zip(params, bufs, firsts)]
-        signature = [(id(p), local_tensor(p).data_ptr(), id(b), id(st.get("lam")), id(st.get("mask")),
-                      id(st.get("row_norms"))) for p, b, st in zip(params, bufs, states)]
+        """The group's plan and checked local gradients; the plan is reused
+        while the parameters with gradients, their storage and the state are
+        the same, so a step does little Python work per tensor."""
+        params = group["params"]
+        grads = [p.grad for p in params]
+        if not all(map(operator.is_not, grads, repeat(None))):
+            params = [p for p, g in zip(params, grads) if g is not None]
+            grads = [g for g in grads if g is not None]
         cached = self._plans.get(index)
-        if cached is None or cached[0] != signature or cached[1].backend_request != self.backend:
-            plan = SGDPlan([local_tensor(p) for p in params], [local_tensor(b) for b in bufs],
-                           [local_tensor(st.get("lam")) for st in states],
-                           [local_tensor(st.get("mask")) for st in states],
-                           [local_tensor(st.get("row_norms")) for st in states], self.backend)
-            plan.backend_request = self.backend
-            self._plans[index] = cached = (signature, plan, bufs)  # the plan keeps the state tensors alive
-        cached[1].check_grads(grads)
-        return cached[1], params, grads, bufs, firsts
+        fresh = cached is None or not cached.fits(params, self.state.clock.value, self.backend)
+        if fresh:
+            cached = self._plans[index] = _GroupPlan(self, group, params)
+        if cached.sharded:
+            grads = [local_tensor(g) for g in grads]
+        try:
+            return cached, cached.plan.checked_grads(grads)
+        except ValueError:
+            if fresh:
+                raise
+        # e.g. a parameter resized in place through .data: check against a new plan
+        cached = self._plans[index] = _GroupPlan(self, group, params)
+        return cached, cached.plan.checked_grads(grads)
 
     def state_dict(self) -> Dict[str, Any]:
         saved = super().state_dict()
+        saved["state"] = {key: dict(entry) for key, entry in saved["state"].items()}
         for group in saved["param_groups"]:
             if group.get("regularizer") is not None:
                 group["regularizer"] = group["regularizer"].to_dict()
@@ -158,3 +163,33 @@ class SGD(torch.optim.Optimizer):
             param = by_id[key]
             for name, value in entries.items():
                 self.state[param][name] = value.to(device=param.device).clone()
+
+
+class _GroupPlan:
+    """A param group's SGDPlan with what it was built from: the parameters
+    that had gradients, their storage, the state clock and the momentum
+    buffers (new ones are created here and saved after the first step)."""
+
+    def __init__(self, optimizer: SGD, group: Dict[str, Any], params) -> None:
+        states = [optimizer.state[p] for p in params]
+        with_momentum = group["momentum"] != 0
+        bufs = [st.get("momentum_buffer") for st in states] if with_momentum else [None] * len(params)
+        self.firsts = [with_momentum and b is None for b in bufs]
+        self.bufs = [torch.empty_like(p) if first else b for p, b, first in zip(params, bufs, self.firsts)]
+        self.params = list(params)
+        self.sharded = any(is_dtensor(p) for p in params)
+        self.pointers = self._pointers(params)
+        self.clock = optimizer.state.clock.value
+        self.backend = optimizer.backend
+        self.plan = SGDPlan([local_tensor(p) for p in params], [local_tensor(b) for b in self.bufs],
+                            [local_tensor(st.get("lam")) for st in states],
+                            [local_tensor(st.get("mask")) for st in states],
+                            [local_tensor(st.get("row_norms")) for st in states], optimizer.backend)
+
+    def _pointers(self, params):
+        return [local_tensor(p).data_ptr() for p in params] if self.sharded else list(map(Tensor.data_ptr, params))
+
+    def fits(self, params, clock: int, backend) -> bool:
+        return (clock == self.clock and backend == self.backend and len(params) == len(self.params)
+                and not any(self.firsts) and all(map(operator.is_, params, self.params))
+                and self._pointers(params) == self.pointers)
