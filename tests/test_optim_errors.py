@@ -13,9 +13,10 @@ def stepped_once(backend_name, **kwargs):
     params = make_params()
     opt = regkern.SGD([{"params": params[:4], "regularizer": regkern.RowL2()}, {"params": params[4:]}],
                       lr=0.1, momentum=0.9, backend=backend_name, **kwargs)
-    fake_grads(params, 0)
-    opt.step()  # momentum buffers exist, so "unchanged" covers them too
-    fake_grads(params, 1)
+    for t in range(3):  # momentum buffers exist and the step's plan is cached
+        fake_grads(params, t)
+        opt.step()
+    fake_grads(params, 3)
     return params, opt
 
 
@@ -118,3 +119,46 @@ def test_fallback_warns_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert backend.choose_backend(torch.device("meta")) == "reference"
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_state_and_storage_changes_between_steps_take_effect(backend_name):
+    """The cached step plan follows in-place writes, new state tensors, new
+    parameter storage and gradients that come and go."""
+    params = make_params(shapes=[(6, 4), (6,), (3, 5)])
+    expected = twin(params)
+    opt = regkern.SGD([{"params": params, "regularizer": regkern.RowL2()}], lr=0.1, momentum=0.9,
+                      backend=backend_name)
+    ref = regkern.SGD([{"params": expected, "regularizer": regkern.RowL2()}], lr=0.1, momentum=0.9,
+                      backend="reference")
+    changes = {
+        2: lambda o, ps: o.state[ps[0]]["lam"].fill_(0.5),                       # in place
+        4: lambda o, ps: o.state[ps[2]].__setitem__("mask", torch.tensor([True, False, True])),
+        6: lambda o, ps: setattr(ps[1], "data", ps[1].detach() * 2),             # new storage
+        8: lambda o, ps: o.state[ps[0]].__setitem__("lam", torch.full((6,), -0.2)),
+    }
+    for t in range(10):
+        for o, ps in ((opt, params), (ref, expected)):
+            if t in changes:
+                changes[t](o, ps)
+            fake_grads(ps, t)
+            if t == 5:
+                ps[1].grad = None
+            o.step()
+    assert_params_close(params, expected)
+    assert not params[2][1].any()
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_non_contiguous_gradient_is_stepped_correctly(backend_name):
+    params = make_params(shapes=[(4, 6)])
+    expected = twin(params)
+    opt = regkern.SGD(params, lr=0.1, momentum=0.9, backend=backend_name)
+    ref = torch.optim.SGD(expected, lr=0.1, momentum=0.9)
+    for t in range(3):
+        grad = torch.randn(6, 4, generator=torch.Generator().manual_seed(t)).t()
+        params[0].grad, expected[0].grad = grad, grad.clone()
+        opt.step()
+        ref.step()
+    assert not params[0].grad.is_contiguous()
+    assert_params_close(params, expected)
