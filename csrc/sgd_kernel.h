@@ -144,15 +144,17 @@ RK_AI void narrow_n(const float* __restrict src, uint16_t* __restrict dst, int64
 
 // ---------------------------------------------------------------------------
 // The fused element-wise update of n fp32 values, in place. MOM: 0 no
-// momentum, 1 first step (buf = d), 2 later steps. `lam` / `keep` hold one
-// value per element (expanded from per-row values by the caller if needed).
+// momentum, 1 first step (buf = d), 2 later steps. LAM: 0 none, 1 `lam`
+// holds one value per element (expanded from per-row values by the caller),
+// 2 one value `lam_row` for all n (a piece of one row: no expansion stream).
+// `keep` holds one mask value per element.
 // SCALE: divide the grad by grad_scale (a template flag: the division is the
 // most expensive instruction of the loop).
 
-template <int MOM, bool LAM, bool MASK, bool SCALE>
+template <int MOM, int LAM, bool MASK, bool SCALE>
 static void fused(float* __restrict w, const float* __restrict g, float* __restrict buf,
-                  const float* __restrict lam, const uint8_t* __restrict keep, int64_t n,
-                  const Hyper& h) {
+                  const float* __restrict lam, float lam_row, const uint8_t* __restrict keep,
+                  int64_t n, const Hyper& h) {
   const float lr = h.lr, mu = h.mu, damp1 = h.damp1, wd = h.wd, scale = h.scale;
   // Run-time options as bit masks: bitwise selects vectorize everywhere
   // (GCC does not vectorize `invariant_bool ? x : y` on floats).
@@ -164,7 +166,8 @@ static void fused(float* __restrict w, const float* __restrict g, float* __restr
     if constexpr (SCALE) gv = gv / scale;
     gv = f32_from_bits(bits_of(gv) ^ negate);  // -g
     float d = select(wd_m, gv + wd * wv, gv);
-    if constexpr (LAM) d = d + lam[j] * wv;
+    if constexpr (LAM == 1) d = d + lam[j] * wv;
+    if constexpr (LAM == 2) d = d + lam_row * wv;
     float b = d;
     if constexpr (MOM == 2) b = mu * buf[j] + damp1 * d;
     float s = d;
@@ -185,9 +188,9 @@ static void fused(float* __restrict w, const float* __restrict g, float* __restr
 // short so that the input streams are read close together in time (measured:
 // 64-128 elements beat whole 1024-element blocks by a third for fp16 at 2
 // threads; converting bf16 inline in the loop is no faster).
-template <int DT, int MOM, bool LAM, bool MASK, bool SCALE>
+template <int DT, int MOM, int LAM, bool MASK, bool SCALE>
 static void fused16(uint16_t* __restrict w, const uint16_t* __restrict g,
-                    uint16_t* __restrict buf, const float* __restrict lam,
+                    uint16_t* __restrict buf, const float* __restrict lam, float lam_row,
                     const uint8_t* __restrict keep, int64_t n, const Hyper& h) {
   alignas(64) float wf[kPiece16], gf[kPiece16], bf[kPiece16];
   for (int64_t j = 0; j < n; j += kPiece16) {
@@ -195,7 +198,8 @@ static void fused16(uint16_t* __restrict w, const uint16_t* __restrict g,
     widen_n<DT>(w + j, wf, m);
     widen_n<DT>(g + j, gf, m);
     if constexpr (MOM == 2) widen_n<DT>(buf + j, bf, m);
-    fused<MOM, LAM, MASK, SCALE>(wf, gf, bf, LAM ? lam + j : nullptr, MASK ? keep + j : nullptr, m, h);
+    fused<MOM, LAM, MASK, SCALE>(wf, gf, bf, LAM == 1 ? lam + j : nullptr, lam_row,
+                                 MASK ? keep + j : nullptr, m, h);
     narrow_n<DT>(wf, w + j, m);
     if constexpr (MOM != 0) narrow_n<DT>(bf, buf + j, m);
   }
@@ -203,19 +207,20 @@ static void fused16(uint16_t* __restrict w, const uint16_t* __restrict g,
 
 template <int DT>
 using FusedFn = void (*)(typename Storage<DT>::type*, const typename Storage<DT>::type*,
-                         typename Storage<DT>::type*, const float*, const uint8_t*, int64_t,
-                         const Hyper&);
+                         typename Storage<DT>::type*, const float*, float, const uint8_t*,
+                         int64_t, const Hyper&);
 
-template <int DT, int MOM, bool LAM, bool MASK>
+template <int DT, int MOM, int LAM, bool MASK>
 static FusedFn<DT> fused_for(bool scale) {
   if constexpr (DT == 0) return scale ? &fused<MOM, LAM, MASK, true> : &fused<MOM, LAM, MASK, false>;
   else return scale ? &fused16<DT, MOM, LAM, MASK, true> : &fused16<DT, MOM, LAM, MASK, false>;
 }
 
 template <int DT, int MOM>
-static FusedFn<DT> pick_fused(bool lam, bool mask, bool scale) {
-  if (lam) return mask ? fused_for<DT, MOM, true, true>(scale) : fused_for<DT, MOM, true, false>(scale);
-  return mask ? fused_for<DT, MOM, false, true>(scale) : fused_for<DT, MOM, false, false>(scale);
+static FusedFn<DT> pick_fused(int lam, bool mask, bool scale) {
+  if (lam == 2) return mask ? fused_for<DT, MOM, 2, true>(scale) : fused_for<DT, MOM, 2, false>(scale);
+  if (lam == 1) return mask ? fused_for<DT, MOM, 1, true>(scale) : fused_for<DT, MOM, 1, false>(scale);
+  return mask ? fused_for<DT, MOM, 0, true>(scale) : fused_for<DT, MOM, 0, false>(scale);
 }
 
 // ---------------------------------------------------------------------------
@@ -361,12 +366,16 @@ static void range_dt(const TensorDesc& t, const Hyper& h, int64_t lo, int64_t hi
   const T* const g = static_cast<const T*>(t.g);
   T* const buf = static_cast<T*>(t.buf);
   const int mom = (!h.has_momentum || buf == nullptr) ? 0 : (t.first ? 1 : 2);
-  const bool lam = t.lam != nullptr;
-  const bool mask = t.mask != nullptr && t.mask_kind != kMaskNone;
-  const FusedFn<DT> fn = mom == 0   ? pick_fused<DT, 0>(lam, mask, h.has_scale)
-                         : mom == 1 ? pick_fused<DT, 1>(lam, mask, h.has_scale)
-                                    : pick_fused<DT, 2>(lam, mask, h.has_scale);
   const int64_t len_row = t.row_len;
+  const bool lam = t.lam != nullptr;
+  // rows at least this long take lam as a scalar per row piece, shorter ones
+  // an expanded per-element stream (each call then covers many rows)
+  const bool lam_per_piece = lam && len_row >= kLongRow;
+  const int lam_kind = !lam ? 0 : (lam_per_piece ? 2 : 1);
+  const bool mask = t.mask != nullptr && t.mask_kind != kMaskNone;
+  const FusedFn<DT> fn = mom == 0   ? pick_fused<DT, 0>(lam_kind, mask, h.has_scale)
+                         : mom == 1 ? pick_fused<DT, 1>(lam_kind, mask, h.has_scale)
+                                    : pick_fused<DT, 2>(lam_kind, mask, h.has_scale);
   alignas(64) float lamx[kBlock];
   alignas(64) uint8_t keepx[kBlock];
   double acc1 = 0.0, acc2 = 0.0;
@@ -374,7 +383,7 @@ static void range_dt(const TensorDesc& t, const Hyper& h, int64_t lo, int64_t hi
     const int64_t i1 = rk_min(hi, (i0 / kBlock + 1) * kBlock);
     const int64_t n = i1 - i0;
     const float* lp = nullptr;
-    if (lam) {
+    if (lam && !lam_per_piece) {
       if (len_row == 1) {
         lp = t.lam + i0;
       } else {
@@ -391,7 +400,19 @@ static void range_dt(const TensorDesc& t, const Hyper& h, int64_t lo, int64_t hi
         kp = keepx;
       }
     }
-    fn(w + i0, g + i0, buf != nullptr ? buf + i0 : nullptr, lp, kp, n, h);
+    T* const bp = buf != nullptr ? buf + i0 : nullptr;
+    if (lam_per_piece) {
+      // one call per piece of a row, with that row's lam as a scalar
+      int64_t r = i0 / len_row, o = i0 - r * len_row;
+      for (int64_t j = 0; j < n; ++r, o = 0) {
+        const int64_t len = rk_min(len_row - o, n - j);
+        fn(w + i0 + j, g + i0 + j, bp != nullptr ? bp + j : nullptr, nullptr, t.lam[r],
+           kp != nullptr ? kp + j : nullptr, len, h);
+        j += len;
+      }
+    } else {
+      fn(w + i0, g + i0, bp, lp, 0.0f, kp, n, h);
+    }
     if (t.norms != nullptr) norms_block<DT>(w + i0, i0, n, t, acc1, acc2);
     i0 = i1;
   }
