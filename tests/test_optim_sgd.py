@@ -125,10 +125,10 @@ def test_lr_schedulers(name):
             o.step()
             # a flat metric for the plateau scheduler: the lr is cut every other step
             sched.step(1.0) if name == "ReduceLROnPlateau" else sched.step()
-            history.append((o.param_groups[0]["lr"], o.param_groups[0]["momentum"]))
+            history += [o.param_groups[0]["lr"], o.param_groups[0]["momentum"]]
         histories.append(history)
     assert histories[0] == pytest.approx(histories[1])
-    assert len(set(histories[0])) > 1
+    assert len(set(histories[0][::2])) > 1  # the lr did change
     assert_params_close(params, expected)
 
 
