@@ -23,13 +23,23 @@ constexpr int ROWS = 8;
 constexpr int ROW_LEN = 9;    // NUMEL / ROWS (0 when ROWS == 0)
 constexpr int DTYPE = 10;     // 0 float32, 1 bfloat16, 2 float16
 constexpr int FIRST = 11;     // 1: first momentum step, buf = d
-constexpr int NUM_FIELDS = 12;
+constexpr int L1 = 12;           // fp32 [ROWS]: d += l1[r] * sign(W) (0: none)
+constexpr int POLAR = 13;        // fp32 [4] (lam, t, m, s): d += lam (t sign(W) - sign(W - m) + s)
+constexpr int ADMM_TARGET = 14;  // Z - U, W's dtype and shape: d += rho (W - target) (0: none)
+constexpr int ADMM_RHO = 15;     // float64 bits: rho
+constexpr int PROX = 16;         // 0 none, 1 element L1, 2 group lasso
+constexpr int PROX_LAM = 17;     // fp32 [ROWS] proximal coefficient
+constexpr int CLAMP = 18;        // 1: W = min(max(W, CLAMP_LO), CLAMP_HI)
+constexpr int CLAMP_LO = 19;     // float64 bits
+constexpr int CLAMP_HI = 20;     // float64 bits
+constexpr int NUM_FIELDS = 21;
 
 // Names in column order, exported as regkern._C.SGD_FIELDS so a test can
 // check them against regkern.backend.SGD_FIELDS.
 constexpr const char* NAMES[NUM_FIELDS] = {
     "PARAM", "GRAD", "BUF", "LAM", "MASK", "MASK_KIND", "NORMS",
-    "NUMEL", "ROWS", "ROW_LEN", "DTYPE", "FIRST",
+    "NUMEL", "ROWS", "ROW_LEN", "DTYPE", "FIRST", "L1", "POLAR", "ADMM_TARGET",
+    "ADMM_RHO", "PROX", "PROX_LAM", "CLAMP", "CLAMP_LO", "CLAMP_HI",
 };
 
 }  // namespace sgd_col

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import array
 import os
+import struct
 import warnings
 from typing import List, Optional, Sequence, Union
 
@@ -30,23 +31,38 @@ _warned_fallbacks = set()
 # Columns of the per-tensor metadata table shared by the C++ and Triton
 # backends. Pointers are raw addresses (0 = absent); every tensor is
 # contiguous. A row is W[r] (first dimension); ROW_LEN = numel // ROWS.
+# Columns marked "float" hold the bits of a float64 (see float_bits).
 SGD_FIELDS = (
-    "PARAM",      # W, storage dtype DTYPE
-    "GRAD",       # gradient, same dtype and shape as W
-    "BUF",        # momentum buffer, same dtype and shape as W (0: momentum == 0)
-    "LAM",        # fp32 [ROWS] per-row L2 coefficient (0: none)
-    "MASK",       # bool mask (0: none)
-    "MASK_KIND",  # 0 none, 1 row mask [ROWS], 2 element mask (W's shape)
-    "NORMS",      # fp32 [ROWS, 3] out: L1, L2, mean |W| of the updated rows (0: none)
+    "PARAM",        # W, storage dtype DTYPE
+    "GRAD",         # gradient, same dtype and shape as W
+    "BUF",          # momentum buffer, same dtype and shape as W (0: momentum == 0)
+    "LAM",          # fp32 [ROWS] per-row L2 coefficient (0: none)
+    "MASK",         # bool mask (0: none)
+    "MASK_KIND",    # 0 none, 1 row mask [ROWS], 2 element mask (W's shape)
+    "NORMS",        # fp32 [ROWS, 3] out: L1, L2, mean |W| of the updated rows (0: none)
     "NUMEL",
     "ROWS",
     "ROW_LEN",
-    "DTYPE",      # 0 float32, 1 bfloat16, 2 float16
-    "FIRST",      # 1: first momentum step, buf = d
+    "DTYPE",        # 0 float32, 1 bfloat16, 2 float16
+    "FIRST",        # 1: first momentum step, buf = d
+    "L1",           # fp32 [ROWS] L1 subgradient coefficient: d += l1[r] * sign(W) (0: none)
+    "POLAR",        # fp32 [4] (lam, t, m, s): d += lam * (t sign(W) - sign(W - m) + s) (0: none)
+    "ADMM_TARGET",  # Z - U, same dtype and shape as W: d += rho * (W - target) (0: none)
+    "ADMM_RHO",     # float: rho
+    "PROX",         # 0 none, 1 element L1, 2 group lasso (threshold lr * PROX_LAM[r])
+    "PROX_LAM",     # fp32 [ROWS] proximal coefficient (0: none)
+    "CLAMP",        # 1: W = min(max(W, CLAMP_LO), CLAMP_HI) after the prox
+    "CLAMP_LO",     # float
+    "CLAMP_HI",     # float
 )
 SGD_COLUMN = {name: i for i, name in enumerate(SGD_FIELDS)}
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 MASK_NONE, MASK_ROW, MASK_ELEMENT = 0, 1, 2
+
+
+def float_bits(x: float) -> int:
+    """A float64 as the int64 with the same bits (for the "float" columns)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
 def _ptr(t: Optional[Tensor]) -> int:
@@ -69,15 +85,27 @@ def build_sgd_table(
     masks: Sequence[Optional[Tensor]],
     norms: Sequence[Optional[Tensor]],
     first_step: Sequence[bool],
+    *,
+    l1s=None, polars=None, admm_targets=None, admm_rhos=None,
+    prox_kinds=None, prox_lams=None, clamps=None,
 ) -> Tensor:
-    """The int64 ``[T, len(SGD_FIELDS)]`` metadata table (on the CPU)."""
+    """The int64 ``[T, len(SGD_FIELDS)]`` metadata table (on the CPU); the
+    keyword lists are the regularizer terms of ``reference.sgd_step``."""
+    count = len(params)
+    none = [None] * count
     flat = array.array("q")
-    for w, g, buf, lam, mask, norm, first in zip(params, grads, bufs, lams, masks, norms, first_step):
+    for (w, g, buf, lam, mask, norm, first, l1, polar, target, rho, prox, prox_lam, clamp) in zip(
+            params, grads, bufs, lams, masks, norms, first_step, l1s or none, polars or none,
+            admm_targets or none, admm_rhos or [0.0] * count, prox_kinds or [0] * count,
+            prox_lams or none, clamps or none):
         r = num_rows(w)
         flat.extend((
             w.data_ptr(), g.data_ptr(), _ptr(buf), _ptr(lam), _ptr(mask),
             mask_kind(mask, w), _ptr(norm), w.numel(), r,
             w.numel() // r if r else 0, DTYPE_CODE[w.dtype], int(bool(first)),
+            _ptr(l1), _ptr(polar), _ptr(target), float_bits(rho), int(prox), _ptr(prox_lam),
+            int(clamp is not None), float_bits(clamp[0] if clamp else 0.0),
+            float_bits(clamp[1] if clamp else 0.0),
         ))
     if not flat:
         return torch.empty(0, len(SGD_FIELDS), dtype=torch.int64)

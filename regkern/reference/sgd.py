@@ -1,14 +1,27 @@
-"""Reference for the `sgd` kernel family (SPEC sections 1, 2 and 7).
+"""Reference for the `sgd` kernel family (SPEC sections 1 to 3, 5 to 7).
 
-The contract every backend implements, for each tensor ``i``:
+The contract every backend implements, for each tensor ``i`` (every term is
+optional; ``sign(0) = 0``; W on the right-hand side of ``d`` is the value
+before the step):
 
     g = grads[i] (as fp32) / grad_scale          (when grad_scale is given)
     g = -g                                       (when maximize)
-    d = g + weight_decay * W + lam[r] * W        (lam: fp32 per row, optional)
+    d = g + weight_decay * W
+          + lam[r] * W                           (lam: fp32 per row; L2, SPEC 2)
+          + l1[r] * sign(W)                      (l1: fp32 per row; L1 subgradient)
+          + p_lam * (p_t * sign(W) - sign(W - p_m) + p_s)
+                                                 (polar = fp32 (p_lam, p_t, p_m, p_s); SPEC 5)
+          + rho * (W - target)                   (ADMM: target = Z - U, W's shape; SPEC 6)
     buf = d if first_step[i] else momentum * buf + (1 - dampening) * d
     s = d + momentum * buf if nesterov else buf  (s = d when momentum == 0)
     W = W - lr * s
     W *= mask, buf *= mask                       (mask: bool row [R] or element)
+    W = prox(W)                                  (SPEC 3, threshold lr * prox_lam[r]):
+          kind 1, element L1: sign(W) * max(|W| - lr * prox_lam[r], 0)
+          kind 2, group lasso: W_r * max(0, 1 - lr * prox_lam[r] * sqrt(n_r) / ||W_r||)
+                               (||W_r|| of this fp32 row; a row of norm 0 stays 0)
+    W = min(max(W, lo), hi)                      (clamp = (lo, hi); SPEC 5)
+    W *= mask                                    (a clamp must not revive a pruned weight)
     norms[r] = (sum |W_r|, ||W_r||_2, mean |W_r|) of the stored, updated W
 
 A row ``r`` is ``W[r]``: the first dimension indexes rows, a 0-d tensor is one
@@ -18,12 +31,15 @@ float64); W and buf are rounded once to their storage dtype. When
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import math
+
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 Number = Union[float, Tensor]
+PROX_NONE, PROX_L1, PROX_GROUP = 0, 1, 2
 
 
 def num_rows(t: Tensor) -> int:
@@ -54,44 +70,64 @@ def sgd_step(
     norms: Optional[Sequence[Optional[Tensor]]] = None,
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
+    l1s: Optional[Sequence[Optional[Tensor]]] = None,
+    polars: Optional[Sequence[Optional[Tensor]]] = None,
+    admm_targets: Optional[Sequence[Optional[Tensor]]] = None,
+    admm_rhos: Optional[Sequence[float]] = None,
+    prox_kinds: Optional[Sequence[int]] = None,
+    prox_lams: Optional[Sequence[Optional[Tensor]]] = None,
+    clamps: Optional[Sequence[Optional[Tuple[float, float]]]] = None,
 ) -> None:
     """Apply one regularized SGD step in place (see the module docstring)."""
     if found_inf is not None and bool(found_inf.item()):
         return
     count = len(params)
     firsts = [first_step] * count if isinstance(first_step, bool) else list(first_step)
-    lams = lams if lams is not None else [None] * count
-    masks = masks if masks is not None else [None] * count
-    norms = norms if norms is not None else [None] * count
-    for w, grad, buf, first, lam, mask, norm in zip(
-        params, grads, momentum_buffers, firsts, lams, masks, norms
-    ):
+    none = [None] * count
+    columns = zip(params, grads, momentum_buffers, firsts, lams or none, masks or none, norms or none,
+                  l1s or none, polars or none, admm_targets or none, admm_rhos or [0.0] * count,
+                  prox_kinds or [PROX_NONE] * count, prox_lams or none, clamps or none)
+    for (w, grad, buf, first, lam, mask, norm, l1, polar, target, rho, prox_kind, prox_lam,
+         clamp) in columns:
         # fp32 math for fp32/bf16/fp16 storage; float64 parameters keep float64
-        math = torch.float64 if w.dtype == torch.float64 else torch.float32
-        lr32 = lr.to(device=w.device, dtype=math) if isinstance(lr, Tensor) else lr
-        w32 = w.detach().to(math)
-        g = grad.to(math)
+        compute = torch.float64 if w.dtype == torch.float64 else torch.float32
+        lr32 = lr.to(device=w.device, dtype=compute) if isinstance(lr, Tensor) else lr
+        w32 = w.detach().to(compute)
+        g = grad.to(compute)
         if grad_scale is not None:
-            g = g / grad_scale.to(device=g.device, dtype=math)
+            g = g / grad_scale.to(device=g.device, dtype=compute)
         if maximize:
             g = -g
         d = g + weight_decay * w32 if weight_decay != 0 else g
         if lam is not None:
             d = d + (as_rows(w32) * lam.to(torch.float32)[:, None]).reshape(w.shape)
+        if l1 is not None:
+            d = d + (as_rows(w32.sign()) * l1.to(torch.float32)[:, None]).reshape(w.shape)
+        if polar is not None:
+            p_lam, p_t, p_m, p_s = polar.to(compute).unbind()
+            d = d + p_lam * (p_t * w32.sign() - (w32 - p_m).sign() + p_s)
+        if target is not None:
+            d = d + rho * (w32 - target.to(compute))
         if momentum != 0:
             if first:
                 b = d
             else:
-                b = momentum * buf.to(math) + (1 - dampening) * d
+                b = momentum * buf.to(compute) + (1 - dampening) * d
             s = d + momentum * b if nesterov else b
         else:
             b, s = None, d
         new_w = w32 - lr32 * s
-        if mask is not None:
-            keep = _broadcast_mask(mask, w).to(math)
+        keep = _broadcast_mask(mask, w).to(compute) if mask is not None else None
+        if keep is not None:
             new_w = new_w * keep
             if b is not None:
                 b = b * keep
+        if prox_kind != PROX_NONE:
+            new_w = _prox(new_w, prox_kind, lr32 * as_rows(prox_lam.to(compute).reshape(-1, 1)))
+        if clamp is not None:
+            new_w = new_w.clamp(clamp[0], clamp[1])
+            if keep is not None:
+                new_w = new_w * keep
         with torch.no_grad():
             w.copy_(new_w)
             if b is not None:
@@ -110,3 +146,15 @@ def _broadcast_mask(mask: Tensor, w: Tensor) -> Tensor:
     if mask.shape == w.shape:
         return mask
     return as_rows(torch.ones_like(w, dtype=torch.bool)).logical_and(mask[:, None]).reshape(w.shape)
+
+
+def _prox(w: Tensor, kind: int, threshold: Tensor) -> Tensor:
+    """The proximal map of ``threshold`` (per row, ``[R, 1]``) on ``w`` (SPEC 3)."""
+    rows = as_rows(w)
+    if kind == PROX_L1:
+        return (rows.sign() * (rows.abs() - threshold).clamp_min(0)).reshape(w.shape)
+    if kind == PROX_GROUP:
+        norm = rows.square().sum(dim=1, keepdim=True).sqrt()
+        scale = (1 - threshold * math.sqrt(rows.shape[1]) / norm).clamp_min(0)
+        return torch.where(norm > 0, rows * scale, torch.zeros_like(rows)).reshape(w.shape)
+    raise ValueError(f"unknown proximal map kind {kind}")
