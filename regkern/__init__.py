@@ -2,6 +2,6 @@
 import torch  # noqa: F401  (loaded first: regkern._C shares torch's OpenMP runtime)
 
 from regkern.optim import SGD
-from regkern.regularizers import RowL2
+from regkern.regularizers import ADMM, L1, Clamp, GroupLasso, Polarization, ProxL1, RowL2
 
-__all__ = ["SGD", "RowL2"]
+__all__ = ["SGD", "RowL2", "L1", "ProxL1", "GroupLasso", "Polarization", "Clamp", "ADMM"]

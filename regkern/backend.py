@@ -15,13 +15,13 @@ import array
 import os
 import struct
 import warnings
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from regkern import reference
-from regkern.reference.sgd import num_rows
+from regkern.reference.sgd import PROX_NONE, num_rows
 
 BACKENDS = ("cpp", "triton", "reference")
 NATIVE_BACKEND = {"cpu": "cpp", "cuda": "triton"}
@@ -172,10 +172,15 @@ def _describe(t: Tensor) -> str:
     return f"{str(t.dtype).replace('torch.', '')} {tuple(t.shape)} on {t.device}"
 
 
-def check_sgd_state(params, bufs, lams, masks, norms) -> None:
+def check_sgd_state(params, bufs, lams, masks, norms, terms=None) -> None:
     """Raise ``ValueError`` (one sentence) on parameters or state the step cannot take."""
     device = params[0].device if params else None
-    for i, (w, buf, lam, mask, norm) in enumerate(zip(params, bufs, lams, masks, norms)):
+    terms = terms or {}
+    none = [None] * len(params)
+    for i, (w, buf, lam, mask, norm, l1, polar, target, prox_kind, prox_lam) in enumerate(zip(
+            params, bufs, lams, masks, norms, terms.get("l1s") or none, terms.get("polars") or none,
+            terms.get("admm_targets") or none, terms.get("prox_kinds") or none,
+            terms.get("prox_lams") or none)):
         where = lambda: f"parameter {i} ({_describe(w)})"  # noqa: E731  (built only on error)
         if w.device != device:
             raise ValueError(f"{where()} is not on {device} like the first parameter of its group; put each device's parameters in their own param group")
@@ -186,12 +191,19 @@ def check_sgd_state(params, bufs, lams, masks, norms) -> None:
         rows = num_rows(w)
         if buf is not None and (buf.shape != w.shape or buf.dtype != w.dtype or buf.device != w.device):
             raise ValueError(f"{where()} has a momentum buffer of {_describe(buf)}; it must match the parameter")
-        if lam is not None and (lam.shape != (rows,) or lam.dtype != torch.float32 or lam.device != device):
-            raise ValueError(f"{where()} has a lambda of {_describe(lam)}; it must be a float32 vector of length {rows} on {device}")
+        for name, vector in (("lambda", lam), ("L1 coefficient", l1), ("proximal lambda", prox_lam)):
+            if vector is not None and (vector.shape != (rows,) or vector.dtype != torch.float32 or vector.device != device):
+                raise ValueError(f"{where()} has a {name} of {_describe(vector)}; it must be a float32 vector of length {rows} on {device}")
         if mask is not None and (mask.dtype != torch.bool or mask.device != device or mask.shape not in ((rows,), w.shape)):
             raise ValueError(f"{where()} has a mask of {_describe(mask)}; it must be a bool tensor of shape ({rows},) (rows) or {tuple(w.shape)} (elements) on {device}")
         if norm is not None and (norm.shape != (rows, 3) or norm.dtype != torch.float32 or norm.device != device):
             raise ValueError(f"{where()} has a row-norm output of {_describe(norm)}; it must be float32 of shape ({rows}, 3) on {device}")
+        if polar is not None and (polar.shape != (4,) or polar.dtype != torch.float32 or polar.device != device):
+            raise ValueError(f"{where()} has polarization coefficients of {_describe(polar)}; they must be float32 of shape (4,) on {device}")
+        if target is not None and (target.shape != w.shape or target.dtype != w.dtype or target.device != device):
+            raise ValueError(f"{where()} has an ADMM target of {_describe(target)}; it must match the parameter")
+        if prox_kind not in (None, PROX_NONE) and prox_lam is None:
+            raise ValueError(f"{where()} asks for a proximal map but has no proximal lambda (state['prox_lam'])")
 
 
 def check_sgd_grads(params, grads) -> None:
@@ -220,34 +232,75 @@ class _Launch:
         self.firsts = None  # the first-step flags now in the table
 
 
+# The regularizer terms of the sgd contract, by reference keyword; each name
+# is what a kernel module lists in its SGD_TERMS when it computes that term.
+TERM_KEYWORDS = {"l1": ("l1s",), "polar": ("polars",), "admm": ("admm_targets", "admm_rhos"),
+                 "prox": ("prox_kinds", "prox_lams"), "clamp": ("clamps",)}
+TERM_ABSENT = {"l1s": None, "polars": None, "admm_targets": None, "admm_rhos": 0.0,
+               "prox_kinds": PROX_NONE, "prox_lams": None, "clamps": None}
+
+
+def _terms_used(terms: Dict[str, list], i: int) -> set:
+    def present(key):
+        value = terms[key][i]
+        return value is not None if TERM_ABSENT[key] is None else value != TERM_ABSENT[key]
+    return {name for name, keys in TERM_KEYWORDS.items() if any(present(k) for k in keys if k in terms)}
+
+
+def kernel_terms(backend: str) -> set:
+    """The regularizer terms a fast backend computes (the rest go to the reference)."""
+    module = load_cpp() if backend == "cpp" else load_triton() if backend == "triton" else None
+    return set(getattr(module, "SGD_TERMS", ()))
+
+
+class _Launch:
+    """One C++ call or Triton launch: a metadata table over some of a plan's tensors."""
+
+    def __init__(self, dtype, index, table, units):
+        self.dtype, self.index, self.table, self.units = dtype, index, table, units
+        self.columns = table.numpy()  # a view: per-step patches cost no torch op
+        self.firsts = None  # the first-step flags now in the table
+
+
 class SGDPlan:
     """The validated, static part of an ``sgd`` step over tensors on one device.
 
     Parameters and their state (momentum buffers, lambdas, masks, row-norm
-    outputs) are checked and their metadata built once; each step then only
-    checks the gradients and patches their pointers (and the first-step flags
-    when they change) into the table, so a step costs one C++ call or one
-    launch per dtype and little Python work per tensor. Tensors the fast
-    kernels cannot take (non-contiguous, float64) are stepped by the
-    reference, which handles any layout in place.
+    outputs, regularizer terms) are checked and their metadata built once;
+    each step then only checks the gradients and patches their pointers (and
+    the first-step flags when they change) into the table, so a step costs one
+    C++ call or one launch per dtype and little Python work per tensor.
+    Tensors the fast kernels cannot take (non-contiguous, float64, a term the
+    kernel lacks) are stepped by the reference, which handles any layout in
+    place. ``terms`` are the regularizer keyword lists of
+    ``reference.sgd_step`` (``l1s``, ``polars``, ``admm_targets``,
+    ``admm_rhos``, ``prox_kinds``, ``prox_lams``, ``clamps``).
     """
 
-    def __init__(self, params, bufs=None, lams=None, masks=None, norms=None, backend=None):
+    def __init__(self, params, bufs=None, lams=None, masks=None, norms=None, backend=None, **terms):
         count = len(params)
+        unknown = set(terms) - set(TERM_ABSENT)
+        if unknown:
+            raise TypeError(f"unknown sgd terms {sorted(unknown)}; known: {sorted(TERM_ABSENT)}")
         bufs = list(bufs) if bufs is not None else [None] * count
         lams = list(lams) if lams is not None else [None] * count
         masks = list(masks) if masks is not None else [None] * count
         norms = list(norms) if norms is not None else [None] * count
-        if not all(len(x) == count for x in (bufs, lams, masks, norms)):
-            raise ValueError("params, momentum buffers, lams, masks and norms must have one entry per parameter")
-        check_sgd_state(params, bufs, lams, masks, norms)
+        self.terms = {k: list(v) if v is not None else [TERM_ABSENT[k]] * count for k, v in terms.items()}
+        if not all(len(x) == count for x in (bufs, lams, masks, norms, *self.terms.values())):
+            raise ValueError("params, momentum buffers, lams, masks, norms and terms must have one entry per parameter")
+        check_sgd_state(params, bufs, lams, masks, norms, self.terms)
         self.params = list(params)
         self.shapes = [p.shape for p in params]
         self.dtypes = [p.dtype for p in params]
         self.columns = list(zip(params, bufs, lams, masks, norms))
         self.device = params[0].device if count else torch.device("cpu")
         self.backend = choose_backend(self.device, backend) if count else "reference"
-        fast = [self.backend != "reference" and _fast_path_ok(*c) for c in self.columns]
+        supported = kernel_terms(self.backend)
+        tensor_terms = [k for k in ("l1s", "polars", "admm_targets", "prox_lams") if k in self.terms]
+        fast = [self.backend != "reference" and _terms_used(self.terms, i) <= supported
+                and _fast_path_ok(*c, *(self.terms[k][i] for k in tensor_terms))
+                for i, c in enumerate(self.columns)]
         self.slow_index = [i for i, f in enumerate(fast) if not f]
         # One launch per storage dtype for Triton; C++ takes them mixed in one table.
         self.launches: List[_Launch] = []
@@ -256,10 +309,10 @@ class SGDPlan:
         for dtype, index in groups.items():
             if not index:
                 continue
-            cols = [self.columns[i] for i in index]
-            table = build_sgd_table([c[0] for c in cols], [c[0] for c in cols], [c[1] for c in cols],
-                                    [c[2] for c in cols], [c[3] for c in cols], [c[4] for c in cols],
-                                    [False] * len(cols))
+            pick = lambda values: [values[i] for i in index]  # noqa: E731
+            table = build_sgd_table(pick(params), pick(params), pick(bufs), pick(lams), pick(masks),
+                                    pick(norms), [False] * len(index),
+                                    **{k: pick(v) for k, v in self.terms.items()})
             units = load_triton().build_units(table).to(self.device) if self.backend == "triton" else None
             self.launches.append(_Launch(dtype, None if len(index) == count else index, table, units))
 
@@ -285,11 +338,12 @@ class SGDPlan:
         options = dict(momentum=float(momentum), dampening=float(dampening), nesterov=bool(nesterov),
                        weight_decay=float(weight_decay), maximize=bool(maximize))
         if self.slow_index:
-            cols = [self.columns[i] for i in self.slow_index]
-            reference.sgd_step([c[0] for c in cols], [grads[i] for i in self.slow_index], [c[1] for c in cols],
+            pick = lambda values: [values[i] for i in self.slow_index]  # noqa: E731
+            cols = pick(self.columns)
+            reference.sgd_step([c[0] for c in cols], pick(grads), [c[1] for c in cols],
                                lams=[c[2] for c in cols], masks=[c[3] for c in cols], norms=[c[4] for c in cols],
-                               first_step=[firsts[i] for i in self.slow_index], lr=lr,
-                               grad_scale=grad_scale, found_inf=found_inf, **options)
+                               first_step=pick(firsts), lr=lr, grad_scale=grad_scale, found_inf=found_inf,
+                               **{k: pick(v) for k, v in self.terms.items()}, **options)
         for launch in self.launches:
             index = launch.index
             mine = grads if index is None else [grads[i] for i in index]
@@ -314,10 +368,11 @@ def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers
              nesterov: bool = False, weight_decay: float = 0.0, maximize: bool = False,
              first_step=False, lams=None, masks=None, norms=None,
              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
-             backend: Optional[str] = None) -> None:
-    """Functional fused step: same contract as ``regkern.reference.sgd_step``,
-    on the backend chosen for the tensors' device."""
-    plan = SGDPlan(params, momentum_buffers, lams, masks, norms, backend)
+             backend: Optional[str] = None, **terms) -> None:
+    """Functional fused step: same contract as ``regkern.reference.sgd_step``
+    (``terms``: its regularizer keyword lists), on the backend chosen for the
+    tensors' device."""
+    plan = SGDPlan(params, momentum_buffers, lams, masks, norms, backend, **terms)
     grads = plan.checked_grads(grads)
     plan.run(grads, first_step, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
              weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)

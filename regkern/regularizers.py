@@ -1,19 +1,24 @@
 """What a param group asks for: plain data, no kernels.
 
 A regularizer is set per param group (``{"params": ..., "regularizer":
-RowL2()}``). It only creates the per-parameter optimizer state that the fused
-step reads (``lam``, ``row_norms``); schedules and users then write those
-tensors in place. In ``state_dict`` a regularizer is stored as a plain dict so
+RowL2()}``, or a list of them, e.g. ``[RowL2(), Clamp(0, 1)]``). It creates
+the per-parameter optimizer state that the fused step reads (``lam``,
+``row_norms``, ``l1``, ``prox_lam``, ``polar``, ``admm_target``, ...) and
+names the group-level constants of the step (which proximal map, clamp
+bounds, ADMM's rho); schedules and users then write the state tensors in
+place. In ``state_dict`` a regularizer is stored as a plain dict so
 checkpoints load with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Dict, Optional
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Union
 
+import torch
 from torch import Tensor
 
-from regkern.sharding import row_state
+from regkern.reference.sgd import PROX_GROUP, PROX_L1
+from regkern.sharding import local_tensor, row_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +34,19 @@ class Regularizer:
 
     def init_state(self, param: Tensor, state: Dict[str, Any]) -> None:
         """Add this regularizer's tensors to a parameter's optimizer state."""
+
+    def init_group(self, params: Sequence[Tensor], states: Sequence[Dict[str, Any]]) -> None:
+        """Add this regularizer's state for a whole param group (at construction
+        and again after ``load_state_dict``: keep what is there)."""
+        for p, state in zip(params, states):
+            self.init_state(p, state)
+
+    def step_options(self) -> Dict[str, Any]:
+        """Group-level constants of the fused step: ``prox_kind``, ``clamp``, ``admm_rho``."""
+        return {}
+
+    def before_step(self, params: Sequence[Tensor], states: Sequence[Dict[str, Any]]) -> None:
+        """Refresh state that depends on the whole group, once per step, before it."""
 
     def to_dict(self) -> Dict[str, Any]:
         return {"kind": self.kind, **dataclasses.asdict(self)}
@@ -63,10 +81,176 @@ class RowL2(Regularizer):
             state["row_norms"] = row_state(param, (3,))
 
 
-def as_regularizer(value: Any) -> Optional[Regularizer]:
-    """Accept a regularizer, its dict form (from a state_dict) or None."""
+def _per_row(param: Tensor, lam: Union[float, Tensor]) -> Tensor:
+    """An fp32 per-row vector from a scalar or a per-row tensor."""
+    value = row_state(param)
+    local = local_tensor(value)
+    local.copy_(torch.as_tensor(lam, dtype=torch.float32).expand(local.shape) if not isinstance(lam, Tensor)
+                or lam.dim() == 0 else lam.to(local.device, torch.float32))
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class L1(Regularizer):
+    """The L1 subgradient ``d += lam * sign(W)`` (network slimming on BN scales).
+
+    ``state["l1"]``: fp32 per-row coefficients, filled with ``lam``.
+    """
+
+    kind: ClassVar[str] = "l1"
+    lam: float = 1e-4
+
+    def init_state(self, param: Tensor, state: Dict[str, Any]) -> None:
+        if "l1" not in state:
+            state["l1"] = _per_row(param, self.lam)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxL1(Regularizer):
+    """Proximal L1 after the SGD update: ``W = sign(W) max(|W| - lr lam_r, 0)`` (SPEC 3).
+
+    ``state["prox_lam"]``: fp32 per-row lambdas, filled with ``lam``; the
+    result holds exact zeros.
+    """
+
+    kind: ClassVar[str] = "prox_l1"
+    lam: float = 1e-4
+
+    def init_state(self, param: Tensor, state: Dict[str, Any]) -> None:
+        if "prox_lam" not in state:
+            state["prox_lam"] = _per_row(param, self.lam)
+
+    def step_options(self) -> Dict[str, Any]:
+        return {"prox_kind": PROX_L1}
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupLasso(ProxL1):
+    """Group lasso on rows after the SGD update (SPEC 3):
+    ``W_r *= max(0, 1 - lr lam_r sqrt(n_r) / ||W_r||)``; whole rows become exact zeros."""
+
+    kind: ClassVar[str] = "group_lasso"
+
+    def step_options(self) -> Dict[str, Any]:
+        return {"prox_kind": PROX_GROUP}
+
+
+@dataclasses.dataclass(frozen=True)
+class Clamp(Regularizer):
+    """Clamp every weight of the group to ``[lo, hi]`` after the step."""
+
+    kind: ClassVar[str] = "clamp"
+    lo: float = 0.0
+    hi: float = 1.0
+
+    def __post_init__(self):
+        if not self.lo <= self.hi:
+            raise ValueError(f"Clamp needs lo <= hi, got lo={self.lo}, hi={self.hi}")
+
+    def step_options(self) -> Dict[str, Any]:
+        return {"clamp": (float(self.lo), float(self.hi))}
+
+
+@dataclasses.dataclass(frozen=True)
+class Polarization(Regularizer):
+    """The polarization regularizer on BatchNorm scales (SPEC 5).
+
+    The param group is the polarization set. Before each step the mean ``m``
+    of all its values and the mean ``s`` of ``sign(gamma - m)`` are computed
+    (one small reduction), then the fused step adds
+    ``lam * (t sign(gamma) - sign(gamma - m) + s)`` to the gradient and clamps
+    every scale to ``[0, a]``. ``state["polar"]`` holds ``(lam, t, m, s)``.
+    """
+
+    kind: ClassVar[str] = "polarization"
+    lam: float = 5e-5
+    t: float = 1.4
+    a: float = 1.0
+
+    def init_group(self, params: Sequence[Tensor], states: Sequence[Dict[str, Any]]) -> None:
+        # also after load_state_dict, which loads one copy per parameter: share one again
+        if not params:
+            return
+        polar = torch.tensor([self.lam, self.t, 0.0, 0.0], dtype=torch.float32,
+                             device=local_tensor(params[0]).device)
+        for state in states:
+            state["polar"] = polar  # one tensor shared by the whole set
+
+    def step_options(self) -> Dict[str, Any]:
+        return {"clamp": (0.0, float(self.a))}
+
+    def before_step(self, params: Sequence[Tensor], states: Sequence[Dict[str, Any]]) -> None:
+        if not params:
+            return
+        polar = states[0]["polar"]
+        values = torch.cat([local_tensor(p).detach().reshape(-1) for p in params]).float()
+        m = values.mean()
+        polar[2:].copy_(torch.stack([m, (values - m).sign().mean()]))
+
+    def value(self, params: Sequence[Tensor]) -> Tensor:
+        """``R(gamma) = lam * sum(t |gamma| - |gamma - mean(gamma)|)`` over the set."""
+        values = torch.cat([local_tensor(p).detach().reshape(-1) for p in params]).double()
+        return self.lam * (self.t * values.abs() - (values - values.mean()).abs()).sum()
+
+
+@dataclasses.dataclass(frozen=True)
+class ADMM(Regularizer):
+    """The ADMM W-step penalty ``d += rho * (W - Z + U)`` (SPEC 6).
+
+    State: ``admm_z`` and ``admm_u`` (fp32, ``Z = W`` and ``U = 0`` at the
+    start) and ``admm_target = Z - U`` in W's dtype, which the fused step
+    reads; ``regkern.admm.admm_update`` refreshes all three every K steps.
+    """
+
+    kind: ClassVar[str] = "admm"
+    rho: float = 1e-3
+
+    def init_state(self, param: Tensor, state: Dict[str, Any]) -> None:
+        if "admm_z" not in state:
+            state["admm_z"] = param.detach().float().clone()
+            state["admm_u"] = torch.zeros_like(state["admm_z"])
+            state["admm_target"] = param.detach().clone()
+
+    def step_options(self) -> Dict[str, Any]:
+        return {"admm_rho": float(self.rho)}
+
+
+Regularizers = Union[None, Regularizer, List[Regularizer]]
+
+
+def as_regularizer(value: Any) -> Regularizers:
+    """Accept a regularizer, a list of them, their dict forms (from a
+    state_dict) or None."""
     if value is None or isinstance(value, Regularizer):
         return value
     if isinstance(value, dict):
         return Regularizer.from_dict(value)
+    if isinstance(value, (list, tuple)):
+        regs = [as_regularizer(v) for v in value]
+        if any(r is None or isinstance(r, list) for r in regs):
+            raise TypeError(f"a list of regularizers may only hold regularizers, got {value!r}")
+        step_options(regs)  # refuses conflicting options
+        return regs
     raise TypeError(f"a param group's 'regularizer' must be a regkern regularizer such as regkern.RowL2(), got {value!r}")
+
+
+def regularizer_list(value: Regularizers) -> List[Regularizer]:
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
+
+
+def step_options(value: Regularizers) -> Dict[str, Any]:
+    """The merged group-level step options of a group's regularizers."""
+    merged: Dict[str, Any] = {}
+    for reg in regularizer_list(value):
+        for key, option in reg.step_options().items():
+            if key in merged and merged[key] != option:
+                raise ValueError(f"regularizers of one param group disagree on {key}: {merged[key]} and {option}")
+            merged[key] = option
+    return merged
+
+
+def to_saved(value: Regularizers):
+    """The plain-data form of a group's regularizers for state_dict."""
+    if isinstance(value, list):
+        return [r.to_dict() for r in value]
+    return None if value is None else value.to_dict()

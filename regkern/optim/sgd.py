@@ -9,14 +9,14 @@ import torch
 from torch import Tensor
 
 from regkern.backend import SGDPlan
-from regkern.regularizers import as_regularizer
+from regkern.regularizers import as_regularizer, regularizer_list, step_options, to_saved
 from regkern.optim.tracked_state import TrackedState
 from regkern.sharding import is_dtensor, local_tensor
 
 # Optimizer-state entries whose dtype does not follow the parameter's: torch's
 # load_state_dict would cast them to the parameter dtype (a bool mask to
 # float, an fp32 lambda to bf16), so they are restored as saved.
-FIXED_DTYPE_STATE = ("lam", "mask", "row_norms")
+FIXED_DTYPE_STATE = ("lam", "mask", "row_norms", "l1", "prox_lam", "polar", "admm_z", "admm_u")
 
 
 class SGD(torch.optim.Optimizer):
@@ -78,9 +78,8 @@ class SGD(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group["regularizer"] = as_regularizer(group["regularizer"])
-        if group["regularizer"] is not None:
-            for p in group["params"]:
-                group["regularizer"].init_state(p, self.state[p])
+        for reg in regularizer_list(group["regularizer"]):
+            reg.init_group(group["params"], [self.state[p] for p in group["params"]])
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -103,6 +102,9 @@ class SGD(torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         # Check every group before touching anything: a rejected step is a no-op.
         prepared = [self._prepare(i, group) for i, group in enumerate(self.param_groups)]
+        for group in self.param_groups:
+            for reg in regularizer_list(group["regularizer"]):
+                reg.before_step(group["params"], [self.state[p] for p in group["params"]])
         for group, (cached, grads) in zip(self.param_groups, prepared):
             cached.plan.run(grads, cached.firsts, lr=group["lr"], momentum=group["momentum"],
                             dampening=group["dampening"], nesterov=group["nesterov"],
@@ -141,8 +143,7 @@ class SGD(torch.optim.Optimizer):
         saved = super().state_dict()
         saved["state"] = {key: dict(entry) for key, entry in saved["state"].items()}
         for group in saved["param_groups"]:
-            if group.get("regularizer") is not None:
-                group["regularizer"] = group["regularizer"].to_dict()
+            group["regularizer"] = to_saved(group.get("regularizer"))
         return saved
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -163,6 +164,9 @@ class SGD(torch.optim.Optimizer):
             param = by_id[key]
             for name, value in entries.items():
                 self.state[param][name] = value.to(device=param.device).clone()
+        for group in self.param_groups:
+            for reg in regularizer_list(group["regularizer"]):
+                reg.init_group(group["params"], [self.state[p] for p in group["params"]])
 
 
 class _GroupPlan:
@@ -181,10 +185,16 @@ class _GroupPlan:
         self.pointers = self._pointers(params)
         self.clock = optimizer.state.clock.value
         self.backend = optimizer.backend
+        state_of = lambda key: [local_tensor(st.get(key)) for st in states]  # noqa: E731
+        options = step_options(group["regularizer"])
         self.plan = SGDPlan([local_tensor(p) for p in params], [local_tensor(b) for b in self.bufs],
-                            [local_tensor(st.get("lam")) for st in states],
-                            [local_tensor(st.get("mask")) for st in states],
-                            [local_tensor(st.get("row_norms")) for st in states], optimizer.backend)
+                            state_of("lam"), state_of("mask"), state_of("row_norms"), optimizer.backend,
+                            l1s=state_of("l1"), polars=state_of("polar"),
+                            admm_targets=state_of("admm_target"),
+                            admm_rhos=[options.get("admm_rho", 0.0)] * len(params),
+                            prox_kinds=[options.get("prox_kind", 0)] * len(params),
+                            prox_lams=state_of("prox_lam"),
+                            clamps=[options.get("clamp")] * len(params))
 
     def _pointers(self, params):
         return [local_tensor(p).data_ptr() for p in params] if self.sharded else list(map(Tensor.data_ptr, params))
