@@ -1,4 +1,5 @@
 """Drop-in optimizers whose step runs the fused regkern kernels."""
+from regkern.optim.sas_admm import SASADMM
 from regkern.optim.sgd import SGD
 
-__all__ = ["SGD"]
+__all__ = ["SGD", "SASADMM"]
