@@ -1,4 +1,4 @@
-"""Triton kernel for the `sgd` family (SPEC sections 1, 2 and 7).
+"""Triton kernel for the `sgd` family (SPEC sections 1 to 3, 5 to 7).
 
 One launch steps every tensor of a dtype group. The caller gives
 
@@ -9,21 +9,37 @@ One launch steps every tensor of a dtype group. The caller gives
   cached on the device with it.
 
 Program ``u`` steps the elements ``[start, end)`` of tensor ``t`` in pieces of
-``BLOCK``. Units are ``chunk`` elements long, except for tensors that ask for
-norms: theirs hold whole rows (``max(1, chunk // row_len)`` of them), so one
-program sees every element of a row and reduces it while it writes W. Inside a
-piece the per-row sums come from a segmented scan (reset at each row's first
-element); the partial sum of a row that runs past the piece is carried into
-the next piece. Rows of any length keep every lane busy, and there is neither
-a second pass nor an atomic.
+``BLOCK``, in the order of ``regkern.reference.sgd``: the gradient terms (L2
+``lam``, L1 subgradient, polarization, ADMM pull), the SGD core, the mask, the
+proximal map, the clamp, the mask again, W and buf rounded once to their dtype,
+then the row norms. Units are ``chunk`` elements long, except for tensors that
+ask for norms or a group-lasso proximal map: theirs hold whole rows
+(``max(1, chunk // row_len)`` of them), so one program sees every element of a
+row.
+
+Row sums come from a segmented scan (reset at each row's first element):
+
+- norms: the partial sum of a row that runs past a piece is carried into the
+  next piece, so rows of any length keep every lane busy with neither a second
+  pass nor an atomic;
+- group lasso needs ``||W_r||`` before it writes W_r. Rows up to ``BLOCK``
+  elements are stepped whole rows per piece (``BLOCK // row_len`` of them):
+  the scan's total at each row's last element is gathered back to the row, and
+  W is written once. Longer rows take two passes: the first only sums the
+  squares of the updated row, the second recomputes the same fp32 values,
+  shrinks and writes them (W, buf rounded once; the extra cost is one more
+  read of the row's inputs, for these rows only).
 
 Hyper-parameters are runtime arguments (a new lr does not compile a new
 kernel); ``lr`` may be a 0-d tensor on the device, read by the kernel (no host
-sync). Compile-time constants are the storage dtype, the flags that change
-the code (momentum on, nesterov, maximize, lr / grad_scale / found_inf given)
-and ``BLOCK``. Math is fp32 whatever the storage, rounded op by op like the
-reference (no fma contraction, IEEE division and square root); W and the
-momentum buffer are rounded once to their dtype, to nearest even.
+sync). The regularizer terms are read from the table (the polarization
+coefficients from device memory, so they may change every step without a
+sync); an absent term is skipped by a branch on its table entry. Compile-time
+constants are the storage dtype, the flags that change the code (momentum on,
+nesterov, maximize, lr / grad_scale / found_inf given) and ``BLOCK``. Math is
+fp32 whatever the storage, rounded op by op like the reference (no fma
+contraction, IEEE division and square root); W and the momentum buffer are
+rounded once to their dtype, to nearest even.
 """
 from __future__ import annotations
 
@@ -36,9 +52,14 @@ from torch import Tensor
 
 from regkern.backend import MASK_ROW, SGD_COLUMN, SGD_FIELDS
 
+# The regularizer terms of the contract this kernel computes (names as
+# regkern.backend.TERM_KEYWORDS); tensors with other terms go to the reference.
+SGD_TERMS = ("l1", "polar", "admm", "prox", "clamp")
+
 DEFAULT_CHUNK = 16384  # elements per work unit (a multiple of the block)
 DEFAULT_BLOCK = 1024   # elements per piece
 UNIT_FIELDS = 3        # a unit: tensor index, first element, end element
+PROX_L1, PROX_GROUP = 1, 2  # the PROX column (regkern.reference.sgd)
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -54,14 +75,129 @@ _NORMS = tl.constexpr(SGD_COLUMN["NORMS"])
 _ROW_LEN = tl.constexpr(SGD_COLUMN["ROW_LEN"])
 _ROWS = tl.constexpr(SGD_COLUMN["ROWS"])
 _FIRST = tl.constexpr(SGD_COLUMN["FIRST"])
+_L1 = tl.constexpr(SGD_COLUMN["L1"])
+_POLAR = tl.constexpr(SGD_COLUMN["POLAR"])
+_ADMM_TARGET = tl.constexpr(SGD_COLUMN["ADMM_TARGET"])
+_ADMM_RHO = tl.constexpr(SGD_COLUMN["ADMM_RHO"])
+_PROX = tl.constexpr(SGD_COLUMN["PROX"])
+_PROX_LAM = tl.constexpr(SGD_COLUMN["PROX_LAM"])
+_CLAMP = tl.constexpr(SGD_COLUMN["CLAMP"])
+_CLAMP_LO = tl.constexpr(SGD_COLUMN["CLAMP_LO"])
+_CLAMP_HI = tl.constexpr(SGD_COLUMN["CLAMP_HI"])
 _UNIT_FIELDS = tl.constexpr(UNIT_FIELDS)
 _MASK_ROW = tl.constexpr(MASK_ROW)
+_PROX_L1 = tl.constexpr(PROX_L1)
+_PROX_GROUP = tl.constexpr(PROX_GROUP)
 
 
 @triton.jit
 def _segmented_add(head_a, l1_a, sq_a, head_b, l1_b, sq_b):
     # (head, sums) pairs: a segment restarts at every element flagged head.
     return head_a | head_b, tl.where(head_b != 0, l1_b, l1_a + l1_b), tl.where(head_b != 0, sq_b, sq_a + sq_b)
+
+
+@triton.jit
+def _segmented_sum(head_a, a, head_b, b):
+    return head_a | head_b, tl.where(head_b != 0, b, a + b)
+
+
+@triton.jit
+def _sign(x):
+    # torch.sign: -1, 0 or 1 (a zero keeps its sign bit, NaN stays NaN)
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x))
+
+
+@triton.jit
+def _float(meta, column: tl.constexpr):
+    """A "float" column of the table (float64 bits) as fp32."""
+    return tl.load(meta + column).to(tl.float64, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _rows_of(i, r0, c0, row_len):
+    """Row of element start + i: r0 + (c0 + i) // row_len (int32 math per element)."""
+    return r0 + (c0 + i) // row_len
+
+
+@triton.jit
+def _keep(meta, i, inb, start, r0, c0, row_len):
+    """The mask (row or element) of elements start + i, as fp32 0 or 1."""
+    mask_ptr = tl.load(meta + _MASK).to(tl.pointer_type(tl.int8))  # torch.bool: one byte, 0 or 1
+    if tl.load(meta + _MASK_KIND) == _MASK_ROW:
+        at = _rows_of(i, r0, c0, row_len)
+    else:
+        at = start + i
+    return tl.load(mask_ptr + at, mask=inb).to(tl.float32)
+
+
+@triton.jit
+def _updated(meta, w_ptr, g_ptr, b_ptr, i, inb, start, r0, c0, row_len,
+             lr, momentum, keep_d, weight_decay, grad_scale, first,
+             DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+             MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+    """The contract up to the first mask for elements start + i (w_ptr, g_ptr,
+    b_ptr point at element start): fp32 (W, buf), nothing written."""
+    w = tl.load(w_ptr + i, mask=inb).to(tl.float32)
+    g = tl.load(g_ptr + i, mask=inb).to(tl.float32)
+    if HAS_GRAD_SCALE:
+        g = tl.div_rn(g, grad_scale)
+    if MAXIMIZE:
+        g = -g
+    d = g
+    if weight_decay != 0:
+        d = d + weight_decay * w
+    lam = tl.load(meta + _LAM)
+    if lam != 0:
+        d = d + tl.load(lam.to(tl.pointer_type(tl.float32)) + _rows_of(i, r0, c0, row_len), mask=inb) * w
+    l1 = tl.load(meta + _L1)
+    if l1 != 0:
+        d = d + tl.load(l1.to(tl.pointer_type(tl.float32)) + _rows_of(i, r0, c0, row_len), mask=inb) * _sign(w)
+    polar = tl.load(meta + _POLAR)
+    if polar != 0:
+        p = polar.to(tl.pointer_type(tl.float32))  # (lam, t, m, s), written on the device
+        d = d + tl.load(p) * (tl.load(p + 1) * _sign(w) - _sign(w - tl.load(p + 2)) + tl.load(p + 3))
+    target = tl.load(meta + _ADMM_TARGET)
+    if target != 0:
+        z = tl.load(target.to(tl.pointer_type(DTYPE)) + start + i, mask=inb).to(tl.float32)
+        d = d + _float(meta, _ADMM_RHO) * (w - z)
+    if MOMENTUM:
+        if first:
+            b = d
+        else:
+            b = momentum * tl.load(b_ptr + i, mask=inb).to(tl.float32) + keep_d * d
+        if NESTEROV:
+            s = d + momentum * b
+        else:
+            s = b
+    else:
+        b = d  # no buffer: unused
+        s = d
+    w = w - lr * s
+    if tl.load(meta + _MASK_KIND) != 0:
+        keep = _keep(meta, i, inb, start, r0, c0, row_len)
+        w = w * keep
+        if MOMENTUM:
+            b = b * keep
+    return w, b
+
+
+@triton.jit
+def _group_shrink(w, norm, threshold, row_len):
+    """Group lasso: W_r * max(0, 1 - threshold * sqrt(n_r) / ||W_r||); a row of norm 0 stays 0."""
+    nonzero = norm > 0
+    shrink = tl.div_rn(threshold * tl.sqrt_rn(row_len.to(tl.float32)), tl.where(nonzero, norm, 1.0))
+    return tl.where(nonzero, w * tl.maximum(1.0 - shrink, 0.0), 0.0)
+
+
+@triton.jit
+def _clamped(meta, w, i, inb, start, r0, c0, row_len):
+    """The clamp, then the mask again (a clamp must not revive a pruned weight)."""
+    if tl.load(meta + _CLAMP) != 0:
+        w = tl.minimum(tl.maximum(w, _float(meta, _CLAMP_LO), propagate_nan=tl.PropagateNan.ALL),
+                       _float(meta, _CLAMP_HI), propagate_nan=tl.PropagateNan.ALL)
+        if tl.load(meta + _MASK_KIND) != 0:
+            w = w * _keep(meta, i, inb, start, r0, c0, row_len)
+    return w
 
 
 @triton.jit
@@ -77,6 +213,7 @@ def _sgd_kernel(
             return
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float32)
+    grad_scale = 1.0
     if HAS_GRAD_SCALE:
         grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
 
@@ -88,12 +225,10 @@ def _sgd_kernel(
     w_ptr = tl.load(meta + _PARAM).to(tl.pointer_type(DTYPE)) + start
     g_ptr = tl.load(meta + _GRAD).to(tl.pointer_type(DTYPE)) + start
     b_ptr = tl.load(meta + _BUF).to(tl.pointer_type(DTYPE)) + start
-    lam = tl.load(meta + _LAM)
-    lam_ptr = lam.to(tl.pointer_type(tl.float32))
-    mask_kind = tl.load(meta + _MASK_KIND)
-    mask_ptr = tl.load(meta + _MASK).to(tl.pointer_type(tl.int8))  # torch.bool: one byte, 0 or 1
     norms = tl.load(meta + _NORMS)
     norms_ptr = norms.to(tl.pointer_type(tl.float32))
+    prox = tl.load(meta + _PROX)
+    prox_lam_ptr = tl.load(meta + _PROX_LAM).to(tl.pointer_type(tl.float32))
     first = tl.load(meta + _FIRST) != 0
     row_len = tl.load(meta + _ROW_LEN)
     idx = tl.arange(0, BLOCK)
@@ -109,74 +244,81 @@ def _sgd_kernel(
     r0 = start // row_len
     c0 = (start - r0 * row_len).to(tl.int32)
     row_len = row_len.to(tl.int32)
-    carry_l1 = 0.0  # sums of the row that the previous piece left unfinished
-    carry_sq = 0.0
     size = (end - start).to(tl.int32)
-    for piece in range(0, size, BLOCK):
-        i = piece + idx
-        inb = i < size
-        w = tl.load(w_ptr + i, mask=inb).to(tl.float32)
-        g = tl.load(g_ptr + i, mask=inb).to(tl.float32)
-        if HAS_GRAD_SCALE:
-            g = tl.div_rn(g, grad_scale)
-        if MAXIMIZE:
-            g = -g
-        d = g
-        if weight_decay != 0:
-            d = d + weight_decay * w
-        if lam != 0:
-            d = d + tl.load(lam_ptr + r0 + (c0 + i) // row_len, mask=inb) * w
-        if MOMENTUM:
-            if first:
-                b = d
-            else:
-                b = momentum * tl.load(b_ptr + i, mask=inb).to(tl.float32) + keep_d * d
-            if NESTEROV:
-                s = d + momentum * b
-            else:
-                s = b
-        else:
-            s = d
-        w = w - lr * s
-        if mask_kind != 0:
-            if mask_kind == _MASK_ROW:
-                at = r0 + (c0 + i) // row_len
-            else:
-                at = start + i
-            keep = tl.load(mask_ptr + at, mask=inb).to(tl.float32)
-            w = w * keep
-            if MOMENTUM:
-                b = b * keep
-        stored = w.to(DTYPE)
-        tl.store(w_ptr + i, stored, mask=inb)
-        if MOMENTUM:
-            tl.store(b_ptr + i, b.to(DTYPE), mask=inb)
 
-        if norms != 0:
-            # units of these tensors start on a row: c0 == 0
-            col = i % row_len
-            head = col == 0
-            l1 = tl.where(inb, tl.abs(stored.to(tl.float32)), 0.0)
-            sq = l1 * l1
-            continued = (idx == 0) & (col != 0)
-            l1 = tl.where(continued, l1 + carry_l1, l1)
-            sq = tl.where(continued, sq + carry_sq, sq)
-            _, l1, sq = tl.associative_scan((head.to(tl.int32), l1, sq), 0, _segmented_add)
-            out = norms_ptr + (r0 + i // row_len) * 3
-            tail = inb & (col == row_len - 1)
-            tl.store(out, l1, mask=tail)
-            tl.store(out + 1, tl.sqrt_rn(sq), mask=tail)
-            tl.store(out + 2, tl.div_rn(l1, row_len.to(tl.float32)), mask=tail)
-            carry_l1 = tl.sum(tl.where(idx == BLOCK - 1, l1, 0.0))
-            carry_sq = tl.sum(tl.where(idx == BLOCK - 1, sq, 0.0))
+    # Pieces of BLOCK elements. With group lasso (units start on a row: c0 == 0),
+    # rows up to BLOCK long are stepped whole rows per piece, and longer rows one
+    # row at a time (span), each after a first pass that only computes ||W_r||.
+    long_rows = (prox == _PROX_GROUP) & (row_len > BLOCK)
+    step = tl.where((prox == _PROX_GROUP) & (row_len <= BLOCK), (BLOCK // row_len) * row_len, BLOCK)
+    span = tl.where(long_rows, row_len, tl.maximum(size, 1))
+    carry_l1 = 0.0  # norms: sums of the row that the previous piece left unfinished
+    carry_sq = 0.0
+    for row_start in range(0, size, span):
+        row_end = tl.minimum(row_start + span, size)
+        norm = 0.0
+        if long_rows:
+            # pass 1: ||W_r|| of the updated, masked row; nothing written
+            for piece in range(row_start, row_end, BLOCK):
+                i = piece + idx
+                inb = i < row_end
+                w, _ = _updated(meta, w_ptr, g_ptr, b_ptr, i, inb, start, r0, c0, row_len,
+                                lr, momentum, keep_d, weight_decay, grad_scale, first,
+                                DTYPE, MOMENTUM, NESTEROV, MAXIMIZE, HAS_GRAD_SCALE)
+                norm += tl.sum(tl.where(inb, w * w, 0.0))
+            norm = tl.sqrt_rn(norm)
+        for piece in range(row_start, row_end, step):
+            i = piece + idx
+            inb = (i < row_end) & (idx < step)
+            w, b = _updated(meta, w_ptr, g_ptr, b_ptr, i, inb, start, r0, c0, row_len,
+                            lr, momentum, keep_d, weight_decay, grad_scale, first,
+                            DTYPE, MOMENTUM, NESTEROV, MAXIMIZE, HAS_GRAD_SCALE)
+            if prox == _PROX_L1:
+                threshold = lr * tl.load(prox_lam_ptr + _rows_of(i, r0, c0, row_len), mask=inb)
+                w = _sign(w) * tl.maximum(tl.abs(w) - threshold, 0.0, propagate_nan=tl.PropagateNan.ALL)
+            elif prox == _PROX_GROUP:
+                threshold = lr * tl.load(prox_lam_ptr + r0 + i // row_len, mask=inb)
+                if long_rows:
+                    w = _group_shrink(w, norm, threshold, row_len)
+                else:
+                    # ||W_r||: the segmented scan's total at the row's last lane, gathered to the row
+                    col = idx % row_len
+                    _, sq = tl.associative_scan(((col == 0).to(tl.int32), tl.where(inb, w * w, 0.0)), 0,
+                                                _segmented_sum)
+                    sq = tl.gather(sq, tl.minimum(idx - col + row_len - 1, BLOCK - 1), 0)
+                    w = _group_shrink(w, tl.sqrt_rn(sq), threshold, row_len)
+            w = _clamped(meta, w, i, inb, start, r0, c0, row_len)
+            stored = w.to(DTYPE)
+            tl.store(w_ptr + i, stored, mask=inb)
+            if MOMENTUM:
+                tl.store(b_ptr + i, b.to(DTYPE), mask=inb)
+
+            if norms != 0:
+                # units of these tensors start on a row: c0 == 0
+                col = i % row_len
+                head = col == 0
+                l1 = tl.where(inb, tl.abs(stored.to(tl.float32)), 0.0)
+                sq = l1 * l1
+                continued = (idx == 0) & (col != 0)
+                l1 = tl.where(continued, l1 + carry_l1, l1)
+                sq = tl.where(continued, sq + carry_sq, sq)
+                _, l1, sq = tl.associative_scan((head.to(tl.int32), l1, sq), 0, _segmented_add)
+                out = norms_ptr + (r0 + i // row_len) * 3
+                tail = inb & (col == row_len - 1)
+                tl.store(out, l1, mask=tail)
+                tl.store(out + 1, tl.sqrt_rn(sq), mask=tail)
+                tl.store(out + 2, tl.div_rn(l1, row_len.to(tl.float32)), mask=tail)
+                carry_l1 = tl.sum(tl.where(idx == BLOCK - 1, l1, 0.0))
+                carry_sq = tl.sum(tl.where(idx == BLOCK - 1, sq, 0.0))
 
 
 def build_units(table: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
     """The work list of a metadata table: int64 ``[U, 3]`` (tensor, start, end), on the CPU.
 
     Build it once per table (it depends only on sizes and which tensors have
-    norms) and keep it on the device beside the table. Units are ``chunk``
-    elements; tensors with norms get units of whole rows.
+    norms or a group-lasso proximal map) and keep it on the device beside the
+    table. Units are ``chunk`` elements; tensors with norms or group lasso get
+    units of whole rows.
     """
     if chunk <= 0:
         raise ValueError(f"chunk must be positive, got {chunk}.")
@@ -185,7 +327,7 @@ def build_units(table: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
     row_len = table[:, SGD_COLUMN["ROW_LEN"]]
     rows = table[:, SGD_COLUMN["ROWS"]]
     with_norms = table[:, SGD_COLUMN["NORMS"]] != 0
-    by_rows = with_norms & (row_len > 0)
+    by_rows = (with_norms | (table[:, SGD_COLUMN["PROX"]] == PROX_GROUP)) & (row_len > 0)
     length = torch.where(by_rows, (chunk // row_len.clamp(min=1)).clamp(min=1) * row_len, chunk)
     count = (numel + length - 1) // length
     # a tensor of empty rows still has norms (zeros) to write: one empty unit

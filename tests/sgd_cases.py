@@ -2,14 +2,16 @@
 
 A case is a set of tensors plus options; `run` applies one backend to a deep
 copy, so the same case can be stepped by the reference and a fast backend and
-compared with `assert_same`.
+compared with `assert_same`. `make_case(..., with_terms=...)` adds the
+regularizer terms of the contract (L1 subgradient, polarization, ADMM pull,
+proximal map, clamp) as `Case.terms`, the reference's keyword lists.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import random
-from typing import Callable, List, Optional
+from typing import Callable, Collection, List, Optional, Union
 
 import torch
 
@@ -22,6 +24,8 @@ SHAPES = [
     (16, 3, 3, 3), (8, 5, 3, 3), (2, 1000), (1, 4099), (257, 9),
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# The regularizer terms `make_case` can add (names as regkern.backend.TERM_KEYWORDS).
+TERMS = ("l1", "polar", "admm", "prox", "clamp")
 # (rtol, atol) for a fast backend against the reference: fp32 differs by
 # operation order only; bf16 / fp16 may round one ulp apart.
 TOLERANCE = {
@@ -41,6 +45,8 @@ class Case:
     norms: List[Optional[torch.Tensor]]
     first_step: List[bool]
     options: dict
+    # regularizer terms: reference.sgd_step keyword -> one entry per tensor
+    terms: dict = dataclasses.field(default_factory=dict)
 
     def clone(self) -> "Case":
         return copy.deepcopy(self)
@@ -56,9 +62,15 @@ def make_case(
     with_lam: Optional[bool] = None,
     with_mask: Optional[bool] = None,
     with_norms: Optional[bool] = None,
+    with_terms: Union[bool, Collection[str]] = False,
     **forced_options,
 ) -> Case:
-    """A random case over `shapes`; unspecified options are drawn from `rng`."""
+    """A random case over `shapes`; unspecified options are drawn from `rng`.
+
+    `with_terms`: False, no regularizer term (the default: draws nothing from
+    `rng`); names from `TERMS`, those terms on every tensor; True, each term
+    on about half of the tensors.
+    """
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
     momentum = rng.choice([0.0, 0.9]) if momentum is None else momentum
     options = dict(
@@ -96,14 +108,39 @@ def make_case(
             case.masks.append(None)
         use_norms = rng.random() < 0.5 if with_norms is None else with_norms
         case.norms.append(torch.full((rows, 3), float("nan"), device=device) if use_norms else None)
+        if with_terms:
+            _add_terms(case, rng, w, rows, with_terms, rand)
     return case
+
+
+def _add_terms(case: Case, rng: random.Random, w, rows: int, with_terms, rand) -> None:
+    """Append one tensor's regularizer terms to `case.terms` (every list stays one per tensor)."""
+    count = len(case.params) - 1  # tensors before this one
+    for key, absent in (("l1s", None), ("polars", None), ("admm_targets", None), ("admm_rhos", 0.0),
+                        ("prox_kinds", 0), ("prox_lams", None), ("clamps", None)):
+        case.terms.setdefault(key, [absent] * count).append(absent)
+    used = {t for t in TERMS if rng.random() < 0.5} if with_terms is True else set(with_terms)
+    lr = float(case.options["lr"])
+    if "l1" in used:
+        case.terms["l1s"][-1] = rand((rows,), torch.float32).abs() * rng.choice([0.1, 1.0])
+    if "polar" in used:  # (lam, t, m, s); strong enough to matter in one step
+        case.terms["polars"][-1] = torch.tensor([rng.choice([0.05, 0.5]), rng.uniform(1.0, 1.5),
+                                                 rng.uniform(-0.5, 0.5), rng.uniform(-0.3, 0.3)], device=w.device)
+    if "admm" in used:
+        case.terms["admm_targets"][-1] = rand(tuple(w.shape))
+        case.terms["admm_rhos"][-1] = rng.choice([1e-3, 0.5, 2.0])
+    if "prox" in used:  # thresholds lr * prox_lam up to ~1.5: many exact zeros
+        case.terms["prox_kinds"][-1] = rng.choice([1, 2])
+        case.terms["prox_lams"][-1] = rand((rows,), torch.float32).abs() * (rng.choice([0.3, 1.5]) / lr)
+    if "clamp" in used:  # (0.1, ...) lifts pruned zeros: the mask must be applied again
+        case.terms["clamps"][-1] = rng.choice([(0.0, 1.0), (-0.5, 0.3), (0.1, 0.8)])
 
 
 def run(step: Callable, case: Case) -> Case:
     """Apply `step` (a function with reference.sgd_step's signature) to a copy."""
     out = case.clone()
     step(out.params, out.grads, out.bufs, lams=out.lams, masks=out.masks,
-         norms=out.norms, first_step=out.first_step, **out.options)
+         norms=out.norms, first_step=out.first_step, **out.options, **out.terms)
     return out
 
 

@@ -1,4 +1,4 @@
-"""The Triton `sgd` kernel against the reference (SPEC 1, 2, 7).
+"""The Triton `sgd` kernel against the reference (SPEC 1 to 3, 5 to 7).
 
 Without a GPU the kernel runs on CPU tensors under ``TRITON_INTERPRET=1``
 (set by tests/conftest.py before triton is imported, which also makes the
@@ -19,7 +19,8 @@ from hypothesis import given, settings, strategies as st
 
 from regkern.backend import build_sgd_table
 from regkern.reference import sgd_step as reference_step
-from sgd_cases import DTYPES, SHAPES, Case, assert_same, make_case, run
+from regkern.reference.sgd import as_rows
+from sgd_cases import DTYPES, SHAPES, TERMS, Case, assert_same, make_case, run
 
 try:
     from regkern.kernels import sgd as triton_sgd
@@ -38,18 +39,19 @@ if INTERPRET and type(triton_sgd._sgd_kernel).__name__ != "InterpretedFunction":
 
 def triton_step(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0, nesterov=False,
                 weight_decay=0.0, maximize=False, first_step=False, lams=None, masks=None, norms=None,
-                grad_scale=None, found_inf=None, block=BLOCK, chunk=triton_sgd.DEFAULT_CHUNK):
-    """reference.sgd_step's signature: one launch per dtype."""
+                grad_scale=None, found_inf=None, block=BLOCK, chunk=triton_sgd.DEFAULT_CHUNK, **terms):
+    """reference.sgd_step's signature (``terms``: its regularizer keyword lists): one launch per dtype."""
     count = len(params)
-    columns = list(zip(params, grads, momentum_buffers,
-                       [first_step] * count if isinstance(first_step, bool) else first_step,
-                       lams or [None] * count, masks or [None] * count, norms or [None] * count))
+    firsts = [first_step] * count if isinstance(first_step, bool) else first_step
+    lams, masks, norms = (x if x is not None else [None] * count for x in (lams, masks, norms))
+    terms = {k: v for k, v in terms.items() if v is not None}
     for dtype in DTYPES:
-        same = [c for c in columns if c[0].dtype == dtype]
-        if not same:
+        index = [i for i, w in enumerate(params) if w.dtype == dtype]
+        if not index:
             continue
-        w, g, buf, first, lam, mask, norm = zip(*same)
-        table = build_sgd_table(w, g, buf, lam, mask, norm, first)
+        pick = lambda values: [values[i] for i in index]  # noqa: E731
+        table = build_sgd_table(pick(params), pick(grads), pick(momentum_buffers), pick(lams), pick(masks),
+                                pick(norms), pick(firsts), **{k: pick(v) for k, v in terms.items()})
         units = triton_sgd.build_units(table, chunk)
         triton_sgd.sgd_step(table.to(DEVICE), dtype, units=units.to(DEVICE), block=block, lr=lr,
                             momentum=momentum, dampening=dampening, nesterov=nesterov,
@@ -61,7 +63,10 @@ def check(case, **launch):
     expected = run(reference_step, case)
     actual = run(lambda *a, **k: triton_step(*a, **k, **launch), case)
     assert_same(actual, expected)
-    return actual
+    for i, (a, e) in enumerate(zip(actual.params, expected.params)):
+        # exact zeros (masks, proximal maps) are the point: the same ones, not 1e-12
+        assert torch.equal(a == 0, e == 0), f"param {i}: {int((a == 0).sum())} zeros, expected {int((e == 0).sum())}"
+    return expected
 
 
 CONFIGS = {
@@ -133,12 +138,97 @@ def test_new_lr_does_not_recompile():
     assert len(compiled) == count
 
 
+# Shapes for the regularizer terms: 0-d, vectors, 1-element rows, rows shorter and
+# longer than the 32-element blocks the term tests use.
+TERM_SHAPES = [(), (7,), (5, 1), (3, 17), (4, 2, 3), (2, 45)]
+TERM_CASES = ["l1", "polar", "admm", "prox_l1", "prox_group", "clamp"]
+
+
+def with_prox_kind(case, kind):
+    case.terms["prox_kinds"] = [kind] * len(case.params)
+    return case
+
+
+@pytest.mark.parametrize("term", TERM_CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_term_alone(dtype, term):
+    rng = random.Random(f"{dtype}-{term}")
+    case = make_case(rng, TERM_SHAPES, dtype, DEVICE, with_terms=(term.split("_")[0],),
+                     with_lam=False, with_mask=False, with_norms=False)
+    if term.startswith("prox"):
+        with_prox_kind(case, 1 if term == "prox_l1" else 2)
+    expected = check(case, block=32)
+    plain = run(reference_step, Case(**{**vars(case), "terms": {}}))
+    assert any(not torch.equal(e, p) for e, p in zip(expected.params, plain.params)), "the term changed nothing"
+    if term.startswith("prox"):
+        assert any(bool((e == 0).any()) for e in expected.params), "no exact zeros to compare"
+
+
+@pytest.mark.parametrize("terms", ["every", "random"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_all_terms(dtype, terms):
+    # every term with momentum, lam, masks, norms, grad_scale; rows within and beyond a block
+    options = dict(CONFIGS["all"], grad_scale=CONFIGS["all"]["grad_scale"].to(DEVICE))
+    if terms == "random":
+        options.update(with_lam=None, with_mask=None, with_norms=None, nesterov=False, dampening=0.3)
+    rng = random.Random(f"{dtype}-terms-{terms}")
+    shapes = SMALL_SHAPES + [(3, 0), (2, 45)]
+    check(make_case(rng, shapes, dtype, DEVICE, with_terms=TERMS if terms == "every" else True, **options),
+          block=32)
+
+
+@pytest.mark.parametrize("chunk", [32, 4096])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_group_lasso_rows_longer_than_a_block(dtype, chunk):
+    # rows of 33 to 100 elements in blocks of 32 (two passes), a unit per row or many rows
+    # per unit; rows that fit a block (several per piece); masks, norms, momentum
+    shapes = [(3, 100), (2, 70), (4, 33), (1, 64), (16, 3), (6,), (2, 32)]
+    case = with_prox_kind(make_case(random.Random(f"{dtype}-{chunk}"), shapes, dtype, DEVICE, momentum=0.9,
+                                    with_mask=True, with_norms=True, with_terms=("prox",)), 2)
+    expected = check(case, block=32, chunk=chunk)
+    rows = [r for e in expected.params for r in e.reshape(e.shape[0], -1)]
+    zero = [bool((r == 0).all()) for r in rows]
+    assert any(zero) and not all(zero), "want rows shrunk to 0 and rows kept"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_masks_and_clamp(dtype):
+    # a clamp to [0.1, 0.8] after the prox must not revive a pruned weight
+    case = make_case(random.Random(f"{dtype}-clamp"), TERM_SHAPES, dtype, DEVICE, momentum=0.9,
+                     with_mask=True, with_terms=("clamp", "prox"))
+    case.terms["clamps"] = [(0.1, 0.8)] * len(case.params)
+    expected = check(case, block=32)
+    for w, mask in zip(expected.params, case.masks):
+        w = as_rows(w)
+        keep = mask.reshape(w.shape[0], -1).expand_as(w)  # a row or an element mask
+        assert bool((w[~keep] == 0).all()) and bool(((w[keep] >= 0.1) & (w[keep] <= 0.8)).all())
+
+
+@pytest.mark.skipif(INTERPRET, reason="the interpreter compiles nothing")
+def test_new_term_values_do_not_recompile():
+    case = make_case(random.Random(6), [(7, 3), (4, 40)], torch.float32, DEVICE, momentum=0.9,
+                     with_terms=TERMS)
+    check(case)
+    compiled = triton_sgd._sgd_kernel.device_caches[torch.cuda.current_device()][0]  # triton 3.x
+    count = len(compiled)
+    for step in range(3):
+        for polar in case.terms["polars"]:
+            polar[2:] += 0.1  # m and s move on the device every step
+        case.terms["admm_rhos"] = [0.1 * step] * 2
+        case.terms["clamps"] = [None, (-0.1 * step, 0.5)]
+        case.terms["prox_kinds"] = [step % 3, (step + 1) % 3]
+        check(case)
+    assert len(compiled) == count
+
+
 @pytest.mark.parametrize("chunk", [1, 64, 4096])
 def test_units_cover_every_element_once(chunk):
     tensors = [torch.zeros(s) for s in SHAPES + [(3, 0)]]
     norms = [torch.zeros(t.shape[0] if t.dim() else 1, 3) if i % 2 else None for i, t in enumerate(tensors)]
+    group = [i % 3 == 0 for i in range(len(tensors))]  # group lasso: whole rows too
     table = build_sgd_table(tensors, tensors, [None] * len(tensors), [None] * len(tensors),
-                            [None] * len(tensors), norms, [False] * len(tensors))
+                            [None] * len(tensors), norms, [False] * len(tensors),
+                            prox_kinds=[2 if g else 0 for g in group])
     units = triton_sgd.build_units(table, chunk)
     assert units.dtype == torch.int64 and units.shape[1] == triton_sgd.UNIT_FIELDS
     for i, t in enumerate(tensors):
@@ -150,9 +240,10 @@ def test_units_cover_every_element_once(chunk):
             continue
         assert mine[0, 1] == 0 and mine[-1, 2] == t.numel()
         assert torch.equal(mine[1:, 1], mine[:-1, 2]) and bool((mine[:, 2] > mine[:, 1]).all())
-        longest = max(chunk, row_len) if norms[i] is not None else chunk
+        by_rows = norms[i] is not None or group[i]
+        longest = max(chunk, row_len) if by_rows else chunk
         assert int((mine[:, 2] - mine[:, 1]).max()) <= longest
-        if norms[i] is not None:
+        if by_rows:
             assert bool((mine[:, 1:] % row_len == 0).all())
 
 
@@ -163,6 +254,7 @@ def test_units_cover_every_element_once(chunk):
     seed=st.integers(0, 2**16),
     block=st.sampled_from([32, 256]),
     chunk=st.sampled_from([32, 100, 4096]),
+    terms=st.booleans(),
 )
-def test_hypothesis(shapes, dtype, seed, block, chunk):
-    check(make_case(random.Random(seed), shapes, dtype, DEVICE), block=block, chunk=chunk)
+def test_hypothesis(shapes, dtype, seed, block, chunk, terms):
+    check(make_case(random.Random(seed), shapes, dtype, DEVICE, with_terms=terms), block=block, chunk=chunk)
