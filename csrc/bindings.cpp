@@ -3,11 +3,18 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <iterator>
 
+#include "rda.h"
 #include "sgd.h"
 #include "sgd_table.h"
 
 namespace py = pybind11;
+
+namespace {
+// SUPPORTED_TERMS of the sgd kernel (sgd_kernel.h, each tested in tests/test_sgd_cpp.py).
+constexpr const char* kSgdSupportedTerms[] = {"l1", "polar", "admm", "prox", "clamp"};
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "regkern C++ CPU kernels (fused multi-tensor optimizer steps).";
@@ -53,7 +60,31 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("dtype"), py::arg("src_ptr"), py::arg("dst_ptr"), py::arg("n"),
      "Round n fp32 values to bf16 (dtype 1) or f16 (dtype 2) with the kernels' code (testing).");
 
+  m.def(
+      "rda_step",
+      [](int64_t table_ptr, int64_t num_tensors, int num_fields, bool maximize, double grad_scale,
+         int num_threads) {
+        if (num_fields != regkern::rda_num_fields())
+          throw py::value_error("the rda table has " + std::to_string(num_fields) + " columns, this build of "
+                                "regkern._C expects " + std::to_string(regkern::rda_num_fields()) +
+                                "; rebuild with `pip install -e .`");
+        py::gil_scoped_release release;
+        regkern::rda_step(reinterpret_cast<const int64_t*>(table_ptr), num_tensors, maximize, grad_scale,
+                          num_threads);
+      },
+      py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"), py::arg("maximize"),
+      py::arg("grad_scale"), py::arg("num_threads"),
+      "One fused RDA step (SPEC 4) over every tensor of the int64 metadata table at `table_ptr` "
+      "([num_tensors, num_fields], see regkern.backend_rda.build_rda_table). Inputs are not "
+      "checked here: regkern.backend_rda validates them.");
+
   py::tuple fields(regkern::sgd_col::NUM_FIELDS);
   for (int i = 0; i < regkern::sgd_col::NUM_FIELDS; ++i) fields[i] = py::str(regkern::sgd_col::NAMES[i]);
   m.attr("SGD_FIELDS") = fields;
+
+  // Regularizer terms sgd_step computes (names of regkern.backend.TERM_KEYWORDS);
+  // regkern.backend steps tensors with other terms by the reference.
+  py::tuple terms(std::size(kSgdSupportedTerms));
+  for (std::size_t i = 0; i < std::size(kSgdSupportedTerms); ++i) terms[i] = py::str(kSgdSupportedTerms[i]);
+  m.attr("SGD_TERMS") = terms;
 }

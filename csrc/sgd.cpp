@@ -8,12 +8,12 @@
 // Work split: the elements of all tensors are laid end to end and cut into
 // one share per thread with equal element counts (a share may cover many
 // small tensors and parts of big ones), each cut snapped to a multiple of 64
-// elements, or to a row boundary when the tensor writes row norms (a row is
-// then stepped by one thread; a row longer than a share simply makes that
-// share longer). Many small tensors thus cost about as much per element as
-// one big one, and a call is one OpenMP region. Results do not depend on the
-// split: row norms are summed in blocks whose boundaries are fixed per tensor
-// (sgd_kernel.h).
+// elements, or to a row boundary when the tensor writes row norms or takes
+// the group-lasso prox (a row is then stepped by one thread; a row longer
+// than a share simply makes that share longer). Many small tensors thus cost
+// about as much per element as one big one, and a call is one OpenMP region.
+// Results do not depend on the split: row norms (and group-lasso row norms)
+// are summed in blocks whose boundaries are fixed per tensor (sgd_kernel.h).
 #include "sgd.h"
 
 #include <omp.h>
@@ -34,12 +34,42 @@ namespace detail {
 
 constexpr int64_t kBlock = 1024;          // elements per inner block (fits L1)
 constexpr int64_t kPiece16 = 128;         // bf16/fp16 elements converted per piece
+constexpr int64_t kPiece32 = 128;         // fp32 elements per piece on the general path (terms)
 constexpr int64_t kShortRow = 16;         // rows shorter than this: scalar norm sums
 constexpr int64_t kLongRow = 64;          // rows this long: lam passed per row piece
 constexpr int64_t kAlign = 64;            // thread cuts in tensors without norms
 constexpr int64_t kMinPerThread = 16384;  // below this a thread costs more than it saves
+// Group lasso (PROX 2) needs a whole updated row before it can scale it. Rows
+// up to kRowBuf elements are updated into a per-thread fp32 buffer (fp32
+// storage: into W itself, still in cache), reduced, scaled, then stored once;
+// short rows are taken kChunk elements' worth at a time. Longer rows take a
+// second pass over memory (sgd_kernel.h, range_terms).
+constexpr int64_t kRowBuf = 65536;
+constexpr int64_t kChunk = 4096;
 
 static inline int64_t rk_min(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Read-only stand-ins for absent per-element streams of the general path.
+alignas(64) static const float kZeros[kBlock] = {};
+alignas(64) static const uint8_t kZeroBytes[kBlock] = {};
+
+// Per-thread work space of the general path (range_terms), allocated on a
+// thread's first use of it (~330 KB) and kept for the thread's lifetime.
+struct TermScratch {
+  alignas(64) float lam[kBlock];
+  alignas(64) float l1[kBlock];
+  alignas(64) float plam[kBlock];
+  alignas(64) float d[kBlock];
+  alignas(64) float x[kBlock];
+  alignas(64) float rsx[kBlock];
+  alignas(64) uint32_t rkx[kBlock];
+  alignas(64) uint8_t keep[kBlock];
+  alignas(64) float rs[kChunk];
+  alignas(64) uint32_t rk[kChunk];
+  alignas(64) float row[kRowBuf];
+};
+
+TermScratch* term_scratch();
 
 }  // namespace detail
 }  // namespace regkern
@@ -127,6 +157,27 @@ const IsaKernels* best_variant() {
 
 std::atomic<const IsaKernels*> g_active{best_variant()};
 
+struct ScratchHolder {
+  TermScratch* p = nullptr;
+  ~ScratchHolder() { delete p; }
+};
+
+}  // namespace
+
+TermScratch* term_scratch() {
+  static thread_local ScratchHolder holder;
+  if (holder.p == nullptr) holder.p = new TermScratch;
+  return holder.p;
+}
+
+namespace {
+
+double float_column(int64_t bits) {
+  double v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
 TensorDesc decode(const int64_t* row) {
   namespace c = sgd_col;
   TensorDesc t;
@@ -143,6 +194,20 @@ TensorDesc decode(const int64_t* row) {
   t.dtype = static_cast<int>(row[c::DTYPE]);
   t.first = row[c::FIRST] != 0;
   if (t.mask_kind == kMaskNone) t.mask = nullptr;
+  t.l1 = reinterpret_cast<const float*>(row[c::L1]);
+  t.polar = reinterpret_cast<const float*>(row[c::POLAR]);
+  t.target = reinterpret_cast<const void*>(row[c::ADMM_TARGET]);
+  t.prox_lam = reinterpret_cast<const float*>(row[c::PROX_LAM]);
+  t.prox = t.prox_lam != nullptr ? static_cast<int>(row[c::PROX]) : 0;
+  if (t.prox != 1 && t.prox != 2) t.prox = 0;
+  t.clamp = row[c::CLAMP] != 0;
+  // float64 bits; rounded to fp32 like torch rounds a Python float that
+  // multiplies (rho) or clamps (lo, hi) an fp32 tensor
+  t.rho = static_cast<float>(float_column(row[c::ADMM_RHO]));
+  t.clamp_lo = static_cast<float>(float_column(row[c::CLAMP_LO]));
+  t.clamp_hi = static_cast<float>(float_column(row[c::CLAMP_HI]));
+  t.terms = t.l1 != nullptr || t.polar != nullptr || t.target != nullptr || t.prox != 0 || t.clamp;
+  t.row_cuts = t.norms != nullptr || t.prox == 2;
   return t;
 }
 
@@ -154,7 +219,7 @@ int64_t snap(const std::vector<int64_t>& off, const std::vector<TensorDesc>& ts,
   const size_t t = static_cast<size_t>(std::upper_bound(off.begin(), off.end(), p) - off.begin()) - 1;
   const TensorDesc& d = ts[t];
   int64_t o = p - off[t];
-  if (d.norms != nullptr) {
+  if (d.row_cuts) {
     o = (o + d.row_len / 2) / d.row_len * d.row_len;
   } else {
     o = (o + kAlign / 2) / kAlign * kAlign;

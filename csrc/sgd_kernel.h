@@ -11,10 +11,16 @@
 // contraction (-ffp-contract=off), so fp32 results match torch bit for bit:
 //   g = grad / grad_scale; g = -g if maximize
 //   d = g + wd * W (wd != 0) + lam[r] * W (lam given)
+//         + l1[r] * sign(W) + p_lam * (p_t * sign(W) - sign(W - p_m) + p_s)
+//         + rho * (W - target)                       (each when given)
 //   buf = d (first step) or mu * buf + (1 - dampening) * d
 //   s = d + mu * buf (nesterov) or buf (or d when momentum == 0)
 //   W = (W - lr * s) * mask, buf = buf * mask
+//   W = prox(W) (soft threshold or group-lasso row scale, threshold lr * prox_lam[r])
+//   W = min(max(W, lo), hi) * mask                   (when clamped)
 //   norms[r] = L1, L2, mean |W_r| of the stored W (accumulated while writing).
+// The group-lasso row norm is summed in another order than torch's: the only
+// result that is not bit-identical to the reference (within a few ulps).
 
 namespace regkern {
 namespace detail {
@@ -355,6 +361,368 @@ RK_AI void expand_rows(const V* __restrict per_row, int64_t len_row, int64_t i0,
 }
 
 // ---------------------------------------------------------------------------
+// The general path: tensors with regularizer terms (L1 subgradient,
+// polarization, ADMM pull, proximal map, clamp). Tensors without any of them
+// never come here (range_dt's plain path), so absent terms cost nothing. Per
+// piece of 128 elements (fp32 storage: in place in W; bf16/fp16: widened to
+// fp32 temporaries; short pieces keep the memory streams close in time):
+//   d terms    only when L1, polar or ADMM is given: d = g / scale, -g,
+//              + wd W, + lam W, + l1 sign(W) (base_d), then one short loop
+//              per further term, in the reference's order (add_polar,
+//              add_admm); the plain path's kernel then steps with d as its
+//              gradient. Otherwise the plain path's kernel computes d itself.
+//   step       momentum, W - lr s, mask (`fused`, the plain path's kernel)
+//   finish     one short loop per given term: group-lasso row scale or soft
+//              threshold, clamp, mask again after a clamp
+// then one rounding to the storage dtype; the row norms of the stored W are
+// accumulated per kBlock block as on the plain path. The term loops run on a
+// piece already in L1 and cost a load and a store per element each:
+// selecting them per piece (not per element, not by template) keeps each
+// term's cost to itself with a handful of instantiations per ISA. Group
+// lasso first updates whole rows into a buffer (TermsStep::run).
+
+// Per-tensor constants of the general path.
+struct Terms {
+  Hyper h0;  // the call's options minus those base_d applies (scale, maximize, wd)
+  float scale, wd, lr, p_lam, p_t, p_m, p_s, rho, lo, hi;
+  uint32_t negate, wd_m, lam_m;
+};
+
+RK_AI uint32_t mask_of(bool b) { return 0u - static_cast<uint32_t>(b); }
+
+// torch's sign: (0 < x) - (x < 0), so sign(+-0) = sign(NaN) = +0
+RK_AI float sign_of(float x) {
+  return static_cast<float>(x > 0.0f) - static_cast<float>(x < 0.0f);
+}
+
+// d = g / scale, negated when maximizing, + wd W, + lam W, + l1 sign(W)
+// (lam, l1 per element). L1, the commonest d term, is a template flag here:
+// one pass fewer over the block (measured ~15% off a large fp32 L1 step).
+template <bool SCALE, bool L1>
+static void base_d(const float* __restrict w, const float* __restrict g,
+                   const float* __restrict lam, const float* __restrict l1, float* __restrict d,
+                   int64_t n, const Terms& c) {
+  const float scale = c.scale, wd = c.wd;
+  const uint32_t negate = c.negate, wd_m = c.wd_m, lam_m = c.lam_m;
+  for (int64_t j = 0; j < n; ++j) {
+    const float wv = w[j];
+    float gv = g[j];
+    if constexpr (SCALE) gv = gv / scale;
+    gv = f32_from_bits(bits_of(gv) ^ negate);  // -g
+    float dv = select(wd_m, gv + wd * wv, gv);
+    dv = select(lam_m, dv + lam[j] * wv, dv);
+    if constexpr (L1) dv = dv + sign_of(wv) * l1[j];
+    d[j] = dv;
+  }
+}
+
+// d += p_lam * (p_t * sign(W) - sign(W - p_m) + p_s)
+static void add_polar(const float* __restrict w, float* __restrict d, int64_t n, const Terms& c) {
+  const float p_lam = c.p_lam, p_t = c.p_t, p_m = c.p_m, p_s = c.p_s;
+  for (int64_t j = 0; j < n; ++j) {
+    const float wv = w[j];
+    d[j] = d[j] + p_lam * (p_t * sign_of(wv) - sign_of(wv - p_m) + p_s);
+  }
+}
+
+// d += rho * (W - target)
+static void add_admm(const float* __restrict w, const float* __restrict tgt, float* __restrict d,
+                     int64_t n, float rho) {
+  for (int64_t j = 0; j < n; ++j) d[j] = d[j] + rho * (w[j] - tgt[j]);
+}
+
+// Group lasso: x = x * scale where the row's norm > 0, else +0 (rsc, rok:
+// the row's scale and "norm > 0" mask, per element).
+static void group_scale(float* __restrict x, const float* __restrict rsc,
+                        const uint32_t* __restrict rok, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) x[j] = select(rok[j], x[j] * rsc[j], 0.0f);
+}
+
+// Soft threshold: x = sign(x) * max(|x| - lr * plam, 0) (clamp_min keeps NaN).
+static void soft_threshold(float* __restrict x, const float* __restrict plam, int64_t n, float lr) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = x[j];
+    const float a = __builtin_fabsf(v) - lr * plam[j];
+    x[j] = sign_of(v) * select(mask_of(a < 0.0f), 0.0f, a);
+  }
+}
+
+// torch's clamp, min(max(x, lo), hi): -0 stays -0 for lo = 0, NaN stays NaN.
+static void clamp_to(float* __restrict x, int64_t n, float lo, float hi) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = x[j];
+    const float a = select(mask_of(v < lo), lo, v);
+    x[j] = select(mask_of(hi < a), hi, a);
+  }
+}
+
+static void apply_mask(float* __restrict x, const uint8_t* __restrict keep, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) x[j] = x[j] * static_cast<float>(keep[j]);
+}
+
+typedef void (*BaseFn)(const float*, const float*, const float*, const float*, float*, int64_t,
+                       const Terms&);
+
+// One tensor's share [lo, hi) on the general path.
+template <int DT>
+struct TermsStep {
+  typedef typename Storage<DT>::type T;
+  const TensorDesc& t;
+  const Hyper& h;
+  TermScratch& s;
+  Terms c;
+  FusedFn<0> step;   // the plain kernel on fp32 arrays, computing d itself (no d terms)
+  FusedFn<0> step0;  // the plain kernel fed d (d terms)
+  BaseFn base;
+  int mom;
+  bool d_terms;
+  T* w;
+  const T* g;
+  T* buf;
+  const T* tgt;
+  float sqrt_n;
+  double acc1 = 0.0, acc2 = 0.0;  // row norms carried across blocks (norms_f32)
+
+  TermsStep(const TensorDesc& td, const Hyper& hy) : t(td), h(hy), s(*term_scratch()) {
+    w = static_cast<T*>(t.w);
+    g = static_cast<const T*>(t.g);
+    buf = static_cast<T*>(t.buf);
+    tgt = static_cast<const T*>(t.target);
+    mom = (!h.has_momentum || buf == nullptr) ? 0 : (t.first ? 1 : 2);
+    d_terms = t.l1 != nullptr || t.polar != nullptr || t.target != nullptr;
+    const bool mask = t.mask != nullptr;
+    const int lam_kind = t.lam != nullptr ? 1 : 0;
+    step = mom == 0   ? pick_fused<0, 0>(lam_kind, mask, h.has_scale)
+           : mom == 1 ? pick_fused<0, 1>(lam_kind, mask, h.has_scale)
+                      : pick_fused<0, 2>(lam_kind, mask, h.has_scale);
+    step0 = mom == 0   ? pick_fused<0, 0>(0, mask, false)
+            : mom == 1 ? pick_fused<0, 1>(0, mask, false)
+                       : pick_fused<0, 2>(0, mask, false);
+    const bool l1 = t.l1 != nullptr;
+    base = h.has_scale ? (l1 ? &base_d<true, true> : &base_d<true, false>)
+                       : (l1 ? &base_d<false, true> : &base_d<false, false>);
+    c.h0 = h;
+    c.h0.has_wd = false;
+    c.h0.maximize = false;
+    c.h0.has_scale = false;
+    c.scale = h.scale;
+    c.wd = h.wd;
+    c.lr = h.lr;
+    c.negate = h.maximize ? 0x80000000u : 0u;
+    c.wd_m = mask_of(h.has_wd);
+    c.lam_m = mask_of(t.lam != nullptr);
+    c.p_lam = t.polar != nullptr ? t.polar[0] : 0.0f;
+    c.p_t = t.polar != nullptr ? t.polar[1] : 0.0f;
+    c.p_m = t.polar != nullptr ? t.polar[2] : 0.0f;
+    c.p_s = t.polar != nullptr ? t.polar[3] : 0.0f;
+    c.rho = t.rho;
+    c.lo = t.clamp_lo;
+    c.hi = t.clamp_hi;
+    // torch multiplies the fp32 threshold by the Python float sqrt(n_r)
+    sqrt_n = static_cast<float>(__builtin_sqrt(static_cast<double>(t.row_len)));
+  }
+
+  // Per-element values of a per-row stream over [i0, i0 + n) (zeros if absent).
+  const float* per_element(const float* per_row, float* tmp, int64_t i0, int64_t n) const {
+    if (per_row == nullptr) return kZeros;
+    if (t.row_len == 1) return per_row + i0;
+    expand_rows(per_row, t.row_len, i0, n, tmp);
+    return tmp;
+  }
+
+  const uint8_t* keep(int64_t i0, int64_t n) const {
+    if (t.mask == nullptr) return kZeroBytes;
+    if (t.mask_kind == kMaskElement || t.row_len == 1) return t.mask + i0;
+    expand_rows(t.mask, t.row_len, i0, n, s.keep);
+    return s.keep;
+  }
+
+  // Where the fp32 values of elements from i0 live between compute and
+  // finish: W itself for fp32 storage, else `tmp`.
+  float* in_w_or(int64_t i0, float* tmp) const {
+    if constexpr (DT == 0) return w + i0;
+    else return tmp;
+  }
+
+  // d of m elements, W (fp32) at wf, gradient at gf, target at tf.
+  void grad_terms(const float* wf, const float* gf, const float* tf, const float* lp,
+                  const float* l1p, int64_t m) {
+    base(wf, gf, lp, l1p, s.d, m, c);
+    if (t.polar != nullptr) add_polar(wf, s.d, m, c);
+    if (t.target != nullptr) add_admm(wf, tf, s.d, m, c.rho);
+  }
+
+  // Update elements [i0, i0 + n) (n <= kBlock, one block) into X: the
+  // stepped, masked fp32 values before prox and clamp. fp32 storage: X is
+  // W + i0 (in place). The momentum buffer is stored when `store_buf`.
+  void compute(int64_t i0, int64_t n, float* __restrict X, bool store_buf) {
+    const float* lp = per_element(t.lam, s.lam, i0, n);
+    const float* l1p = t.l1 != nullptr ? per_element(t.l1, s.l1, i0, n) : kZeros;
+    const uint8_t* kp = keep(i0, n);
+    if constexpr (DT == 0) {
+      (void)store_buf;
+      float* const bp = buf != nullptr ? buf + i0 : nullptr;
+      // short pieces: the input streams are read close together in time
+      for (int64_t j = 0; j < n; j += kPiece32) {
+        const int64_t m = rk_min(kPiece32, n - j);
+        float* const bj = bp != nullptr ? bp + j : nullptr;
+        if (!d_terms) {
+          step(X + j, g + i0 + j, bj, lp + j, 0.0f, kp + j, m, h);
+        } else {
+          grad_terms(w + i0 + j, g + i0 + j, tgt != nullptr ? tgt + i0 + j : kZeros, lp + j,
+                     l1p + j, m);
+          step0(X + j, s.d, bj, nullptr, 0.0f, kp + j, m, c.h0);
+        }
+      }
+    } else {
+      alignas(64) float gf[kPiece16], tf[kPiece16], bf[kPiece16];
+      for (int64_t j = 0; j < n; j += kPiece16) {
+        const int64_t m = rk_min(kPiece16, n - j);
+        widen_n<DT>(w + i0 + j, X + j, m);
+        widen_n<DT>(g + i0 + j, gf, m);
+        if (mom == 2) widen_n<DT>(buf + i0 + j, bf, m);
+        if (!d_terms) {
+          step(X + j, gf, bf, lp + j, 0.0f, kp + j, m, h);
+        } else {
+          if (tgt != nullptr) widen_n<DT>(tgt + i0 + j, tf, m);
+          grad_terms(X + j, gf, tf, lp + j, l1p + j, m);
+          step0(X + j, s.d, bf, nullptr, 0.0f, kp + j, m, c.h0);
+        }
+        if (mom != 0 && store_buf) narrow_n<DT>(bf, buf + i0 + j, m);
+      }
+    }
+  }
+
+  // Prox, clamp and mask on the computed values X of [i0, i0 + n), then
+  // store W (rounded once) and accumulate its row norms. rsc, rok: the
+  // group-lasso scales (PROX 2).
+  void finish(int64_t i0, int64_t n, float* __restrict X, const float* rsc, const uint32_t* rok) {
+    if (t.prox == 2) group_scale(X, rsc, rok, n);
+    if (t.prox == 1) soft_threshold(X, per_element(t.prox_lam, s.plam, i0, n), n, c.lr);
+    if (t.clamp) {
+      clamp_to(X, n, c.lo, c.hi);
+      if (t.mask != nullptr) apply_mask(X, keep(i0, n), n);
+    }
+    if constexpr (DT != 0) narrow_n<DT>(X, w + i0, n);
+  }
+
+  void norms(int64_t i0, int64_t n) {
+    if (t.norms != nullptr) norms_block<DT>(w + i0, i0, n, t, acc1, acc2);
+  }
+
+  // Group lasso: the scale of row r from the sum of squares of its updated values.
+  void row_scale(int64_t r, double sumsq, float& scale, uint32_t& ok) const {
+    const float norm = __builtin_sqrtf(static_cast<float>(sumsq));
+    const float thr = c.lr * t.prox_lam[r];
+    const float q = 1.0f - thr * sqrt_n / norm;
+    scale = q < 0.0f ? 0.0f : q;  // clamp_min(0)
+    ok = mask_of(norm > 0.0f);    // a row of norm 0 (or NaN) becomes +0
+  }
+
+  // Sum of squares of the row whose first element (tensor index e0) is x[0],
+  // in pieces cut where blocks are (16-lane fp32 sums added in fp64): the
+  // same pieces whatever the thread split or the buffer.
+  static double row_sumsq(const float* x, int64_t e0, int64_t len) {
+    double acc = 0.0;
+    for (int64_t p = 0; p < len;) {
+      const int64_t q = rk_min(len, ((e0 + p) / kBlock + 1) * kBlock - e0);
+      float s1, s2;
+      abs_sums(x + p, q - p, s1, s2);
+      acc += s2;
+      p = q;
+    }
+    return acc;
+  }
+
+  static int64_t block_end(int64_t i0, int64_t hi) { return rk_min(hi, (i0 / kBlock + 1) * kBlock); }
+
+  void run(int64_t lo, int64_t hi) {
+    if (t.prox != 2) {
+      // short pieces (compute and finish close together in time keep the
+      // memory streams going), row norms per block
+      for (int64_t i0 = lo; i0 < hi;) {
+        const int64_t i1 = block_end(i0, hi);
+        for (int64_t p = i0; p < i1; p += kPiece32) {
+          const int64_t m = rk_min(kPiece32, i1 - p);
+          float* X = in_w_or(p, s.x);
+          compute(p, m, X, true);
+          finish(p, m, X, nullptr, nullptr);
+        }
+        norms(i0, i1 - i0);
+        i0 = i1;
+      }
+      return;
+    }
+    // Group lasso: [lo, hi) is whole rows (row-aligned cuts).
+    const int64_t len = t.row_len;
+    if (len <= kRowBuf) {
+      // Chunks of whole rows (at least one, about kChunk elements): update
+      // into the buffer, reduce each row, then scale, round and store once.
+      const int64_t rows_per_chunk = len >= kChunk ? 1 : kChunk / len;
+      for (int64_t c0 = lo; c0 < hi;) {
+        const int64_t c1 = rk_min(hi, c0 + rows_per_chunk * len);
+        float* X0 = in_w_or(c0, s.row);  // X0[i - c0] holds element i
+        for (int64_t i0 = c0; i0 < c1;) {
+          const int64_t i1 = block_end(i0, c1);
+          compute(i0, i1 - i0, X0 + (i0 - c0), true);
+          i0 = i1;
+        }
+        const int64_t r0 = c0 / len, nr = (c1 - c0) / len;
+        for (int64_t k = 0; k < nr; ++k)
+          row_scale(r0 + k, row_sumsq(X0 + k * len, c0 + k * len, len), s.rs[k], s.rk[k]);
+        for (int64_t i0 = c0; i0 < c1;) {
+          const int64_t i1 = block_end(i0, c1), n = i1 - i0;
+          const float* rsc = s.rs + (i0 - c0);
+          const uint32_t* rok = s.rk + (i0 - c0);
+          if (len > 1) {
+            expand_rows(s.rs, len, i0 - c0, n, s.rsx);
+            expand_rows(s.rk, len, i0 - c0, n, s.rkx);
+            rsc = s.rsx;
+            rok = s.rkx;
+          }
+          finish(i0, n, X0 + (i0 - c0), rsc, rok);
+          norms(i0, n);
+          i0 = i1;
+        }
+        c0 = c1;
+      }
+      return;
+    }
+    // Rows longer than the buffer: two passes over each row. fp32 storage
+    // keeps the unscaled row in W between them; bf16/fp16 storage computes
+    // the row twice (nothing is stored by the first pass, and the update is
+    // deterministic, so the second pass sees the same values).
+    for (int64_t e0 = lo; e0 < hi; e0 += len) {
+      double sumsq = 0.0;
+      for (int64_t i0 = e0; i0 < e0 + len;) {
+        const int64_t i1 = block_end(i0, e0 + len);
+        float* X = in_w_or(i0, s.x);
+        compute(i0, i1 - i0, X, DT == 0);
+        float s1, s2;
+        abs_sums(X, i1 - i0, s1, s2);
+        sumsq += s2;
+        i0 = i1;
+      }
+      float scale;
+      uint32_t ok;
+      row_scale(e0 / len, sumsq, scale, ok);
+      for (int64_t k = 0; k < kBlock; ++k) {
+        s.rsx[k] = scale;
+        s.rkx[k] = ok;
+      }
+      for (int64_t i0 = e0; i0 < e0 + len;) {
+        const int64_t i1 = block_end(i0, e0 + len);
+        float* X = in_w_or(i0, s.x);
+        if constexpr (DT != 0) compute(i0, i1 - i0, X, true);
+        finish(i0, i1 - i0, X, s.rsx, s.rkx);
+        norms(i0, i1 - i0);
+        i0 = i1;
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------
 // Step elements [lo, hi) of one tensor in blocks whose boundaries sit at
 // multiples of kBlock (tensor-local), so the norm sums of a row never depend
 // on where a thread's share starts.
@@ -362,6 +730,10 @@ RK_AI void expand_rows(const V* __restrict per_row, int64_t len_row, int64_t i0,
 template <int DT>
 static void range_dt(const TensorDesc& t, const Hyper& h, int64_t lo, int64_t hi) {
   typedef typename Storage<DT>::type T;
+  if (t.terms) {
+    TermsStep<DT>(t, h).run(lo, hi);
+    return;
+  }
   T* const w = static_cast<T*>(t.w);
   const T* const g = static_cast<const T*>(t.g);
   T* const buf = static_cast<T*>(t.buf);

@@ -1,5 +1,6 @@
 """Drop-in optimizers whose step runs the fused regkern kernels."""
+from regkern.optim.rda import RDA
 from regkern.optim.sas_admm import SASADMM
 from regkern.optim.sgd import SGD
 
-__all__ = ["SGD", "SASADMM"]
+__all__ = ["SGD", "SASADMM", "RDA"]

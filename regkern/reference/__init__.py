@@ -3,6 +3,7 @@
 Every fast backend (C++ on CPU, Triton on CUDA) is tested against these
 functions; they also run on any other device.
 """
+from regkern.reference.rda import rda_step
 from regkern.reference.sgd import sgd_step
 
-__all__ = ["sgd_step"]
+__all__ = ["sgd_step", "rda_step"]

@@ -1,0 +1,49 @@
+// C++ CPU backend of the `rda` kernel family (see regkern/reference/rda.py for
+// the contract). Python validates every input; these functions only compute.
+#pragma once
+
+#include <cstdint>
+
+namespace regkern {
+
+// One fused RDA step over every tensor of the metadata table (rda_table.h).
+// Runs on up to `num_threads` OpenMP threads; call it without the GIL. The
+// instruction-set variant is the one the sgd family uses (regkern::active_isa,
+// forced with regkern::set_isa), so one switch drives both families.
+void rda_step(const int64_t* table, int64_t num_tensors, bool maximize, double grad_scale,
+              int num_threads);
+
+// Columns per table row this build expects (rda_table.h), so the binding
+// can refuse a table built for another layout.
+int rda_num_fields();
+
+namespace rda_detail {
+
+// Options of one call.
+struct Opt {
+  float scale;
+  bool has_scale, maximize;
+};
+
+// One decoded row of the metadata table; coefficients rounded to fp32.
+struct Desc {
+  void* w;
+  const void* g;
+  float* gbar;
+  float* w0;
+  const uint8_t* mask;
+  int64_t numel, rows, row_len;
+  int mask_kind, dtype;
+  bool group;
+  float t, a, c, tau, kappa;
+};
+
+// Per-ISA entry points (rda_kernel.h, compiled once per variant in rda.cpp).
+struct Kernels {
+  const char* name;
+  // Step elements [lo, hi) of one tensor; row-aligned for group tensors.
+  void (*range)(const Desc&, const Opt&, int64_t lo, int64_t hi);
+};
+
+}  // namespace rda_detail
+}  // namespace regkern

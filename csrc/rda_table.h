@@ -1,0 +1,36 @@
+// Column layout of the per-tensor metadata table of the `rda` kernel family
+// (L1 regularized dual averaging, SPEC 4; contract in regkern/reference/rda.py).
+//
+// These constants MIRROR `RDA_FIELDS` in regkern/backend_rda.py (same names,
+// same order): change both together. The table is a contiguous int64 CPU
+// tensor of shape [num_tensors, NUM_FIELDS] built by
+// regkern.backend_rda.build_rda_table; pointers are raw addresses (0 = absent)
+// of contiguous tensors. "float64 bits" columns hold the bits of a double.
+#pragma once
+
+#include <cstdint>
+
+namespace regkern {
+namespace rda_col {
+
+constexpr int PARAM = 0;       // W, storage dtype DTYPE (written, never read)
+constexpr int GRAD = 1;        // gradient, same dtype and shape as W (never written)
+constexpr int GBAR = 2;        // fp32, W's shape: running mean of the gradients
+constexpr int W0 = 3;          // fp32, W's shape: W at the first step (written only under a mask)
+constexpr int MASK = 4;        // bool mask (0: none)
+constexpr int MASK_KIND = 5;   // 0 none, 1 row mask [ROWS], 2 element mask (W's shape)
+constexpr int NUMEL = 6;
+constexpr int ROWS = 7;
+constexpr int ROW_LEN = 8;     // NUMEL / ROWS (0 when ROWS == 0)
+constexpr int DTYPE = 9;       // 0 float32, 1 bfloat16, 2 float16
+constexpr int GROUP = 10;      // 0 element soft threshold, 1 row (group) shrinkage
+constexpr int T = 11;          // float64 bits: the step t (1 at the first step)
+constexpr int A = 12;          // float64 bits: (t - 1) / t
+constexpr int C = 13;          // float64 bits: sqrt(t) / gamma
+constexpr int TAU = 14;        // float64 bits: lam * sqrt(t) / gamma
+constexpr int KAPPA = 15;      // float64 bits: tau * sqrt(ROW_LEN)
+constexpr int NORM_SQ = 16;    // fp32 [ROWS] scratch of the Triton kernel (group tensors); unused here
+constexpr int NUM_FIELDS = 17;
+
+}  // namespace rda_col
+}  // namespace regkern

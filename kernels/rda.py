@@ -1,0 +1,227 @@
+"""Triton kernel for the `rda` family (L1 regularized dual averaging, SPEC 4).
+
+One launch steps every tensor of a dtype group. The caller gives
+
+- ``table``: the int64 ``[T, len(RDA_FIELDS)]`` metadata of
+  ``regkern.backend_rda.build_rda_table`` with the step's coefficients
+  patched in, on the device;
+- ``units``: the work list of :func:`build_units` (int64 ``[U, 3]``: tensor,
+  first element, end element), built once on the CPU and cached on the device.
+
+Program ``u`` steps the elements ``[start, end)`` of tensor ``t`` in pieces of
+``BLOCK``. Element-wise tensors have units of ``chunk`` elements. Tensors
+stepped by rows (group shrinkage) have units of whole rows and a per-row fp32
+scratch (``NORM_SQ``): a first pass over the unit updates gbar (and W0 under
+a mask) and sums each row's v^2 with a segmented scan (reset at each row's
+first element, the partial sum of a row that runs past a piece carried into
+the next piece), storing the total at the row's last element; after a barrier
+a second pass recomputes v from the stored gbar and W0 (same fp32 operations,
+so the same v) and writes W = v * max(1 - kappa / ||v||, 0).
+
+The per-tensor coefficients (t, (t-1)/t, sqrt(t)/gamma, tau, kappa) are
+float64 columns of the table, rounded once to fp32 here, so a new gamma or lam
+compiles nothing. Compile-time constants are the storage dtype, ``maximize``,
+whether grad_scale / found_inf are given, and ``BLOCK``. Math is fp32 whatever
+the storage, rounded op by op like the reference (no fma contraction, IEEE
+division and square root); W is rounded once to its dtype, to nearest even.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from regkern.backend_rda import RDA_COLUMN, RDA_FIELDS
+
+DEFAULT_CHUNK = 16384  # elements per work unit
+DEFAULT_BLOCK = 1024   # elements per piece
+UNIT_FIELDS = 3        # a unit: tensor index, first element, end element
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+_NUM_FIELDS = tl.constexpr(len(RDA_FIELDS))
+_PARAM = tl.constexpr(RDA_COLUMN["PARAM"])
+_GRAD = tl.constexpr(RDA_COLUMN["GRAD"])
+_GBAR = tl.constexpr(RDA_COLUMN["GBAR"])
+_W0 = tl.constexpr(RDA_COLUMN["W0"])
+_MASK = tl.constexpr(RDA_COLUMN["MASK"])
+_MASK_KIND = tl.constexpr(RDA_COLUMN["MASK_KIND"])
+_ROW_LEN = tl.constexpr(RDA_COLUMN["ROW_LEN"])
+_GROUP = tl.constexpr(RDA_COLUMN["GROUP"])
+_T = tl.constexpr(RDA_COLUMN["T"])
+_A = tl.constexpr(RDA_COLUMN["A"])
+_C = tl.constexpr(RDA_COLUMN["C"])
+_TAU = tl.constexpr(RDA_COLUMN["TAU"])
+_KAPPA = tl.constexpr(RDA_COLUMN["KAPPA"])
+_NORM_SQ = tl.constexpr(RDA_COLUMN["NORM_SQ"])
+_UNIT_FIELDS = tl.constexpr(UNIT_FIELDS)
+_MASK_ROW = tl.constexpr(1)
+
+
+@triton.jit
+def _segmented_sum(head_a, x_a, head_b, x_b):
+    # (head, sum) pairs: a segment restarts at every element flagged head.
+    return head_a | head_b, tl.where(head_b != 0, x_b, x_a + x_b)
+
+
+@triton.jit
+def _coefficient(meta, column):
+    return tl.load(meta + column).to(tl.float64, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _rda_kernel(
+    table, units, grad_scale_ptr, found_inf_ptr,
+    DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
+):
+    if HAS_FOUND_INF:
+        if tl.load(found_inf_ptr) != 0:
+            return
+    grad_scale = 1.0
+    if HAS_GRAD_SCALE:
+        grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
+
+    unit = units + tl.program_id(0) * _UNIT_FIELDS
+    meta = table + tl.load(unit) * _NUM_FIELDS
+    start = tl.load(unit + 1)
+    end = tl.load(unit + 2)
+
+    w_ptr = tl.load(meta + _PARAM).to(tl.pointer_type(DTYPE)) + start
+    g_ptr = tl.load(meta + _GRAD).to(tl.pointer_type(DTYPE)) + start
+    gbar_ptr = tl.load(meta + _GBAR).to(tl.pointer_type(tl.float32)) + start
+    w0_ptr = tl.load(meta + _W0).to(tl.pointer_type(tl.float32)) + start
+    mask_kind = tl.load(meta + _MASK_KIND)
+    mask_ptr = tl.load(meta + _MASK).to(tl.pointer_type(tl.int8))  # torch.bool: one byte, 0 or 1
+    grouped = tl.load(meta + _GROUP) != 0
+    t = _coefficient(meta, _T)
+    a = _coefficient(meta, _A)
+    c = _coefficient(meta, _C)
+    tau = _coefficient(meta, _TAU)
+    kappa = _coefficient(meta, _KAPPA)
+    norm_sq_ptr = tl.load(meta + _NORM_SQ).to(tl.pointer_type(tl.float32))
+    idx = tl.arange(0, BLOCK)
+
+    # Element start + i lies in row r0 + (c0 + i) // row_len (int32 math per element).
+    row_len = tl.maximum(tl.load(meta + _ROW_LEN), 1)
+    r0 = start // row_len
+    c0 = (start - r0 * row_len).to(tl.int32)
+    row_len = row_len.to(tl.int32)
+    size = (end - start).to(tl.int32)
+    carry = 0.0  # the sum of squares of the row the previous piece left unfinished
+    for piece in range(0, size, BLOCK):
+        i = piece + idx
+        inb = i < size
+        g = tl.load(g_ptr + i, mask=inb).to(tl.float32)
+        if HAS_GRAD_SCALE:
+            g = tl.div_rn(g, grad_scale)
+        if MAXIMIZE:
+            g = -g
+        gb = tl.load(gbar_ptr + i, mask=inb) * a + tl.div_rn(g, t)
+        w0 = tl.load(w0_ptr + i, mask=inb)
+        v = w0 - c * gb
+        if mask_kind != 0:
+            if mask_kind == _MASK_ROW:
+                at = r0 + (c0 + i) // row_len
+            else:
+                at = start + i
+            keep = tl.load(mask_ptr + at, mask=inb).to(tl.float32)
+            gb = gb * keep
+            v = v * keep
+            tl.store(w0_ptr + i, w0 * keep, mask=inb)
+        tl.store(gbar_ptr + i, gb, mask=inb)
+        if grouped:
+            # units of these tensors start on a row: c0 == 0
+            col = i % row_len
+            sq = tl.where(inb, v * v, 0.0)
+            sq = tl.where((idx == 0) & (col != 0), sq + carry, sq)
+            _, sq = tl.associative_scan(((col == 0).to(tl.int32), sq), 0, _segmented_sum)
+            tl.store(norm_sq_ptr + r0 + i // row_len, sq, mask=inb & (col == row_len - 1))
+            carry = tl.sum(tl.where(idx == BLOCK - 1, sq, 0.0))
+        else:
+            x = tl.abs(v) - tau
+            x = tl.where(x < 0.0, 0.0, x)  # keeps a NaN, like clamp_min
+            w = tl.where(v < 0.0, -x, x) + 0.0  # sign(v) * x, a zero always +0.0
+            tl.store(w_ptr + i, w.to(DTYPE), mask=inb)
+
+    if grouped:
+        tl.debug_barrier()  # the row sums stored above are read by every lane below
+        for piece in range(0, size, BLOCK):
+            i = piece + idx
+            inb = i < size
+            v = tl.load(w0_ptr + i, mask=inb) - c * tl.load(gbar_ptr + i, mask=inb)
+            norm = tl.sqrt_rn(tl.load(norm_sq_ptr + r0 + i // row_len, mask=inb, other=0.0))
+            s = 1.0 - tl.div_rn(kappa + tl.zeros_like(norm), tl.where(norm > 0.0, norm, 1.0))
+            s = tl.where(s < 0.0, 0.0, s)
+            w = tl.where(norm > 0.0, v * s + 0.0, 0.0)
+            tl.store(w_ptr + i, w.to(DTYPE), mask=inb)
+
+
+def build_units(table: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """The work list of a metadata table: int64 ``[U, 3]`` (tensor, start, end), on the CPU.
+
+    Build it once per table (it depends only on sizes and which tensors are
+    stepped by rows) and keep it on the device beside the table. Units are
+    ``chunk`` elements; tensors stepped by rows get units of whole rows.
+    """
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, got {chunk}.")
+    table = table.cpu()
+    numel = table[:, RDA_COLUMN["NUMEL"]]
+    row_len = table[:, RDA_COLUMN["ROW_LEN"]]
+    by_rows = (table[:, RDA_COLUMN["GROUP"]] != 0) & (row_len > 0)
+    length = torch.where(by_rows, (chunk // row_len.clamp(min=1)).clamp(min=1) * row_len, chunk)
+    count = (numel + length - 1) // length
+    tensor = torch.repeat_interleave(torch.arange(len(table)), count)
+    first_unit = torch.cumsum(count, 0) - count
+    start = (torch.arange(len(tensor)) - first_unit[tensor]) * length[tensor]
+    end = torch.minimum(start + length[tensor], numel[tensor])
+    return torch.stack([tensor, start, end], dim=1).contiguous()
+
+
+def rda_step(
+    table: Tensor,
+    dtype: torch.dtype,
+    *,
+    maximize: bool = False,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    units: Optional[Tensor] = None,
+    block: int = DEFAULT_BLOCK,
+    num_warps: int = 4,
+) -> None:
+    """One RDA step of every tensor in ``table`` (all of storage ``dtype``), one launch.
+
+    ``table`` (with the step's coefficients) and ``units`` live on the
+    tensors' device; without ``units`` they are built here (a device-to-host
+    copy: pass cached ones in a training loop). ``grad_scale`` and
+    ``found_inf`` may be device tensors; the kernel reads them.
+    """
+    if dtype not in _TL_DTYPE:
+        raise TypeError(f"the rda kernel takes float32, bfloat16 or float16 tensors, not {dtype}.")
+    if units is None:
+        units = build_units(table).to(table.device)
+    if units.numel() == 0:
+        return
+    device = table.device
+    if found_inf is not None and found_inf.device != device:
+        if found_inf.device.type != "cpu":
+            found_inf = found_inf.to(device)
+        elif bool(found_inf):  # a CPU tensor: read it here, no device sync
+            return
+        else:
+            found_inf = None
+    if grad_scale is not None and grad_scale.device != device:
+        grad_scale = grad_scale.to(device)
+    _rda_kernel[(units.shape[0],)](
+        table, units,
+        table if grad_scale is None else grad_scale,
+        table if found_inf is None else found_inf,
+        DTYPE=_TL_DTYPE[dtype], MAXIMIZE=bool(maximize),
+        HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+        BLOCK=block, num_warps=num_warps,
+        enable_fp_fusion=False,  # no mul+add -> fma: rounds op by op like the reference
+    )
