@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from regkern.backend_rda import RDAPlan
+from regkern.optim.checkpoint import load_keeping_dtypes, plain_state
 from regkern.optim.tracked_state import TrackedState
 from regkern.sharding import is_dtensor, local_tensor
 
@@ -149,29 +150,10 @@ class RDA(torch.optim.Optimizer):
         return cached, cached.plan.checked_grads(grads)
 
     def state_dict(self) -> Dict[str, Any]:
-        saved = super().state_dict()
-        saved["state"] = {key: dict(entry) for key, entry in saved["state"].items()}
-        return saved
+        return plain_state(super().state_dict())
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        kept = {}
-        state = {}
-        for key, entry in state_dict["state"].items():
-            kept[key] = {k: v for k, v in entry.items() if k in FIXED_DTYPE_STATE}
-            state[key] = {k: v for k, v in entry.items() if k not in FIXED_DTYPE_STATE}
-        state_dict["state"] = state
-        super().load_state_dict(state_dict)
-        ids = (i for g in state_dict["param_groups"] for i in g["params"])
-        by_id = dict(zip(ids, (p for g in self.param_groups for p in g["params"])))
-        for key, entries in kept.items():
-            param = by_id[key]
-            for name, value in entries.items():
-                if name == "step":
-                    value = torch.as_tensor(value, dtype=torch.float32, device="cpu").reshape(()).clone()
-                else:
-                    value = value.to(device=param.device).clone()
-                self.state[param][name] = value
+        load_keeping_dtypes(self, state_dict, FIXED_DTYPE_STATE, super().load_state_dict, _restore)
 
 
 class _GroupPlan:
@@ -230,3 +212,10 @@ class _GroupPlan:
         for p, entries in self.new_state.items():
             state[p].update(entries)
         self.new_state = {}
+
+
+def _restore(name: str, value, param):
+    """Fixed-dtype state as saved: ``step`` a 0-d fp32 CPU tensor, the rest on the parameter's device."""
+    if name == "step":
+        return torch.as_tensor(value, dtype=torch.float32, device="cpu").reshape(()).clone()
+    return value.to(device=param.device).clone()

@@ -11,6 +11,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from regkern.optim.checkpoint import load_keeping_dtypes, plain_state
+
 # Per-parameter state tensors kept in fp32 for fp32/bf16/fp16 parameters (float64
 # parameters keep float64): torch's load_state_dict would cast them to the
 # parameter's dtype, so they are restored as saved.
@@ -186,24 +188,10 @@ class SASADMM(torch.optim.Optimizer):
                     p.copy_(st[which])
 
     def state_dict(self) -> Dict[str, Any]:
-        saved = super().state_dict()
-        saved["state"] = {key: dict(entry) for key, entry in saved["state"].items()}
-        return saved
+        return plain_state(super().state_dict())
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        kept, state = {}, {}
-        for key, entry in state_dict["state"].items():
-            kept[key] = {k: v for k, v in entry.items() if k in STATE_TENSORS}
-            state[key] = {k: v for k, v in entry.items() if k not in STATE_TENSORS}
-        state_dict["state"] = state
-        super().load_state_dict(state_dict)
-        ids = (i for g in state_dict["param_groups"] for i in g["params"])
-        by_id = dict(zip(ids, (p for g in self.param_groups for p in g["params"])))
-        for key, entries in kept.items():
-            param = by_id[key]
-            for name, value in entries.items():
-                self.state[param][name] = value.to(device=param.device).clone()
+        load_keeping_dtypes(self, state_dict, STATE_TENSORS, super().load_state_dict)
         for group in self.param_groups:
             _check_hyper(group)
 

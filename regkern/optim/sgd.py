@@ -10,6 +10,7 @@ from torch import Tensor
 
 from regkern.backend import SGDPlan
 from regkern.regularizers import as_regularizer, regularizer_list, step_options, to_saved
+from regkern.optim.checkpoint import load_keeping_dtypes, plain_state
 from regkern.optim.tracked_state import TrackedState
 from regkern.sharding import is_dtensor, local_tensor
 
@@ -140,8 +141,7 @@ class SGD(torch.optim.Optimizer):
         return cached, cached.plan.checked_grads(grads)
 
     def state_dict(self) -> Dict[str, Any]:
-        saved = super().state_dict()
-        saved["state"] = {key: dict(entry) for key, entry in saved["state"].items()}
+        saved = plain_state(super().state_dict())
         for group in saved["param_groups"]:
             group["regularizer"] = to_saved(group.get("regularizer"))
         return saved
@@ -151,19 +151,7 @@ class SGD(torch.optim.Optimizer):
         state_dict["param_groups"] = [
             {**g, "regularizer": as_regularizer(g.get("regularizer"))} for g in state_dict["param_groups"]
         ]
-        kept = {}
-        state = {}
-        for key, entry in state_dict["state"].items():
-            kept[key] = {k: v for k, v in entry.items() if k in FIXED_DTYPE_STATE}
-            state[key] = {k: v for k, v in entry.items() if k not in FIXED_DTYPE_STATE}
-        state_dict["state"] = state
-        super().load_state_dict(state_dict)
-        ids = (i for g in state_dict["param_groups"] for i in g["params"])
-        by_id = dict(zip(ids, (p for g in self.param_groups for p in g["params"])))
-        for key, entries in kept.items():
-            param = by_id[key]
-            for name, value in entries.items():
-                self.state[param][name] = value.to(device=param.device).clone()
+        load_keeping_dtypes(self, state_dict, FIXED_DTYPE_STATE, super().load_state_dict)
         for group in self.param_groups:
             for reg in regularizer_list(group["regularizer"]):
                 reg.init_group(group["params"], [self.state[p] for p in group["params"]])
