@@ -1,5 +1,8 @@
 """Micro-benchmarks (pytest-benchmark) of one optimizer step: regkern's fused
-GReg step against torch.optim.SGD, on a few parameter shape sets.
+GReg step against torch.optim.SGD, on a few parameter shape sets; and, for
+each other regularizer (ProxL1, GroupLasso, L1 and Polarization on BatchNorm
+scales, ADMM), regkern's fused step against what users run today (row (a) of
+its ``python -m regkern bench`` table).
 
 They measure and never assert a time. Run::
 
@@ -60,4 +63,32 @@ def test_sgd_step(benchmark, impl, shapes, dtype):
     benchmark.group = f"sgd-step {shapes} {dtype}"
     benchmark.extra_info["floor_bytes"] = case.floor_bytes
     benchmark.extra_info["params"] = case.numel
+    benchmark(prepared.step)
+
+
+REGULARIZERS = [key for key in bench.SUITES if key != "rowl2"]
+REG_IMPLS = {"regkern": "regkern", "official": "a"}  # test id -> row key of the regularizer's table
+
+
+@functools.lru_cache(maxsize=1)
+def _reg_case(regularizer: str, shapes: str, dtype: str) -> bench.Case:
+    return bench.SUITES[regularizer].case(_case(shapes, dtype))
+
+
+@pytest.mark.parametrize("impl", list(REG_IMPLS))  # innermost: the cached cases are reused
+@pytest.mark.parametrize("regularizer", REGULARIZERS)
+@pytest.mark.parametrize("dtype", ["fp32"])
+@pytest.mark.parametrize("shapes", ["resnet56", "resnet50"])
+def test_regularizer_step(benchmark, shapes, dtype, regularizer, impl):
+    case = _reg_case(regularizer, shapes, dtype)
+    prepare = next(r.prepare for r in bench.ROWS if r.regularizer == regularizer and r.key == REG_IMPLS[impl])
+    try:
+        prepared = prepare(case, bench.Context())
+    except bench.Unavailable as e:
+        pytest.skip(str(e))
+    for _ in range(3):
+        prepared.step()
+    benchmark.group = f"{regularizer}-step {shapes} {dtype}"
+    benchmark.extra_info["floor_bytes"] = case.floor_bytes
+    benchmark.extra_info["note"] = prepared.note
     benchmark(prepared.step)

@@ -19,9 +19,14 @@ and times one optimizer step per row of the table:
 Every row starts from copies of the same tensors, so all do identical work.
 A row is a function ``prepare(case, ctx) -> Prepared`` registered with
 ``@row(key, label)``: it builds its optimizer (or buffers) from ``case`` and
-returns the call to time and a factor to scale its time by. New regularizers
-add rows that way. Rows are timed in turn over a few rounds, so noise on a
-shared machine falls on all rows alike.
+returns the call to time and a factor to scale its time by. Rows are timed in
+turn over a few rounds, so noise on a shared machine falls on all rows alike.
+
+Each regularizer has a table of its own per shape set: ``suite(key, ...)``
+registers it (``--regularizers``) with the ``Case`` it runs on, and
+``@row(key, label, regularizer=...)`` its rows. The rows above form the
+``rowl2`` table; ``regularizers.py`` adds ProxL1, GroupLasso, L1,
+Polarization and ADMM.
 """
 from __future__ import annotations
 
@@ -205,18 +210,43 @@ class Row:
     label: str
     prepare: Callable[[Case, Context], Prepared]
     per_backend: bool = False  # one table line per requested regkern backend
+    regularizer: str = "rowl2"  # the table (a key of SUITES) the row belongs to
 
 
 ROWS: List[Row] = []
 BASELINE = "regkern"
 
 
-def row(key: str, label: str, per_backend: bool = False):
-    """Register ``prepare(case, ctx) -> Prepared`` as a row of the table."""
+def row(key: str, label: str, per_backend: bool = False, regularizer: str = "rowl2"):
+    """Register ``prepare(case, ctx) -> Prepared`` as a row of a regularizer's table."""
     def register(fn: Callable[[Case, Context], Prepared]):
-        ROWS.append(Row(key, label, fn, per_backend))
+        ROWS.append(Row(key, label, fn, per_backend, regularizer))
         return fn
     return register
+
+
+@dataclasses.dataclass
+class Suite:
+    """A regularizer's table: its rows run, per shape set, on ``case(base)``,
+    the shape set's ``Case`` seen by that regularizer (regularized set, plain
+    rest, floor bytes); ``None`` when the set has nothing to regularize."""
+    key: str
+    help: str
+    case: Callable[[Case], Optional[Case]]
+    shapes: Optional[Sequence[str]] = None  # default shape sets (None: all)
+
+
+SUITES: Dict[str, Suite] = {}
+
+
+def suite(key: str, help: str, case: Callable[[Case], Optional[Case]] = lambda case: case,
+          shapes: Optional[Sequence[str]] = None) -> Suite:
+    """Register a regularizer's table (a ``--regularizers`` choice)."""
+    SUITES[key] = Suite(key, help, case, shapes)
+    return SUITES[key]
+
+
+suite("rowl2", "per-row L2 penalty (GReg) on conv/linear weights")
 
 
 def _greg_loop(case: Case, params: Sequence[Tensor]) -> Callable[[], None]:
@@ -306,14 +336,22 @@ class _Alarm:
 
 @row("c", "(c) torch.compile GReg step")
 def compiled_step(case: Case, ctx: Context) -> Prepared:
+    return prepare_compiled(case, ctx, greg_step_math, case.lam_views())
+
+
+def prepare_compiled(case: Case, ctx: Context, math: Callable[..., None], per_tensor: list) -> Prepared:
+    """A row timing ``torch.compile(math, fullgraph=True)`` called as
+    ``math(params, grads, bufs, per_tensor, LR, MOMENTUM, WEIGHT_DECAY)`` on
+    copies of the case's tensors (``bufs`` start at zero). Static shapes: a
+    training run compiles for its one network, whereas by default a second
+    shape set in this process would recompile with symbolic sizes."""
     params = [p.detach() for p in case.fresh_params()]
     grads = [g.clone() for g in case.grads]
     bufs = [torch.zeros_like(w) for w in params]
-    lams = case.lam_views()
-    fn = torch.compile(greg_step_math, fullgraph=True)
+    fn = torch.compile(math, fullgraph=True, dynamic=False)
 
     def step() -> None:
-        fn(params, grads, bufs, lams, LR, MOMENTUM, WEIGHT_DECAY)
+        fn(params, grads, bufs, per_tensor, LR, MOMENTUM, WEIGHT_DECAY)
     t0 = time.perf_counter()
     try:
         with _Alarm(ctx.compile_timeout_s):
@@ -326,7 +364,7 @@ def compiled_step(case: Case, ctx: Context) -> Prepared:
         torch._dynamo.reset()
         raise Unavailable(f"compile failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}") from None
     compile_s = time.perf_counter() - t0
-    return Prepared(step=step, note=f"compile {compile_s:.1f} s", keep=(params, grads, bufs, fn))
+    return Prepared(step=step, note=f"compile {compile_s:.1f} s", keep=(params, grads, bufs, per_tensor, fn))
 
 
 @row("d", "(d) SGD fused, no regularizer")
@@ -377,6 +415,8 @@ class Table:
     title: str
     floor_bytes: int
     results: List[Result]
+    shapes: str = ""
+    regularizer: str = "rowl2"
 
     def baseline(self) -> Optional[Result]:
         return next((r for r in self.results if r.key == BASELINE and r.stats), None)
@@ -389,12 +429,14 @@ def _release(device: torch.device) -> None:
 
 
 def run_case(case: Case, ctx: Context, keys: Optional[Sequence[str]] = None,
-             backends: Sequence[Optional[str]] = (None,), log: Callable[[str], None] = lambda s: None) -> Table:
-    """Prepare every row, then time them in turn ``ctx.rounds`` times over, so
-    that a burst of noise on a shared machine hits all rows alike."""
+             backends: Sequence[Optional[str]] = (None,), log: Callable[[str], None] = lambda s: None,
+             regularizer: str = "rowl2") -> Table:
+    """Prepare every row of ``regularizer``'s table (``case`` is the one its
+    suite made), then time them in turn ``ctx.rounds`` times over, so that a
+    burst of noise on a shared machine hits all rows alike."""
     results, prepared = [], []
     for r in ROWS:
-        if keys is not None and r.key not in keys:
+        if r.regularizer != regularizer or (keys is not None and r.key not in keys):
             continue
         for backend in (backends if r.per_backend else (None,)):
             label = f"{r.label} [{backend or 'auto'}]" if r.per_backend else r.label
@@ -432,7 +474,7 @@ def run_case(case: Case, ctx: Context, keys: Optional[Sequence[str]] = None,
             result.note += f" at {case.floor_bytes / result.stats.median / 1e9:.1f} GB/s"
     del prepared
     _release(case.device)
-    return Table(case.describe(), case.floor_bytes, results)
+    return Table(case.describe(), case.floor_bytes, results, case.name, regularizer)
 
 
 def format_table(table: Table) -> str:
@@ -497,8 +539,9 @@ def format_machine(info: Dict[str, object]) -> str:
     if "gpu" in info:
         lines.append(f"gpu: {info['gpu']}")
     lines.append(f"torch {info['torch']}, python {info['python']}")
-    lines.append(f"step: lr {LR}, momentum {MOMENTUM}, weight decay {WEIGHT_DECAY}, per-row lam in "
-                 "[1e-5, 1e-3] on conv/linear weights; median of n steps after warm-up; "
+    lines.append(f"step: lr {LR}, momentum {MOMENTUM}, weight decay {WEIGHT_DECAY} on every parameter; rowl2: "
+                 "per-row lam in [1e-5, 1e-3] on conv/linear weights; other regularizers: as in the table title, "
+                 "on the set it names; median of n steps after warm-up; "
                  "GB/s = fused-step bytes / time; vs regkern = time / regkern time")
     return "\n".join(lines)
 
@@ -517,13 +560,24 @@ def _csv(choices: Sequence[str]):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``python -m regkern bench``."""
-    parser.add_argument("--shapes", type=_csv(list(SHAPE_SETS)), default=list(SHAPE_SETS),
-                        help=f"comma-separated shape sets (default: all): {', '.join(SHAPE_SETS)}")
+    parser.add_argument("--shapes", type=_csv(list(SHAPE_SETS)), default=None,
+                        help=f"comma-separated shape sets: {', '.join(SHAPE_SETS)} (default: all for "
+                             "rowl2, " + _default_shapes_help() + " for the other regularizers)")
+    parser.add_argument("--regularizers", type=_csv(list(SUITES)), default=list(SUITES), metavar="LIST",
+                        help="comma-separated regularizers, one table each per shape set (default: all): "
+                             + "; ".join(f"{s.key} = {s.help}" for s in SUITES.values())
+                             + ". The BatchNorm ones skip shape sets without BatchNorm (vit-b, tensor*)")
     parser.add_argument("--backend", type=_csv(BACKENDS), default=["auto"],
                         help="regkern backend(s), comma-separated; one regkern row each, the first is "
                              "the baseline of the ratios (default: auto = C++ on CPU, Triton on CUDA)")
-    parser.add_argument("--rows", type=_csv([r.key for r in ROWS]), default=None,
-                        help=f"rows to run (default: all): {', '.join(r.key for r in ROWS)}")
+    keys = list(dict.fromkeys(r.key for r in ROWS))
+    parser.add_argument("--rows", type=_csv(keys), default=None, metavar="LIST",
+                        help=f"rows to run in each table (default: all): {', '.join(keys)}. regkern is the "
+                             "baseline; a = what users run today (the official loop, or the regularizer "
+                             "as separate torch ops or an autograd loss term) with torch.optim.SGD(foreach); "
+                             "b = GReg loop with SGD fused (rowl2); c = torch.compile of the same math "
+                             "(rowl2, prox-l1, group-lasso); d = SGD fused without regularizer; floor, "
+                             "floor-rmw = the bytes of that regularizer's fused step at copy and x += y bandwidth")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                         help="storage dtype of parameters, gradients and momentum (default: fp32)")
     parser.add_argument("--device", type=_csv(["cpu", "cuda"]), default=None,
@@ -537,7 +591,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="time the rows in turn this many times over (default: 3)")
     parser.add_argument("--compile-timeout", type=float, default=300.0, metavar="S",
-                        help="give up on torch.compile (row c) after S seconds (default: 300)")
+                        help="give up on torch.compile (rows c) after S seconds (default: 300)")
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="also write machine info and every row's times (seconds) as JSON")
 
@@ -552,21 +606,43 @@ def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     ctx = Context(repeat=args.repeat, target_s=args.seconds, rounds=args.rounds,
                   compile_timeout_s=args.compile_timeout)
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if sys.stderr.isatty() else (lambda s: None)
+    suites = [SUITES[key] for key in args.regularizers]
+    plan = [(name, [s for s in suites if args.shapes or s.shapes is None or name in s.shapes])
+            for name in (args.shapes or SHAPE_SETS)]
     tables = []
     for device_name in devices:
         device = torch.device(device_name)
         if device.type == "cuda" and not torch.cuda.is_available():
             print("\n(cuda asked for but no CUDA device is present: skipped)")
             continue
-        for name in args.shapes:
-            case = Case(name, shape_set(name), DTYPES[args.dtype], device)
-            table = run_case(case, ctx, args.rows, backends, log)
-            del case
+        for name, wanted in plan:
+            if not wanted:
+                continue
+            base = Case(name, shape_set(name), DTYPES[args.dtype], device)
+            for s in wanted:
+                case = s.case(base)
+                if case is None:
+                    print(f"\n({s.key} on {name}: the shape set has nothing it acts on, e.g. no BatchNorm "
+                          "scales; skipped)", flush=True)
+                    continue
+                table = run_case(case, ctx, args.rows, backends, log, regularizer=s.key)
+                del case
+                _release(device)
+                print("\n" + format_table(table), flush=True)
+                tables.append(table)
+            del base
             _release(device)
-            print("\n" + format_table(table), flush=True)
-            tables.append(table)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "tables": [dataclasses.asdict(t) for t in tables]}, f, indent=1)
         print(f"\nwrote {args.json}")
     return 0
+
+
+def _default_shapes_help() -> str:
+    sets = sorted({x for s in SUITES.values() if s.shapes for x in s.shapes}, key=list(SHAPE_SETS).index)
+    return ",".join(sets) or "all"
+
+
+# The other regularizers' tables register themselves on import.
+from regkern.bench import regularizers as _regularizers  # noqa: E402,F401

@@ -3,7 +3,10 @@
 Each set is the list of trainable parameters of a real network (torchvision is
 not needed): ``ParamShape(name, shape, regularized)``. ``regularized`` marks
 the conv/linear weights that GReg penalises row-wise (``RowL2``); BatchNorm /
-LayerNorm vectors, biases and embeddings go in a plain group.
+LayerNorm vectors, biases and embeddings go in a plain group. ``bn_scale``
+marks the BatchNorm weights (the scales gamma, not the biases, not LayerNorm):
+the set that network slimming (``L1``) and ``Polarization`` regularize
+(``bn_scales``).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ class ParamShape(NamedTuple):
     name: str
     shape: Tuple[int, ...]
     regularized: bool
+    bn_scale: bool = False
 
     @property
     def numel(self) -> int:
@@ -34,8 +38,9 @@ def _linear(name: str, out: int, inp: int, bias: bool = True) -> List[ParamShape
     return ps
 
 
-def _norm(name: str, channels: int) -> List[ParamShape]:
-    return [ParamShape(f"{name}.weight", (channels,), False),
+def _norm(name: str, channels: int, batchnorm: bool = True) -> List[ParamShape]:
+    """A BatchNorm (its weight is a ``bn_scale``) or, ``batchnorm=False``, a LayerNorm."""
+    return [ParamShape(f"{name}.weight", (channels,), False, batchnorm),
             ParamShape(f"{name}.bias", (channels,), False)]
 
 
@@ -96,13 +101,13 @@ def vit_b16() -> List[ParamShape]:
           ParamShape("pos_embedding", (1, tokens, d), False)]
     for i in range(12):
         pre = f"encoder.layers.{i}"
-        ps += [*_norm(f"{pre}.ln_1", d),
+        ps += [*_norm(f"{pre}.ln_1", d, batchnorm=False),
                *_linear(f"{pre}.attn.qkv", 3 * d, d),
                *_linear(f"{pre}.attn.proj", d, d),
-               *_norm(f"{pre}.ln_2", d),
+               *_norm(f"{pre}.ln_2", d, batchnorm=False),
                *_linear(f"{pre}.mlp.fc1", mlp, d),
                *_linear(f"{pre}.mlp.fc2", d, mlp)]
-    ps += [*_norm("encoder.ln", d), *_linear("heads.head", 1000, d)]
+    ps += [*_norm("encoder.ln", d, batchnorm=False), *_linear("heads.head", 1000, d)]
     return ps
 
 
@@ -121,6 +126,12 @@ SHAPE_SETS: Dict[str, Callable[[], List[ParamShape]]] = {
     "tensor16m": single(4096, 4096),
     "tensor64m": single(8192, 8192),
 }
+
+
+def bn_scales(shapes: List[ParamShape]) -> List[int]:
+    """Indices of the BatchNorm scales (gamma) of a shape set (empty for ViT and
+    the single tensors)."""
+    return [i for i, s in enumerate(shapes) if s.bn_scale]
 
 
 def shape_set(name: str) -> List[ParamShape]:
