@@ -1,8 +1,8 @@
 """Micro-benchmarks (pytest-benchmark) of one optimizer step: regkern's fused
 GReg step against torch.optim.SGD, on a few parameter shape sets; and, for
 each other regularizer (ProxL1, GroupLasso, L1 and Polarization on BatchNorm
-scales, ADMM), regkern's fused step against what users run today (row (a) of
-its ``python -m regkern bench`` table).
+scales, ADMM, the RDA optimizer), regkern's fused step against what users run
+today (row (a) of its ``python -m regkern bench`` table).
 
 They measure and never assert a time. Run::
 
@@ -92,3 +92,21 @@ def test_regularizer_step(benchmark, shapes, dtype, regularizer, impl):
     benchmark.extra_info["floor_bytes"] = case.floor_bytes
     benchmark.extra_info["note"] = prepared.note
     benchmark(prepared.step)
+
+
+def test_rda_rows_match_regkern():
+    """Row (a) of the rda table (RDA as torch ops) lands where regkern.RDA does."""
+    from regkern.bench import rda
+    case = _reg_case("rda", "resnet56", "fp32")
+    ctx = bench.Context()
+    try:
+        fused = rda.regkern_rda(case, ctx)  # prepare takes the first step
+    except bench.Unavailable as e:
+        pytest.skip(str(e))
+    loop = rda.loop_rda(case, ctx)
+    loop.step()
+    for _ in range(2):
+        fused.step()
+        loop.step()
+    for p, q in zip(fused.keep[0], loop.keep[0]):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)

@@ -26,7 +26,7 @@ Each regularizer has a table of its own per shape set: ``suite(key, ...)``
 registers it (``--regularizers``) with the ``Case`` it runs on, and
 ``@row(key, label, regularizer=...)`` its rows. The rows above form the
 ``rowl2`` table; ``regularizers.py`` adds ProxL1, GroupLasso, L1,
-Polarization and ADMM.
+Polarization and ADMM, ``rda.py`` the RDA optimizer.
 """
 from __future__ import annotations
 
@@ -576,7 +576,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "baseline; a = what users run today (the official loop, or the regularizer "
                              "as separate torch ops or an autograd loss term) with torch.optim.SGD(foreach); "
                              "b = GReg loop with SGD fused (rowl2); c = torch.compile of the same math "
-                             "(rowl2, prox-l1, group-lasso); d = SGD fused without regularizer; floor, "
+                             "(rowl2, prox-l1, group-lasso, rda); d = SGD fused without regularizer; floor, "
                              "floor-rmw = the bytes of that regularizer's fused step at copy and x += y bandwidth")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                         help="storage dtype of parameters, gradients and momentum (default: fp32)")
@@ -646,3 +646,4 @@ def _default_shapes_help() -> str:
 
 # The other regularizers' tables register themselves on import.
 from regkern.bench import regularizers as _regularizers  # noqa: E402,F401
+from regkern.bench import rda as _rda  # noqa: E402,F401
