@@ -219,6 +219,20 @@ def check_sgd_grads(params, grads) -> None:
     raise ValueError(f"parameter {i} ({_describe(w)}) has a gradient of {_describe(g)}; it must match the parameter's shape and dtype")
 
 
+def checked_grads(params, shapes, dtypes, grads: Sequence[Tensor]) -> List[Tensor]:
+    """``grads`` (one per parameter of the given shapes and dtypes) ready for a
+    fused step; ``ValueError`` on gradients that cannot be stepped.
+    Non-contiguous ones are copied."""
+    if len(grads) != len(params):
+        raise ValueError(f"expected {len(params)} gradients, got {len(grads)}")
+    # the common case in three C-level passes, the details only on a mismatch
+    if ([g.shape for g in grads] == shapes and [g.dtype for g in grads] == dtypes
+            and all(map(Tensor.is_contiguous, grads))):
+        return grads
+    check_sgd_grads(params, grads)
+    return [g if g.is_contiguous() else g.contiguous() for g in grads]
+
+
 def _fast_path_ok(*tensors: Optional[Tensor]) -> bool:
     return tensors[0].dtype in FAST_DTYPES and all(t is None or t.is_contiguous() for t in tensors)
 
@@ -319,14 +333,7 @@ class SGDPlan:
     def checked_grads(self, grads: Sequence[Tensor]) -> List[Tensor]:
         """``grads`` (one per parameter) ready for ``run``; ``ValueError`` on
         gradients that cannot be stepped. Non-contiguous ones are copied."""
-        if len(grads) != len(self.params):
-            raise ValueError(f"expected {len(self.params)} gradients, got {len(grads)}")
-        # the common case in three C-level passes, the details only on a mismatch
-        if ([g.shape for g in grads] == self.shapes and [g.dtype for g in grads] == self.dtypes
-                and all(map(Tensor.is_contiguous, grads))):
-            return grads
-        check_sgd_grads(self.params, grads)
-        return [g if g.is_contiguous() else g.contiguous() for g in grads]
+        return checked_grads(self.params, self.shapes, self.dtypes, grads)
 
     def run(self, grads: Sequence[Tensor], first_step=False, *, lr, momentum=0.0, dampening=0.0,
             nesterov=False, weight_decay=0.0, maximize=False,

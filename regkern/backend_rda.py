@@ -185,13 +185,7 @@ class RDAPlan:
     def checked_grads(self, grads: Sequence[Tensor]) -> List[Tensor]:
         """``grads`` (one per parameter) ready for ``run``; ``ValueError`` on
         gradients that cannot be stepped. Non-contiguous ones are copied."""
-        if len(grads) != len(self.params):
-            raise ValueError(f"expected {len(self.params)} gradients, got {len(grads)}")
-        if ([g.shape for g in grads] == self.shapes and [g.dtype for g in grads] == self.dtypes
-                and all(map(Tensor.is_contiguous, grads))):
-            return grads
-        _backend.check_sgd_grads(self.params, grads)
-        return [g if g.is_contiguous() else g.contiguous() for g in grads]
+        return _backend.checked_grads(self.params, self.shapes, self.dtypes, grads)
 
     def run(self, grads: Sequence[Tensor], steps, *, gamma: Union[float, Tensor], lams=0.0,
             maximize: bool = False, grad_scale: Optional[Tensor] = None,

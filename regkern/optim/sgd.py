@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import operator
-from itertools import repeat
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -11,6 +10,7 @@ from torch import Tensor
 from regkern.backend import SGDPlan
 from regkern.regularizers import as_regularizer, regularizer_list, step_options, to_saved
 from regkern.optim.checkpoint import load_keeping_dtypes, plain_state
+from regkern.optim.plan_cache import prepare_group
 from regkern.optim.tracked_state import TrackedState
 from regkern.sharding import is_dtensor, local_tensor
 
@@ -120,25 +120,9 @@ class SGD(torch.optim.Optimizer):
         """The group's plan and checked local gradients; the plan is reused
         while the parameters with gradients, their storage and the state are
         the same, so a step does little Python work per tensor."""
-        params = group["params"]
-        grads = [p.grad for p in params]
-        if not all(map(operator.is_not, grads, repeat(None))):
-            params = [p for p, g in zip(params, grads) if g is not None]
-            grads = [g for g in grads if g is not None]
-        cached = self._plans.get(index)
-        fresh = cached is None or not cached.fits(params, self.state.clock.value, self.backend)
-        if fresh:
-            cached = self._plans[index] = _GroupPlan(self, group, params)
-        if cached.sharded:
-            grads = [local_tensor(g) for g in grads]
-        try:
-            return cached, cached.plan.checked_grads(grads)
-        except ValueError:
-            if fresh:
-                raise
-        # e.g. a parameter resized in place through .data: check against a new plan
-        cached = self._plans[index] = _GroupPlan(self, group, params)
-        return cached, cached.plan.checked_grads(grads)
+        return prepare_group(self._plans, index, group["params"],
+                             lambda cached, ps: cached.fits(ps, self.state.clock.value, self.backend),
+                             lambda ps: _GroupPlan(self, group, ps))
 
     def state_dict(self) -> Dict[str, Any]:
         saved = plain_state(super().state_dict())
