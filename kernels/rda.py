@@ -36,11 +36,12 @@ from torch import Tensor
 
 from regkern.backend_rda import RDA_COLUMN, RDA_FIELDS
 
+from .sgd import _TL_DTYPE, place_amp_scalars
+
 DEFAULT_CHUNK = 16384  # elements per work unit
 DEFAULT_BLOCK = 1024   # elements per piece
 UNIT_FIELDS = 3        # a unit: tensor index, first element, end element
 
-_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 _NUM_FIELDS = tl.constexpr(len(RDA_FIELDS))
 _PARAM = tl.constexpr(RDA_COLUMN["PARAM"])
@@ -206,16 +207,9 @@ def rda_step(
         units = build_units(table).to(table.device)
     if units.numel() == 0:
         return
-    device = table.device
-    if found_inf is not None and found_inf.device != device:
-        if found_inf.device.type != "cpu":
-            found_inf = found_inf.to(device)
-        elif bool(found_inf):  # a CPU tensor: read it here, no device sync
-            return
-        else:
-            found_inf = None
-    if grad_scale is not None and grad_scale.device != device:
-        grad_scale = grad_scale.to(device)
+    skip, found_inf, grad_scale = place_amp_scalars(found_inf, grad_scale, table.device)
+    if skip:
+        return
     _rda_kernel[(units.shape[0],)](
         table, units,
         table if grad_scale is None else grad_scale,

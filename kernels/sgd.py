@@ -312,6 +312,22 @@ def _sgd_kernel(
                 carry_sq = tl.sum(tl.where(idx == BLOCK - 1, sq, 0.0))
 
 
+def place_amp_scalars(found_inf: Optional[Tensor], grad_scale: Optional[Tensor], device):
+    """GradScaler's ``found_inf`` and ``grad_scale`` where a kernel can read
+    them: ``(skip, found_inf, grad_scale)``. A CPU ``found_inf`` is read here
+    (no device sync): set, the whole step is skipped; clear, it is dropped."""
+    if found_inf is not None and found_inf.device != device:
+        if found_inf.device.type != "cpu":
+            found_inf = found_inf.to(device)
+        elif bool(found_inf):
+            return True, None, None
+        else:
+            found_inf = None
+    if grad_scale is not None and grad_scale.device != device:
+        grad_scale = grad_scale.to(device)
+    return False, found_inf, grad_scale
+
+
 def build_units(table: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
     """The work list of a metadata table: int64 ``[U, 3]`` (tensor, start, end), on the CPU.
 
@@ -369,15 +385,9 @@ def sgd_step(
     if units.numel() == 0:
         return
     device = table.device
-    if found_inf is not None and found_inf.device != device:
-        if found_inf.device.type != "cpu":
-            found_inf = found_inf.to(device)
-        elif bool(found_inf):  # a CPU tensor: read it here, no device sync
-            return
-        else:
-            found_inf = None
-    if grad_scale is not None and grad_scale.device != device:
-        grad_scale = grad_scale.to(device)
+    skip, found_inf, grad_scale = place_amp_scalars(found_inf, grad_scale, device)
+    if skip:
+        return
     lr_on_device = isinstance(lr, Tensor) and lr.device == device
     if isinstance(lr, Tensor) and not lr_on_device:
         lr = float(lr)  # a CPU scalar: reading it costs no device sync
