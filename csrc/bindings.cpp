@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <iterator>
 
+#include "admm.h"
 #include "rda.h"
 #include "sgd.h"
 #include "sgd_table.h"
@@ -14,6 +15,14 @@ namespace py = pybind11;
 namespace {
 // SUPPORTED_TERMS of the sgd kernel (sgd_kernel.h, each tested in tests/test_sgd_cpp.py).
 constexpr const char* kSgdSupportedTerms[] = {"l1", "polar", "admm", "prox", "clamp"};
+
+// Refuse a table built for another column layout than this build's.
+void check_admm_fields(const char* which, int got, int expected) {
+  if (got != expected)
+    throw py::value_error(std::string("the admm ") + which + " table has " + std::to_string(got) +
+                          " columns, this build of regkern._C expects " + std::to_string(expected) +
+                          "; rebuild with `pip install -e .`");
+}
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -77,6 +86,52 @@ PYBIND11_MODULE(_C, m) {
       "One fused RDA step (SPEC 4) over every tensor of the int64 metadata table at `table_ptr` "
       "([num_tensors, num_fields], see regkern.backend_rda.build_rda_table). Inputs are not "
       "checked here: regkern.backend_rda validates them.");
+
+  m.def(
+      "admm_scores",
+      [](int64_t table_ptr, int64_t num_tensors, int num_fields, int num_threads) {
+        check_admm_fields("zu", num_fields, regkern::admm_zu_num_fields());
+        py::gil_scoped_release release;
+        regkern::admm_scores(reinterpret_cast<const int64_t*>(table_ptr), num_tensors, num_threads);
+      },
+      py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"), py::arg("num_threads"),
+      "Score pass of the classic ADMM Z/U update (SPEC 6) over the int64 zu table at `table_ptr` "
+      "([num_tensors, num_fields], see regkern.backend_admm.build_zu_table): |W + U| of top-k "
+      "element tensors, float64 row sums of (W + U)^2 of top-k row tensors. Not checked here.");
+
+  m.def(
+      "admm_select",
+      [](int64_t table_ptr, int64_t num_tensors, int num_fields, int num_threads) {
+        check_admm_fields("zu", num_fields, regkern::admm_zu_num_fields());
+        py::gil_scoped_release release;
+        regkern::admm_select(reinterpret_cast<int64_t*>(table_ptr), num_tensors, num_threads);
+      },
+      py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"), py::arg("num_threads"),
+      "Selection of the classic ADMM Z/U update after admm_scores: exactly KEEP entries (rows) of "
+      "each scored tensor, ties by lowest index; writes THRESHOLD and CUT into the table (elements) "
+      "or the ROW_KEEP flags (rows). Not checked here: regkern.backend_admm validates the inputs.");
+
+  m.def(
+      "admm_zu",
+      [](int64_t table_ptr, int64_t num_tensors, int num_fields, int num_threads) {
+        check_admm_fields("zu", num_fields, regkern::admm_zu_num_fields());
+        py::gil_scoped_release release;
+        regkern::admm_zu(reinterpret_cast<const int64_t*>(table_ptr), num_tensors, num_threads);
+      },
+      py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"), py::arg("num_threads"),
+      "Update pass of the classic ADMM Z/U update (SPEC 6) over the zu table: Z, U and Z - U in "
+      "one pass. Not checked here: regkern.backend_admm validates the inputs.");
+
+  m.def(
+      "sas_admm_step",
+      [](int64_t table_ptr, int64_t num_tensors, int num_fields, int num_threads) {
+        check_admm_fields("sas", num_fields, regkern::sas_admm_num_fields());
+        py::gil_scoped_release release;
+        regkern::sas_admm_step(reinterpret_cast<const int64_t*>(table_ptr), num_tensors, num_threads);
+      },
+      py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"), py::arg("num_threads"),
+      "One SAS-ADMM step (SPEC 6) over the int64 sas table at `table_ptr` (see "
+      "regkern.backend_admm.build_sas_table). Not checked here: regkern.backend_admm validates it.");
 
   py::tuple fields(regkern::sgd_col::NUM_FIELDS);
   for (int i = 0; i < regkern::sgd_col::NUM_FIELDS; ++i) fields[i] = py::str(regkern::sgd_col::NAMES[i]);

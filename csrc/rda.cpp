@@ -8,12 +8,18 @@
 // 16-bit conversions are the sgd family's (regkern::convert_to_f32 /
 // convert_from_f32, public in sgd.h).
 //
-// Work split: the elements of all tensors are laid end to end and cut into
-// one share per thread with equal element counts, each cut snapped to a
-// multiple of 64 elements, or to a row boundary in a tensor stepped by rows
-// (group shrinkage needs the whole row's norm: a row is stepped by one
-// thread). A call is one OpenMP region on torch's OpenMP runtime. Results do
-// not depend on the split (row sums run in pieces fixed by the row's start).
+// The step's coefficients are derived here from each tensor's T, LAM and
+// GAMMA columns, in float64 with the operations of
+// reference.rda.rda_coefficients (IEEE, no contraction: the same doubles),
+// then rounded once to fp32.
+//
+// Work split (work_split.h): the elements of all tensors are laid end to end
+// and cut into one share per thread with equal element counts, each cut
+// snapped to a multiple of 64 elements, or to a row boundary in a tensor
+// stepped by rows (group shrinkage needs the whole row's norm: a row is
+// stepped by one thread). A call is one OpenMP region on torch's OpenMP
+// runtime. Results do not depend on the split (row sums run in pieces fixed
+// by the row's start).
 #include "rda.h"
 
 #include <omp.h>
@@ -21,13 +27,14 @@
 #include <immintrin.h>
 #endif
 
-#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 #include "rda_table.h"
 #include "sgd.h"
+#include "work_split.h"
 
 namespace regkern {
 namespace rda_detail {
@@ -50,26 +57,32 @@ static inline int64_t rk_min(int64_t a, int64_t b) { return a < b ? a : b; }
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,f16c,prefer-vector-width=512")
 #define RK_NS isa_avx512f
 #define RK_ISA_NAME "avx512f"
+#define RK_LANES 16
 #include "rda_kernel.h"
 #undef RK_NS
 #undef RK_ISA_NAME
+#undef RK_LANES
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,f16c")
 #define RK_NS isa_avx2
 #define RK_ISA_NAME "avx2"
+#define RK_LANES 8
 #include "rda_kernel.h"
 #undef RK_NS
 #undef RK_ISA_NAME
+#undef RK_LANES
 #pragma GCC pop_options
 #endif
 
 #define RK_NS isa_default
 #define RK_ISA_NAME "default"
+#define RK_LANES 4
 #include "rda_kernel.h"
 #undef RK_NS
 #undef RK_ISA_NAME
+#undef RK_LANES
 
 namespace regkern {
 namespace rda_detail {
@@ -106,37 +119,20 @@ Desc decode(const int64_t* row) {
   d.row_len = row[c::ROW_LEN];
   d.dtype = static_cast<int>(row[c::DTYPE]);
   d.group = row[c::GROUP] != 0;
-  // fp32 coefficients, rounded once from the doubles Python computed
-  d.t = static_cast<float>(as_double(row[c::T]));
-  d.a = static_cast<float>(as_double(row[c::A]));
-  d.c = static_cast<float>(as_double(row[c::C]));
-  d.tau = static_cast<float>(as_double(row[c::TAU]));
-  d.kappa = static_cast<float>(as_double(row[c::KAPPA]));
+  d.stream = row[c::STREAM] != 0;
+  // reference.rda.rda_coefficients, operation for operation, in float64
+  const double t = as_double(row[c::T]), lam = as_double(row[c::LAM]), gamma = as_double(row[c::GAMMA]);
+  const double root = std::sqrt(t);
+  const double a = (t - 1.0) / t;
+  const double cc = root / gamma;
+  const double tau = lam * root / gamma;
+  const double kappa = tau * std::sqrt(static_cast<double>(d.row_len));
+  d.t = static_cast<float>(t);
+  d.a = static_cast<float>(a);
+  d.c = static_cast<float>(cc);
+  d.tau = static_cast<float>(tau);
+  d.kappa = static_cast<float>(kappa);
   return d;
-}
-
-// Snap a global element position to a legal cut (see the file comment).
-int64_t snap(const std::vector<int64_t>& off, const std::vector<Desc>& ds, int64_t p) {
-  const int64_t total = off.back();
-  if (p <= 0 || p >= total) return p <= 0 ? 0 : total;
-  const size_t t = static_cast<size_t>(std::upper_bound(off.begin(), off.end(), p) - off.begin()) - 1;
-  const Desc& d = ds[t];
-  int64_t o = p - off[t];
-  const int64_t unit = d.group ? d.row_len : kAlign;
-  o = (o + unit / 2) / unit * unit;
-  return off[t] + rk_min(o, d.numel);
-}
-
-// Step global elements [lo, hi) (a share).
-void run_share(const Kernels* k, const std::vector<int64_t>& off, const std::vector<Desc>& ds,
-               const Opt& o, int64_t lo, int64_t hi) {
-  if (lo >= hi) return;
-  size_t t = static_cast<size_t>(std::upper_bound(off.begin(), off.end(), lo) - off.begin()) - 1;
-  for (; t < ds.size() && off[t] < hi; ++t) {
-    const int64_t a = std::max(lo, off[t]) - off[t];
-    const int64_t b = rk_min(hi, off[t + 1]) - off[t];
-    if (a < b) k->range(ds[t], o, a, b);
-  }
 }
 
 }  // namespace
@@ -153,29 +149,23 @@ void rda_step(const int64_t* table, int64_t num_tensors, bool maximize, double g
   o.has_scale = grad_scale != 1.0;
   o.maximize = maximize;
 
-  std::vector<Desc> ds(static_cast<size_t>(num_tensors));
-  std::vector<int64_t> off(static_cast<size_t>(num_tensors) + 1, 0);
-  for (int64_t i = 0; i < num_tensors; ++i) {
-    ds[static_cast<size_t>(i)] = decode(table + i * rda_col::NUM_FIELDS);
-    off[static_cast<size_t>(i) + 1] = off[static_cast<size_t>(i)] + ds[static_cast<size_t>(i)].numel;
+  const size_t count = static_cast<size_t>(num_tensors);
+  std::vector<Desc> ds(count);
+  work_split::Layout layout(count);
+  for (size_t i = 0; i < count; ++i) {
+    ds[i] = decode(table + static_cast<int64_t>(i) * rda_col::NUM_FIELDS);
+    layout.off[i + 1] = layout.off[i] + ds[i].numel;
+    layout.unit[i] = ds[i].group && ds[i].row_len > 0 ? ds[i].row_len : kAlign;
   }
-  const int64_t total = off.back();
-  if (total == 0) return;
-
   const Kernels* k = active();
-  int64_t want = num_threads < 1 ? 1 : num_threads;
-  want = std::min(want, std::max<int64_t>(1, total / kMinPerThread));
-  if (want == 1) {
-    run_share(k, off, ds, o, 0, total);
-    return;
-  }
-#pragma omp parallel num_threads(static_cast<int>(want))
-  {
-    const int64_t n = omp_get_num_threads();
-    const int64_t i = omp_get_thread_num();
-    auto cut = [&](int64_t j) { return (total / n) * j + (total % n) * j / n; };
-    run_share(k, off, ds, o, snap(off, ds, cut(i)), snap(off, ds, cut(i + 1)));
-  }
+  work_split::parallel_for(layout, num_threads, kMinPerThread, [&](size_t t, int64_t lo, int64_t hi) {
+    k->range(ds[t], o, lo, hi);
+#ifdef RK_X86
+    // non-temporal stores are weakly ordered: the thread that issued them
+    // fences them before the region ends
+    if (ds[t].stream && ds[t].dtype == 0) _mm_sfence();
+#endif
+  });
 }
 
 }  // namespace regkern

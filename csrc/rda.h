@@ -25,7 +25,8 @@ struct Opt {
   bool has_scale, maximize;
 };
 
-// One decoded row of the metadata table; coefficients rounded to fp32.
+// One decoded row of the metadata table; coefficients computed in float64
+// from T, LAM and GAMMA (as reference.rda.rda_coefficients) and rounded to fp32.
 struct Desc {
   void* w;
   const void* g;
@@ -35,6 +36,10 @@ struct Desc {
   int64_t numel, rows, row_len;
   int mask_kind, dtype;
   bool group;
+  // write fp32 W with non-temporal stores (STREAM column: the call's data
+  // outgrows the caches, so W, which the step never reads, costs no
+  // read-for-ownership and evicts nothing the step still needs)
+  bool stream;
   float t, a, c, tau, kappa;
 };
 

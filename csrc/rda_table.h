@@ -6,6 +6,9 @@
 // tensor of shape [num_tensors, NUM_FIELDS] built by
 // regkern.backend_rda.build_rda_table; pointers are raw addresses (0 = absent)
 // of contiguous tensors. "float64 bits" columns hold the bits of a double.
+// The step's coefficients (a, c, tau, kappa) are not in the table: the
+// kernels derive them from T, LAM and GAMMA (rda_coefficients in the
+// reference), so a step patches only the gradient pointers and T.
 #pragma once
 
 #include <cstdint>
@@ -24,13 +27,12 @@ constexpr int ROWS = 7;
 constexpr int ROW_LEN = 8;     // NUMEL / ROWS (0 when ROWS == 0)
 constexpr int DTYPE = 9;       // 0 float32, 1 bfloat16, 2 float16
 constexpr int GROUP = 10;      // 0 element soft threshold, 1 row (group) shrinkage
-constexpr int T = 11;          // float64 bits: the step t (1 at the first step)
-constexpr int A = 12;          // float64 bits: (t - 1) / t
-constexpr int C = 13;          // float64 bits: sqrt(t) / gamma
-constexpr int TAU = 14;        // float64 bits: lam * sqrt(t) / gamma
-constexpr int KAPPA = 15;      // float64 bits: tau * sqrt(ROW_LEN)
-constexpr int NORM_SQ = 16;    // fp32 [ROWS] scratch of the Triton kernel (group tensors); unused here
-constexpr int NUM_FIELDS = 17;
+constexpr int STREAM = 11;     // 1: write fp32 W with non-temporal stores (C++ only; same results)
+constexpr int T = 12;          // float64 bits: the step t (1 at the first step)
+constexpr int LAM = 13;        // float64 bits: the L1 strength lam
+constexpr int GAMMA = 14;      // float64 bits: gamma = 1 / lr (may be inf)
+constexpr int NORM_SQ = 15;    // fp32 [ROWS] scratch of the Triton kernel (group tensors); unused here
+constexpr int NUM_FIELDS = 16;
 
 }  // namespace rda_col
 }  // namespace regkern

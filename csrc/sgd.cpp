@@ -25,6 +25,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "sgd_table.h"
@@ -34,16 +35,15 @@ namespace detail {
 
 constexpr int64_t kBlock = 1024;          // elements per inner block (fits L1)
 constexpr int64_t kPiece16 = 128;         // bf16/fp16 elements converted per piece
-constexpr int64_t kPiece32 = 128;         // fp32 elements per piece on the general path (terms)
 constexpr int64_t kShortRow = 16;         // rows shorter than this: scalar norm sums
-constexpr int64_t kLongRow = 64;          // rows this long: lam passed per row piece
+constexpr int64_t kLongRow = 64;          // rows this long: per-row values passed per row piece
 constexpr int64_t kAlign = 64;            // thread cuts in tensors without norms
 constexpr int64_t kMinPerThread = 16384;  // below this a thread costs more than it saves
 // Group lasso (PROX 2) needs a whole updated row before it can scale it. Rows
 // up to kRowBuf elements are updated into a per-thread fp32 buffer (fp32
 // storage: into W itself, still in cache), reduced, scaled, then stored once;
 // short rows are taken kChunk elements' worth at a time. Longer rows take a
-// second pass over memory (sgd_kernel.h, range_terms).
+// second pass over memory (sgd_kernel.h, TermsStep::run).
 constexpr int64_t kRowBuf = 65536;
 constexpr int64_t kChunk = 4096;
 
@@ -53,13 +53,15 @@ static inline int64_t rk_min(int64_t a, int64_t b) { return a < b ? a : b; }
 alignas(64) static const float kZeros[kBlock] = {};
 alignas(64) static const uint8_t kZeroBytes[kBlock] = {};
 
-// Per-thread work space of the general path (range_terms), allocated on a
+// Per-thread work space of the general path (TermsStep), allocated on a
 // thread's first use of it (~330 KB) and kept for the thread's lifetime.
 struct TermScratch {
   alignas(64) float lam[kBlock];
   alignas(64) float l1[kBlock];
+  alignas(64) float lamc[kBlock];
   alignas(64) float plam[kBlock];
   alignas(64) float d[kBlock];
+  alignas(64) float gs[kBlock];
   alignas(64) float x[kBlock];
   alignas(64) float rsx[kBlock];
   alignas(64) uint32_t rkx[kBlock];
@@ -194,6 +196,11 @@ TensorDesc decode(const int64_t* row) {
   t.dtype = static_cast<int>(row[c::DTYPE]);
   t.first = row[c::FIRST] != 0;
   if (t.mask_kind == kMaskNone) t.mask = nullptr;
+  t.lam_kind = t.lam != nullptr ? static_cast<int>(row[c::LAM_KIND]) : 0;
+  if (t.lam_kind != kLamRow && t.lam_kind != kLamElement) t.lam = nullptr, t.lam_kind = 0;
+  t.cols = row[c::COLS];
+  t.col_len = row[c::COL_LEN];
+  t.lam_cols = t.cols > 0 && t.col_len > 0 ? reinterpret_cast<const float*>(row[c::LAM_COLS]) : nullptr;
   t.l1 = reinterpret_cast<const float*>(row[c::L1]);
   t.polar = reinterpret_cast<const float*>(row[c::POLAR]);
   t.target = reinterpret_cast<const void*>(row[c::ADMM_TARGET]);
@@ -206,7 +213,8 @@ TensorDesc decode(const int64_t* row) {
   t.rho = static_cast<float>(float_column(row[c::ADMM_RHO]));
   t.clamp_lo = static_cast<float>(float_column(row[c::CLAMP_LO]));
   t.clamp_hi = static_cast<float>(float_column(row[c::CLAMP_HI]));
-  t.terms = t.l1 != nullptr || t.polar != nullptr || t.target != nullptr || t.prox != 0 || t.clamp;
+  t.terms = t.l1 != nullptr || t.polar != nullptr || t.target != nullptr || t.prox != 0 || t.clamp ||
+            t.lam_cols != nullptr;
   t.row_cuts = t.norms != nullptr || t.prox == 2;
   return t;
 }

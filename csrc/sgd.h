@@ -37,21 +37,23 @@ struct TensorDesc {
   void* w;
   const void* g;
   void* buf;
-  const float* lam;
+  const float* lam;       // per row [rows] (lam_kind 1) or per element (lam_kind 2)
   const uint8_t* mask;
   float* norms;
   int64_t numel, rows, row_len;
-  int mask_kind, dtype;
+  int mask_kind, lam_kind, dtype;
   bool first;
   // Regularizer terms (SPEC 3, 5, 6); absent ones are null / 0.
   const float* l1;        // fp32 [rows]: d += l1[r] * sign(W)
   const float* polar;     // fp32 [4] (lam, t, m, s)
   const void* target;     // ADMM Z - U, W's dtype and shape: d += rho * (W - target)
   const float* prox_lam;  // fp32 [rows], threshold lr * prox_lam[r]
+  const float* lam_cols;  // fp32 [cols]: d += lam_cols[c] * W, c = (i % row_len) / col_len
+  int64_t cols, col_len;
   float rho, clamp_lo, clamp_hi;  // float64 columns rounded to fp32, like torch does
   int prox;               // 0 none, 1 element L1, 2 group lasso
   bool clamp;
-  bool terms;             // any of the above: the general path (sgd_kernel.h, range_terms)
+  bool terms;             // any of the above: the general path (sgd_kernel.h, TermsStep)
   bool row_cuts;          // thread cuts must fall on row boundaries (norms or group lasso)
 };
 

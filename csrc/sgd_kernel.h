@@ -10,7 +10,8 @@
 // Math (regkern/reference/sgd.py), in fp32, one rounding per operation, no FMA
 // contraction (-ffp-contract=off), so fp32 results match torch bit for bit:
 //   g = grad / grad_scale; g = -g if maximize
-//   d = g + wd * W (wd != 0) + lam[r] * W (lam given)
+//   d = g + wd * W (wd != 0) + lam[r] * W or lam[i] * W (lam per row or element)
+//         + lam_cols[c] * W (c: the element's index along dim 1)
 //         + l1[r] * sign(W) + p_lam * (p_t * sign(W) - sign(W - p_m) + p_s)
 //         + rho * (W - target)                       (each when given)
 //   buf = d (first step) or mu * buf + (1 - dampening) * d
@@ -270,6 +271,26 @@ RK_AI void abs_sums(const float* __restrict x, int64_t n, float& s1, float& s2) 
   s2 = r2[0];
 }
 
+// Sum of x^2 over n values in the lanes and order of abs_sums (so the same
+// value as its s2): the group-lasso row norm needs nothing else.
+RK_AI float sq_sums(const float* __restrict x, int64_t n) {
+  vacc a2[kAccRegs] = {};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    for (int q = 0; q < kAccRegs; ++q) {
+      vacc v;
+      __builtin_memcpy(&v, x + j + q * RK_VEC_LANES, sizeof v);
+      a2[q] += v * v;
+    }
+  }
+  float r2[16];
+  __builtin_memcpy(r2, a2, sizeof r2);
+  for (int k = 0; j < n; ++j, ++k) r2[k] += x[j] * x[j];
+  for (int half = 8; half >= 1; half >>= 1)
+    for (int k = 0; k < half; ++k) r2[k] += r2[k + half];
+  return r2[0];
+}
+
 // Accumulate the norms of the rows met by the stored block x[0, n) = W[i0,
 // i0 + n) (as fp32). Rows may span blocks: (acc1, acc2) carry the current
 // row's partial sums, and a row's norms are written with its last element.
@@ -360,32 +381,82 @@ RK_AI void expand_rows(const V* __restrict per_row, int64_t len_row, int64_t i0,
   }
 }
 
+// out[j] = lr * per_row[row of element i0 + j], j < n (one fp32 product per
+// row, like torch's lr * prox_lam)
+RK_AI void expand_rows_times(const float* __restrict per_row, int64_t len_row, int64_t i0, int64_t n,
+                             float lr, float* __restrict out) {
+  if (len_row == 1) {
+    for (int64_t j = 0; j < n; ++j) out[j] = lr * per_row[i0 + j];
+    return;
+  }
+  int64_t r = i0 / len_row, o = i0 - r * len_row, j = 0;
+  while (j < n) {
+    const int64_t len = rk_min(len_row - o, n - j);
+    const float v = lr * per_row[r];
+    for (int64_t k = 0; k < len; ++k) out[j + k] = v;
+    j += len;
+    o = 0;
+    ++r;
+  }
+}
+
+// out[j] = per_col[column of element i0 + j], j < n: column c = (i % len_row)
+// / col_len of cols (len_row = cols * col_len), the pattern repeating each row
+template <typename V>
+RK_AI void expand_cols(const V* __restrict per_col, int64_t cols, int64_t col_len, int64_t len_row,
+                       int64_t i0, int64_t n, V* __restrict out) {
+  const int64_t in_row = i0 % len_row;
+  int64_t c = in_row / col_len, o = in_row - c * col_len, j = 0;
+  if (col_len == 1) {  // a linear weight: the row is per_col itself, copied in pieces
+    while (j < n) {
+      const int64_t len = rk_min(cols - c, n - j);
+      for (int64_t k = 0; k < len; ++k) out[j + k] = per_col[c + k];
+      j += len;
+      c = 0;
+    }
+    return;
+  }
+  while (j < n) {
+    const int64_t len = rk_min(col_len - o, n - j);
+    const V v = per_col[c];
+    for (int64_t k = 0; k < len; ++k) out[j + k] = v;
+    j += len;
+    o = 0;
+    if (++c == cols) c = 0;
+  }
+}
+
 // ---------------------------------------------------------------------------
-// The general path: tensors with regularizer terms (L1 subgradient,
-// polarization, ADMM pull, proximal map, clamp). Tensors without any of them
-// never come here (range_dt's plain path), so absent terms cost nothing. Per
-// piece of 128 elements (fp32 storage: in place in W; bf16/fp16: widened to
-// fp32 temporaries; short pieces keep the memory streams close in time):
-//   d terms    only when L1, polar or ADMM is given: d = g / scale, -g,
-//              + wd W, + lam W, + l1 sign(W) (base_d), then one short loop
-//              per further term, in the reference's order (add_polar,
-//              add_admm); the plain path's kernel then steps with d as its
-//              gradient. Otherwise the plain path's kernel computes d itself.
-//   step       momentum, W - lr s, mask (`fused`, the plain path's kernel)
-//   finish     one short loop per given term: group-lasso row scale or soft
-//              threshold, clamp, mask again after a clamp
-// then one rounding to the storage dtype; the row norms of the stored W are
-// accumulated per kBlock block as on the plain path. The term loops run on a
-// piece already in L1 and cost a load and a store per element each:
-// selecting them per piece (not per element, not by template) keeps each
-// term's cost to itself with a handful of instantiations per ISA. Group
-// lasso first updates whole rows into a buffer (TermsStep::run).
+// The general path: tensors with regularizer terms (column lambdas, L1
+// subgradient, polarization, ADMM pull, proximal map, clamp). Tensors without
+// any of them never come here (range_dt's plain path), so absent terms cost
+// nothing. Which terms a tensor has is decided once per tensor share (the
+// instantiations below are picked in TermsStep's constructor): no loop tests
+// a term per element. Per block of kBlock elements, the per-row and
+// per-column coefficients are first expanded to per-element streams (the
+// soft threshold's as lr * prox_lam[r]); fp32 storage then steps the block
+// in place in W, bf16/fp16 storage widens it to fp32 in pieces of kPiece16:
+//   one pass (one_pass): d, the step, mask, soft threshold, clamp, mask again
+//     in one loop, like the plain path's kernel, for what one regularizer on
+//     a weight asks: at most one of column lambdas, L1 and ADMM, with any of
+//     the row or element lambda, mask, soft threshold and clamp, with a
+//     momentum buffer past its first step. A grad_scale is divided out in a
+//     short pass first (the division is the costliest instruction either way;
+//     not worth twice the instantiations);
+//   two passes (the rest: polarization, which acts on small BatchNorm
+//     vectors, several d terms, no momentum or its first step): d_loop
+//     computes d with every term into a block buffer, update_loop steps with
+//     it;
+// then one rounding to the storage dtype. Group lasso leaves the update
+// unscaled, reduces each row, then scales it (group_loop, with the clamp and
+// mask), see TermsStep::run. The row norms of the stored W are accumulated
+// per block as on the plain path.
 
 // Per-tensor constants of the general path.
 struct Terms {
-  Hyper h0;  // the call's options minus those base_d applies (scale, maximize, wd)
-  float scale, wd, lr, p_lam, p_t, p_m, p_s, rho, lo, hi;
-  uint32_t negate, wd_m, lam_m;
+  Hyper h0;  // the call's options
+  float scale, wd, lr, mu, damp1, p_lam, p_t, p_m, p_s, rho, lo, hi;
+  uint32_t negate, wd_m, nesterov_m;
 };
 
 RK_AI uint32_t mask_of(bool b) { return 0u - static_cast<uint32_t>(b); }
@@ -395,73 +466,195 @@ RK_AI float sign_of(float x) {
   return static_cast<float>(x > 0.0f) - static_cast<float>(x < 0.0f);
 }
 
-// d = g / scale, negated when maximizing, + wd W, + lam W, + l1 sign(W)
-// (lam, l1 per element). L1, the commonest d term, is a template flag here:
-// one pass fewer over the block (measured ~15% off a large fp32 L1 step).
-template <bool SCALE, bool L1>
-static void base_d(const float* __restrict w, const float* __restrict g,
-                   const float* __restrict lam, const float* __restrict l1, float* __restrict d,
-                   int64_t n, const Terms& c) {
-  const float scale = c.scale, wd = c.wd;
-  const uint32_t negate = c.negate, wd_m = c.wd_m, lam_m = c.lam_m;
+// Soft threshold of one value: sign(x) * max(|x| - thr, 0) (clamp_min keeps
+// NaN); thr = lr * prox_lam[r], the fp32 product torch computes.
+RK_AI float soft(float v, float thr) {
+  const float a = __builtin_fabsf(v) - thr;
+  return sign_of(v) * select(mask_of(a < 0.0f), 0.0f, a);
+}
+
+// torch's clamp, min(max(x, lo), hi): -0 stays -0 for lo = 0, NaN stays NaN;
+// (lo, hi) = (-inf, inf) changes nothing.
+RK_AI float clamped(float v, float lo, float hi) {
+  const float a = select(mask_of(v < lo), lo, v);
+  return select(mask_of(hi < a), hi, a);
+}
+
+// The d term of one_pass besides wd and lam (at most one).
+constexpr int kOneNone = 0, kOneL1 = 1, kOneAdmm = 2, kOneLamCols = 3;
+
+// One pass over n elements: g already divided by grad_scale; -g when
+// maximizing; d = g + wd W (+ lam W) (+ the DK term: lam_cols W, l1 sign(W)
+// or rho (W - target), `coef` holding lam_cols or l1 per element); buf = mu
+// buf + (1 - dampening) d; s = d + mu buf (nesterov) or buf; x = (x - lr s)
+// * keep, buf *= keep; soft threshold (thr per element); clamp to [lo, hi]
+// and the mask again. x holds W on entry, the new W on exit.
+template <bool MASK, int DK, bool LAM, bool PROX1, bool CLAMP>
+static void one_pass(float* __restrict x, const float* __restrict g, float* __restrict buf,
+                     const float* __restrict lam, const float* __restrict coef,
+                     const float* __restrict tgt, const uint8_t* __restrict keep,
+                     const float* __restrict thr, int64_t n, const Terms& c) {
+  const float wd = c.wd, rho = c.rho, lr = c.lr, mu = c.mu, damp1 = c.damp1, lo = c.lo, hi = c.hi;
+  const uint32_t negate = c.negate, wd_m = c.wd_m, nesterov_m = c.nesterov_m;
+  (void)lo, (void)hi, (void)rho;
+  for (int64_t j = 0; j < n; ++j) {
+    const float wv = x[j];
+    const float gv = f32_from_bits(bits_of(g[j]) ^ negate);  // -g
+    float dv = select(wd_m, gv + wd * wv, gv);
+    if constexpr (LAM) dv = dv + lam[j] * wv;
+    if constexpr (DK == kOneLamCols) dv = dv + coef[j] * wv;
+    if constexpr (DK == kOneL1) dv = dv + sign_of(wv) * coef[j];
+    if constexpr (DK == kOneAdmm) dv = dv + rho * (wv - tgt[j]);
+    float b = mu * buf[j] + damp1 * dv;
+    const float s = select(nesterov_m, dv + mu * b, b);
+    float nw = wv - lr * s;
+    float k = 1.0f;
+    if constexpr (MASK) {
+      k = static_cast<float>(keep[j]);
+      nw = nw * k;
+      b = b * k;
+    }
+    if constexpr (PROX1) nw = soft(nw, thr[j]);
+    if constexpr (CLAMP) {
+      nw = clamped(nw, lo, hi);
+      if constexpr (MASK) nw = nw * k;
+    }
+    x[j] = nw;
+    buf[j] = b;
+  }
+}
+
+typedef void (*OnePassFn)(float*, const float*, float*, const float*, const float*, const float*,
+                          const uint8_t*, const float*, int64_t, const Terms&);
+
+// Index (((MASK * 4 + DK) * 2 + LAM) * 2 + PROX1) * 2 + CLAMP.
+template <int... I>
+RK_AI OnePassFn one_pass_for(int i, std::integer_sequence<int, I...>) {
+  static constexpr OnePassFn table[] = {&one_pass<((I / 32) & 1) != 0, (I / 8) & 3, ((I / 4) & 1) != 0,
+                                                  ((I / 2) & 1) != 0, (I & 1) != 0>...};
+  return table[i];
+}
+constexpr int kOnePassVariants = 64;
+
+// The d terms a d_loop instantiation computes (bits of its template argument).
+constexpr int kDScale = 1, kDLam = 2, kDLamCols = 4, kDL1 = 8, kDPolar = 16, kDAdmm = 32;
+constexpr int kDVariants = 64;
+
+// d = g / scale, negated when maximizing, + wd W, + lam W, + lam_cols W,
+// + l1 sign(W), + p_lam (p_t sign(W) - sign(W - p_m) + p_s), + rho (W - target)
+// (lam, lamc, l1, target per element; each term only when F has its bit).
+template <int F>
+static void d_loop(const float* __restrict w, const float* __restrict g, const float* __restrict lam,
+                   const float* __restrict lamc, const float* __restrict l1,
+                   const float* __restrict tgt, float* __restrict d, int64_t n, const Terms& c) {
+  const float scale = c.scale, wd = c.wd, rho = c.rho;
+  const float p_lam = c.p_lam, p_t = c.p_t, p_m = c.p_m, p_s = c.p_s;
+  const uint32_t negate = c.negate, wd_m = c.wd_m;
   for (int64_t j = 0; j < n; ++j) {
     const float wv = w[j];
     float gv = g[j];
-    if constexpr (SCALE) gv = gv / scale;
+    if constexpr ((F & kDScale) != 0) gv = gv / scale;
     gv = f32_from_bits(bits_of(gv) ^ negate);  // -g
     float dv = select(wd_m, gv + wd * wv, gv);
-    dv = select(lam_m, dv + lam[j] * wv, dv);
-    if constexpr (L1) dv = dv + sign_of(wv) * l1[j];
+    if constexpr ((F & kDLam) != 0) dv = dv + lam[j] * wv;
+    if constexpr ((F & kDLamCols) != 0) dv = dv + lamc[j] * wv;
+    if constexpr ((F & kDL1) != 0) dv = dv + sign_of(wv) * l1[j];
+    if constexpr ((F & kDPolar) != 0) dv = dv + p_lam * (p_t * sign_of(wv) - sign_of(wv - p_m) + p_s);
+    if constexpr ((F & kDAdmm) != 0) dv = dv + rho * (wv - tgt[j]);
     d[j] = dv;
   }
 }
 
-// d += p_lam * (p_t * sign(W) - sign(W - p_m) + p_s)
-static void add_polar(const float* __restrict w, float* __restrict d, int64_t n, const Terms& c) {
-  const float p_lam = c.p_lam, p_t = c.p_t, p_m = c.p_m, p_s = c.p_s;
+typedef void (*DFn)(const float*, const float*, const float*, const float*, const float*, const float*,
+                    float*, int64_t, const Terms&);
+
+template <int... F>
+RK_AI DFn d_loop_for(int f, std::integer_sequence<int, F...>) {
+  static constexpr DFn table[] = {&d_loop<F>...};
+  return table[f];
+}
+
+// The step fed d (two-pass path): buf = d (MOM 1) or mu buf + (1 -
+// dampening) d (MOM 2), s = d + mu buf (nesterov) or buf (d without
+// momentum), x = (x - lr s) * keep, buf *= keep, then the soft threshold
+// (PROX1, thr per element), the clamp and the mask again (the clamp to
+// (-inf, inf) without one: it changes nothing, and the mask again changes
+// no masked value either, the zeros that the soft threshold keeps zero).
+template <int MOM, bool MASK, bool PROX1>
+static void update_loop(float* __restrict x, const float* __restrict d, float* __restrict buf,
+                        const uint8_t* __restrict keep, const float* __restrict thr, int64_t n,
+                        const Terms& c) {
+  const float lr = c.lr, mu = c.mu, damp1 = c.damp1, lo = c.lo, hi = c.hi;
+  const uint32_t nesterov_m = c.nesterov_m;
   for (int64_t j = 0; j < n; ++j) {
-    const float wv = w[j];
-    d[j] = d[j] + p_lam * (p_t * sign_of(wv) - sign_of(wv - p_m) + p_s);
+    const float dv = d[j];
+    float b = dv;
+    if constexpr (MOM == 2) b = mu * buf[j] + damp1 * dv;
+    float s = dv;
+    if constexpr (MOM != 0) s = select(nesterov_m, dv + mu * b, b);
+    float nw = x[j] - lr * s;
+    float k = 1.0f;
+    if constexpr (MASK) {
+      k = static_cast<float>(keep[j]);
+      nw = nw * k;
+      b = b * k;
+    }
+    if constexpr (PROX1) nw = soft(nw, thr[j]);
+    nw = clamped(nw, lo, hi);
+    if constexpr (MASK) nw = nw * k;
+    x[j] = nw;
+    if constexpr (MOM != 0) buf[j] = b;
   }
 }
 
-// d += rho * (W - target)
-static void add_admm(const float* __restrict w, const float* __restrict tgt, float* __restrict d,
-                     int64_t n, float rho) {
-  for (int64_t j = 0; j < n; ++j) d[j] = d[j] + rho * (w[j] - tgt[j]);
+typedef void (*UpdateFn)(float*, const float*, float*, const uint8_t*, const float*, int64_t, const Terms&);
+
+// Index (mom * 2 + MASK) * 2 + PROX1.
+template <int... I>
+RK_AI UpdateFn update_loop_for(int i, std::integer_sequence<int, I...>) {
+  static constexpr UpdateFn table[] = {&update_loop<I / 4, ((I / 2) & 1) != 0, (I & 1) != 0>...};
+  return table[i];
 }
 
 // Group lasso: x = x * scale where the row's norm > 0, else +0 (rsc, rok:
-// the row's scale and "norm > 0" mask, per element).
-static void group_scale(float* __restrict x, const float* __restrict rsc,
-                        const uint32_t* __restrict rok, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) x[j] = select(rok[j], x[j] * rsc[j], 0.0f);
-}
-
-// Soft threshold: x = sign(x) * max(|x| - lr * plam, 0) (clamp_min keeps NaN).
-static void soft_threshold(float* __restrict x, const float* __restrict plam, int64_t n, float lr) {
+// the row's scale and "norm > 0" mask, per element), then the clamp and the
+// mask again when clamped.
+template <bool MASK, bool CLAMP>
+static void group_loop(float* __restrict x, const float* __restrict rsc, const uint32_t* __restrict rok,
+                       const uint8_t* __restrict keep, int64_t n, const Terms& c) {
+  const float lo = c.lo, hi = c.hi;
   for (int64_t j = 0; j < n; ++j) {
-    const float v = x[j];
-    const float a = __builtin_fabsf(v) - lr * plam[j];
-    x[j] = sign_of(v) * select(mask_of(a < 0.0f), 0.0f, a);
+    float v = select(rok[j], x[j] * rsc[j], 0.0f);
+    if constexpr (CLAMP) {
+      v = clamped(v, lo, hi);
+      if constexpr (MASK) v = v * static_cast<float>(keep[j]);
+    }
+    x[j] = v;
   }
 }
 
-// torch's clamp, min(max(x, lo), hi): -0 stays -0 for lo = 0, NaN stays NaN.
-static void clamp_to(float* __restrict x, int64_t n, float lo, float hi) {
+// group_loop for a piece of one row: its scale and mask as scalars.
+template <bool MASK, bool CLAMP>
+static void group_row_loop(float* __restrict x, float scale, uint32_t ok, const uint8_t* __restrict keep,
+                           int64_t n, const Terms& c) {
+  const float lo = c.lo, hi = c.hi;
   for (int64_t j = 0; j < n; ++j) {
-    const float v = x[j];
-    const float a = select(mask_of(v < lo), lo, v);
-    x[j] = select(mask_of(hi < a), hi, a);
+    float v = select(ok, x[j] * scale, 0.0f);
+    if constexpr (CLAMP) {
+      v = clamped(v, lo, hi);
+      if constexpr (MASK) v = v * static_cast<float>(keep[j]);
+    }
+    x[j] = v;
   }
 }
 
-static void apply_mask(float* __restrict x, const uint8_t* __restrict keep, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) x[j] = x[j] * static_cast<float>(keep[j]);
-}
+typedef void (*GroupFn)(float*, const float*, const uint32_t*, const uint8_t*, int64_t, const Terms&);
+typedef void (*GroupRowFn)(float*, float, uint32_t, const uint8_t*, int64_t, const Terms&);
 
-typedef void (*BaseFn)(const float*, const float*, const float*, const float*, float*, int64_t,
-                       const Terms&);
+// g / scale (the one-pass path's first pass under a grad_scale).
+static void divide_by(const float* __restrict g, float* __restrict out, int64_t n, float scale) {
+  for (int64_t j = 0; j < n; ++j) out[j] = g[j] / scale;
+}
 
 // One tensor's share [lo, hi) on the general path.
 template <int DT>
@@ -471,11 +664,13 @@ struct TermsStep {
   const Hyper& h;
   TermScratch& s;
   Terms c;
-  FusedFn<0> step;   // the plain kernel on fp32 arrays, computing d itself (no d terms)
-  FusedFn<0> step0;  // the plain kernel fed d (d terms)
-  BaseFn base;
+  Terms gc;         // c with the tensor's clamp bounds, for group_loop
+  OnePassFn one;    // the one-pass kernel, or null: two passes
+  DFn dfn;          // two passes: d with the tensor's d terms
+  UpdateFn update;  // two passes: the step fed d
+  GroupFn group;    // group-lasso scale, clamp, mask (per-element scales)
+  GroupRowFn group_row;  // the same on a piece of one row
   int mom;
-  bool d_terms;
   T* w;
   const T* g;
   T* buf;
@@ -489,35 +684,54 @@ struct TermsStep {
     buf = static_cast<T*>(t.buf);
     tgt = static_cast<const T*>(t.target);
     mom = (!h.has_momentum || buf == nullptr) ? 0 : (t.first ? 1 : 2);
-    d_terms = t.l1 != nullptr || t.polar != nullptr || t.target != nullptr;
     const bool mask = t.mask != nullptr;
-    const int lam_kind = t.lam != nullptr ? 1 : 0;
-    step = mom == 0   ? pick_fused<0, 0>(lam_kind, mask, h.has_scale)
-           : mom == 1 ? pick_fused<0, 1>(lam_kind, mask, h.has_scale)
-                      : pick_fused<0, 2>(lam_kind, mask, h.has_scale);
-    step0 = mom == 0   ? pick_fused<0, 0>(0, mask, false)
-            : mom == 1 ? pick_fused<0, 1>(0, mask, false)
-                       : pick_fused<0, 2>(0, mask, false);
-    const bool l1 = t.l1 != nullptr;
-    base = h.has_scale ? (l1 ? &base_d<true, true> : &base_d<true, false>)
-                       : (l1 ? &base_d<false, true> : &base_d<false, false>);
+    const bool lam = t.lam != nullptr;
+    const bool prox1 = t.prox == 1;
+    const int d_count = (t.lam_cols != nullptr) + (t.l1 != nullptr) + (t.target != nullptr);
+    // group lasso clamps after its scale (group_loop), the others in the update
+    const bool clamp_now = t.clamp && t.prox != 2;
+    one = nullptr;
+    if (mom == 2 && t.polar == nullptr && d_count <= 1) {
+      const int dk = t.lam_cols != nullptr ? kOneLamCols
+                     : t.l1 != nullptr     ? kOneL1
+                     : t.target != nullptr ? kOneAdmm
+                                           : kOneNone;
+      const int i = ((((mask ? 1 : 0) * 4 + dk) * 2 + (lam ? 1 : 0)) * 2 + (prox1 ? 1 : 0)) * 2 + (clamp_now ? 1 : 0);
+      one = one_pass_for(i, std::make_integer_sequence<int, kOnePassVariants>{});
+    }
+    const int f = (h.has_scale ? kDScale : 0) | (lam ? kDLam : 0) | (t.lam_cols != nullptr ? kDLamCols : 0) |
+                  (t.l1 != nullptr ? kDL1 : 0) | (t.polar != nullptr ? kDPolar : 0) |
+                  (t.target != nullptr ? kDAdmm : 0);
+    dfn = d_loop_for(f, std::make_integer_sequence<int, kDVariants>{});
+    update = update_loop_for((mom * 2 + (mask ? 1 : 0)) * 2 + (prox1 ? 1 : 0), std::make_integer_sequence<int, 12>{});
+    static constexpr GroupFn groups[2][2] = {{&group_loop<false, false>, &group_loop<false, true>},
+                                             {&group_loop<true, false>, &group_loop<true, true>}};
+    group = groups[mask ? 1 : 0][t.clamp ? 1 : 0];
+    static constexpr GroupRowFn group_rows[2][2] = {
+        {&group_row_loop<false, false>, &group_row_loop<false, true>},
+        {&group_row_loop<true, false>, &group_row_loop<true, true>}};
+    group_row = group_rows[mask ? 1 : 0][t.clamp ? 1 : 0];
     c.h0 = h;
-    c.h0.has_wd = false;
-    c.h0.maximize = false;
-    c.h0.has_scale = false;
     c.scale = h.scale;
     c.wd = h.wd;
     c.lr = h.lr;
+    c.mu = h.mu;
+    c.damp1 = h.damp1;
     c.negate = h.maximize ? 0x80000000u : 0u;
     c.wd_m = mask_of(h.has_wd);
-    c.lam_m = mask_of(t.lam != nullptr);
+    c.nesterov_m = mask_of(h.nesterov);
     c.p_lam = t.polar != nullptr ? t.polar[0] : 0.0f;
     c.p_t = t.polar != nullptr ? t.polar[1] : 0.0f;
     c.p_m = t.polar != nullptr ? t.polar[2] : 0.0f;
     c.p_s = t.polar != nullptr ? t.polar[3] : 0.0f;
     c.rho = t.rho;
-    c.lo = t.clamp_lo;
-    c.hi = t.clamp_hi;
+    // group_loop clamps (after the group-lasso scale) to the tensor's bounds;
+    // the update loops to them too, or to bounds that change nothing
+    gc = c;
+    gc.lo = t.clamp_lo;
+    gc.hi = t.clamp_hi;
+    c.lo = clamp_now ? t.clamp_lo : -__builtin_inff();
+    c.hi = clamp_now ? t.clamp_hi : __builtin_inff();
     // torch multiplies the fp32 threshold by the Python float sqrt(n_r)
     sqrt_n = static_cast<float>(__builtin_sqrt(static_cast<double>(t.row_len)));
   }
@@ -530,6 +744,17 @@ struct TermsStep {
     return tmp;
   }
 
+  const float* lam_at(int64_t i0, int64_t n) const {
+    if (t.lam != nullptr && t.lam_kind == kLamElement) return t.lam + i0;
+    return per_element(t.lam, s.lam, i0, n);
+  }
+
+  const float* lam_cols_at(int64_t i0, int64_t n) const {
+    if (t.lam_cols == nullptr) return kZeros;
+    expand_cols(t.lam_cols, t.cols, t.col_len, t.row_len, i0, n, s.lamc);
+    return s.lamc;
+  }
+
   const uint8_t* keep(int64_t i0, int64_t n) const {
     if (t.mask == nullptr) return kZeroBytes;
     if (t.mask_kind == kMaskElement || t.row_len == 1) return t.mask + i0;
@@ -538,72 +763,68 @@ struct TermsStep {
   }
 
   // Where the fp32 values of elements from i0 live between compute and
-  // finish: W itself for fp32 storage, else `tmp`.
+  // store: W itself for fp32 storage, else `tmp`.
   float* in_w_or(int64_t i0, float* tmp) const {
     if constexpr (DT == 0) return w + i0;
     else return tmp;
   }
 
-  // d of m elements, W (fp32) at wf, gradient at gf, target at tf.
-  void grad_terms(const float* wf, const float* gf, const float* tf, const float* lp,
-                  const float* l1p, int64_t m) {
-    base(wf, gf, lp, l1p, s.d, m, c);
-    if (t.polar != nullptr) add_polar(wf, s.d, m, c);
-    if (t.target != nullptr) add_admm(wf, tf, s.d, m, c.rho);
+  // Step the fp32 values xf (W on entry) of m elements with gradient gf
+  // (fp32), buffer bf, target tf; the per-element streams at their element
+  // (pp: soft-threshold thresholds).
+  void kernel(float* xf, const float* gf, float* bf, const float* tf, const float* lp, const float* lcp,
+              const float* l1p, const uint8_t* kp, const float* pp, int64_t m) {
+    if (one != nullptr) {
+      const float* gs = gf;
+      if (h.has_scale) {
+        divide_by(gf, s.gs, m, c.scale);
+        gs = s.gs;
+      }
+      one(xf, gs, bf, lp, t.lam_cols != nullptr ? lcp : l1p, tf, kp, pp, m, c);
+    } else {
+      dfn(xf, gf, lp, lcp, l1p, tf, s.d, m, c);
+      update(xf, s.d, bf, kp, pp, m, c);
+    }
   }
 
-  // Update elements [i0, i0 + n) (n <= kBlock, one block) into X: the
-  // stepped, masked fp32 values before prox and clamp. fp32 storage: X is
-  // W + i0 (in place). The momentum buffer is stored when `store_buf`.
+  // Update elements [i0, i0 + n) (n <= kBlock, inside one block) into X: the
+  // stepped, masked fp32 values, soft-thresholded and clamped unless the
+  // tensor takes the group lasso (then finished by group_loop). fp32
+  // storage: X is W + i0 (in place). The momentum buffer is stored when
+  // `store_buf`.
   void compute(int64_t i0, int64_t n, float* __restrict X, bool store_buf) {
-    const float* lp = per_element(t.lam, s.lam, i0, n);
+    const float* lp = lam_at(i0, n);
+    const float* lcp = lam_cols_at(i0, n);
     const float* l1p = t.l1 != nullptr ? per_element(t.l1, s.l1, i0, n) : kZeros;
+    const float* pp = kZeros;  // soft-threshold thresholds lr * prox_lam[r]
+    if (t.prox == 1) {
+      expand_rows_times(t.prox_lam, t.row_len, i0, n, c.lr, s.plam);
+      pp = s.plam;
+    }
     const uint8_t* kp = keep(i0, n);
     if constexpr (DT == 0) {
       (void)store_buf;
-      float* const bp = buf != nullptr ? buf + i0 : nullptr;
-      // short pieces: the input streams are read close together in time
-      for (int64_t j = 0; j < n; j += kPiece32) {
-        const int64_t m = rk_min(kPiece32, n - j);
-        float* const bj = bp != nullptr ? bp + j : nullptr;
-        if (!d_terms) {
-          step(X + j, g + i0 + j, bj, lp + j, 0.0f, kp + j, m, h);
-        } else {
-          grad_terms(w + i0 + j, g + i0 + j, tgt != nullptr ? tgt + i0 + j : kZeros, lp + j,
-                     l1p + j, m);
-          step0(X + j, s.d, bj, nullptr, 0.0f, kp + j, m, c.h0);
-        }
-      }
+      kernel(X, g + i0, buf != nullptr ? buf + i0 : nullptr, tgt != nullptr ? tgt + i0 : kZeros, lp, lcp, l1p,
+             kp, pp, n);
     } else {
+      // short pieces: the input streams are read close together in time
       alignas(64) float gf[kPiece16], tf[kPiece16], bf[kPiece16];
       for (int64_t j = 0; j < n; j += kPiece16) {
-        const int64_t m = rk_min(kPiece16, n - j);
-        widen_n<DT>(w + i0 + j, X + j, m);
-        widen_n<DT>(g + i0 + j, gf, m);
-        if (mom == 2) widen_n<DT>(buf + i0 + j, bf, m);
-        if (!d_terms) {
-          step(X + j, gf, bf, lp + j, 0.0f, kp + j, m, h);
-        } else {
-          if (tgt != nullptr) widen_n<DT>(tgt + i0 + j, tf, m);
-          grad_terms(X + j, gf, tf, lp + j, l1p + j, m);
-          step0(X + j, s.d, bf, nullptr, 0.0f, kp + j, m, c.h0);
-        }
-        if (mom != 0 && store_buf) narrow_n<DT>(bf, buf + i0 + j, m);
+        const int64_t m = rk_min(kPiece16, n - j), e = i0 + j;
+        widen_n<DT>(w + e, X + j, m);
+        widen_n<DT>(g + e, gf, m);
+        if (mom == 2) widen_n<DT>(buf + e, bf, m);
+        if (tgt != nullptr) widen_n<DT>(tgt + e, tf, m);
+        kernel(X + j, gf, bf, tgt != nullptr ? tf : kZeros, lp + j, lcp + j, l1p + j, kp + j, pp + j, m);
+        if (mom != 0 && store_buf) narrow_n<DT>(bf, buf + e, m);
       }
     }
   }
 
-  // Prox, clamp and mask on the computed values X of [i0, i0 + n), then
-  // store W (rounded once) and accumulate its row norms. rsc, rok: the
-  // group-lasso scales (PROX 2).
-  void finish(int64_t i0, int64_t n, float* __restrict X, const float* rsc, const uint32_t* rok) {
-    if (t.prox == 2) group_scale(X, rsc, rok, n);
-    if (t.prox == 1) soft_threshold(X, per_element(t.prox_lam, s.plam, i0, n), n, c.lr);
-    if (t.clamp) {
-      clamp_to(X, n, c.lo, c.hi);
-      if (t.mask != nullptr) apply_mask(X, keep(i0, n), n);
-    }
+  // Store W (rounded once) from its fp32 values X.
+  void store(int64_t i0, int64_t n, const float* X) {
     if constexpr (DT != 0) narrow_n<DT>(X, w + i0, n);
+    else (void)i0, (void)n, (void)X;
   }
 
   void norms(int64_t i0, int64_t n) {
@@ -626,9 +847,7 @@ struct TermsStep {
     double acc = 0.0;
     for (int64_t p = 0; p < len;) {
       const int64_t q = rk_min(len, ((e0 + p) / kBlock + 1) * kBlock - e0);
-      float s1, s2;
-      abs_sums(x + p, q - p, s1, s2);
-      acc += s2;
+      acc += sq_sums(x + p, q - p);
       p = q;
     }
     return acc;
@@ -636,18 +855,40 @@ struct TermsStep {
 
   static int64_t block_end(int64_t i0, int64_t hi) { return rk_min(hi, (i0 / kBlock + 1) * kBlock); }
 
+  // Group lasso's finish of block [i0, i0 + n) whose first element is row
+  // r0's element o: each row's scale (rs[r - r0], rk[r - r0]), clamp,
+  // mask, then store and norms. Rows at least kLongRow long take their
+  // scale as a scalar per row piece, shorter ones expanded per element.
+  void finish_group(int64_t i0, int64_t n, float* X, const float* rs, const uint32_t* rk) {
+    const uint8_t* kp = t.clamp ? keep(i0, n) : kZeroBytes;
+    const int64_t len = t.row_len;
+    if (len == 1) {
+      group(X, rs, rk, kp, n, gc);
+    } else if (len < kLongRow) {
+      const int64_t o = i0 % len;  // rs[0] is the scale of the row element i0 is in
+      expand_rows(rs, len, o, n, s.rsx);
+      expand_rows(rk, len, o, n, s.rkx);
+      group(X, s.rsx, s.rkx, kp, n, gc);
+    } else {
+      int64_t o = i0 % len;
+      for (int64_t j = 0, k = 0; j < n; ++k, o = 0) {
+        const int64_t m = rk_min(len - o, n - j);
+        group_row(X + j, rs[k], rk[k], kp + j, m, gc);
+        j += m;
+      }
+    }
+    store(i0, n, X);
+    norms(i0, n);
+  }
+
   void run(int64_t lo, int64_t hi) {
     if (t.prox != 2) {
-      // short pieces (compute and finish close together in time keep the
-      // memory streams going), row norms per block
+      // blocks stepped and stored one after the other, with their row norms
       for (int64_t i0 = lo; i0 < hi;) {
         const int64_t i1 = block_end(i0, hi);
-        for (int64_t p = i0; p < i1; p += kPiece32) {
-          const int64_t m = rk_min(kPiece32, i1 - p);
-          float* X = in_w_or(p, s.x);
-          compute(p, m, X, true);
-          finish(p, m, X, nullptr, nullptr);
-        }
+        float* X = in_w_or(i0, s.x);
+        compute(i0, i1 - i0, X, true);
+        store(i0, i1 - i0, X);
         norms(i0, i1 - i0);
         i0 = i1;
       }
@@ -671,17 +912,8 @@ struct TermsStep {
         for (int64_t k = 0; k < nr; ++k)
           row_scale(r0 + k, row_sumsq(X0 + k * len, c0 + k * len, len), s.rs[k], s.rk[k]);
         for (int64_t i0 = c0; i0 < c1;) {
-          const int64_t i1 = block_end(i0, c1), n = i1 - i0;
-          const float* rsc = s.rs + (i0 - c0);
-          const uint32_t* rok = s.rk + (i0 - c0);
-          if (len > 1) {
-            expand_rows(s.rs, len, i0 - c0, n, s.rsx);
-            expand_rows(s.rk, len, i0 - c0, n, s.rkx);
-            rsc = s.rsx;
-            rok = s.rkx;
-          }
-          finish(i0, n, X0 + (i0 - c0), rsc, rok);
-          norms(i0, n);
+          const int64_t i1 = block_end(i0, c1), k = (i0 - c0) / len;  // chunk row of element i0
+          finish_group(i0, i1 - i0, X0 + (i0 - c0), s.rs + k, s.rk + k);
           i0 = i1;
         }
         c0 = c1;
@@ -698,24 +930,17 @@ struct TermsStep {
         const int64_t i1 = block_end(i0, e0 + len);
         float* X = in_w_or(i0, s.x);
         compute(i0, i1 - i0, X, DT == 0);
-        float s1, s2;
-        abs_sums(X, i1 - i0, s1, s2);
-        sumsq += s2;
+        sumsq += sq_sums(X, i1 - i0);
         i0 = i1;
       }
       float scale;
       uint32_t ok;
       row_scale(e0 / len, sumsq, scale, ok);
-      for (int64_t k = 0; k < kBlock; ++k) {
-        s.rsx[k] = scale;
-        s.rkx[k] = ok;
-      }
       for (int64_t i0 = e0; i0 < e0 + len;) {
         const int64_t i1 = block_end(i0, e0 + len);
         float* X = in_w_or(i0, s.x);
         if constexpr (DT != 0) compute(i0, i1 - i0, X, true);
-        finish(i0, i1 - i0, X, s.rsx, s.rkx);
-        norms(i0, i1 - i0);
+        finish_group(i0, i1 - i0, X, &scale, &ok);
         i0 = i1;
       }
     }
@@ -740,9 +965,11 @@ static void range_dt(const TensorDesc& t, const Hyper& h, int64_t lo, int64_t hi
   const int mom = (!h.has_momentum || buf == nullptr) ? 0 : (t.first ? 1 : 2);
   const int64_t len_row = t.row_len;
   const bool lam = t.lam != nullptr;
+  // per-element lambdas (or rows of one element) are read as they are
+  const bool lam_direct = lam && (t.lam_kind == kLamElement || len_row == 1);
   // rows at least this long take lam as a scalar per row piece, shorter ones
   // an expanded per-element stream (each call then covers many rows)
-  const bool lam_per_piece = lam && len_row >= kLongRow;
+  const bool lam_per_piece = lam && !lam_direct && len_row >= kLongRow;
   const int lam_kind = !lam ? 0 : (lam_per_piece ? 2 : 1);
   const bool mask = t.mask != nullptr && t.mask_kind != kMaskNone;
   const FusedFn<DT> fn = mom == 0   ? pick_fused<DT, 0>(lam_kind, mask, h.has_scale)
@@ -756,7 +983,7 @@ static void range_dt(const TensorDesc& t, const Hyper& h, int64_t lo, int64_t hi
     const int64_t n = i1 - i0;
     const float* lp = nullptr;
     if (lam && !lam_per_piece) {
-      if (len_row == 1) {
+      if (lam_direct) {
         lp = t.lam + i0;
       } else {
         expand_rows(t.lam, len_row, i0, n, lamx);

@@ -3,8 +3,8 @@
 One launch steps every tensor of a dtype group. The caller gives
 
 - ``table``: the int64 ``[T, len(RDA_FIELDS)]`` metadata of
-  ``regkern.backend_rda.build_rda_table`` with the step's coefficients
-  patched in, on the device;
+  ``regkern.backend_rda.build_rda_table`` with the step's ``t``, ``lam`` and
+  ``gamma`` written in (``write_step``), on the device;
 - ``units``: the work list of :func:`build_units` (int64 ``[U, 3]``: tensor,
   first element, end element), built once on the CPU and cached on the device.
 
@@ -18,10 +18,12 @@ the next piece), storing the total at the row's last element; after a barrier
 a second pass recomputes v from the stored gbar and W0 (same fp32 operations,
 so the same v) and writes W = v * max(1 - kappa / ||v||, 0).
 
-The per-tensor coefficients (t, (t-1)/t, sqrt(t)/gamma, tau, kappa) are
-float64 columns of the table, rounded once to fp32 here, so a new gamma or lam
-compiles nothing. Compile-time constants are the storage dtype, ``maximize``,
-whether grad_scale / found_inf are given, and ``BLOCK``. Math is fp32 whatever
+The per-tensor coefficients ((t-1)/t, sqrt(t)/gamma, tau, kappa) are computed
+here from the float64 columns T, LAM and GAMMA with the float64 operations of
+``reference.rda.rda_coefficients`` (IEEE float64 division and square root),
+then rounded once to fp32, so a new gamma or lam compiles nothing.
+Compile-time constants are the storage dtype, ``maximize``, whether
+grad_scale / found_inf are given, and ``BLOCK``. Math is fp32 whatever
 the storage, rounded op by op like the reference (no fma contraction, IEEE
 division and square root); W is rounded once to its dtype, to nearest even.
 """
@@ -53,10 +55,8 @@ _MASK_KIND = tl.constexpr(RDA_COLUMN["MASK_KIND"])
 _ROW_LEN = tl.constexpr(RDA_COLUMN["ROW_LEN"])
 _GROUP = tl.constexpr(RDA_COLUMN["GROUP"])
 _T = tl.constexpr(RDA_COLUMN["T"])
-_A = tl.constexpr(RDA_COLUMN["A"])
-_C = tl.constexpr(RDA_COLUMN["C"])
-_TAU = tl.constexpr(RDA_COLUMN["TAU"])
-_KAPPA = tl.constexpr(RDA_COLUMN["KAPPA"])
+_LAM = tl.constexpr(RDA_COLUMN["LAM"])
+_GAMMA = tl.constexpr(RDA_COLUMN["GAMMA"])
 _NORM_SQ = tl.constexpr(RDA_COLUMN["NORM_SQ"])
 _UNIT_FIELDS = tl.constexpr(UNIT_FIELDS)
 _MASK_ROW = tl.constexpr(1)
@@ -69,8 +69,8 @@ def _segmented_sum(head_a, x_a, head_b, x_b):
 
 
 @triton.jit
-def _coefficient(meta, column):
-    return tl.load(meta + column).to(tl.float64, bitcast=True).to(tl.float32)
+def _float64(meta, column):
+    return tl.load(meta + column).to(tl.float64, bitcast=True)
 
 
 @triton.jit
@@ -98,11 +98,17 @@ def _rda_kernel(
     mask_kind = tl.load(meta + _MASK_KIND)
     mask_ptr = tl.load(meta + _MASK).to(tl.pointer_type(tl.int8))  # torch.bool: one byte, 0 or 1
     grouped = tl.load(meta + _GROUP) != 0
-    t = _coefficient(meta, _T)
-    a = _coefficient(meta, _A)
-    c = _coefficient(meta, _C)
-    tau = _coefficient(meta, _TAU)
-    kappa = _coefficient(meta, _KAPPA)
+    # reference.rda.rda_coefficients in float64 (float64 division and square
+    # root are IEEE: div.rn.f64, sqrt.rn.f64), rounded once to fp32
+    t64 = _float64(meta, _T)
+    gamma64 = _float64(meta, _GAMMA)
+    root = tl.sqrt(t64)
+    tau64 = _float64(meta, _LAM) * root / gamma64
+    t = t64.to(tl.float32)
+    a = ((t64 - 1.0) / t64).to(tl.float32)
+    c = (root / gamma64).to(tl.float32)
+    tau = tau64.to(tl.float32)
+    kappa = (tau64 * tl.sqrt(tl.load(meta + _ROW_LEN).to(tl.float64))).to(tl.float32)
     norm_sq_ptr = tl.load(meta + _NORM_SQ).to(tl.pointer_type(tl.float32))
     idx = tl.arange(0, BLOCK)
 

@@ -10,7 +10,8 @@ One launch steps every tensor of a dtype group. The caller gives
 
 Program ``u`` steps the elements ``[start, end)`` of tensor ``t`` in pieces of
 ``BLOCK``, in the order of ``regkern.reference.sgd``: the gradient terms (L2
-``lam``, L1 subgradient, polarization, ADMM pull), the SGD core, the mask, the
+``lam`` per row or per element, per-column ``lam_cols``, L1 subgradient,
+polarization, ADMM pull), the SGD core, the mask, the
 proximal map, the clamp, the mask again, W and buf rounded once to their dtype,
 then the row norms. Units are ``chunk`` elements long, except for tensors that
 ask for norms or a group-lasso proximal map: theirs hold whole rows
@@ -50,7 +51,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from regkern.backend import MASK_ROW, SGD_COLUMN, SGD_FIELDS
+from regkern.backend import LAM_ELEMENT, MASK_ROW, SGD_COLUMN, SGD_FIELDS
 
 # The regularizer terms of the contract this kernel computes (names as
 # regkern.backend.TERM_KEYWORDS); tensors with other terms go to the reference.
@@ -84,6 +85,10 @@ _PROX_LAM = tl.constexpr(SGD_COLUMN["PROX_LAM"])
 _CLAMP = tl.constexpr(SGD_COLUMN["CLAMP"])
 _CLAMP_LO = tl.constexpr(SGD_COLUMN["CLAMP_LO"])
 _CLAMP_HI = tl.constexpr(SGD_COLUMN["CLAMP_HI"])
+_LAM_KIND = tl.constexpr(SGD_COLUMN["LAM_KIND"])
+_LAM_COLS = tl.constexpr(SGD_COLUMN["LAM_COLS"])
+_COL_LEN = tl.constexpr(SGD_COLUMN["COL_LEN"])
+_LAM_ELEMENT = tl.constexpr(LAM_ELEMENT)
 _UNIT_FIELDS = tl.constexpr(UNIT_FIELDS)
 _MASK_ROW = tl.constexpr(MASK_ROW)
 _PROX_L1 = tl.constexpr(PROX_L1)
@@ -148,7 +153,16 @@ def _updated(meta, w_ptr, g_ptr, b_ptr, i, inb, start, r0, c0, row_len,
         d = d + weight_decay * w
     lam = tl.load(meta + _LAM)
     if lam != 0:
-        d = d + tl.load(lam.to(tl.pointer_type(tl.float32)) + _rows_of(i, r0, c0, row_len), mask=inb) * w
+        if tl.load(meta + _LAM_KIND) == _LAM_ELEMENT:
+            at = start + i
+        else:
+            at = _rows_of(i, r0, c0, row_len)
+        d = d + tl.load(lam.to(tl.pointer_type(tl.float32)) + at, mask=inb) * w
+    lam_cols = tl.load(meta + _LAM_COLS)
+    if lam_cols != 0:
+        # column (i % row_len) // col_len of element start + i (int32 math per element)
+        col = ((c0 + i) % row_len) // tl.load(meta + _COL_LEN).to(tl.int32)
+        d = d + tl.load(lam_cols.to(tl.pointer_type(tl.float32)) + col, mask=inb) * w
     l1 = tl.load(meta + _L1)
     if l1 != 0:
         d = d + tl.load(l1.to(tl.pointer_type(tl.float32)) + _rows_of(i, r0, c0, row_len), mask=inb) * _sign(w)

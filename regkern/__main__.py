@@ -35,12 +35,23 @@ def _add_bench(commands) -> None:
     parser.set_defaults(func=sgd.main)
 
 
+def _add_demo(commands) -> None:
+    from regkern.demo import cli
+
+    parser = commands.add_parser(
+        "demo", help="prune a small network with every method and print the papers' table",
+        description=cli.DESCRIPTION)
+    cli.add_arguments(parser)
+    parser.set_defaults(func=cli.main)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m regkern",
                                      description="regkern: fused optimizer kernels for regularization-based pruning.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_bench(commands)
+    _add_demo(commands)
     args = parser.parse_args(argv)
     return args.func(args, argv)
 

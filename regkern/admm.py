@@ -9,70 +9,38 @@ the caller runs, per parameter::
     U = U + W - Z
     target = Z - U
 
-These run every K steps, not every step, so they are plain torch ops, done in
-place with few passes over memory.
+:func:`update` does this for every ADMM parameter of a ``regkern.SGD`` (per-
+layer ratios allowed), :func:`admm_update_all` for lists of tensors and
+:func:`admm_update` for one. They run on the fused kernels of
+``regkern.backend_admm`` (C++ on CPU, Triton on CUDA), all tensors in one
+call: the selection finds each tensor's threshold (C++: a radix select on
+``|W + U|``; Triton: ``torch.kthvalue``; rows: their norms from a kernel
+pass), then one pass over memory reads W and U and writes Z, U and the target.
 
 ``k`` counts what is *kept*; ``ratio`` is the fraction to *prune*, counted as
 the official per-layer percentile does (``|w| < np.percentile(|w|, 100 *
 ratio)`` is pruned): ``ceil(ratio * (n - 1))`` of ``n`` entries (or rows) are
 pruned when the magnitudes are distinct, so ``ratio=1`` still keeps one.
 Ties are broken by index (the lower flat index, or row, is kept), so exactly
-``k`` survive.
+``k`` survive. Row scores are sums of squares in float64; a NaN counts as +inf.
 """
 from __future__ import annotations
 
 import math
-import operator
-from typing import Optional
+from collections.abc import Mapping
+from typing import Any, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from regkern.reference.sgd import as_rows, num_rows
+from regkern.backend_admm import admm_zu_step, check_zu
+from regkern.reference.admm import keep_mask, kept_count, magnitude_scores, row_scores
+from regkern.reference.sgd import num_rows
+from regkern.sharding import is_dtensor, local_tensor
 
-__all__ = ["project", "admm_update", "soft_threshold_", "kept_count"]
+__all__ = ["project", "admm_update", "admm_update_all", "update", "soft_threshold_", "kept_count"]
 
 PROXES = ("topk", "l1")
-
-
-def kept_count(n: int, k: Optional[int] = None, ratio: Optional[float] = None) -> int:
-    """How many of ``n`` entries (or rows) a projection keeps: ``k`` itself, or
-    ``n - ceil(ratio * (n - 1))`` from the fraction ``ratio`` to prune (the
-    official percentile rule)."""
-    if (k is None) == (ratio is None):
-        raise ValueError("give exactly one of k (how many to keep) and ratio (the fraction to prune)")
-    if k is not None:
-        try:
-            if isinstance(k, bool):
-                raise TypeError
-            k = operator.index(k)
-        except TypeError:
-            raise ValueError(f"k must be an int (how many entries or rows to keep), got {k!r}") from None
-        if not 0 <= k <= n:
-            raise ValueError(f"k={k} is out of range: it must be between 0 and {n} (the number of entries or rows)")
-        return k
-    ratio = float(ratio)
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"ratio={ratio} is out of range: it is the fraction to prune, between 0 and 1")
-    if n == 0:
-        return 0
-    # 1e-9 absorbs the rounding of ratio * (n - 1) (0.85 * 101 is 85.85, 0.5 * 7 is 3.5 exactly, ...)
-    return n - min(n, math.ceil(ratio * (n - 1) - 1e-9))
-
-
-def _keep_mask(score: Tensor, keep: int) -> Tensor:
-    """Bool mask of the ``keep`` largest entries of the 1-D ``score``; among
-    equal scores the lower indices are kept. O(n): one kthvalue, one cumsum."""
-    n = score.numel()
-    if keep >= n:
-        return torch.ones_like(score, dtype=torch.bool)
-    if keep == 0:
-        return torch.zeros_like(score, dtype=torch.bool)
-    threshold = torch.kthvalue(score, n - keep + 1).values  # the keep-th largest
-    above = score > threshold
-    tied = score == threshold
-    room = keep - int(above.sum())
-    return above | (tied & (tied.cumsum(0) <= room))
 
 
 def project(w: Tensor, k: Optional[int] = None, ratio: Optional[float] = None, rows: bool = False,
@@ -85,35 +53,21 @@ def project(w: Tensor, k: Optional[int] = None, ratio: Optional[float] = None, r
     if not isinstance(w, Tensor) or not w.is_floating_point():
         raise ValueError(f"project takes a floating-point tensor, got {type(w).__name__}"
                          f"{'' if not isinstance(w, Tensor) else ' of dtype ' + str(w.dtype)}")
+    if out is not None and out.shape != w.shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, but w has shape {tuple(w.shape)}")
+    keep = kept_count(num_rows(w) if rows else w.numel(), k, ratio)  # refuse before writing anything
     if out is None:
         out = w.detach().clone()
-    else:
-        if out.shape != w.shape:
-            raise ValueError(f"out has shape {tuple(out.shape)}, but w has shape {tuple(w.shape)}")
-        if out is not w:
-            out.copy_(w)
-    _project_(out, k, ratio, rows)
+    elif out is not w:
+        out.copy_(w)
+    with torch.no_grad():
+        if rows:
+            if keep < num_rows(out):
+                mask = keep_mask(row_scores(out), keep)
+                out.masked_fill_(~mask.view((-1,) + (1,) * (out.dim() - 1)) if out.dim() else ~mask[0], 0)
+        elif keep < out.numel():
+            out.masked_fill_(~keep_mask(magnitude_scores(out), keep).view(out.shape), 0)
     return out
-
-
-@torch.no_grad()
-def _project_(x: Tensor, k: Optional[int], ratio: Optional[float], rows: bool) -> None:
-    """Project ``x`` in place (any layout): one score pass, one masked write."""
-    if rows:
-        keep = kept_count(num_rows(x), k, ratio)
-        if keep == num_rows(x):
-            return
-        view = as_rows(x.detach())
-        if x.dtype != torch.float64:
-            view = view.float()
-        mask = _keep_mask(view.square().sum(dim=1), keep)
-        x.masked_fill_(~mask.view((-1,) + (1,) * (x.dim() - 1)) if x.dim() else ~mask[0], 0)
-    else:
-        keep = kept_count(x.numel(), k, ratio)
-        if keep == x.numel():
-            return
-        mask = _keep_mask(x.detach().abs().reshape(-1), keep)
-        x.masked_fill_(~mask.view(x.shape), 0)
 
 
 @torch.no_grad()
@@ -124,10 +78,82 @@ def soft_threshold_(x: Tensor, tau: float) -> Tensor:
     return x.sub_(x.clamp(-tau, tau))
 
 
+def _per_tensor(value: Any, params: Sequence[Tensor], name: str, keyed: Optional[Sequence[Tensor]] = None) -> list:
+    """One value per tensor from a scalar, a list or tuple (one per tensor) or,
+    when ``keyed`` gives the parameters, a mapping parameter -> value."""
+    count = len(params)
+    if isinstance(value, Mapping):
+        if keyed is None:
+            raise ValueError(f"{name} as a mapping needs parameters to look up; give one value or one per tensor")
+        missing = [i for i, p in enumerate(keyed) if p not in value]
+        if missing:
+            raise ValueError(f"{name} has no entry for ADMM parameter {missing[0]} (shape "
+                             f"{tuple(keyed[missing[0]].shape)}); give one for every ADMM parameter")
+        return [value[p] for p in keyed]
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f"{name} must have one entry per tensor ({count}), got {len(value)}")
+        return list(value)
+    return [value] * count
+
+
+def _modes(params, k, ratio, rows, prox, lam, rho, where):
+    """Per tensor ``(keep, rows, tau)`` for the kernels; ``ValueError`` on bad options."""
+    keeps, by_rows, taus = [], [], []
+    for i, (w, ki, ri, rw, px, lm, rh) in enumerate(zip(params, k, ratio, rows, prox, lam, rho)):
+        at = where(i)
+        if px not in PROXES:
+            raise ValueError(f"{at}prox must be one of {PROXES}, got {px!r}")
+        if px == "topk":
+            if lm is not None:
+                raise ValueError(f"{at}lam is for prox='l1'; prox='topk' takes k or ratio")
+            try:
+                keep = kept_count(num_rows(w) if rw else w.numel(), ki, ri)
+            except ValueError as e:
+                raise ValueError(f"{at}{e}") from None
+            keeps.append(keep)
+            by_rows.append(bool(rw))
+            taus.append(None)
+        else:
+            if ki is not None or ri is not None or rw:
+                raise ValueError(f"{at}prox='l1' is the element soft threshold: it takes lam and rho, not k, ratio or rows")
+            if lm is None or rh is None:
+                raise ValueError(f"{at}prox='l1' needs lam and rho (Z = S_{{lam/rho}}(W + U))")
+            if not (lm >= 0 and math.isfinite(lm)) or not (rh > 0 and math.isfinite(rh)):
+                raise ValueError(f"{at}prox='l1' needs lam >= 0 and rho > 0, got lam={lm}, rho={rh}")
+            keeps.append(None)
+            by_rows.append(False)
+            taus.append(float(lm) / float(rh))
+    return keeps, by_rows, taus
+
+
+@torch.no_grad()
+def admm_update_all(params: Sequence[Tensor], zs: Sequence[Tensor], us: Sequence[Tensor],
+                    targets: Optional[Sequence[Optional[Tensor]]] = None, *, k=None, ratio=None, rows=False,
+                    prox="topk", lam=None, rho=None, backend: Optional[str] = None) -> None:
+    """The classic-ADMM Z- and U-steps of many parameters at once, in place
+    (SPEC 6; see :func:`admm_update` for one). ``k``, ``ratio``, ``rows``,
+    ``prox``, ``lam`` and ``rho`` are one value for every tensor or a list with
+    one per tensor (per-layer ratios). ``zs``, ``us`` hold fp32 (or W's dtype
+    for float64 W) state; ``targets`` (``Z - U`` in W's dtype, may hold None)
+    is written when given. Everything is checked first: a refused call writes
+    nothing. ``backend`` forces a kernel backend (as ``regkern.SGD``)."""
+    params = [p.detach() if isinstance(p, Tensor) else p for p in params]
+    count = len(params)
+    targets = list(targets) if targets is not None else [None] * count
+    check_zu(params, list(zs), list(us), targets)
+    opts = [_per_tensor(v, params, name) for v, name in
+            ((k, "k"), (ratio, "ratio"), (rows, "rows"), (prox, "prox"), (lam, "lam"), (rho, "rho"))]
+    where = (lambda i: "") if count == 1 else (lambda i: f"tensor {i}: ")
+    keeps, by_rows, taus = _modes(params, *opts, where)
+    admm_zu_step(params, list(zs), list(us), targets, keep=keeps, rows=by_rows, tau=taus, backend=backend)
+
+
 @torch.no_grad()
 def admm_update(w: Tensor, z: Tensor, u: Tensor, target: Optional[Tensor] = None, *,
                 k: Optional[int] = None, ratio: Optional[float] = None, rows: bool = False,
-                prox: str = "topk", lam: Optional[float] = None, rho: Optional[float] = None) -> None:
+                prox: str = "topk", lam: Optional[float] = None, rho: Optional[float] = None,
+                backend: Optional[str] = None) -> None:
     """One classic-ADMM Z- and U-step for one parameter, in place (SPEC 6)::
 
         Z = Proj(W + U)            prox="topk" (k or ratio; rows=True: whole rows)
@@ -138,37 +164,56 @@ def admm_update(w: Tensor, z: Tensor, u: Tensor, target: Optional[Tensor] = None
     ``z`` and ``u`` may be fp32 state of a low-precision ``w``; the math runs in
     their dtype. ``w`` is only read.
     """
-    if prox not in PROXES:
-        raise ValueError(f"prox must be one of {PROXES}, got {prox!r}")
-    for name, t in (("z", z), ("u", u), ("target", target)):
-        if t is None and name == "target":
-            continue
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor")
-        if t.shape != w.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, but W has shape {tuple(w.shape)}")
-        if t.device != w.device:
-            raise ValueError(f"{name} is on {t.device}, but W is on {w.device}")
-    if not w.is_floating_point():
-        raise ValueError(f"W must be a floating-point tensor, got {w.dtype}")
-    if z.dtype != u.dtype:
-        raise ValueError(f"z and u must share a dtype, got {z.dtype} and {u.dtype}")
-    if prox == "topk":
-        if lam is not None:
-            raise ValueError("lam is for prox='l1'; prox='topk' takes k or ratio")
-        kept_count(num_rows(w) if rows else w.numel(), k, ratio)  # refuse before writing anything
+    if not isinstance(w, Tensor) or not w.is_floating_point():
+        raise ValueError(f"W must be a floating-point tensor, got {w.dtype if isinstance(w, Tensor) else type(w).__name__}")
+    admm_update_all([w], [z], [u], [target], k=k, ratio=ratio, rows=rows, prox=prox, lam=lam, rho=rho,
+                    backend=backend)
+
+
+def _admm_parameters(optimizer: torch.optim.Optimizer) -> List[tuple]:
+    """``(param, state, group)`` of every parameter of ``optimizer`` with ADMM
+    state (``admm_z``, ``admm_u``, ``admm_target``: a group with ``regkern.ADMM``)."""
+    found = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if st and "admm_z" in st and "admm_u" in st:
+                found.append((p, st, group))
+    return found
+
+
+@torch.no_grad()
+def update(optimizer: torch.optim.Optimizer, *, k=None, ratio=None, rows=False, prox="topk", lam=None,
+           rho=None, backend: Optional[str] = None) -> None:
+    """The Z- and U-steps of every ADMM parameter of a ``regkern.SGD`` (the
+    parameters of groups with ``regkern.ADMM(rho)``), in place on the
+    optimizer's state, fused: e.g. ``regkern.admm.update(opt, ratio=0.85)``
+    every K steps. Each option is one value for all, a list with one per ADMM
+    parameter (in param-group order), or a mapping parameter -> value (per-
+    layer ratios: ``ratio={conv.weight: 0.9, fc.weight: 0.5}``; it must cover
+    every ADMM parameter). ``prox="l1"`` takes ``lam``; ``rho`` defaults to
+    the group's ``ADMM(rho)``. The backend defaults to the optimizer's."""
+    from regkern.regularizers import step_options
+
+    found = _admm_parameters(optimizer)
+    if not found:
+        raise ValueError("the optimizer has no ADMM parameters: give a param group the regularizer regkern.ADMM(rho)")
+    params = [p for p, _, _ in found]
+    opts = [_per_tensor(v, params, name, keyed=params) for v, name in
+            ((k, "k"), (ratio, "ratio"), (rows, "rows"), (prox, "prox"), (lam, "lam"))]
+    if rho is None:
+        rhos = [step_options(g.get("regularizer")).get("admm_rho") if px == "l1" else None
+                for (_, _, g), px in zip(found, opts[3])]
     else:
-        if k is not None or ratio is not None or rows:
-            raise ValueError("prox='l1' is the element soft threshold: it takes lam and rho, not k, ratio or rows")
-        if lam is None or rho is None:
-            raise ValueError("prox='l1' needs lam and rho (Z = S_{lam/rho}(W + U))")
-        if not (lam >= 0 and math.isfinite(lam)) or not (rho > 0 and math.isfinite(rho)):
-            raise ValueError(f"prox='l1' needs lam >= 0 and rho > 0, got lam={lam}, rho={rho}")
-    torch.add(w, u, out=z)                        # W + U
-    if prox == "topk":
-        _project_(z, k, ratio, rows)
-    else:
-        soft_threshold_(z, lam / rho)
-    u.add_(w).sub_(z)                             # U + W - Z
-    if target is not None:
-        torch.sub(z, u, out=target)               # Z - U, rounded once to target's dtype
+        rhos = _per_tensor(rho, params, "rho", keyed=params)
+    keeps, by_rows, taus = _modes(params, *opts, rhos, lambda i: f"ADMM parameter {i}: ")
+    for i, (p, keep) in enumerate(zip(params, keeps)):
+        if keep is not None and is_dtensor(p):
+            raise ValueError(f"ADMM parameter {i} is sharded (DTensor): a top-k projection needs the whole tensor; "
+                             "use prox='l1' (element-wise) or project the full parameters")
+    local = [local_tensor(p).detach() for p in params]
+    admm_zu_step(local, [local_tensor(st["admm_z"]) for _, st, _ in found],
+                 [local_tensor(st["admm_u"]) for _, st, _ in found],
+                 [local_tensor(st.get("admm_target")) for _, st, _ in found],
+                 keep=keeps, rows=by_rows, tau=taus,
+                 backend=backend if backend is not None else getattr(optimizer, "backend", None))

@@ -15,7 +15,7 @@ import array
 import os
 import struct
 import warnings
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -30,13 +30,15 @@ _warned_fallbacks = set()
 
 # Columns of the per-tensor metadata table shared by the C++ and Triton
 # backends. Pointers are raw addresses (0 = absent); every tensor is
-# contiguous. A row is W[r] (first dimension); ROW_LEN = numel // ROWS.
-# Columns marked "float" hold the bits of a float64 (see float_bits).
+# contiguous. A row is W[r] (first dimension); ROW_LEN = numel // ROWS. A
+# column is W[:, c] (second dimension): element i lies in row i // ROW_LEN and
+# column (i % ROW_LEN) // COL_LEN. Columns marked "float" hold the bits of a
+# float64 (see float_bits).
 SGD_FIELDS = (
     "PARAM",        # W, storage dtype DTYPE
     "GRAD",         # gradient, same dtype and shape as W
     "BUF",          # momentum buffer, same dtype and shape as W (0: momentum == 0)
-    "LAM",          # fp32 [ROWS] per-row L2 coefficient (0: none)
+    "LAM",          # fp32 L2 coefficient, [ROWS] or W's shape (LAM_KIND; 0: none)
     "MASK",         # bool mask (0: none)
     "MASK_KIND",    # 0 none, 1 row mask [ROWS], 2 element mask (W's shape)
     "NORMS",        # fp32 [ROWS, 3] out: L1, L2, mean |W| of the updated rows (0: none)
@@ -54,10 +56,15 @@ SGD_FIELDS = (
     "CLAMP",        # 1: W = min(max(W, CLAMP_LO), CLAMP_HI) after the prox
     "CLAMP_LO",     # float
     "CLAMP_HI",     # float
+    "LAM_KIND",     # 0 none, 1 per row [ROWS]: d += lam[r] * W, 2 per element (W's shape): d += lam * W
+    "LAM_COLS",     # fp32 [COLS] per-column L2 coefficient: d += lam_cols[c] * W (0: none)
+    "COLS",         # W.shape[1] (0 for tensors with fewer than 2 dimensions)
+    "COL_LEN",      # ROW_LEN // COLS: elements per (row, column) (0 when COLS == 0)
 )
 SGD_COLUMN = {name: i for i, name in enumerate(SGD_FIELDS)}
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 MASK_NONE, MASK_ROW, MASK_ELEMENT = 0, 1, 2
+LAM_NONE, LAM_ROW, LAM_ELEMENT = 0, 1, 2
 
 
 def float_bits(x: float) -> int:
@@ -77,6 +84,25 @@ def mask_kind(mask: Optional[Tensor], param: Tensor) -> int:
     return MASK_ROW
 
 
+def lam_kind(lam: Optional[Tensor], param: Tensor) -> int:
+    """Per element when ``lam`` has W's shape (for a vector W both kinds agree), else per row."""
+    if lam is None:
+        return LAM_NONE
+    if lam.shape == param.shape:
+        return LAM_ELEMENT
+    return LAM_ROW
+
+
+def _cols(w: Tensor):
+    """(COLS, COL_LEN) of a parameter: its second dimension and the elements
+    each (row, column) pair spans; (0, 0) below 2 dimensions."""
+    if w.dim() < 2 or w.shape[1] == 0:
+        return 0, 0
+    cols = w.shape[1]
+    r = num_rows(w)
+    return cols, (w.numel() // r // cols if r else 0)
+
+
 def build_sgd_table(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -87,18 +113,20 @@ def build_sgd_table(
     first_step: Sequence[bool],
     *,
     l1s=None, polars=None, admm_targets=None, admm_rhos=None,
-    prox_kinds=None, prox_lams=None, clamps=None,
+    prox_kinds=None, prox_lams=None, clamps=None, lam_cols=None,
 ) -> Tensor:
     """The int64 ``[T, len(SGD_FIELDS)]`` metadata table (on the CPU); the
-    keyword lists are the regularizer terms of ``reference.sgd_step``."""
+    keyword lists are the regularizer terms and column lambdas of
+    ``reference.sgd_step``."""
     count = len(params)
     none = [None] * count
     flat = array.array("q")
-    for (w, g, buf, lam, mask, norm, first, l1, polar, target, rho, prox, prox_lam, clamp) in zip(
+    for (w, g, buf, lam, mask, norm, first, l1, polar, target, rho, prox, prox_lam, clamp, lam_col) in zip(
             params, grads, bufs, lams, masks, norms, first_step, l1s or none, polars or none,
             admm_targets or none, admm_rhos or [0.0] * count, prox_kinds or [0] * count,
-            prox_lams or none, clamps or none):
+            prox_lams or none, clamps or none, lam_cols or none):
         r = num_rows(w)
+        cols, col_len = _cols(w) if lam_col is not None else (0, 0)
         flat.extend((
             w.data_ptr(), g.data_ptr(), _ptr(buf), _ptr(lam), _ptr(mask),
             mask_kind(mask, w), _ptr(norm), w.numel(), r,
@@ -106,6 +134,7 @@ def build_sgd_table(
             _ptr(l1), _ptr(polar), _ptr(target), float_bits(rho), int(prox), _ptr(prox_lam),
             int(clamp is not None), float_bits(clamp[0] if clamp else 0.0),
             float_bits(clamp[1] if clamp else 0.0),
+            lam_kind(lam, w), _ptr(lam_col) if col_len else 0, cols, col_len,
         ))
     if not flat:
         return torch.empty(0, len(SGD_FIELDS), dtype=torch.int64)
@@ -177,10 +206,10 @@ def check_sgd_state(params, bufs, lams, masks, norms, terms=None) -> None:
     device = params[0].device if params else None
     terms = terms or {}
     none = [None] * len(params)
-    for i, (w, buf, lam, mask, norm, l1, polar, target, prox_kind, prox_lam) in enumerate(zip(
+    for i, (w, buf, lam, mask, norm, l1, polar, target, prox_kind, prox_lam, lam_col) in enumerate(zip(
             params, bufs, lams, masks, norms, terms.get("l1s") or none, terms.get("polars") or none,
             terms.get("admm_targets") or none, terms.get("prox_kinds") or none,
-            terms.get("prox_lams") or none)):
+            terms.get("prox_lams") or none, terms.get("lam_cols") or none)):
         where = lambda: f"parameter {i} ({_describe(w)})"  # noqa: E731  (built only on error)
         if w.device != device:
             raise ValueError(f"{where()} is not on {device} like the first parameter of its group; put each device's parameters in their own param group")
@@ -191,7 +220,14 @@ def check_sgd_state(params, bufs, lams, masks, norms, terms=None) -> None:
         rows = num_rows(w)
         if buf is not None and (buf.shape != w.shape or buf.dtype != w.dtype or buf.device != w.device):
             raise ValueError(f"{where()} has a momentum buffer of {_describe(buf)}; it must match the parameter")
-        for name, vector in (("lambda", lam), ("L1 coefficient", l1), ("proximal lambda", prox_lam)):
+        if lam is not None and (lam.shape not in ((rows,), w.shape) or lam.dtype != torch.float32 or lam.device != device):
+            raise ValueError(f"{where()} has a lambda of {_describe(lam)}; it must be a float32 vector of length {rows} (rows) or a float32 tensor of shape {tuple(w.shape)} (elements) on {device}")
+        if lam_col is not None:
+            if w.dim() < 2:
+                raise ValueError(f"{where()} has column lambdas (state['lam_cols']) but fewer than 2 dimensions; only parameters with a second dimension have columns")
+            if lam_col.shape != (w.shape[1],) or lam_col.dtype != torch.float32 or lam_col.device != device:
+                raise ValueError(f"{where()} has column lambdas (state['lam_cols']) of {_describe(lam_col)}; they must be a float32 vector of length {w.shape[1]} (W.shape[1]) on {device}")
+        for name, vector in (("L1 coefficient", l1), ("proximal lambda", prox_lam)):
             if vector is not None and (vector.shape != (rows,) or vector.dtype != torch.float32 or vector.device != device):
                 raise ValueError(f"{where()} has a {name} of {_describe(vector)}; it must be a float32 vector of length {rows} on {device}")
         if mask is not None and (mask.dtype != torch.bool or mask.device != device or mask.shape not in ((rows,), w.shape)):
@@ -237,21 +273,15 @@ def _fast_path_ok(*tensors: Optional[Tensor]) -> bool:
     return tensors[0].dtype in FAST_DTYPES and all(t is None or t.is_contiguous() for t in tensors)
 
 
-class _Launch:
-    """One C++ call or Triton launch: a metadata table over some of a plan's tensors."""
-
-    def __init__(self, dtype, index, table, units):
-        self.dtype, self.index, self.table, self.units = dtype, index, table, units
-        self.columns = table.numpy()  # a view: per-step patches cost no torch op
-        self.firsts = None  # the first-step flags now in the table
-
-
 # The regularizer terms of the sgd contract, by reference keyword; each name
 # is what a kernel module lists in its SGD_TERMS when it computes that term.
 TERM_KEYWORDS = {"l1": ("l1s",), "polar": ("polars",), "admm": ("admm_targets", "admm_rhos"),
                  "prox": ("prox_kinds", "prox_lams"), "clamp": ("clamps",)}
 TERM_ABSENT = {"l1s": None, "polars": None, "admm_targets": None, "admm_rhos": 0.0,
                "prox_kinds": PROX_NONE, "prox_lams": None, "clamps": None}
+# Keyword lists of the contract that every fast backend computes (no routing):
+# the per-column lambdas.
+CORE_ABSENT = {"lam_cols": None}
 
 
 def _terms_used(terms: Dict[str, list], i: int) -> set:
@@ -275,8 +305,54 @@ class _Launch:
         self.columns = table.numpy()  # a view: per-step patches cost no torch op
         self.firsts = None  # the first-step flags now in the table
 
+    def pick(self, values):
+        """This launch's entries of a list with one entry per tensor of the plan."""
+        return values if self.index is None else [values[i] for i in self.index]
 
-class SGDPlan:
+    def patch_grads(self, grads: Sequence[Tensor], column: int) -> None:
+        """Write this launch's gradient addresses into the table's ``column``."""
+        self.columns[:, column] = list(map(Tensor.data_ptr, self.pick(grads)))
+
+
+class TablePlan:
+    """What the plans of the kernel families share (``SGDPlan``,
+    ``regkern.backend_rda.RDAPlan``): the parameters' shapes and dtypes for the
+    per-step gradient check, the backend of their device, the tensors the
+    reference steps (``slow_index``) and the launches over the others, each a
+    metadata table whose gradient pointers a step patches: one C++ call for
+    all, or one Triton launch per storage dtype."""
+
+    def _place(self, params: Sequence[Tensor], backend: Optional[str]) -> None:
+        self.params = list(params)
+        self.shapes = [p.shape for p in params]
+        self.dtypes = [p.dtype for p in params]
+        self.device = params[0].device if params else torch.device("cpu")
+        self.backend = choose_backend(self.device, backend) if params else "reference"
+
+    def _split(self, fast: Sequence[bool], build_table: Callable[[List[int]], Tensor],
+               build_units: Callable[[Tensor], Tensor]) -> None:
+        """Tensor ``i`` goes to the reference unless ``fast[i]``; the others to
+        launches with the table ``build_table(indices)`` and, for Triton, the
+        work list ``build_units(table)`` (kept on the device)."""
+        count = len(self.params)
+        self.slow_index = [i for i, f in enumerate(fast) if not f]
+        self.launches: List[_Launch] = []
+        groups = {None: [i for i, f in enumerate(fast) if f]} if self.backend == "cpp" else {
+            dtype: [i for i, f in enumerate(fast) if f and self.dtypes[i] == dtype] for dtype in FAST_DTYPES}
+        for dtype, index in groups.items():
+            if not index:
+                continue
+            table = build_table(index)
+            units = build_units(table).to(self.device) if self.backend == "triton" else None
+            self.launches.append(_Launch(dtype, None if len(index) == count else index, table, units))
+
+    def checked_grads(self, grads: Sequence[Tensor]) -> List[Tensor]:
+        """``grads`` (one per parameter) ready for ``run``; ``ValueError`` on
+        gradients that cannot be stepped. Non-contiguous ones are copied."""
+        return checked_grads(self.params, self.shapes, self.dtypes, grads)
+
+
+class SGDPlan(TablePlan):
     """The validated, static part of an ``sgd`` step over tensors on one device.
 
     Parameters and their state (momentum buffers, lambdas, masks, row-norm
@@ -288,52 +364,38 @@ class SGDPlan:
     kernel lacks) are stepped by the reference, which handles any layout in
     place. ``terms`` are the regularizer keyword lists of
     ``reference.sgd_step`` (``l1s``, ``polars``, ``admm_targets``,
-    ``admm_rhos``, ``prox_kinds``, ``prox_lams``, ``clamps``).
+    ``admm_rhos``, ``prox_kinds``, ``prox_lams``, ``clamps``) and its column
+    lambdas ``lam_cols``.
     """
 
     def __init__(self, params, bufs=None, lams=None, masks=None, norms=None, backend=None, **terms):
         count = len(params)
-        unknown = set(terms) - set(TERM_ABSENT)
+        known = {**TERM_ABSENT, **CORE_ABSENT}
+        unknown = set(terms) - set(known)
         if unknown:
-            raise TypeError(f"unknown sgd terms {sorted(unknown)}; known: {sorted(TERM_ABSENT)}")
+            raise TypeError(f"unknown sgd terms {sorted(unknown)}; known: {sorted(known)}")
         bufs = list(bufs) if bufs is not None else [None] * count
         lams = list(lams) if lams is not None else [None] * count
         masks = list(masks) if masks is not None else [None] * count
         norms = list(norms) if norms is not None else [None] * count
-        self.terms = {k: list(v) if v is not None else [TERM_ABSENT[k]] * count for k, v in terms.items()}
+        self.terms = {k: list(v) if v is not None else [known[k]] * count for k, v in terms.items()}
         if not all(len(x) == count for x in (bufs, lams, masks, norms, *self.terms.values())):
             raise ValueError("params, momentum buffers, lams, masks, norms and terms must have one entry per parameter")
         check_sgd_state(params, bufs, lams, masks, norms, self.terms)
-        self.params = list(params)
-        self.shapes = [p.shape for p in params]
-        self.dtypes = [p.dtype for p in params]
+        self._place(params, backend)
         self.columns = list(zip(params, bufs, lams, masks, norms))
-        self.device = params[0].device if count else torch.device("cpu")
-        self.backend = choose_backend(self.device, backend) if count else "reference"
         supported = kernel_terms(self.backend)
-        tensor_terms = [k for k in ("l1s", "polars", "admm_targets", "prox_lams") if k in self.terms]
+        tensor_terms = [k for k in ("l1s", "polars", "admm_targets", "prox_lams", "lam_cols") if k in self.terms]
         fast = [self.backend != "reference" and _terms_used(self.terms, i) <= supported
                 and _fast_path_ok(*c, *(self.terms[k][i] for k in tensor_terms))
                 for i, c in enumerate(self.columns)]
-        self.slow_index = [i for i, f in enumerate(fast) if not f]
-        # One launch per storage dtype for Triton; C++ takes them mixed in one table.
-        self.launches: List[_Launch] = []
-        groups = {None: [i for i, f in enumerate(fast) if f]} if self.backend == "cpp" else {
-            dtype: [i for i, f in enumerate(fast) if f and params[i].dtype == dtype] for dtype in FAST_DTYPES}
-        for dtype, index in groups.items():
-            if not index:
-                continue
-            pick = lambda values: [values[i] for i in index]  # noqa: E731
-            table = build_sgd_table(pick(params), pick(params), pick(bufs), pick(lams), pick(masks),
-                                    pick(norms), [False] * len(index),
-                                    **{k: pick(v) for k, v in self.terms.items()})
-            units = load_triton().build_units(table).to(self.device) if self.backend == "triton" else None
-            self.launches.append(_Launch(dtype, None if len(index) == count else index, table, units))
 
-    def checked_grads(self, grads: Sequence[Tensor]) -> List[Tensor]:
-        """``grads`` (one per parameter) ready for ``run``; ``ValueError`` on
-        gradients that cannot be stepped. Non-contiguous ones are copied."""
-        return checked_grads(self.params, self.shapes, self.dtypes, grads)
+        def table(index):
+            pick = lambda values: [values[i] for i in index]  # noqa: E731
+            return build_sgd_table(pick(params), pick(params), pick(bufs), pick(lams), pick(masks),
+                                   pick(norms), [False] * len(index),
+                                   **{k: pick(v) for k, v in self.terms.items()})
+        self._split(fast, table, lambda t: load_triton().build_units(t))
 
     def run(self, grads: Sequence[Tensor], first_step=False, *, lr, momentum=0.0, dampening=0.0,
             nesterov=False, weight_decay=0.0, maximize=False,
@@ -352,10 +414,8 @@ class SGDPlan:
                                first_step=pick(firsts), lr=lr, grad_scale=grad_scale, found_inf=found_inf,
                                **{k: pick(v) for k, v in self.terms.items()}, **options)
         for launch in self.launches:
-            index = launch.index
-            mine = grads if index is None else [grads[i] for i in index]
-            launch.columns[:, SGD_COLUMN["GRAD"]] = list(map(Tensor.data_ptr, mine))
-            flags = firsts if index is None else [firsts[i] for i in index]
+            launch.patch_grads(grads, SGD_COLUMN["GRAD"])
+            flags = launch.pick(firsts)
             if flags != launch.firsts:
                 launch.columns[:, SGD_COLUMN["FIRST"]] = flags
                 launch.firsts = flags

@@ -1,29 +1,34 @@
 """Kernel dispatch of the `rda` family (L1 regularized dual averaging, SPEC 4).
 
-Same scheme as the sgd family in ``regkern.backend``: CPU tensors go to the
-C++ extension (``regkern._C.rda_step``), CUDA tensors to the Triton kernel
+Same scheme as the sgd family in ``regkern.backend`` (``RDAPlan`` is a
+``TablePlan`` like ``SGDPlan``): CPU tensors go to the C++ extension
+(``regkern._C.rda_step``), CUDA tensors to the Triton kernel
 (``regkern.kernels.rda``), anything else to the reference
 (``regkern.reference.rda``); ``backend=`` or ``REGKERN_BACKEND`` forces one
 (``regkern.backend.choose_backend``).
 
 Both fast backends read one int64 metadata table with a row per tensor (see
-``RDA_FIELDS``), built once per plan. Each step patches the gradient pointers
-and the step's coefficients (``t``, ``(t-1)/t``, ``sqrt(t)/gamma``, ``tau``,
-``kappa``, computed in float64 for all tensors at once with numpy, exactly as
-``reference.rda.rda_coefficients`` computes them) through a numpy view, then
-makes one C++ call, or one launch per storage dtype.
+``RDA_FIELDS``), built once per plan. A table holds each tensor's step ``t``,
+``lam`` and ``gamma``; the kernels derive the step's coefficients from them
+(``(t-1)/t``, ``sqrt(t)/gamma``, ``tau``, ``kappa``: the float64 operations
+of ``reference.rda.rda_coefficients``). So a step patches the gradient
+pointers and the ``t`` column through a numpy view (``lam`` and ``gamma``
+only when they change), then makes one C++ call, or one launch per dtype.
 """
 from __future__ import annotations
 
 import array
-from typing import List, Optional, Sequence, Union
+import functools
+import glob
+import os
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from regkern import backend as _backend
-from regkern.backend import DTYPE_CODE, FAST_DTYPES, choose_backend, load_cpp, mask_kind
+from regkern.backend import DTYPE_CODE, FAST_DTYPES, TablePlan, float_bits, load_cpp, mask_kind
 from regkern.reference import rda as _reference
 from regkern.reference.sgd import num_rows
 
@@ -42,15 +47,15 @@ RDA_FIELDS = (
     "ROW_LEN",
     "DTYPE",      # 0 float32, 1 bfloat16, 2 float16
     "GROUP",      # 0 element soft threshold, 1 row (group) shrinkage
+    "STREAM",     # 1: the C++ kernel writes fp32 W with non-temporal stores (same results)
     "T",          # float: the step t (1 at the first step)
-    "A",          # float: (t - 1) / t
-    "C",          # float: sqrt(t) / gamma
-    "TAU",        # float: lam * sqrt(t) / gamma
-    "KAPPA",      # float: tau * sqrt(ROW_LEN)
+    "LAM",        # float: the L1 strength lam
+    "GAMMA",      # float: gamma = 1 / lr (may be inf)
     "NORM_SQ",    # fp32 [ROWS] scratch of the Triton kernel for group tensors (0: none)
 )
 RDA_COLUMN = {name: i for i, name in enumerate(RDA_FIELDS)}
-_COEFFICIENTS = slice(RDA_COLUMN["T"], RDA_COLUMN["KAPPA"] + 1)
+_T, _LAM, _GAMMA, _GRAD = (RDA_COLUMN[k] for k in ("T", "LAM", "GAMMA", "GRAD"))
+_FALLBACK_L2 = 1 << 20
 
 
 def load_triton_rda():
@@ -62,11 +67,43 @@ def load_triton_rda():
     return triton_rda
 
 
-def build_rda_table(params, grads, gbars, w0s, masks, groups, scratch=None) -> Tensor:
+@functools.lru_cache(maxsize=None)
+def cache_bytes() -> int:
+    """The private (level 2) caches of all CPUs together, in bytes (Linux
+    sysfs; 1 MiB per CPU when unknown)."""
+    size = 0
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(f"{index}/level") as f:
+                if f.read().strip() != "2":
+                    continue
+            with open(f"{index}/size") as f:
+                text = f.read().strip().upper()
+            size = int(text.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        except (OSError, ValueError):
+            continue
+    return (size or _FALLBACK_L2) * (os.cpu_count() or 1)
+
+
+def streams_w(params: Sequence[Tensor]) -> bool:
+    """Whether the C++ kernel should write fp32 W with non-temporal stores.
+    The step never reads W, so a plain store first reads the line it
+    overwrites (read-for-ownership): a sixth of RDA's memory traffic. Once a
+    step's data (W, grad, gbar, W0) outgrows the CPUs' private caches, W
+    would not stay close to them anyway and streaming it skips that read
+    (measured on ResNet-56 and ResNet-50: the step goes from about 80% to
+    about 95% of the in-place x += y bandwidth)."""
+    working = sum(p.numel() * (2 * p.element_size() + 8) for p in params)
+    return working > cache_bytes()
+
+
+def build_rda_table(params, grads, gbars, w0s, masks, groups, scratch=None, stream=False) -> Tensor:
     """The int64 ``[T, len(RDA_FIELDS)]`` metadata table (on the CPU), with
-    zero coefficients (``coefficients`` fills them per step)."""
+    ``t = 1``, ``lam = 0`` and ``gamma = 1`` (``write_step`` sets the step's).
+    ``stream``: non-temporal stores for the fp32 tensors (``streams_w``)."""
     count = len(params)
     flat = array.array("q")
+    one = float_bits(1.0)
     for w, g, gbar, w0, mask, grouped, norm_sq in zip(params, grads, gbars, w0s, masks, groups,
                                                        scratch or [None] * count):
         r = num_rows(w)
@@ -74,25 +111,21 @@ def build_rda_table(params, grads, gbars, w0s, masks, groups, scratch=None) -> T
             w.data_ptr(), g.data_ptr(), gbar.data_ptr(), w0.data_ptr(),
             0 if mask is None else mask.data_ptr(), mask_kind(mask, w), w.numel(), r,
             w.numel() // r if r else 0, DTYPE_CODE[w.dtype], int(bool(grouped)),
-            0, 0, 0, 0, 0, 0 if norm_sq is None else norm_sq.data_ptr(),
+            int(bool(stream) and w.dtype == torch.float32), one, 0, one,
+            0 if norm_sq is None else norm_sq.data_ptr(),
         ))
     if not flat:
         return torch.empty(0, len(RDA_FIELDS), dtype=torch.int64)
     return torch.frombuffer(flat, dtype=torch.int64).reshape(-1, len(RDA_FIELDS)).clone()
 
 
-def coefficients(steps, gamma: float, lams, row_len) -> np.ndarray:
-    """float64 ``[T, 5]``: (t, a, c, tau, kappa) per tensor, vectorized
-    ``reference.rda.rda_coefficients`` (the same float64 operations)."""
-    t = np.asarray(steps, dtype=np.float64)
-    lam = np.broadcast_to(np.asarray(lams, dtype=np.float64), t.shape)
-    root = np.sqrt(t)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        a = (t - 1.0) / t
-        c = root / gamma
-        tau = lam * root / gamma
-        kappa = tau * np.sqrt(np.asarray(row_len, dtype=np.float64))
-    return np.stack([t, a, c, tau, kappa], axis=1)
+def write_step(columns: np.ndarray, steps, gamma: float, lams) -> None:
+    """Write a step's ``t`` and ``lam`` (one value or one per row) and
+    ``gamma`` into a table's numpy view."""
+    rows = columns.shape[0]
+    columns[:, _T] = np.broadcast_to(np.asarray(steps, dtype=np.float64), (rows,)).view(np.int64)
+    columns[:, _LAM] = np.broadcast_to(np.asarray(lams, dtype=np.float64), (rows,)).view(np.int64)
+    columns[:, _GAMMA] = float_bits(gamma)
 
 
 def check_rda_state(params, gbars, w0s, masks) -> None:
@@ -116,37 +149,23 @@ def check_rda_state(params, gbars, w0s, masks) -> None:
             raise ValueError(f"{where()} has a mask of {describe(mask)}; it must be a bool tensor of shape ({rows},) (rows) or {tuple(w.shape)} (elements) on {device}")
 
 
-def _check_scalars(steps: np.ndarray, gamma: float, lams: np.ndarray) -> None:
-    if not gamma > 0:  # also refuses NaN
-        raise ValueError(f"gamma (the inverse learning rate) must be positive, got {gamma}")
-    if not (steps >= 1).all():
-        raise ValueError(f"the step t counts from 1 at the first step; got {steps.min()}")
-    if not ((lams >= 0) & (lams < np.inf)).all():
-        raise ValueError(f"lam must be finite and non-negative, got {lams[~((lams >= 0) & (lams < np.inf))][0]}")
+def _check_lam(lam: float) -> None:
+    if not 0.0 <= lam < np.inf:  # also refuses NaN
+        raise ValueError(f"lam must be finite and non-negative, got {lam}")
 
 
 def _fast_path_ok(w: Tensor, gbar: Tensor, w0: Tensor, mask: Optional[Tensor]) -> bool:
     return w.dtype in FAST_DTYPES and all(t is None or t.is_contiguous() for t in (w, gbar, w0, mask))
 
 
-class _Launch:
-    """One C++ call or Triton launch: a metadata table over some of a plan's tensors."""
-
-    def __init__(self, dtype, index, table, units, scratch):
-        self.dtype, self.index, self.table, self.units, self.scratch = dtype, index, table, units, scratch
-        self.columns = table.numpy()  # a view: per-step patches cost no torch op
-        self.row_len = self.columns[:, RDA_COLUMN["ROW_LEN"]].copy()
-        self.groups = None
-
-
-class RDAPlan:
+class RDAPlan(TablePlan):
     """The validated, static part of an ``rda`` step over tensors on one device.
 
     Parameters and their state (gbar, W0, masks) are checked and their
     metadata built once; each step then checks the gradients, patches their
-    pointers and the step's coefficients into the table and makes one C++
-    call or one launch per dtype. Tensors the fast kernels cannot take
-    (non-contiguous, float64) are stepped by the reference.
+    pointers and the step counts into the table (lam and gamma when they
+    changed) and makes one C++ call or one launch per dtype. Tensors the fast
+    kernels cannot take (non-contiguous, float64) are stepped by the reference.
     """
 
     def __init__(self, params, gbars, w0s, masks=None, groups=False, backend=None):
@@ -156,48 +175,49 @@ class RDAPlan:
         if not (len(gbars) == len(w0s) == len(masks) == count):
             raise ValueError("params, gbars, w0s and masks must have one entry per parameter")
         check_rda_state(params, gbars, w0s, masks)
-        self.params = list(params)
-        self.shapes = [p.shape for p in params]
-        self.dtypes = [p.dtype for p in params]
+        self._place(params, backend)
         self.groups = groups
         self.columns = list(zip(params, gbars, w0s, masks))
-        self.device = params[0].device if count else torch.device("cpu")
-        self.backend = choose_backend(self.device, backend) if count else "reference"
         fast = [self.backend != "reference" and _fast_path_ok(*c) for c in self.columns]
-        self.slow_index = [i for i, f in enumerate(fast) if not f]
-        self.launches: List[_Launch] = []
-        by_dtype = {None: [i for i, f in enumerate(fast) if f]} if self.backend == "cpp" else {
-            dtype: [i for i, f in enumerate(fast) if f and params[i].dtype == dtype] for dtype in FAST_DTYPES}
-        for dtype, index in by_dtype.items():
-            if not index:
-                continue
+        stream = self.backend == "cpp" and streams_w([p for p, f in zip(params, fast) if f])
+        self._scratch = []  # per-row sums of squares of the Triton kernel (group tensors)
+
+        def table(index):
             cols = [self.columns[i] for i in index]
             scratch = None
-            if self.backend == "triton":  # per-row sums of squares of group tensors
+            if self.backend == "triton":
                 scratch = [torch.empty(num_rows(c[0]), dtype=torch.float32, device=self.device)
                            if groups[i] else None for i, c in zip(index, cols)]
-            table = build_rda_table([c[0] for c in cols], [c[0] for c in cols], [c[1] for c in cols],
-                                    [c[2] for c in cols], [c[3] for c in cols], [groups[i] for i in index],
-                                    scratch)
-            units = load_triton_rda().build_units(table).to(self.device) if self.backend == "triton" else None
-            self.launches.append(_Launch(dtype, None if len(index) == count else index, table, units, scratch))
-
-    def checked_grads(self, grads: Sequence[Tensor]) -> List[Tensor]:
-        """``grads`` (one per parameter) ready for ``run``; ``ValueError`` on
-        gradients that cannot be stepped. Non-contiguous ones are copied."""
-        return _backend.checked_grads(self.params, self.shapes, self.dtypes, grads)
+                self._scratch.append(scratch)
+            return build_rda_table([c[0] for c in cols], [c[0] for c in cols], [c[1] for c in cols],
+                                   [c[2] for c in cols], [c[3] for c in cols], [groups[i] for i in index],
+                                   scratch, stream)
+        self._split(fast, table, lambda t: load_triton_rda().build_units(t))
+        for launch in self.launches:
+            launch.rows = None if launch.index is None else np.asarray(launch.index, dtype=np.int64)
+            launch.lam = launch.gamma = None  # the values now in the table
 
     def run(self, grads: Sequence[Tensor], steps, *, gamma: Union[float, Tensor], lams=0.0,
             maximize: bool = False, grad_scale: Optional[Tensor] = None,
             found_inf: Optional[Tensor] = None) -> None:
         """Apply the step with gradients from ``checked_grads``; ``steps``
         (the t of each tensor, 1 at its first step) and ``lams`` are one value
-        or one per tensor."""
+        or one per tensor (a float64 numpy array of steps is used as it is)."""
         count = len(self.params)
         gamma = float(gamma)
-        steps = np.broadcast_to(np.asarray(steps, dtype=np.float64), (count,))
-        lams = np.broadcast_to(np.asarray(lams, dtype=np.float64), (count,))
-        _check_scalars(steps, gamma, lams)
+        if not gamma > 0:  # also refuses NaN
+            raise ValueError(f"gamma (the inverse learning rate) must be positive, got {gamma}")
+        if not (isinstance(steps, np.ndarray) and steps.dtype == np.float64 and steps.shape == (count,)):
+            steps = np.ascontiguousarray(np.broadcast_to(np.asarray(steps, dtype=np.float64), (count,)))
+        if count and not steps.min() >= 1:  # also refuses NaN
+            raise ValueError(f"the step t counts from 1 at the first step; got {steps.min()}")
+        if isinstance(lams, (list, tuple, np.ndarray)):
+            lams = np.broadcast_to(np.asarray(lams, dtype=np.float64), (count,))
+            for lam in lams:
+                _check_lam(float(lam))
+        else:
+            lams = float(lams)
+            _check_lam(lams)
         if found_inf is not None and self.backend != "triton" and bool(found_inf.item()):
             return
         if self.slow_index:
@@ -206,16 +226,20 @@ class RDAPlan:
             _reference.rda_step([c[0] for c in cols], [grads[i] for i in idx], [c[1] for c in cols],
                                 [c[2] for c in cols], masks=[c[3] for c in cols],
                                 step=[float(steps[i]) for i in idx], gamma=gamma,
-                                lams=[float(lams[i]) for i in idx], group=[self.groups[i] for i in idx],
+                                lams=lams if isinstance(lams, float) else [float(lams[i]) for i in idx],
+                                group=[self.groups[i] for i in idx],
                                 maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
         for launch in self.launches:
-            index = launch.index
-            mine = grads if index is None else [grads[i] for i in index]
+            launch.patch_grads(grads, _GRAD)
             cols = launch.columns
-            cols[:, RDA_COLUMN["GRAD"]] = list(map(Tensor.data_ptr, mine))
-            coef = coefficients(steps if index is None else steps[index], gamma,
-                                lams if index is None else lams[index], launch.row_len)
-            cols[:, _COEFFICIENTS] = coef.view(np.int64)
+            cols[:, _T] = (steps if launch.rows is None else steps[launch.rows]).view(np.int64)
+            if gamma != launch.gamma:
+                cols[:, _GAMMA] = float_bits(gamma)
+                launch.gamma = gamma
+            mine = lams if isinstance(lams, float) or launch.rows is None else lams[launch.rows]
+            if not (isinstance(mine, float) and mine == launch.lam):
+                cols[:, _LAM] = np.broadcast_to(np.asarray(mine, dtype=np.float64), (len(cols),)).view(np.int64)
+                launch.lam = mine if isinstance(mine, float) else None
             table = launch.table
             if self.backend == "cpp":
                 scale = 1.0 if grad_scale is None else float(grad_scale)

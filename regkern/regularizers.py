@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from regkern.reference.sgd import PROX_GROUP, PROX_L1
-from regkern.sharding import local_tensor, row_state
+from regkern.sharding import is_dtensor, local_tensor, row_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,16 +69,54 @@ class RowL2(Regularizer):
     With ``track_norms=True`` it also gets ``state["row_norms"]``, an fp32
     ``[R, 3]`` tensor that every step fills with the L1 norm, L2 norm and
     mean |W| of each updated row (SPEC 7), at no extra pass over memory.
+    With ``columns=True`` each parameter with at least 2 dimensions also gets
+    ``state["lam_cols"]``, fp32 zeros ``[W.shape[1]]``: ``d += lam_cols[c] *
+    W[:, c, ...]`` (the input channels a pruned producer removes from its
+    consumers).
     """
 
     kind: ClassVar[str] = "row_l2"
     track_norms: bool = False
+    columns: bool = False
 
     def init_state(self, param: Tensor, state: Dict[str, Any]) -> None:
         if "lam" not in state:
             state["lam"] = row_state(param)
         if self.track_norms and "row_norms" not in state:
             state["row_norms"] = row_state(param, (3,))
+        if self.columns and param.dim() >= 2 and "lam_cols" not in state:
+            state["lam_cols"] = _column_state(param)
+
+
+def _column_state(param: Tensor) -> Tensor:
+    """fp32 zeros ``[W.shape[1]]`` for ``param``'s columns. A DTensor gets a
+    DTensor laid out like the parameter's dim 1: sharded where dim 1 is,
+    else whole on every rank (FSDP shards dim 0, so usually replicated)."""
+    local = local_tensor(param)
+    value = torch.zeros(local.shape[1], dtype=torch.float32, device=local.device)
+    if local is param:
+        return value
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    placements = [Shard(0) if isinstance(p, Shard) and p.dim == 1 else Replicate() for p in param.placements]
+    return DTensor.from_local(value, param.device_mesh, placements, shape=(param.shape[1],), stride=(1,))
+
+
+@dataclasses.dataclass(frozen=True)
+class ElementL2(Regularizer):
+    """Per-element L2 penalty ``d += lam * W`` (GReg's unstructured "weight" mode).
+
+    Each parameter of the group gets ``state["lam"]``, fp32 zeros of the
+    parameter's shape (a DTensor parameter: sharded like it); schedules raise
+    the entries of the weights they drive to zero.
+    """
+
+    kind: ClassVar[str] = "element_l2"
+
+    def init_state(self, param: Tensor, state: Dict[str, Any]) -> None:
+        if "lam" not in state:
+            state["lam"] = torch.zeros_like(param.detach(), dtype=torch.float32,
+                                            memory_format=torch.contiguous_format)
 
 
 def _per_row(param: Tensor, lam: Union[float, Tensor]) -> Tensor:
@@ -180,12 +218,21 @@ class Polarization(Regularizer):
         return {"clamp": (0.0, float(self.a))}
 
     def before_step(self, params: Sequence[Tensor], states: Sequence[Dict[str, Any]]) -> None:
+        """``m`` and ``s`` of the set into ``polar[2:]``: one concatenation of
+        the scales (a few KB: the copy is cheap, a torch op per tensor is
+        not), its mean, then the mean of ``sign(gamma - m)`` computed in place."""
         if not params:
             return
         polar = states[0]["polar"]
-        values = torch.cat([local_tensor(p).detach().reshape(-1) for p in params]).float()
-        m = values.mean()
-        polar[2:].copy_(torch.stack([m, (values - m).sign().mean()]))
+        with torch.no_grad():
+            tensors = [local_tensor(p) for p in params] if any(map(is_dtensor, params)) else params
+            if not all(t.dim() == 1 for t in tensors):
+                tensors = [t.reshape(-1) for t in tensors]
+            values = torch.cat(tensors)
+            if values.dtype != torch.float32:
+                values = values.float()
+            m = values.mean()
+            torch.stack([m, values.sub_(m).sign_().mean()], out=polar[2:])
 
     def value(self, params: Sequence[Tensor]) -> Tensor:
         """``R(gamma) = lam * sum(t |gamma| - |gamma - mean(gamma)|)`` over the set."""

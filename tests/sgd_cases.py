@@ -4,7 +4,9 @@ A case is a set of tensors plus options; `run` applies one backend to a deep
 copy, so the same case can be stepped by the reference and a fast backend and
 compared with `assert_same`. `make_case(..., with_terms=...)` adds the
 regularizer terms of the contract (L1 subgradient, polarization, ADMM pull,
-proximal map, clamp) as `Case.terms`, the reference's keyword lists.
+proximal map, clamp) as `Case.terms`, the reference's keyword lists;
+`lam_kinds` draws per-element lambdas besides per-row ones and
+`with_lam_cols` adds per-column lambdas (`Case.terms["lam_cols"]`).
 """
 from __future__ import annotations
 
@@ -63,6 +65,8 @@ def make_case(
     with_mask: Optional[bool] = None,
     with_norms: Optional[bool] = None,
     with_terms: Union[bool, Collection[str]] = False,
+    lam_kinds: Collection[str] = ("row",),
+    with_lam_cols: Optional[bool] = False,
     **forced_options,
 ) -> Case:
     """A random case over `shapes`; unspecified options are drawn from `rng`.
@@ -70,6 +74,9 @@ def make_case(
     `with_terms`: False, no regularizer term (the default: draws nothing from
     `rng`); names from `TERMS`, those terms on every tensor; True, each term
     on about half of the tensors.
+    `lam_kinds`: the kinds of lambda to draw from, "row" ([R]) and
+    "element" (W's shape). `with_lam_cols`: False, none (draws nothing); True,
+    on every tensor with 2 or more dimensions; None, on about half of them.
     """
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
     momentum = rng.choice([0.0, 0.9]) if momentum is None else momentum
@@ -99,7 +106,9 @@ def make_case(
         case.first_step.append(first)
         case.bufs.append(rand(shape) if momentum else None)
         use_lam = rng.random() < 0.7 if with_lam is None else with_lam
-        case.lams.append(rand((rows,), torch.float32) if use_lam else None)
+        kind = "row" if tuple(lam_kinds) == ("row",) else rng.choice(sorted(lam_kinds))
+        case.lams.append(None if not use_lam else rand((rows,), torch.float32) if kind == "row"
+                         else rand(tuple(w.shape), torch.float32))
         use_mask = rng.random() < 0.4 if with_mask is None else with_mask
         if use_mask:
             mask_shape = rng.choice([(rows,), tuple(w.shape)])
@@ -110,6 +119,10 @@ def make_case(
         case.norms.append(torch.full((rows, 3), float("nan"), device=device) if use_norms else None)
         if with_terms:
             _add_terms(case, rng, w, rows, with_terms, rand)
+        if with_lam_cols is not False:
+            use_cols = w.dim() >= 2 and (with_lam_cols or rng.random() < 0.5)
+            case.terms.setdefault("lam_cols", [None] * (len(case.params) - 1)).append(
+                rand((w.shape[1],), torch.float32) if use_cols else None)
     return case
 
 

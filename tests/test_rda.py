@@ -23,7 +23,7 @@ import torch
 
 import regkern
 from regkern import backend_rda
-from regkern.backend_rda import RDA_COLUMN, RDA_FIELDS, build_rda_table, coefficients
+from regkern.backend_rda import RDA_COLUMN, RDA_FIELDS, build_rda_table, write_step
 from regkern.reference.rda import rda_coefficients, rda_step as reference_step
 from optim_helpers import CPU_BACKENDS, assert_unchanged, snapshot
 
@@ -104,12 +104,11 @@ def assert_matches(actual, expected, exact_element=True):
 
 
 def cpp_step(params, grads, gbars, w0s, *, masks, step, gamma, lams, group, maximize, grad_scale,
-             num_threads=2):
-    """One regkern._C.rda_step call over a table built here."""
-    table = build_rda_table(params, grads, gbars, w0s, masks, group)
-    cols = table.numpy()
-    cols[:, RDA_COLUMN["T"]:RDA_COLUMN["KAPPA"] + 1] = coefficients(
-        step, gamma, lams, cols[:, RDA_COLUMN["ROW_LEN"]]).view(np.int64)
+             num_threads=2, stream=False):
+    """One regkern._C.rda_step call over a table built here (``stream``:
+    non-temporal stores of fp32 W)."""
+    table = build_rda_table(params, grads, gbars, w0s, masks, group, stream=stream)
+    write_step(table.numpy(), step, gamma, lams)
     scale = 1.0 if grad_scale is None else float(grad_scale)
     _C.rda_step(table.data_ptr(), table.shape[0], table.shape[1], bool(maximize), scale, num_threads)
 
@@ -125,12 +124,49 @@ def isa(request):
 # --------------------------------------------------------------------------- reference
 
 
-def test_coefficients_vectorized_like_the_reference():
-    steps, lams, row_len = [1, 2, 7, 50, 12345], [0.0, 0.1, 3e-4, 2.0, 1e-6], [1, 9, 4099, 0, 27]
-    table = coefficients(steps, 7.3, lams, row_len)
-    for row, args in zip(table, zip(steps, lams, row_len)):
-        assert tuple(row[1:]) == rda_coefficients(args[0], 7.3, args[1], args[2])
-        assert row[0] == args[0]
+COEFFICIENT_CASES = [(1, 7.3, 0.0), (2, 7.3, 0.1), (7, 0.3, 3e-4), (50, 1e3, 2.0), (12345, 7.3, 1e-6),
+                     (3, math.inf, 0.5), (16777216, 0.01, 0.07)]
+
+
+def probe_coefficients(step_fn, t, gamma, lam, row_len=9, device="cpu"):
+    """Run ``step_fn`` on tensors whose results expose the kernel's fp32
+    coefficients, and compare them with ``rda_coefficients`` rounded to fp32."""
+    f32 = np.float32
+    a, c, tau, kappa = (f32(x) for x in rda_coefficients(t, gamma, lam, row_len))
+    zero, one, row = torch.zeros(1), torch.ones(1), torch.zeros(1, row_len)
+    tensors = [[zero, zero, zero, row],                            # W
+               [zero, torch.tensor([float(t)]), zero, row],        # g
+               [one, zero, zero, row],                             # gbar
+               [zero, zero, one, row + 1]]                         # W0
+    params, grads, gbars, w0s = ([x.clone().to(device) for x in xs] for xs in tensors)
+    step_fn(params, grads, gbars, w0s, masks=[None] * 4, step=[t] * 4, gamma=gamma, lams=[0.0, 0.0, lam, lam],
+            group=[False, False, False, True], maximize=False, grad_scale=None)
+    params, gbars = [x.cpu().numpy() for x in params], [x.cpu().numpy() for x in gbars]
+    assert gbars[0][0] == a                                     # gbar = 1 * a + 0 / t
+    assert params[1][0] == -c + f32(0)                          # gbar = 1, W = v = -c * 1
+    assert params[2][0] == max(f32(1) - tau, f32(0))            # v = 1, W = 1 - tau
+    norm = f32(math.sqrt(row_len))                              # v = 1 in a row of row_len
+    assert (params[3] == max(f32(1) - kappa / norm, f32(0)) * f32(1) + f32(0)).all()
+
+
+@pytest.mark.parametrize("t, gamma, lam", COEFFICIENT_CASES)
+def test_cpp_coefficients_are_the_reference_doubles(t, gamma, lam):
+    probe_coefficients(cpp_step, t, gamma, lam)
+    probe_coefficients(reference_step, t, gamma, lam)
+
+
+def test_write_step_fills_the_step_columns():
+    params = [torch.zeros(3), torch.zeros(2, 2)]
+    table = build_rda_table(params, params, params, params, [None, None], [False, True])
+    cols = table.numpy()
+    write_step(cols, [4, 9], 2.5, 0.25)
+    assert list(cols[:, RDA_COLUMN["T"]].view(np.float64)) == [4.0, 9.0]
+    assert list(cols[:, RDA_COLUMN["LAM"]].view(np.float64)) == [0.25, 0.25]
+    assert list(cols[:, RDA_COLUMN["GAMMA"]].view(np.float64)) == [2.5, 2.5]
+    assert list(cols[:, RDA_COLUMN["STREAM"]]) == [0, 0]
+    streamed = build_rda_table(params + [torch.zeros(2, dtype=torch.bfloat16)], params * 2, params * 2,
+                               params * 2, [None] * 3, [False] * 3, stream=True)
+    assert list(streamed[:, RDA_COLUMN["STREAM"]]) == [1, 1, 0]  # fp32 W only
 
 
 def test_reference_is_spec_4():
@@ -244,6 +280,27 @@ def test_functional_step_routes_what_the_kernels_cannot_take_to_the_reference():
     assert plan.slow_index == [1, 2]
 
 
+@pytest.mark.parametrize("group", [False, True], ids=["element", "group"])
+def test_cpp_stream_stores_give_the_same_bits(isa, group):
+    """Non-temporal stores of W (big steps) write what plain stores write,
+    also from addresses not aligned to a vector (tensors at odd offsets)."""
+    case = Case(random.Random(11), [(3, 1000), (40000,), (5, 17), (7,), (1, 4099)], torch.float32, group=group)
+    for i, offset in enumerate((1, 3, 0, 5, 7)):  # W in a buffer at an odd element offset
+        w = case.params[i]
+        case.params[i] = torch.empty(w.numel() + offset)[offset:].view(w.shape).copy_(w)
+    plain = case.run(cpp_step)
+    streamed = case.run(cpp_step, stream=True)
+    for name in ("params", "gbars", "w0s"):
+        assert [bits(t) for t in getattr(streamed, name)] == [bits(t) for t in getattr(plain, name)], name
+    assert_matches(streamed, case.run(reference_step), exact_element=True)
+
+
+def test_streams_w_only_for_steps_larger_than_the_caches():
+    assert not backend_rda.streams_w([torch.zeros(1000)])
+    huge = torch.zeros(1).expand(backend_rda.cache_bytes() // 16 + 1)  # only its size is read
+    assert backend_rda.streams_w([huge])
+
+
 def test_cpp_refuses_a_table_of_another_layout():
     with pytest.raises(ValueError, match="columns"):
         _C.rda_step(0, 0, len(RDA_FIELDS) + 1, False, 1.0, 1)
@@ -287,12 +344,16 @@ def triton_step(params, grads, gbars, w0s, *, masks, step, gamma, lams, group, m
         keep.append(scratch)
         table = build_rda_table(pick(params), pick(grads), pick(gbars), pick(w0s), pick(masks), pick(group),
                                 scratch)
-        cols = table.numpy()
-        cols[:, RDA_COLUMN["T"]:RDA_COLUMN["KAPPA"] + 1] = coefficients(
-            pick(step), gamma, pick(lams), cols[:, RDA_COLUMN["ROW_LEN"]]).view(np.int64)
+        write_step(table.numpy(), pick(step), gamma, pick(lams))
         device = params[index[0]].device
         triton_rda.rda_step(table.to(device), dtype, units=triton_rda.build_units(table, chunk).to(device),
                             block=block, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
+
+
+@needs_triton
+@pytest.mark.parametrize("t, gamma, lam", COEFFICIENT_CASES)
+def test_triton_coefficients_are_the_reference_doubles(t, gamma, lam):
+    probe_coefficients(triton_step, t, gamma, lam, device=TRITON_DEVICE)
 
 
 @needs_triton
@@ -486,6 +547,38 @@ def test_gradscaler_hooks_and_maximize():
     for other in runs[1:]:
         for a, b in zip(other, runs[0]):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_step_counts_share_one_tensor_and_honour_writes():
+    """A group's step counts are views of one fp32 vector (one numpy
+    operation per step reads and advances them all); the plan stays cached;
+    a count written in place or a new count tensor takes effect."""
+    params = opt_params()
+    opt = regkern.RDA(params, lr=0.1, lam=0.2)
+    train_rda(opt, params, 2)
+    plan = opt._plans[0]
+    train_rda(opt, params, 1, start=2)
+    assert opt._plans[0] is plan  # no rebuild per step
+    steps = [opt.state[p]["step"] for p in params]
+    base = steps[0]._base
+    assert base is not None and all(s._base is base for s in steps)
+    assert all(s.dtype == torch.float32 and s.dim() == 0 and float(s) == 3 for s in steps)
+
+    # in place (no rebuild) and by assignment (a rebuild): t = 10 and t = 5 for the next step
+    opt.state[params[0]]["step"].fill_(9.0)
+    opt.state[params[1]]["step"] = torch.tensor(4.0)
+    twins = [p.detach().clone() for p in params]
+    gbars = [opt.state[p]["gbar"].clone() for p in params]
+    w0s = [opt.state[p]["w0"].clone() for p in params]
+    grads = grads_for(params, 3)
+    for p, g in zip(params, grads):
+        p.grad = g.float()
+    opt.step()
+    expected_t = [10, 5] + [4] * (len(params) - 2)
+    reference_step(twins, [g.float() for g in grads], gbars, w0s, step=expected_t, gamma=10.0, lams=0.2)
+    for p, w in zip(params, twins):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-6, atol=1e-7)
+    assert [float(opt.state[p]["step"]) for p in params] == [float(t) for t in expected_t]
 
 
 def test_parameters_without_gradients_keep_their_own_step():

@@ -38,7 +38,7 @@ ISAS = _C._available_isas()
 def cpp_step(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0, nesterov=False,
              weight_decay=0.0, maximize=False, first_step=False, lams=None, masks=None, norms=None,
              grad_scale=None, found_inf=None, num_threads=2, l1s=None, polars=None, admm_targets=None,
-             admm_rhos=None, prox_kinds=None, prox_lams=None, clamps=None):
+             admm_rhos=None, prox_kinds=None, prox_lams=None, clamps=None, lam_cols=None):
     """reference.sgd_step's signature, stepped by one regkern._C.sgd_step call."""
     if found_inf is not None and bool(found_inf.item()):
         return
@@ -48,7 +48,7 @@ def cpp_step(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0
     table = build_sgd_table(params, grads, momentum_buffers, lams or none, masks or none,
                             norms or none, firsts, l1s=l1s, polars=polars, admm_targets=admm_targets,
                             admm_rhos=admm_rhos, prox_kinds=prox_kinds, prox_lams=prox_lams,
-                            clamps=clamps)
+                            clamps=clamps, lam_cols=lam_cols)
     scale = 1.0 if grad_scale is None else float(grad_scale)
     # `table` and the tensors stay referenced until the call returns
     _C.sgd_step(table.data_ptr(), count, float(lr), float(momentum), float(dampening),
@@ -451,6 +451,91 @@ def test_random_cases_with_terms(shapes, big, dtype, isa_name, momentum, nestero
     case = make_case(random.Random(seed), shapes + ([big] if big else []), dtype, with_lam=with_lam,
                      with_mask=with_mask, with_norms=with_norms, with_terms=tuple(sorted(terms)), **options)
     if prox_kind is not None and "prox" in terms:
+        with_prox_kind(case, prox_kind)
+    before = _C.isa()
+    _C._set_isa(isa_name)
+    try:
+        check(case, num_threads=num_threads)
+    finally:
+        _C._set_isa(before)
+
+
+# --------------------------------------------------------------------------
+# Lambdas along other dimensions: per-element lam (W's shape) and per-column
+# lam_cols (dim 1), alone (the plain path for element lam) and with the terms
+
+LAMBDA_SHAPES = [(), (7,), (1, 1), (5, 1), (3, 17), (33, 129), (16, 3, 3, 3), (8, 5, 3, 3), (4, 3, 5),
+                 (2, 7, 1000), (1, 4099), (3, 0), (0, 3), (2, 1, 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_terms", [False, True], ids=["alone", "terms"])
+def test_lambda_kinds_and_columns(isa, dtype, with_terms):
+    for seed in range(3):
+        rng = random.Random(f"lam-dims-{dtype}-{with_terms}-{seed}")
+        case = make_case(rng, LAMBDA_SHAPES, dtype, with_lam=True, lam_kinds=("row", "element"),
+                         with_lam_cols=True if seed == 0 else None, with_terms=with_terms)
+        out = check(case)
+        kinds = {lam.shape == w.shape for lam, w in zip(case.lams, case.params) if w.dim() >= 2}
+        assert seed or kinds == {True, False}, "want both kinds of lambda"
+        # the column lambdas act: zeroing them changes the result
+        plain = case.clone()
+        plain.terms["lam_cols"] = [None] * len(case.params)
+        without = run(reference_step, plain)
+        assert any(not torch.equal(o, p) for o, p, c in zip(out.params, without.params, case.terms["lam_cols"])
+                   if c is not None and o.numel())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lambda_columns_with_every_term_and_prox(dtype):
+    for kind in (1, 2):
+        rng = random.Random(f"lam-cols-all-{dtype}-{kind}")
+        check(with_prox_kind(make_case(rng, LAMBDA_SHAPES, dtype, momentum=0.9, with_lam=True, with_mask=True,
+                                       with_norms=True, with_terms=TERMS, lam_kinds=("row", "element"),
+                                       with_lam_cols=True), kind))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lambda_columns_thread_count_does_not_change_results(dtype):
+    """Thread cuts fall mid-row and mid-column: the column of the first element
+    of a share comes from its position, not from where the row started."""
+    shapes = [(3, 40000), (64, 64, 3, 3), (2, 7, 9000), (5000, 9), (33, 129)]
+    rng = random.Random(f"lam-cols-threads-{dtype}")
+    for with_norms in (False, None):
+        case = make_case(rng, shapes, dtype, momentum=0.9, with_lam=True, with_mask=True, with_norms=with_norms,
+                         lam_kinds=("row", "element"), with_lam_cols=True, with_terms=("l1",) if with_norms else False)
+        outs = [run(lambda *a, **k: cpp_step(*a, **k, num_threads=n), case) for n in (1, 2, 3)]
+        for out in outs[1:]:
+            for a, b in zip(outs[0].params + outs[0].bufs, out.params + out.bufs):
+                assert torch.equal(a, b)
+        check(case, num_threads=3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shapes=st.lists(st.lists(st.integers(0, 9), min_size=0, max_size=4).map(tuple), min_size=1, max_size=4),
+    big=st.sampled_from([None, (2, 1500), (37, 41), (3, 5, 300)]),
+    dtype=st.sampled_from(DTYPES),
+    isa_name=st.sampled_from(ISAS),
+    momentum=st.sampled_from([0.0, 0.9]),
+    weight_decay=st.sampled_from([0.0, 0.05]),
+    maximize=st.booleans(),
+    grad_scale=st.sampled_from([None, 1024.0]),
+    with_mask=st.booleans(), with_norms=st.booleans(),
+    terms=st.sets(st.sampled_from(TERMS)),
+    prox_kind=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+    num_threads=st.integers(1, 3),
+)
+def test_random_cases_with_lambda_dims(shapes, big, dtype, isa_name, momentum, weight_decay, maximize, grad_scale,
+                                       with_mask, with_norms, terms, prox_kind, seed, num_threads):
+    options = dict(momentum=momentum, nesterov=False, dampening=0.0, weight_decay=weight_decay, maximize=maximize)
+    if grad_scale is not None:
+        options["grad_scale"] = torch.tensor(grad_scale)
+    case = make_case(random.Random(seed), shapes + ([big] if big else []), dtype, with_lam=None,
+                     with_mask=with_mask, with_norms=with_norms, with_terms=tuple(sorted(terms)),
+                     lam_kinds=("row", "element"), with_lam_cols=None, **options)
+    if "prox" in terms:
         with_prox_kind(case, prox_kind)
     before = _C.isa()
     _C._set_isa(isa_name)

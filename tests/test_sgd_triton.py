@@ -258,3 +258,22 @@ def test_units_cover_every_element_once(chunk):
 )
 def test_hypothesis(shapes, dtype, seed, block, chunk, terms):
     check(make_case(random.Random(seed), shapes, dtype, DEVICE, with_terms=terms), block=block, chunk=chunk)
+
+
+@pytest.mark.parametrize("terms", [False, True], ids=["alone", "terms"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lambda_kinds_and_columns(dtype, terms):
+    # per-element lam and per-column lam_cols; units of 32 elements start mid-row and mid-column
+    shapes = [(), (7,), (5, 1), (3, 17), (4, 3, 5), (4, 3, 2, 2), (2, 45), (3, 0)]
+    case = make_case(random.Random(f"{dtype}-lam-dims-{terms}"), shapes, dtype, DEVICE, momentum=0.9,
+                     with_lam=True, with_mask=None, with_norms=None, lam_kinds=("row", "element"),
+                     with_lam_cols=True, with_terms=terms)
+    gen = torch.Generator().manual_seed(0)
+    for i, w in enumerate(case.params):  # both kinds on the tensors with columns
+        if w.dim() >= 2 and i % 2:
+            case.lams[i] = torch.randn(w.shape, generator=gen).to(DEVICE)
+    expected = check(case, block=32, chunk=32)
+    without = case.clone()
+    without.terms["lam_cols"] = [None] * len(case.params)
+    plain = run(reference_step, without)
+    assert any(not torch.equal(e, p) for e, p in zip(expected.params, plain.params)), "lam_cols changed nothing"

@@ -21,7 +21,9 @@ momentum and weight decay) in every row.
   per BN scale;
 - ``admm`` (conv/linear weights, SPEC 6, the W-step): regkern ``ADMM(rho)``
   against (a) ``grad += rho * (W - Z + U)`` per tensor then
-  ``torch.optim.SGD(foreach)``.
+  ``torch.optim.SGD(foreach)``;
+- ``admm-zu`` (classic ADMM's Z/U update) and ``sas-admm`` (one SAS-ADMM
+  step) are not SGD steps: their rows are described at the end of this file.
 
 Each table also has (d) ``torch.optim.SGD(fused=True)`` without any
 regularizer and the two memory floors, at the bytes the fused step of that
@@ -35,6 +37,7 @@ reference.
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -364,3 +367,334 @@ for _key in ("prox-l1", "group-lasso", "l1", "polarization", "admm"):
     row("d", "(d) SGD fused, no regularizer", regularizer=_key)(sgd.torch_fused)
     row("floor", "(e) memory floor, copy", regularizer=_key)(sgd.memory_floor)
     row("floor-rmw", "(e2) memory floor, x += y", regularizer=_key)(sgd.memory_floor_in_place)
+
+
+# =========================================================================== ADMM Z/U update and SAS-ADMM
+#
+# Two more tables, not SGD steps:
+#
+# - ``admm-zu``: classic ADMM's Z/U update (SPEC 6, every K steps) on the
+#   conv/linear weights, each layer pruned at ``ZU_RATIO`` (top-k magnitudes of
+#   W + U): regkern ``regkern.admm.admm_update_all`` (a score pass, the
+#   per-tensor selection with torch.kthvalue, one fused pass writing Z, U and
+#   the target) against (a) the same math as torch ops per tensor, (b) the
+#   official loop (``np.percentile`` of |W + U| per layer on the host, as the
+#   ADMM pruning code does), (c) torch.compile of (a). The floors count the one
+#   update pass (read W, U; write Z, U, target); the selection is extra work
+#   every row does.
+# - ``sas-admm``: one ``regkern.SASADMM`` step (official defaults, M = 50: the
+#   outer update every 50th step) on every parameter, against (a) the official
+#   sasPrun loop body as torch ops per tensor, (b) the same in torch._foreach
+#   ops (regkern's earlier implementation), (c) torch.compile of (a) (inner step
+#   and outer step compiled separately, coefficients as device tensors). The
+#   floors count an inner step (read grad, W_breve, W, anchor; write W_breve,
+#   W, the parameter).
+
+ZU_RATIO = 0.85   # fraction of each layer pruned (the official per-layer percentile)
+SAS_HYPER = dict(beta=0.04, lam=1e-4, r=0.9, s=1.09, M=50, k0=50, q=1.1, v=25.0)  # official defaults
+
+
+class ZUCase(RegularizerCase):
+    """The conv/linear weights as the Z/U table sees them: fp32 Z and U, a target in W's dtype."""
+
+    @property
+    def floor_bytes(self) -> int:
+        """Read W, U; write Z, U, target."""
+        return sum(self.weights[i].numel() * (12 + 2 * self.weights[i].element_size()) for i in self.reg)
+
+    @property
+    def working_set_bytes(self) -> int:
+        """W, Z, U, target."""
+        return sum(self.weights[i].numel() * (8 + 2 * self.weights[i].element_size()) for i in self.reg)
+
+    def zu_state(self):
+        """Fresh ``(ws, zs, us, targets, keeps)`` of the regularized tensors (the same values for every row)."""
+        gen = torch.Generator().manual_seed(3)
+        ws = [self.weights[i].clone() for i in self.reg]
+        us = [(torch.randn(w.shape, generator=gen) * 1e-2).to(w.device) for w in ws]
+        zs = [torch.zeros_like(u) for u in us]
+        targets = [torch.zeros_like(w) for w in ws]
+        from regkern.admm import kept_count
+        keeps = [kept_count(w.numel(), ratio=ZU_RATIO) for w in ws]
+        return ws, zs, us, targets, keeps
+
+
+class SASCase(RegularizerCase):
+    """Every parameter in SAS-ADMM; fused-step bytes are an inner step's."""
+
+    @property
+    def floor_bytes(self) -> int:
+        """Read grad, W_breve, W, anchor; write W_breve, W, the parameter."""
+        return sum(w.numel() * (20 + 2 * w.element_size()) for w in self.weights)
+
+    @property
+    def working_set_bytes(self) -> int:
+        """Parameter, grad, W, W_breve, anchor, Z, U."""
+        return sum(w.numel() * (20 + 2 * w.element_size()) for w in self.weights)
+
+
+def _zu_case(case: Case) -> Optional[Case]:
+    if not case.reg:
+        return None
+    return ZUCase(case, "admm-zu", f"ADMM Z/U update, top-k per layer (ratio {ZU_RATIO:g})", list(case.reg),
+                  "conv/linear weights", 0)
+
+
+def _sas_case(case: Case) -> Optional[Case]:
+    return SASCase(case, "sas-admm", "SAS-ADMM step ({})".format(", ".join(f"{k}={v:g}" for k, v in SAS_HYPER.items())),
+                   list(range(len(case.shapes))), "all parameters", 0)
+
+
+sgd.suite("admm-zu", "ADMM Z/U update (top-k projection of W + U per layer, U and Z - U) on conv/linear weights",
+          _zu_case, DEFAULT_SHAPES)
+sgd.suite("sas-admm", "one SAS-ADMM step (W_breve, W, W_hat; outer update every M steps) on every parameter",
+          _sas_case, DEFAULT_SHAPES)
+
+
+# --------------------------------------------------------------------------- ADMM Z/U rows
+
+@row("regkern", "regkern.admm.admm_update_all (fused)", per_backend=True, regularizer="admm-zu")
+def regkern_zu(case: Case, ctx: Context) -> Prepared:
+    try:
+        from regkern.admm import admm_update_all
+        from regkern.backend import choose_backend
+    except ImportError as e:
+        raise Unavailable(f"regkern.admm not importable ({e})") from None
+    ws, zs, us, targets, keeps = case.zu_state()
+
+    def step() -> None:
+        admm_update_all(ws, zs, us, targets, k=keeps, backend=ctx.backend)
+    return Prepared(step=step, note=f"backend {choose_backend(case.device, ctx.backend)}",
+                    keep=(ws, zs, us, targets))
+
+
+def zu_step_math(ws: List[Tensor], zs: List[Tensor], us: List[Tensor], targets: List[Tensor],
+                 keeps: List[int]) -> None:
+    """The Z/U update as users write it with torch ops per tensor (ties at the
+    threshold all kept), fp32 math."""
+    for w, z, u, target, keep in zip(ws, zs, us, targets, keeps):
+        w32 = w.float()
+        v = w32 + u
+        score = v.abs()
+        threshold = score.flatten().kthvalue(v.numel() - keep + 1).values
+        z.copy_(torch.where(score >= threshold, v, torch.zeros_like(v)))
+        u.add_(w32 - z)
+        target.copy_(z - u)
+
+
+@row("a", "(a) Z/U update as torch ops per tensor", regularizer="admm-zu")
+def loop_zu(case: Case, ctx: Context) -> Prepared:
+    ws, zs, us, targets, keeps = case.zu_state()
+
+    @torch.no_grad()
+    def step() -> None:
+        zu_step_math(ws, zs, us, targets, keeps)
+    return Prepared(step=step, keep=(ws, zs, us, targets))
+
+
+@row("b", "(b) official loop: np.percentile per layer", regularizer="admm-zu")
+def official_zu(case: Case, ctx: Context) -> Prepared:
+    """ADMM pruning code's update_Z / update_U: Z = W + U moved to the host,
+    ``np.percentile(|Z|, 100 * ratio)``, entries below it zeroed, back to the
+    device; U = U + W - Z; the W-step's Z - U."""
+    import numpy as np
+    ws, zs, us, targets, _ = case.zu_state()
+    percent = 100 * ZU_RATIO
+
+    @torch.no_grad()
+    def step() -> None:
+        for w, z, u, target in zip(ws, zs, us, targets):
+            v = (w.float() + u).cpu().numpy()
+            magnitude = np.abs(v)
+            v[magnitude < np.percentile(magnitude, percent)] = 0
+            z.copy_(torch.from_numpy(v))
+            u.add_(w.float() - z)
+            target.copy_(z - u)
+    return Prepared(step=step, keep=(ws, zs, us, targets))
+
+
+@row("c", "(c) torch.compile Z/U update", regularizer="admm-zu")
+def compiled_zu(case: Case, ctx: Context) -> Prepared:
+    ws, zs, us, targets, keeps = case.zu_state()
+    return _compiled_call(case, ctx, torch.compile(zu_step_math, fullgraph=True, dynamic=False),
+                          (ws, zs, us, targets, keeps))
+
+
+def _compiled_call(case: Case, ctx: Context, fn, args, extra: Callable[[], None] = lambda: None) -> Prepared:
+    """A row timing ``fn(*args)`` (a torch.compile'd function), compiled here
+    within the compile timeout; ``extra()`` compiles whatever else the row calls."""
+    t0 = time.perf_counter()
+    try:
+        with sgd._Alarm(ctx.compile_timeout_s):
+            with torch.no_grad():
+                fn(*args)
+                extra()
+            sgd.synchronize(case.device)
+    except TimeoutError as e:
+        torch._dynamo.reset()
+        raise Unavailable(str(e)) from None
+    except Exception as e:  # noqa: BLE001  (any compiler failure becomes a table note)
+        torch._dynamo.reset()
+        raise Unavailable(f"compile failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}") from None
+
+    @torch.no_grad()
+    def step() -> None:
+        fn(*args)
+    return Prepared(step=step, note=f"compile {time.perf_counter() - t0:.1f} s", keep=(args, fn))
+
+
+row("floor", "(e) memory floor, copy", regularizer="admm-zu")(sgd.memory_floor)
+row("floor-rmw", "(e2) memory floor, x += y", regularizer="admm-zu")(sgd.memory_floor_in_place)
+
+
+# --------------------------------------------------------------------------- SAS-ADMM rows
+
+@row("regkern", "regkern.SASADMM (fused)", per_backend=True, regularizer="sas-admm")
+def regkern_sas(case: Case, ctx: Context) -> Prepared:
+    try:
+        sas_class = regkern.SASADMM
+    except AttributeError as e:
+        raise Unavailable(f"regkern.SASADMM not importable ({e})") from None
+    params = case.fresh_params()
+    opt = sas_class(params, backend=ctx.backend, **SAS_HYPER)
+    opt.step()  # creates the state; the note can then say where the tensors went
+    return Prepared(step=opt.step, note=_backend_note(case, ctx, opt, []), keep=(params, opt))
+
+
+class _SASLoop:
+    """The state and schedule of SAS-ADMM for the rows that are not regkern:
+    fp32 W, W_breve, Z, U, anchor per parameter, (k, t) counters, the official
+    schedule; ``coefficients()`` gives this step's and advances the counters."""
+
+    def __init__(self, case: Case, params: List[Tensor]) -> None:
+        from regkern.optim.sas_admm import sas_schedule
+        self.schedule = sas_schedule
+        self.params = params
+        self.grads = [p.grad for p in params]
+        self.w = [p.detach().float().clone() for p in params]
+        self.wb = [w.clone() for w in self.w]
+        self.z = [w.clone() for w in self.w]
+        self.u = [torch.zeros_like(w) for w in self.w]
+        self.rho = SAS_HYPER["beta"]
+        self.anchor = [w * self.rho for w in self.w]
+        self.k, self.t = 1, 1
+
+    def coefficients(self):
+        """``(c, c + rho, b, b_next, outer)`` of this step (then advance k, t)."""
+        h = SAS_HYPER
+        m_k, eta_k = self.schedule(self.k, h["M"], h["k0"], h["q"], h["v"])
+        c, b = 2.0 / (eta_k * self.t), 2.0 / (self.t + 1)
+        outer = self.t >= m_k
+        self.k, self.t = (self.k + 1, 1) if outer else (self.k, self.t + 1)
+        return c, c + self.rho, b, 2.0 / (self.t + 1), outer
+
+
+def _sas_outer_ops(w, z, u, anchor) -> None:
+    """The official outer update of one tensor (in place on z, u, anchor)."""
+    beta, lam, rho = SAS_HYPER["beta"], SAS_HYPER["lam"], SAS_HYPER["beta"]
+    u_mid = u - SAS_HYPER["r"] * beta * (w - z)
+    x = w - u_mid / beta
+    tmp = x.abs() - lam / beta
+    z.copy_(torch.sign(x) * (tmp + tmp.abs()) / 2)
+    diff = w - z
+    u.copy_(u_mid - SAS_HYPER["s"] * beta * diff)
+    anchor.copy_(rho * w + (u - beta * diff))
+
+
+@row("a", "(a) sasPrun loop as torch ops per tensor", regularizer="sas-admm")
+def loop_sas(case: Case, ctx: Context) -> Prepared:
+    params = case.fresh_params()
+    s = _SASLoop(case, params)
+    items = list(zip(params, s.grads, s.w, s.wb, s.anchor, s.z, s.u))
+
+    @torch.no_grad()
+    def step() -> None:
+        c, cr, b, bn, outer = s.coefficients()
+        for p, g, w, wb, anchor, z, u in items:
+            wb.copy_((c * wb + anchor - g.float()) / cr)
+            w.copy_(b * wb + (1 - b) * w)
+            if outer:
+                _sas_outer_ops(w, z, u, anchor)
+            p.copy_(bn * wb + (1 - bn) * w)
+    return Prepared(step=step, keep=(params, s))
+
+
+@row("b", "(b) the same in torch._foreach ops", regularizer="sas-admm")
+def foreach_sas(case: Case, ctx: Context) -> Prepared:
+    params = case.fresh_params()
+    s = _SASLoop(case, params)
+    beta, lam, rho = SAS_HYPER["beta"], SAS_HYPER["lam"], s.rho
+    low_precision = params[0].dtype != torch.float32
+
+    @torch.no_grad()
+    def step() -> None:
+        c, cr, b, bn, outer = s.coefficients()
+        gs = [g.float() for g in s.grads] if low_precision else s.grads
+        torch._foreach_mul_(s.wb, c / cr)
+        torch._foreach_add_(s.wb, s.anchor, alpha=1.0 / cr)
+        torch._foreach_add_(s.wb, gs, alpha=-1.0 / cr)
+        torch._foreach_lerp_(s.w, s.wb, b)
+        if outer:
+            diff = torch._foreach_sub(s.w, s.z)
+            torch._foreach_add_(s.u, diff, alpha=-SAS_HYPER["r"] * beta)
+            torch._foreach_copy_(s.z, s.w)
+            torch._foreach_add_(s.z, s.u, alpha=-1.0 / beta)
+            torch._foreach_copy_(diff, s.z)
+            torch._foreach_clamp_min_(diff, -lam / beta)
+            torch._foreach_clamp_max_(diff, lam / beta)
+            torch._foreach_sub_(s.z, diff)
+            torch._foreach_copy_(diff, s.w)
+            torch._foreach_sub_(diff, s.z)
+            torch._foreach_add_(s.u, diff, alpha=-SAS_HYPER["s"] * beta)
+            torch._foreach_copy_(s.anchor, s.u)
+            torch._foreach_add_(s.anchor, s.w, alpha=rho)
+            torch._foreach_add_(s.anchor, diff, alpha=-beta)
+        if low_precision:
+            torch._foreach_copy_(params, torch._foreach_lerp(s.w, s.wb, bn))
+        else:
+            torch._foreach_copy_(params, s.w)
+            torch._foreach_lerp_(params, s.wb, bn)
+    return Prepared(step=step, keep=(params, s))
+
+
+def sas_inner_math(params, grads, ws, wbs, anchors, coef) -> None:
+    """The inner step in torch ops, for torch.compile; ``coef`` = (c, c + rho,
+    b, b_next) as an fp32 device tensor (no recompile per step)."""
+    c, cr, b, bn = coef[0], coef[1], coef[2], coef[3]
+    for p, g, w, wb, anchor in zip(params, grads, ws, wbs, anchors):
+        new_wb = (c * wb + anchor - g.float()) / cr
+        new_w = b * new_wb + (1 - b) * w
+        wb.copy_(new_wb)
+        w.copy_(new_w)
+        p.copy_(bn * new_wb + (1 - bn) * new_w)
+
+
+def sas_outer_math(ws, zs, us, anchors) -> None:
+    """The outer step in torch ops, for torch.compile."""
+    for w, z, u, anchor in zip(ws, zs, us, anchors):
+        _sas_outer_ops(w, z, u, anchor)
+
+
+@row("c", "(c) torch.compile SAS-ADMM step", regularizer="sas-admm")
+def compiled_sas(case: Case, ctx: Context) -> Prepared:
+    params = [p.detach() for p in case.fresh_params()]
+    s = _SASLoop(case, params)
+    s.grads = [g.clone() for g in case.grads]
+    coef = torch.zeros(4, dtype=torch.float32, device=case.device)
+    inner = torch.compile(sas_inner_math, fullgraph=True, dynamic=False)
+    outer = torch.compile(sas_outer_math, fullgraph=True, dynamic=False)
+    prepared = _compiled_call(case, ctx, inner, (params, s.grads, s.w, s.wb, s.anchor, coef),
+                              extra=lambda: outer(s.w, s.z, s.u, s.anchor))
+
+    def step() -> None:
+        c, cr, b, bn, is_outer = s.coefficients()
+        coef.copy_(torch.tensor([c, cr, b, bn]), non_blocking=True)
+        prepared.step()
+        if is_outer:
+            with torch.no_grad():
+                outer(s.w, s.z, s.u, s.anchor)
+    return Prepared(step=step, note=prepared.note, keep=(prepared, s, coef))
+
+
+row("floor", "(e) memory floor, copy", regularizer="sas-admm")(sgd.memory_floor)
+row("floor-rmw", "(e2) memory floor, x += y", regularizer="sas-admm")(sgd.memory_floor_in_place)

@@ -5,6 +5,7 @@ import math
 import operator
 from typing import Any, Callable, Dict, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -67,12 +68,13 @@ class RDA(torch.optim.Optimizer):
     ``torch.amp.GradScaler`` the step sees the unscaled gradient and a step
     with inf/NaN gradients changes nothing (not even the step count).
 
-    State per parameter: ``step`` (float32 CPU tensor, like torch's
-    optimizers), ``gbar`` and ``w0`` (fp32 for fp32 / bf16 / fp16 parameters,
-    float64 for float64 ones; all math is fp32, W is rounded once to its
-    dtype). An optional ``state[p]["mask"]`` (bool, ``[R]`` rows or ``W``'s
-    shape) is applied before the shrinkage to v, gbar and W0, so pruned
-    weights stay exactly 0. All of it round-trips through ``state_dict``.
+    State per parameter: ``step`` (a 0-d float32 CPU tensor, like torch's
+    optimizers; the counts of a param group are views of one vector, so a
+    step reads and advances them at once), ``gbar`` and ``w0`` (fp32 for
+    fp32 / bf16 / fp16 parameters, float64 for float64 ones; all math is
+    fp32, W is rounded once to its dtype). An optional ``state[p]["mask"]``
+    (bool, ``[R]`` rows or ``W``'s shape) is applied before the shrinkage to
+    v, gbar and W0, so pruned weights stay exactly 0. All of it round-trips through ``state_dict``.
     Write state tensors in place, or assign new ones (the next step then
     re-checks them). ``backend`` ("cpp", "triton", "reference"; default: by
     device, or the ``REGKERN_BACKEND`` variable) forces a kernel backend.
@@ -120,8 +122,7 @@ class RDA(torch.optim.Optimizer):
         for group, (cached, grads) in zip(self.param_groups, prepared):
             if not cached.params:
                 continue
-            steps = cached.next_steps()
-            cached.plan.run(grads, steps, gamma=_gamma(group["lr"]), lams=float(group["lam"]),
+            cached.plan.run(grads, cached.next_steps(), gamma=_gamma(group["lr"]), lams=float(group["lam"]),
                             maximize=group["maximize"], grad_scale=grad_scale)
             cached.commit(self.state)
         return loss
@@ -144,7 +145,12 @@ class _GroupPlan:
     """A param group's RDAPlan with what it was built from: the parameters
     that had gradients, their storage, the row/element choice and the state
     clock. State for parameters stepped for the first time (step 0, gbar 0,
-    w0 = W) is created here and saved only after the step ran."""
+    w0 = W) is created here and saved only after the step ran.
+
+    The group's step counts live in one fp32 CPU tensor ``counts``: each
+    ``state[p]["step"]`` is a 0-d view of its element (still a float32 CPU
+    tensor, written in place like torch's), so a step reads and advances all
+    of them with one numpy operation each."""
 
     def __init__(self, optimizer: RDA, group: Dict[str, Any], params) -> None:
         states = [optimizer.state[p] for p in params]
@@ -163,20 +169,28 @@ class _GroupPlan:
             return self.new_state[p][name] if p in self.new_state else st.get(name)
 
         self.params = list(params)
-        self.steps = [entry(p, st, "step") for p, st in zip(params, states)]
+        steps = [entry(p, st, "step") for p, st in zip(params, states)]
         gbars = [entry(p, st, "gbar") for p, st in zip(params, states)]
         w0s = [entry(p, st, "w0") for p, st in zip(params, states)]
-        for i, (p, s) in enumerate(zip(params, self.steps)):
+        for i, (p, s) in enumerate(zip(params, steps)):
             if not isinstance(s, Tensor) or s.dim() != 0 or s.device.type != "cpu":
                 raise ValueError(f"parameter {i} of its group has a step count of {s!r}; it must be a 0-d CPU tensor such as torch.tensor(10.0)")
         self.group = group["group"]
         self.sharded = any(is_dtensor(p) for p in params)
         self.pointers = self._pointers(params)
-        self.clock = optimizer.state.clock.value
         self.backend = optimizer.backend
         self.plan = RDAPlan([local_tensor(p) for p in params], [local_tensor(g) for g in gbars],
                             [local_tensor(w) for w in w0s], [local_tensor(st.get("mask")) for st in states],
                             self.group, optimizer.backend)
+        # Everything is checked: now the step counts may move into one tensor.
+        self.counts, views = _shared_counts(steps)
+        for p, st, view in zip(params, states, views):
+            if p in self.new_state:
+                self.new_state[p]["step"] = view
+            elif st["step"] is not view:
+                dict.__setitem__(st, "step", view)  # same value, same plan: the clock stays
+        self.count_values = self.counts.numpy()  # a view
+        self.clock = optimizer.state.clock.value
 
     def _pointers(self, params):
         return [local_tensor(p).data_ptr() for p in params] if self.sharded else list(map(Tensor.data_ptr, params))
@@ -186,16 +200,32 @@ class _GroupPlan:
                 and len(params) == len(self.params) and not any(self.firsts)
                 and all(map(operator.is_, params, self.params)) and self._pointers(params) == self.pointers)
 
-    def next_steps(self):
-        """The step t each parameter is about to take (one C-level read of the counters)."""
-        return torch.stack(self.steps).double().numpy() + 1.0
+    def next_steps(self) -> np.ndarray:
+        """The step t each parameter is about to take (float64)."""
+        t = self.count_values.astype(np.float64)
+        t += 1.0
+        return t
 
     def commit(self, state) -> None:
         """Count the step and keep the state of first-stepped parameters."""
-        torch._foreach_add_(self.steps, 1.0)
+        self.count_values += 1.0
         for p, entries in self.new_state.items():
             state[p].update(entries)
         self.new_state = {}
+
+
+def _shared_counts(steps):
+    """``(counts, views)``: an fp32 vector holding the step counts ``steps``
+    (0-d CPU tensors) and its elements as 0-d views. When ``steps`` already
+    are the elements of one such vector, in order, that vector and ``steps``."""
+    base = steps[0]._base if steps else None
+    if (base is not None and base.dtype == torch.float32 and base.dim() == 1 and base.is_contiguous()
+            and base.numel() == len(steps)
+            and all(s._base is base and s.storage_offset() == base.storage_offset() + i
+                    for i, s in enumerate(steps))):
+        return base, steps
+    counts = torch.tensor([float(s) for s in steps], dtype=torch.float32)
+    return counts, counts.unbind()
 
 
 def _restore(name: str, value, param):

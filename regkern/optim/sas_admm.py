@@ -6,12 +6,18 @@ official code RockonLockon/SAS-ADMM-weight-pruning, ``sas.py``, ``sasPrun``).
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from regkern.backend_admm import SAS_STATE, SASPlan
 from regkern.optim.checkpoint import load_keeping_dtypes, plain_state
+from regkern.optim.plan_cache import prepare_group
+from regkern.optim.tracked_state import TrackedState
+from regkern.reference.admm import SASCoefficients, sas_coefficients
+from regkern.sharding import is_dtensor, local_tensor
 
 # Per-parameter state tensors kept in fp32 for fp32/bf16/fp16 parameters (float64
 # parameters keep float64): torch's load_state_dict would cast them to the
@@ -66,23 +72,45 @@ class SASADMM(torch.optim.Optimizer):
     parameters for that. (The official code also keeps an ergodic average of
     ``W`` over its last iterations; that is left to the caller.)
 
-    Parameters without a gradient are skipped (their ``k``, ``t`` do not move).
-    Not supported: sparse gradients, complex parameters, ``maximize``.
+    One fused pass per step does all of it (``regkern.backend_admm``: C++ on
+    CPU, Triton on CUDA, one call / one launch per dtype for every parameter;
+    the outer update of the parameters whose outer iteration ends folds into
+    the same pass), in fp32 whatever the parameter's dtype, the parameter
+    rounded once (SPEC 6; the op order is ``regkern.reference.admm``'s).
+    ``backend`` ("cpp", "triton", "reference"; default: by device, or the
+    ``REGKERN_BACKEND`` variable) forces one. Parameters without a gradient
+    are skipped (their ``k``, ``t`` do not move). A refused step (bad
+    gradient or state) changes nothing. Not supported: sparse gradients,
+    complex parameters, ``maximize``.
     """
 
     def __init__(self, params, beta: float = 0.04, lam: float = 1e-4, *, r: float = 0.9, s: float = 1.09,
-                 rho: Optional[float] = None, M: int = 50, k0: int = 50, q: float = 1.1, v: float = 25.0) -> None:
+                 rho: Optional[float] = None, M: int = 50, k0: int = 50, q: float = 1.1, v: float = 25.0,
+                 backend: Optional[str] = None) -> None:
         defaults = dict(beta=beta, lam=lam, r=r, s=s, rho=rho, M=M, k0=k0, q=q, v=v)
         _check_hyper(defaults)
+        self.backend = backend
+        self._plans: Dict[int, _GroupPlan] = {}
         super().__init__(params, defaults)
+        self.state = TrackedState(self.state)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_hyper(group)
-        for p in group["params"]:
-            if not p.is_floating_point() or p.is_complex():
-                raise ValueError(f"SASADMM steps real floating-point parameters, got {p.dtype}")
+        try:
+            _check_hyper(group)
+            for p in group["params"]:
+                if not p.is_floating_point() or p.is_complex():
+                    raise ValueError(f"SASADMM steps real floating-point parameters, got {p.dtype}")
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", None)
+        self.state = TrackedState(self.state)  # load_state_dict hands back a plain dict
+        self._plans = {}
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -91,88 +119,21 @@ class SASADMM(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if p.grad.is_sparse:
-                    raise ValueError("SASADMM does not support sparse gradients")
-                if p.grad.shape != p.shape:
-                    raise ValueError(f"the gradient of a parameter of shape {tuple(p.shape)} has shape "
-                                     f"{tuple(p.grad.shape)}")
-            work.append((group, params))
-        for group, params in work:  # everything checked: now write
-            buckets: Dict[Tuple[int, int, torch.dtype, torch.dtype], List[Tensor]] = {}
-            for p in params:
-                st = self.state[p]
-                if not st:
-                    self._init_state(p, st, group)
-                buckets.setdefault((st["k"], st["t"], p.dtype, st["w"].dtype), []).append(p)
-            for (k, t, _, _), bucket in buckets.items():
-                self._inner_step(group, bucket, k, t)
+        # Check every group before touching anything: a rejected step is a no-op.
+        prepared = [self._prepare(i, group) for i, group in enumerate(self.param_groups)]
+        for group, (cached, grads) in zip(self.param_groups, prepared):
+            if cached.params:
+                cached.plan.run(grads, cached.coefficients(self.state, group))
+                cached.commit(self.state)
         return loss
 
-    def _init_state(self, p: Tensor, st: Dict[str, Any], group: Dict[str, Any]) -> None:
-        dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-        w = p.detach().to(dtype, copy=True, memory_format=torch.preserve_format)
-        st["w"] = w
-        st["w_breve"] = w.clone()
-        st["z"] = w.clone()
-        st["u"] = torch.zeros_like(w)
-        st["anchor"] = w.mul(_rho(group))  # rho * W + U - beta * (W - Z) with U = 0, Z = W
-        st["k"] = 1
-        st["t"] = 1
-
-    def _inner_step(self, group: Dict[str, Any], params: List[Tensor], k: int, t: int) -> None:
-        beta, rho = group["beta"], _rho(group)
-        m_k, eta_k = sas_schedule(k, group["M"], group["k0"], group["q"], group["v"])
-        states = [self.state[p] for p in params]
-        w = [st["w"] for st in states]
-        w_breve = [st["w_breve"] for st in states]
-        anchor = [st["anchor"] for st in states]
-        grads = [p.grad if p.grad.dtype == st["w"].dtype else p.grad.to(st["w"].dtype)
-                 for p, st in zip(params, states)]
-        b_t, c_t = 2.0 / (t + 1), 2.0 / (eta_k * t)
-        # W_breve = (c_t W_breve + anchor - grad) / (c_t + rho); W = b_t W_breve + (1 - b_t) W
-        torch._foreach_mul_(w_breve, c_t / (c_t + rho))
-        torch._foreach_add_(w_breve, anchor, alpha=1.0 / (c_t + rho))
-        torch._foreach_add_(w_breve, grads, alpha=-1.0 / (c_t + rho))
-        torch._foreach_lerp_(w, w_breve, b_t)
-        if t >= m_k:
-            self._outer_step(group, states, w)
-            k, t = k + 1, 1
-        else:
-            t += 1
-        for st in states:
-            st["k"], st["t"] = k, t
-        # the next forward pass sees W_hat = b W_breve + (1 - b) W of the next inner iteration
-        b_next = 2.0 / (t + 1)
-        if params[0].dtype == w[0].dtype:
-            torch._foreach_copy_(params, w)
-            torch._foreach_lerp_(params, w_breve, b_next)
-        else:  # fp32 math, rounded once to the parameter's dtype
-            torch._foreach_copy_(params, torch._foreach_lerp(w, w_breve, b_next))
-
-    def _outer_step(self, group: Dict[str, Any], states: List[Dict[str, Any]], w: List[Tensor]) -> None:
-        beta, lam, rho = group["beta"], group["lam"], _rho(group)
-        z = [st["z"] for st in states]
-        u = [st["u"] for st in states]
-        anchor = [st["anchor"] for st in states]
-        diff = torch._foreach_sub(w, z)                          # W^{k+1} - Z^k
-        torch._foreach_add_(u, diff, alpha=-group["r"] * beta)   # U^{k+1/2}
-        torch._foreach_copy_(z, w)
-        torch._foreach_add_(z, u, alpha=-1.0 / beta)             # W - U^{k+1/2} / beta
-        tau = lam / beta
-        torch._foreach_copy_(diff, z)                            # S_tau(x) = x - clamp(x, -tau, tau):
-        torch._foreach_clamp_min_(diff, -tau)                    # exact zeros where |x| <= tau
-        torch._foreach_clamp_max_(diff, tau)
-        torch._foreach_sub_(z, diff)                             # Z^{k+1}
-        torch._foreach_copy_(diff, w)
-        torch._foreach_sub_(diff, z)                             # W^{k+1} - Z^{k+1}
-        torch._foreach_add_(u, diff, alpha=-group["s"] * beta)   # U^{k+1}
-        torch._foreach_copy_(anchor, u)                          # anchor of outer iteration k+1:
-        torch._foreach_add_(anchor, w, alpha=rho)                # rho W + U - beta (W - Z)
-        torch._foreach_add_(anchor, diff, alpha=-beta)
+    def _prepare(self, index: int, group: Dict[str, Any]):
+        """The group's plan (reused while its parameters, their storage and the
+        state tensors are the same) and its checked gradients."""
+        _check_hyper(group)
+        return prepare_group(self._plans, index, group["params"],
+                             lambda cached, ps: cached.fits(ps, self.state.clock.value, self.backend),
+                             lambda ps: _GroupPlan(self, group, ps))
 
     @torch.no_grad()
     def write_params(self, which: str = "w") -> None:
@@ -194,6 +155,80 @@ class SASADMM(torch.optim.Optimizer):
         load_keeping_dtypes(self, state_dict, STATE_TENSORS, super().load_state_dict)
         for group in self.param_groups:
             _check_hyper(group)
+
+
+class _GroupPlan:
+    """A param group's SASPlan with what it was built from: the parameters
+    that had gradients, their storage and the state clock. The state of a
+    parameter stepped for the first time (``W = W_breve = Z =`` the parameter,
+    ``U = 0``, anchor ``rho W``, ``k = t = 1``) is made here and saved only
+    after the step ran."""
+
+    def __init__(self, optimizer: SASADMM, group: Dict[str, Any], params) -> None:
+        self.params = list(params)
+        self.new_state: Dict[Tensor, Dict[str, Any]] = {}
+        states = []
+        for p in self.params:
+            st = optimizer.state.get(p)
+            if not st:
+                dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+                w = p.detach().to(dtype, copy=True, memory_format=torch.preserve_format)
+                st = self.new_state[p] = {
+                    "w": w, "w_breve": w.clone(), "z": w.clone(), "u": torch.zeros_like(w),
+                    "anchor": w.mul(_rho(group)),  # rho W + U - beta (W - Z) with U = 0, Z = W
+                    "k": 1, "t": 1,
+                }
+            states.append(st)
+        self.states = states
+        for i, st in enumerate(states):
+            for name in ("k", "t"):
+                value = st.get(name)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"parameter {i} of its group has SAS-ADMM counter {name}={value!r}; it must be an int >= 1")
+        self.sharded = any(is_dtensor(p) for p in self.params)
+        self.pointers = self._pointers(self.params)
+        self.clock = optimizer.state.clock.value
+        self.backend = optimizer.backend
+        self.plan = SASPlan([local_tensor(p) for p in self.params],
+                            *([local_tensor(st.get(name)) for st in states] for name in SAS_STATE),
+                            backend=optimizer.backend)
+
+    def _pointers(self, params):
+        return [local_tensor(p).data_ptr() for p in params] if self.sharded else list(map(Tensor.data_ptr, params))
+
+    def fits(self, params, clock: int, backend) -> bool:
+        return (clock == self.clock and backend == self.backend and not self.new_state
+                and len(params) == len(self.params) and all(map(operator.is_, params, self.params))
+                and self._pointers(params) == self.pointers)
+
+    def coefficients(self, state, group: Dict[str, Any]) -> List[SASCoefficients]:
+        """Each parameter's coefficients at its own (k, t), computed once per distinct pair."""
+        beta, lam, rho = group["beta"], group["lam"], _rho(group)
+        made: Dict[Tuple[int, int], SASCoefficients] = {}
+        out = []
+        for st in self.states:
+            key = (st["k"], st["t"])
+            co = made.get(key)
+            if co is None:
+                m_k, eta_k = sas_schedule(key[0], group["M"], group["k0"], group["q"], group["v"])
+                co = made[key] = sas_coefficients(key[1], m_k, eta_k, beta=beta, lam=lam, r=group["r"],
+                                                  s=group["s"], rho=rho)
+            out.append(co)
+        self.last = out
+        return out
+
+    def commit(self, state) -> None:
+        """Advance each parameter's (k, t) and keep the state of first-stepped ones."""
+        for st, co in zip(self.states, self.last):
+            k, t = (st["k"] + 1, 1) if co.outer else (st["k"], st["t"] + 1)
+            # plain dict writes: counters are read every step, changing them needs no new plan
+            dict.__setitem__(st, "k", k)
+            dict.__setitem__(st, "t", t)
+        if self.new_state:
+            for p, entries in self.new_state.items():
+                state[p].update(entries)
+            self.states = [state[p] for p in self.params]
+            self.new_state = {}
 
 
 def _rho(group: Dict[str, Any]) -> float:

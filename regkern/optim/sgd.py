@@ -17,7 +17,7 @@ from regkern.sharding import is_dtensor, local_tensor
 # Optimizer-state entries whose dtype does not follow the parameter's: torch's
 # load_state_dict would cast them to the parameter dtype (a bool mask to
 # float, an fp32 lambda to bf16), so they are restored as saved.
-FIXED_DTYPE_STATE = ("lam", "mask", "row_norms", "l1", "prox_lam", "polar", "admm_z", "admm_u")
+FIXED_DTYPE_STATE = ("lam", "lam_cols", "mask", "row_norms", "l1", "prox_lam", "polar", "admm_z", "admm_u")
 
 
 class SGD(torch.optim.Optimizer):
@@ -166,7 +166,8 @@ class _GroupPlan:
                             admm_rhos=[options.get("admm_rho", 0.0)] * len(params),
                             prox_kinds=[options.get("prox_kind", 0)] * len(params),
                             prox_lams=state_of("prox_lam"),
-                            clamps=[options.get("clamp")] * len(params))
+                            clamps=[options.get("clamp")] * len(params),
+                            lam_cols=state_of("lam_cols"))
 
     def _pointers(self, params):
         return [local_tensor(p).data_ptr() for p in params] if self.sharded else list(map(Tensor.data_ptr, params))

@@ -17,7 +17,8 @@ first step; the caller counts), with ``sign(0) = 0``:
 ``lam = 0`` is plain dual averaging (``W = v``). ``gamma`` is the inverse
 learning rate (``regkern.RDA`` passes ``1 / lr``); ``gamma = inf`` gives
 ``W = W0``. The scalars ``a, c, tau, kappa`` are computed in float64 (see
-:func:`rda_coefficients`) and rounded once to fp32, as every backend does; the
+:func:`rda_coefficients`; the fast kernels evaluate the same operations from
+``t``, ``lam`` and ``gamma``) and rounded once to fp32, as every backend does; the
 tensor math is fp32, one rounding per operation, for fp32 / bf16 / fp16
 storage (float64 parameters, which only the reference takes, keep float64).
 ``gbar`` and ``W0`` are stored in fp32 (float64 for float64 parameters) and
@@ -43,7 +44,7 @@ Number = Union[float, Tensor]
 
 def rda_coefficients(t: float, gamma: float, lam: float, row_len: int) -> Tuple[float, float, float, float]:
     """``(a, c, tau, kappa)`` of a tensor at step ``t``, in float64, evaluated
-    exactly as the fast backends evaluate them (their tables hold these doubles)."""
+    exactly as the fast kernels evaluate them (IEEE operations in this order)."""
     t = float(t)
     root = math.sqrt(t)
     a = (t - 1.0) / t

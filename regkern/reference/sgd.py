@@ -7,7 +7,11 @@ before the step):
     g = grads[i] (as fp32) / grad_scale          (when grad_scale is given)
     g = -g                                       (when maximize)
     d = g + weight_decay * W
-          + lam[r] * W                           (lam: fp32 per row; L2, SPEC 2)
+          + lam[r] * W                           (lam: fp32 per row [R]; L2, SPEC 2)
+            or lam * W                           (lam: fp32 of W's shape, per element)
+          + lam_cols[c] * W[:, c, ...]           (lam_cols: fp32 [W.shape[1]], W.dim() >= 2;
+                                                  c indexes dim 1: columns of a linear
+                                                  weight, input channels of a conv)
           + l1[r] * sign(W)                      (l1: fp32 per row; L1 subgradient)
           + p_lam * (p_t * sign(W) - sign(W - p_m) + p_s)
                                                  (polar = fp32 (p_lam, p_t, p_m, p_s); SPEC 5)
@@ -25,7 +29,9 @@ before the step):
     norms[r] = (sum |W_r|, ||W_r||_2, mean |W_r|) of the stored, updated W
 
 A row ``r`` is ``W[r]``: the first dimension indexes rows, a 0-d tensor is one
-row. All math is fp32 (float64 parameters, which only the reference takes, keep
+row. Element ``i`` of the flattened W lies in row ``r = i // ROW_LEN`` and
+column ``c = (i % ROW_LEN) // COL_LEN`` (``ROW_LEN = numel / R``, ``COL_LEN =
+ROW_LEN / W.shape[1]``). Each ``+`` above is one fp32 rounding, in that order. All math is fp32 (float64 parameters, which only the reference takes, keep
 float64); W and buf are rounded once to their storage dtype. When
 ``found_inf`` is a non-zero tensor nothing at all is written.
 """
@@ -66,6 +72,7 @@ def sgd_step(
     maximize: bool = False,
     first_step: Union[bool, Sequence[bool]] = False,
     lams: Optional[Sequence[Optional[Tensor]]] = None,
+    lam_cols: Optional[Sequence[Optional[Tensor]]] = None,
     masks: Optional[Sequence[Optional[Tensor]]] = None,
     norms: Optional[Sequence[Optional[Tensor]]] = None,
     grad_scale: Optional[Tensor] = None,
@@ -84,10 +91,11 @@ def sgd_step(
     count = len(params)
     firsts = [first_step] * count if isinstance(first_step, bool) else list(first_step)
     none = [None] * count
-    columns = zip(params, grads, momentum_buffers, firsts, lams or none, masks or none, norms or none,
-                  l1s or none, polars or none, admm_targets or none, admm_rhos or [0.0] * count,
-                  prox_kinds or [PROX_NONE] * count, prox_lams or none, clamps or none)
-    for (w, grad, buf, first, lam, mask, norm, l1, polar, target, rho, prox_kind, prox_lam,
+    columns = zip(params, grads, momentum_buffers, firsts, lams or none, lam_cols or none, masks or none,
+                  norms or none, l1s or none, polars or none, admm_targets or none,
+                  admm_rhos or [0.0] * count, prox_kinds or [PROX_NONE] * count, prox_lams or none,
+                  clamps or none)
+    for (w, grad, buf, first, lam, lam_col, mask, norm, l1, polar, target, rho, prox_kind, prox_lam,
          clamp) in columns:
         # fp32 math for fp32/bf16/fp16 storage; float64 parameters keep float64
         compute = torch.float64 if w.dtype == torch.float64 else torch.float32
@@ -100,7 +108,12 @@ def sgd_step(
             g = -g
         d = g + weight_decay * w32 if weight_decay != 0 else g
         if lam is not None:
-            d = d + (as_rows(w32) * lam.to(torch.float32)[:, None]).reshape(w.shape)
+            if lam.shape == w.shape:  # per element (for a vector W the two kinds agree)
+                d = d + w32 * lam.to(torch.float32)
+            else:
+                d = d + (as_rows(w32) * lam.to(torch.float32)[:, None]).reshape(w.shape)
+        if lam_col is not None:
+            d = d + w32 * lam_col.to(torch.float32).reshape((1, -1) + (1,) * (w.dim() - 2))
         if l1 is not None:
             d = d + (as_rows(w32.sign()) * l1.to(torch.float32)[:, None]).reshape(w.shape)
         if polar is not None:

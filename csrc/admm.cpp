@@ -1,0 +1,300 @@
+// C++ CPU backend of the `admm` kernel family: ISA variants and threading.
+//
+// Same shape as rda.cpp: the kernel body (admm_kernel.h) is compiled for
+// AVX-512, AVX2 and baseline x86-64, each inside its own `#pragma GCC target`
+// region, and the variant that runs is the one the sgd family runs
+// (regkern::active_isa()), so every family switches together. The work split
+// over threads is work_split.h: cuts on multiples of 64 elements, or on row
+// boundaries in tensors scored by rows (a row's sum belongs to one thread).
+// Results do not depend on the split or on the variant.
+#include "admm.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "admm_table.h"
+#include "sgd.h"
+#include "work_split.h"
+
+namespace regkern {
+namespace admm_detail {
+
+constexpr int64_t kPiece = 512;           // elements per piece (fp32 temporaries fit L1)
+constexpr int64_t kMinPerThread = 16384;  // below this a thread costs more than it saves
+constexpr int kModeElement = 0, kModeRows = 1, kModeSoft = 2;
+
+static inline int64_t rk_min(int64_t a, int64_t b) { return a < b ? a : b; }
+
+}  // namespace admm_detail
+}  // namespace regkern
+
+#define RK_AI static inline __attribute__((always_inline))
+
+#if defined(__x86_64__) || defined(__i386__)
+#define RK_X86 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,f16c,prefer-vector-width=512")
+#define RK_NS isa_avx512f
+#define RK_ISA_NAME "avx512f"
+#include "admm_kernel.h"
+#undef RK_NS
+#undef RK_ISA_NAME
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,f16c")
+#define RK_NS isa_avx2
+#define RK_ISA_NAME "avx2"
+#include "admm_kernel.h"
+#undef RK_NS
+#undef RK_ISA_NAME
+#pragma GCC pop_options
+#endif
+
+#define RK_NS isa_default
+#define RK_ISA_NAME "default"
+#include "admm_kernel.h"
+#undef RK_NS
+#undef RK_ISA_NAME
+
+namespace regkern {
+namespace admm_detail {
+namespace {
+
+const Kernels* active() {
+  const char* name = regkern::active_isa();
+#ifdef RK_X86
+  if (std::strcmp(name, isa_avx512f::kernels.name) == 0) return &isa_avx512f::kernels;
+  if (std::strcmp(name, isa_avx2::kernels.name) == 0) return &isa_avx2::kernels;
+#endif
+  (void)name;
+  return &isa_default::kernels;
+}
+
+float as_float(int64_t bits) {
+  double x;
+  std::memcpy(&x, &bits, sizeof x);
+  return static_cast<float>(x);
+}
+
+ZuDesc decode_zu(const int64_t* row) {
+  namespace c = zu_col;
+  ZuDesc d;
+  d.w = reinterpret_cast<const void*>(row[c::PARAM]);
+  d.z = reinterpret_cast<float*>(row[c::Z]);
+  d.u = reinterpret_cast<float*>(row[c::U]);
+  d.target = reinterpret_cast<void*>(row[c::TARGET]);
+  d.numel = row[c::NUMEL];
+  d.rows = row[c::ROWS];
+  d.row_len = row[c::ROW_LEN];
+  d.dtype = static_cast<int>(row[c::DTYPE]);
+  d.mode = static_cast<int>(row[c::MODE]);
+  d.scores = reinterpret_cast<void*>(row[c::SCORES]);
+  d.row_keep = reinterpret_cast<const uint8_t*>(row[c::ROW_KEEP]);
+  d.threshold = as_float(row[c::THRESHOLD]);
+  d.cut = row[c::CUT];
+  return d;
+}
+
+SasDesc decode_sas(const int64_t* row) {
+  namespace c = sas_col;
+  SasDesc d;
+  d.p = reinterpret_cast<void*>(row[c::PARAM]);
+  d.g = reinterpret_cast<const void*>(row[c::GRAD]);
+  d.w = reinterpret_cast<float*>(row[c::W]);
+  d.wb = reinterpret_cast<float*>(row[c::W_BREVE]);
+  d.anchor = reinterpret_cast<float*>(row[c::ANCHOR]);
+  d.z = reinterpret_cast<float*>(row[c::Z]);
+  d.u = reinterpret_cast<float*>(row[c::U]);
+  d.numel = row[c::NUMEL];
+  d.dtype = static_cast<int>(row[c::DTYPE]);
+  d.outer = row[c::OUTER] != 0;
+  d.c = as_float(row[c::C]);
+  d.inv_cr = as_float(row[c::INV_CR]);
+  d.b = as_float(row[c::B]);
+  d.b1 = as_float(row[c::B1]);
+  d.bn = as_float(row[c::BN]);
+  d.bn1 = as_float(row[c::BN1]);
+  d.rb = as_float(row[c::RB]);
+  d.inv_beta = as_float(row[c::INV_BETA]);
+  d.tau = as_float(row[c::TAU]);
+  d.sb = as_float(row[c::SB]);
+  d.beta = as_float(row[c::BETA]);
+  d.rho = as_float(row[c::RHO]);
+  return d;
+}
+
+// The zu tensors a pass steps (the score pass only those with a SCORES buffer),
+// laid end to end; rows stay whole where they are scored.
+void run_zu(const int64_t* table, int64_t num_tensors, int num_threads, bool scoring) {
+  std::vector<ZuDesc> ds;
+  ds.reserve(static_cast<size_t>(num_tensors));
+  for (int64_t i = 0; i < num_tensors; ++i) {
+    ZuDesc d = decode_zu(table + i * zu_col::NUM_FIELDS);
+    if (!scoring || (d.mode != kModeSoft && d.scores != nullptr)) ds.push_back(d);
+  }
+  work_split::Layout layout(ds.size());
+  for (size_t t = 0; t < ds.size(); ++t) {
+    layout.off[t + 1] = layout.off[t] + ds[t].numel;
+    if (scoring && ds[t].mode == kModeRows) layout.unit[t] = ds[t].row_len > 0 ? ds[t].row_len : 1;
+  }
+  const Kernels* k = active();
+  if (scoring) {
+    work_split::parallel_for(layout, num_threads, kMinPerThread,
+                             [&](size_t t, int64_t lo, int64_t hi) { k->scores(ds[t], lo, hi); });
+  } else {
+    work_split::parallel_for(layout, num_threads, kMinPerThread,
+                             [&](size_t t, int64_t lo, int64_t hi) { k->zu(ds[t], lo, hi); });
+  }
+}
+
+// The keep largest scores |W + U| of a tensor (0 < keep < numel), ties by
+// lowest index, as (threshold, cut): kept are the scores above the threshold
+// and those equal to it at indices <= cut. Radix select on the scores' bits
+// (non-negative floats: the bits order like the values), computed per piece
+// by the kernels: a histogram of bits 31..21 over all of them, the
+// threshold's bin copied out in a second pass, then bits 20..10 and 9..0 on
+// the copy. Count is uint32_t below 2^32 elements (histograms that fit L1).
+template <typename Count>
+void select_elements(const Kernels* k, const ZuDesc& d, int64_t keep, float* threshold, int64_t* cut) {
+  constexpr int kBins = 2048;
+  const int64_t n = d.numel;
+  alignas(64) uint32_t key[kPiece];
+  // four interleaved histograms: neighbours often share a bin, and one
+  // histogram would serialize their increments
+  std::vector<Count> hist(4 * kBins, 0);
+  for (int64_t i0 = 0; i0 < n; i0 += kPiece) {
+    const int64_t m = rk_min(kPiece, n - i0);
+    k->keys(d, i0, m, key);
+    int64_t j = 0;
+    for (; j + 4 <= m; j += 4) {
+      ++hist[key[j] >> 21];
+      ++hist[kBins + (key[j + 1] >> 21)];
+      ++hist[2 * kBins + (key[j + 2] >> 21)];
+      ++hist[3 * kBins + (key[j + 3] >> 21)];
+    }
+    for (; j < m; ++j) ++hist[key[j] >> 21];
+  }
+  for (int b = 0; b < kBins; ++b) hist[b] += hist[kBins + b] + hist[2 * kBins + b] + hist[3 * kBins + b];
+  int64_t need = keep;  // kept entries still to place, counting from the top
+  int b1 = kBins - 1;
+  while (static_cast<int64_t>(hist[b1]) < need) need -= static_cast<int64_t>(hist[b1--]);
+  std::vector<uint32_t> bin(static_cast<size_t>(hist[b1]) + 1);
+  size_t found = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kPiece) {
+    const int64_t m = rk_min(kPiece, n - i0);
+    k->keys(d, i0, m, key);
+    for (int64_t j = 0; j < m; ++j) {  // branch-free copy of bin b1 (one slot of slack)
+      bin[found] = key[j];
+      found += (key[j] >> 21) == static_cast<uint32_t>(b1);
+    }
+  }
+  bin.resize(found);
+  std::fill(hist.begin(), hist.begin() + kBins, Count(0));
+  for (const uint32_t x : bin) ++hist[(x >> 10) & 0x7FF];
+  int b2 = kBins - 1;
+  while (static_cast<int64_t>(hist[b2]) < need) need -= static_cast<int64_t>(hist[b2--]);
+  std::fill(hist.begin(), hist.begin() + 1024, Count(0));
+  for (const uint32_t x : bin)
+    if (((x >> 10) & 0x7FF) == static_cast<uint32_t>(b2)) ++hist[x & 0x3FF];
+  int b3 = 1023;
+  while (static_cast<int64_t>(hist[b3]) < need) need -= static_cast<int64_t>(hist[b3--]);
+  const uint32_t at = (static_cast<uint32_t>(b1) << 21) | (static_cast<uint32_t>(b2) << 10) | static_cast<uint32_t>(b3);
+  std::memcpy(threshold, &at, sizeof at);
+  *cut = n - 1;
+  if (need == static_cast<int64_t>(hist[b3])) return;  // every score equal to the threshold is kept
+  for (int64_t i0 = 0; i0 < n; i0 += kPiece) {  // ties straddle the cut: the need-th tie in index order
+    const int64_t m = rk_min(kPiece, n - i0);
+    k->keys(d, i0, m, key);
+    for (int64_t j = 0; j < m; ++j) {
+      if (key[j] == at && --need == 0) {
+        *cut = i0 + j;
+        return;
+      }
+    }
+  }
+}
+
+// flags[r] = 1 for the keep rows of largest score (float64, no NaN), ties by lowest row.
+void select_rows(const double* scores, int64_t rows, int64_t keep, uint8_t* flags) {
+  std::vector<int64_t> order(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) order[static_cast<size_t>(r)] = r;
+  std::nth_element(order.begin(), order.begin() + keep, order.end(), [scores](int64_t a, int64_t b) {
+    return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
+  });
+  std::memset(flags, 0, static_cast<size_t>(rows));
+  for (int64_t j = 0; j < keep; ++j) flags[order[static_cast<size_t>(j)]] = 1;
+}
+
+}  // namespace
+}  // namespace admm_detail
+
+void admm_select(int64_t* table, int64_t num_tensors, int num_threads) {
+  using namespace admm_detail;
+  namespace c = zu_col;
+  std::vector<int64_t> work;  // table rows to select, largest first
+  for (int64_t i = 0; i < num_tensors; ++i) {
+    const int64_t* row = table + i * c::NUM_FIELDS;
+    const bool element = row[c::MODE] == kModeElement && row[c::KEEP] > 0 && row[c::KEEP] < row[c::NUMEL];
+    const bool rows = row[c::MODE] == kModeRows && row[c::SCORES] != 0;
+    if (element || rows) work.push_back(i);
+  }
+  std::sort(work.begin(), work.end(), [table](int64_t a, int64_t b) {
+    return table[a * c::NUM_FIELDS + c::NUMEL] > table[b * c::NUM_FIELDS + c::NUMEL];
+  });
+  const Kernels* k = active();
+  const int64_t count = static_cast<int64_t>(work.size());
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, count)));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t j = 0; j < count; ++j) {
+    int64_t* row = table + work[static_cast<size_t>(j)] * c::NUM_FIELDS;
+    const ZuDesc d = decode_zu(row);
+    if (d.mode == kModeElement) {
+      float threshold = 0.0f;
+      int64_t cut = -1;
+      if (d.numel < (int64_t{1} << 32)) {
+        select_elements<uint32_t>(k, d, row[c::KEEP], &threshold, &cut);
+      } else {
+        select_elements<int64_t>(k, d, row[c::KEEP], &threshold, &cut);
+      }
+      const double wide = threshold;
+      std::memcpy(&row[c::THRESHOLD], &wide, sizeof wide);
+      row[c::CUT] = cut;
+    } else {
+      select_rows(static_cast<const double*>(d.scores), d.rows, row[c::KEEP], const_cast<uint8_t*>(d.row_keep));
+    }
+  }
+}
+
+int admm_zu_num_fields() { return zu_col::NUM_FIELDS; }
+int sas_admm_num_fields() { return sas_col::NUM_FIELDS; }
+
+void admm_scores(const int64_t* table, int64_t num_tensors, int num_threads) {
+  if (num_tensors > 0) admm_detail::run_zu(table, num_tensors, num_threads, true);
+}
+
+void admm_zu(const int64_t* table, int64_t num_tensors, int num_threads) {
+  if (num_tensors > 0) admm_detail::run_zu(table, num_tensors, num_threads, false);
+}
+
+void sas_admm_step(const int64_t* table, int64_t num_tensors, int num_threads) {
+  using namespace admm_detail;
+  if (num_tensors <= 0) return;
+  std::vector<SasDesc> ds(static_cast<size_t>(num_tensors));
+  work_split::Layout layout(ds.size());
+  for (size_t t = 0; t < ds.size(); ++t) {
+    ds[t] = decode_sas(table + static_cast<int64_t>(t) * sas_col::NUM_FIELDS);
+    layout.off[t + 1] = layout.off[t] + ds[t].numel;
+  }
+  const Kernels* k = active();
+  work_split::parallel_for(layout, num_threads, kMinPerThread,
+                           [&](size_t t, int64_t lo, int64_t hi) { k->sas(ds[t], lo, hi); });
+}
+
+}  // namespace regkern

@@ -1,0 +1,297 @@
+"""Triton kernels of the `admm` family (SPEC 6): classic ADMM's Z/U update
+(score pass and update pass) and the SAS-ADMM step.
+
+Each launch steps every tensor of one storage dtype. The caller gives the
+int64 metadata table of ``regkern.backend_admm`` (``build_zu_table`` or
+``build_sas_table``) on the device and a work list of units (int64
+``[U, 3]``: tensor, first element, end element; :func:`build_units`), built
+once on the CPU. Program ``u`` steps elements ``[start, end)`` of tensor
+``t`` in pieces of ``BLOCK``.
+
+- ``admm_scores``: ``|W + U|`` per element (fp32) for top-k element tensors;
+  for top-k row tensors (units of whole rows) the float64 sum of
+  ``(W + U)^2`` per row with a segmented scan (reset at each row's first
+  element, a row's partial sum carried into the next piece), stored at the
+  row's last element. A NaN score is stored as +inf.
+- ``admm_zu``: ``v = W + U``; ``Z = keep ? v : 0`` (keep: score above the
+  threshold, or equal to it at a flat index <= CUT; or the row's flag) or
+  ``Z = v - clamp(v, -tau, tau)``; ``U = (U + W) - Z``; ``target = Z - U``.
+- ``sas_admm_step``: ``W_breve``, ``W``, the outer update where the table's
+  OUTER flag is set, and ``W_hat`` into the parameter.
+
+The float coefficients are float64 columns of the table rounded once to fp32
+here (new hyper-parameters compile nothing). Compile-time constants are the
+storage dtype and ``BLOCK``. Math is fp32, rounded op by op like the
+reference (no fma contraction); stored values are rounded once to their dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from regkern.backend_admm import MODE_ELEMENT, MODE_ROWS, MODE_SOFT, SAS_COLUMN, SAS_FIELDS, ZU_COLUMN, ZU_FIELDS
+
+from .sgd import _TL_DTYPE
+
+DEFAULT_CHUNK = 16384  # elements per work unit
+DEFAULT_BLOCK = 1024   # elements per piece
+UNIT_FIELDS = 3        # a unit: tensor index, first element, end element
+
+_UNIT_FIELDS = tl.constexpr(UNIT_FIELDS)
+_ZU_NUM_FIELDS = tl.constexpr(len(ZU_FIELDS))
+_ZU_PARAM = tl.constexpr(ZU_COLUMN["PARAM"])
+_ZU_Z = tl.constexpr(ZU_COLUMN["Z"])
+_ZU_U = tl.constexpr(ZU_COLUMN["U"])
+_ZU_TARGET = tl.constexpr(ZU_COLUMN["TARGET"])
+_ZU_ROW_LEN = tl.constexpr(ZU_COLUMN["ROW_LEN"])
+_ZU_MODE = tl.constexpr(ZU_COLUMN["MODE"])
+_ZU_SCORES = tl.constexpr(ZU_COLUMN["SCORES"])
+_ZU_ROW_KEEP = tl.constexpr(ZU_COLUMN["ROW_KEEP"])
+_ZU_THRESHOLD = tl.constexpr(ZU_COLUMN["THRESHOLD"])
+_ZU_CUT = tl.constexpr(ZU_COLUMN["CUT"])
+_MODE_ELEMENT = tl.constexpr(MODE_ELEMENT)
+_MODE_SOFT = tl.constexpr(MODE_SOFT)
+
+_SAS_NUM_FIELDS = tl.constexpr(len(SAS_FIELDS))
+_SAS_PARAM = tl.constexpr(SAS_COLUMN["PARAM"])
+_SAS_GRAD = tl.constexpr(SAS_COLUMN["GRAD"])
+_SAS_W = tl.constexpr(SAS_COLUMN["W"])
+_SAS_W_BREVE = tl.constexpr(SAS_COLUMN["W_BREVE"])
+_SAS_ANCHOR = tl.constexpr(SAS_COLUMN["ANCHOR"])
+_SAS_Z = tl.constexpr(SAS_COLUMN["Z"])
+_SAS_U = tl.constexpr(SAS_COLUMN["U"])
+_SAS_OUTER = tl.constexpr(SAS_COLUMN["OUTER"])
+_SAS_C = tl.constexpr(SAS_COLUMN["C"])
+_SAS_INV_CR = tl.constexpr(SAS_COLUMN["INV_CR"])
+_SAS_B = tl.constexpr(SAS_COLUMN["B"])
+_SAS_B1 = tl.constexpr(SAS_COLUMN["B1"])
+_SAS_BN = tl.constexpr(SAS_COLUMN["BN"])
+_SAS_BN1 = tl.constexpr(SAS_COLUMN["BN1"])
+_SAS_RB = tl.constexpr(SAS_COLUMN["RB"])
+_SAS_INV_BETA = tl.constexpr(SAS_COLUMN["INV_BETA"])
+_SAS_TAU = tl.constexpr(SAS_COLUMN["TAU"])
+_SAS_SB = tl.constexpr(SAS_COLUMN["SB"])
+_SAS_BETA = tl.constexpr(SAS_COLUMN["BETA"])
+_SAS_RHO = tl.constexpr(SAS_COLUMN["RHO"])
+
+
+@triton.jit
+def _coefficient(meta, column):
+    """A float column of the table (float64 bits) rounded to fp32."""
+    return tl.load(meta + column).to(tl.float64, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _segmented_sum(head_a, x_a, head_b, x_b):
+    # (head, sum) pairs: a segment restarts at every element flagged head
+    return head_a | head_b, tl.where(head_b != 0, x_b, x_a + x_b)
+
+
+@triton.jit
+def _unit(table, units, NUM_FIELDS: tl.constexpr):
+    unit = units + tl.program_id(0) * _UNIT_FIELDS
+    return table + tl.load(unit) * NUM_FIELDS, tl.load(unit + 1), tl.load(unit + 2)
+
+
+@triton.jit
+def _no_nan(x):
+    return tl.where(x != x, float("inf"), x)
+
+
+@triton.jit
+def _clamp_tau(x, tau):
+    # clamp(x, -tau, tau); a NaN stays NaN, like torch.clamp
+    return tl.where(x < -tau, -tau, tl.where(x > tau, tau, x))
+
+
+@triton.jit
+def _scores_kernel(table, units, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    meta, start, end = _unit(table, units, _ZU_NUM_FIELDS)
+    w_ptr = tl.load(meta + _ZU_PARAM).to(tl.pointer_type(DTYPE)) + start
+    u_ptr = tl.load(meta + _ZU_U).to(tl.pointer_type(tl.float32)) + start
+    scores = tl.load(meta + _ZU_SCORES)
+    size = (end - start).to(tl.int32)
+    idx = tl.arange(0, BLOCK)
+    if tl.load(meta + _ZU_MODE) == _MODE_ELEMENT:
+        s_ptr = scores.to(tl.pointer_type(tl.float32)) + start
+        for piece in range(0, size, BLOCK):
+            i = piece + idx
+            inb = i < size
+            v = tl.load(w_ptr + i, mask=inb).to(tl.float32) + tl.load(u_ptr + i, mask=inb)
+            tl.store(s_ptr + i, _no_nan(tl.abs(v)), mask=inb)
+    else:
+        # units of row tensors hold whole rows: start is a row's first element
+        row_len = tl.maximum(tl.load(meta + _ZU_ROW_LEN), 1)
+        s_ptr = scores.to(tl.pointer_type(tl.float64)) + start // row_len
+        row_len = row_len.to(tl.int32)
+        carry = tl.zeros((), tl.float64)  # the sum of the row the previous piece left unfinished
+        for piece in range(0, size, BLOCK):
+            i = piece + idx
+            inb = i < size
+            v = (tl.load(w_ptr + i, mask=inb).to(tl.float32) + tl.load(u_ptr + i, mask=inb)).to(tl.float64)
+            col = i % row_len
+            sq = tl.where(inb, v * v, 0.0)  # exact: an fp32 value squared fits a float64
+            sq = tl.where((idx == 0) & (col != 0), sq + carry, sq)
+            _, sq = tl.associative_scan(((col == 0).to(tl.int32), sq), 0, _segmented_sum)
+            tl.store(s_ptr + i // row_len, _no_nan(sq), mask=inb & (col == row_len - 1))
+            carry = tl.sum(tl.where(idx == BLOCK - 1, sq, 0.0))
+
+
+@triton.jit
+def _zu_kernel(table, units, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    meta, start, end = _unit(table, units, _ZU_NUM_FIELDS)
+    w_ptr = tl.load(meta + _ZU_PARAM).to(tl.pointer_type(DTYPE)) + start
+    z_ptr = tl.load(meta + _ZU_Z).to(tl.pointer_type(tl.float32)) + start
+    u_ptr = tl.load(meta + _ZU_U).to(tl.pointer_type(tl.float32)) + start
+    target = tl.load(meta + _ZU_TARGET)
+    t_ptr = target.to(tl.pointer_type(DTYPE)) + start
+    keep_ptr = tl.load(meta + _ZU_ROW_KEEP).to(tl.pointer_type(tl.int8))  # torch.bool: one byte
+    mode = tl.load(meta + _ZU_MODE)
+    threshold = _coefficient(meta, _ZU_THRESHOLD)
+    cut = tl.load(meta + _ZU_CUT)
+    # element start + i lies in row r0 + (c0 + i) // row_len
+    row_len = tl.maximum(tl.load(meta + _ZU_ROW_LEN), 1)
+    r0 = start // row_len
+    c0 = (start - r0 * row_len).to(tl.int32)
+    row_len = row_len.to(tl.int32)
+    size = (end - start).to(tl.int32)
+    idx = tl.arange(0, BLOCK)
+    for piece in range(0, size, BLOCK):
+        i = piece + idx
+        inb = i < size
+        w = tl.load(w_ptr + i, mask=inb).to(tl.float32)
+        u = tl.load(u_ptr + i, mask=inb)
+        v = w + u
+        if mode == _MODE_SOFT:
+            z = v - _clamp_tau(v, threshold)
+        else:
+            if mode == _MODE_ELEMENT:
+                s = _no_nan(tl.abs(v))
+                keep = (s > threshold) | ((s == threshold) & (start + i <= cut))
+            else:
+                keep = tl.load(keep_ptr + r0 + (c0 + i) // row_len, mask=inb, other=0) != 0
+            z = tl.where(keep, v, 0.0)
+        u = (u + w) - z
+        tl.store(z_ptr + i, z, mask=inb)
+        tl.store(u_ptr + i, u, mask=inb)
+        if target != 0:
+            tl.store(t_ptr + i, (z - u).to(DTYPE), mask=inb)
+
+
+@triton.jit
+def _sas_kernel(table, units, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    meta, start, end = _unit(table, units, _SAS_NUM_FIELDS)
+    p_ptr = tl.load(meta + _SAS_PARAM).to(tl.pointer_type(DTYPE)) + start
+    g_ptr = tl.load(meta + _SAS_GRAD).to(tl.pointer_type(DTYPE)) + start
+    w_ptr = tl.load(meta + _SAS_W).to(tl.pointer_type(tl.float32)) + start
+    wb_ptr = tl.load(meta + _SAS_W_BREVE).to(tl.pointer_type(tl.float32)) + start
+    a_ptr = tl.load(meta + _SAS_ANCHOR).to(tl.pointer_type(tl.float32)) + start
+    z_ptr = tl.load(meta + _SAS_Z).to(tl.pointer_type(tl.float32)) + start
+    u_ptr = tl.load(meta + _SAS_U).to(tl.pointer_type(tl.float32)) + start
+    outer = tl.load(meta + _SAS_OUTER) != 0
+    c = _coefficient(meta, _SAS_C)
+    inv_cr = _coefficient(meta, _SAS_INV_CR)
+    b = _coefficient(meta, _SAS_B)
+    b1 = _coefficient(meta, _SAS_B1)
+    bn = _coefficient(meta, _SAS_BN)
+    bn1 = _coefficient(meta, _SAS_BN1)
+    size = (end - start).to(tl.int32)
+    idx = tl.arange(0, BLOCK)
+    for piece in range(0, size, BLOCK):
+        i = piece + idx
+        inb = i < size
+        g = tl.load(g_ptr + i, mask=inb).to(tl.float32)
+        wb = ((c * tl.load(wb_ptr + i, mask=inb) + tl.load(a_ptr + i, mask=inb)) - g) * inv_cr
+        w = b * wb + b1 * tl.load(w_ptr + i, mask=inb)
+        if outer:
+            rb = _coefficient(meta, _SAS_RB)
+            inv_beta = _coefficient(meta, _SAS_INV_BETA)
+            tau = _coefficient(meta, _SAS_TAU)
+            sb = _coefficient(meta, _SAS_SB)
+            beta = _coefficient(meta, _SAS_BETA)
+            rho = _coefficient(meta, _SAS_RHO)
+            u = tl.load(u_ptr + i, mask=inb) - rb * (w - tl.load(z_ptr + i, mask=inb))
+            x = w - u * inv_beta
+            z = x - _clamp_tau(x, tau)
+            d = w - z
+            u = u - sb * d
+            tl.store(a_ptr + i, rho * w + (u - beta * d), mask=inb)
+            tl.store(z_ptr + i, z, mask=inb)
+            tl.store(u_ptr + i, u, mask=inb)
+        tl.store(wb_ptr + i, wb, mask=inb)
+        tl.store(w_ptr + i, w, mask=inb)
+        tl.store(p_ptr + i, (bn * wb + bn1 * w).to(DTYPE), mask=inb)
+
+
+def build_units(numel: Tensor, row_len: Optional[Tensor] = None, chunk: Optional[int] = None) -> Tensor:
+    """Work list (int64 ``[U, 3]``: tensor, start, end; on the CPU) covering
+    ``numel[t]`` elements of each tensor in units of ``chunk`` elements, or of
+    whole rows (``max(1, chunk // row_len)`` of them) where ``row_len[t] > 0``.
+    Tensors with ``numel == 0`` get no unit; pass ``numel`` 0 to leave a tensor
+    out. ``chunk`` defaults to the module's ``DEFAULT_CHUNK`` (read at each call)."""
+    chunk = DEFAULT_CHUNK if chunk is None else chunk
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, got {chunk}.")
+    numel = torch.as_tensor(numel, dtype=torch.int64).cpu()
+    length = torch.full_like(numel, chunk)
+    if row_len is not None:
+        row_len = torch.as_tensor(row_len, dtype=torch.int64).cpu()
+        length = torch.where(row_len > 0, (chunk // row_len.clamp(min=1)).clamp(min=1) * row_len, length)
+    count = (numel + length - 1) // length
+    tensor = torch.repeat_interleave(torch.arange(len(numel)), count)
+    first_unit = torch.cumsum(count, 0) - count
+    start = (torch.arange(len(tensor)) - first_unit[tensor]) * length[tensor]
+    end = torch.minimum(start + length[tensor], numel[tensor])
+    return torch.stack([tensor, start, end], dim=1).contiguous()
+
+
+def zu_units(table: Tensor, chunk: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """``(score_units, update_units)`` of a Z/U table: the score pass covers
+    tensors with a SCORES buffer (row tensors in whole rows), the update pass every tensor."""
+    table = table.cpu()
+    numel = table[:, ZU_COLUMN["NUMEL"]]
+    scored = table[:, ZU_COLUMN["SCORES"]] != 0
+    by_rows = scored & (table[:, ZU_COLUMN["MODE"]] == MODE_ROWS)
+    score_units = build_units(torch.where(scored, numel, 0), torch.where(by_rows, table[:, ZU_COLUMN["ROW_LEN"]], 0),
+                              chunk)
+    return score_units, build_units(numel, chunk=chunk)
+
+
+def _launch(kernel, table: Tensor, dtype: torch.dtype, units: Tensor, block: Optional[int], num_warps: int) -> None:
+    block = DEFAULT_BLOCK if block is None else block
+    if dtype not in _TL_DTYPE:
+        raise TypeError(f"the admm kernels take float32, bfloat16 or float16 tensors, not {dtype}.")
+    if units.numel() == 0:
+        return
+    kernel[(units.shape[0],)](table, units, DTYPE=_TL_DTYPE[dtype], BLOCK=block, num_warps=num_warps,
+                              enable_fp_fusion=False)  # no mul+add -> fma: rounds op by op like the reference
+
+
+def admm_scores(table: Tensor, dtype: torch.dtype, *, units: Optional[Tensor] = None,
+                block: Optional[int] = None, num_warps: int = 4) -> None:
+    """Score pass of every tensor of a Z/U ``table`` (all of storage ``dtype``), one launch."""
+    if units is None:
+        units = zu_units(table)[0].to(table.device)
+    _launch(_scores_kernel, table, dtype, units, block, num_warps)
+
+
+def admm_zu(table: Tensor, dtype: torch.dtype, *, units: Optional[Tensor] = None,
+            block: Optional[int] = None, num_warps: int = 4) -> None:
+    """Update pass (Z, U, target) of every tensor of a Z/U ``table`` with its
+    thresholds, cuts and row flags filled in, one launch."""
+    if units is None:
+        units = zu_units(table)[1].to(table.device)
+    _launch(_zu_kernel, table, dtype, units, block, num_warps)
+
+
+def sas_admm_step(table: Tensor, dtype: torch.dtype, *, units: Optional[Tensor] = None,
+                  block: Optional[int] = None, num_warps: int = 4) -> None:
+    """One SAS-ADMM step of every tensor of a SAS ``table`` (coefficients
+    patched in), one launch."""
+    if units is None:
+        units = build_units(table.cpu()[:, SAS_COLUMN["NUMEL"]]).to(table.device)
+    _launch(_sas_kernel, table, dtype, units, block, num_warps)

@@ -1,0 +1,1 @@
+"""`python -m regkern demo`: every pruning method on one baseline, the papers' table and figures."""

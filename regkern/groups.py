@@ -1,0 +1,587 @@
+"""Coupled groups: the rows of several layers that are pruned together.
+
+Removing output channel ``c`` of a conv also removes channel ``c`` of the
+BatchNorm after it, input column ``c`` of every consumer, the same channel of
+every other branch of a residual add, a slice of a concatenation, and so on.
+A :class:`Group` lists every (parameter, dim, indices) such a cut touches,
+split into ``units``: unit ``u`` of a channel group is one channel; of an
+attention group, one head (or one key/value group of heads, with
+grouped-query attention).
+
+:func:`find_groups` traces a model with Torch-Pruning's ``DependencyGraph``
+and turns its groups into :class:`Group` objects; :func:`group_scores` and
+:func:`set_group_lambda` read and write a group's weights and optimizer state
+unit by unit; ``regkern.slicing.slice_model`` removes units physically.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from regkern.sharding import is_dtensor
+
+ROLES = ("producer", "row", "column")
+SCORE_KINDS = ("l1", "l2", "mean_abs")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Member:
+    """One parameter's share of a group.
+
+    ``name`` is the parameter's qualified name in the model (``"layer1.0.conv1.weight"``);
+    unit ``u`` owns ``param.index_select(dim, index[u])`` (``index``: int64
+    ``[units, width]``). ``role``: ``"producer"`` for the weight rows whose
+    outputs define the units (a conv/linear weight on dim 0; for attention
+    the q, k and v projections), ``"row"`` for other dim-0 members that follow
+    them (biases, BatchNorm/LayerNorm channels, depthwise convs), ``"column"``
+    for the consumers' input columns (dim 1) and other non-row slices.
+    """
+
+    name: str
+    dim: int
+    index: Tensor
+    role: str
+
+
+@dataclasses.dataclass(eq=False)
+class Group:
+    """A set of coupled slices, removed unit by unit.
+
+    ``name`` names the group (its first producer module). ``attributes`` lists
+    module attributes that count units, as ``(module_name, attribute,
+    per_unit)``: slicing ``n`` units subtracts ``n * per_unit`` (e.g.
+    ``("blocks.0.attn", "num_heads", 1)``). Shapes of standard modules
+    (conv/linear/norm channel counts) are updated by slicing itself.
+
+    ``buffers`` (added for slicing): non-parameter tensors cut with the group,
+    as members named by their qualified buffer name (BatchNorm running
+    statistics); scores and lambdas ignore them.
+
+    :meth:`bind` records the model's tensors (``tensors``) and their shapes
+    (``shapes``): a bound group refuses another model and a model sliced
+    since (``find_groups`` binds every group it returns).
+    """
+
+    name: str
+    units: int
+    members: List[Member]
+    attributes: List[Tuple[str, str, int]] = dataclasses.field(default_factory=list)
+    buffers: List[Member] = dataclasses.field(default_factory=list)
+    tensors: Dict[str, Tensor] = dataclasses.field(default_factory=dict, repr=False)
+    shapes: Dict[str, Tuple[int, ...]] = dataclasses.field(default_factory=dict, repr=False)
+
+    def by_role(self, *roles: str) -> List[Member]:
+        return [m for m in self.members if m.role in roles]
+
+    def bind(self, model: nn.Module) -> "Group":
+        """Check the group against ``model`` and remember its tensors; returns self."""
+        self.tensors, self.shapes = {}, {}
+        check_group(model, self)
+        named = named_tensors(model)
+        for m in self.members + self.buffers:
+            self.tensors[m.name] = named[m.name]
+            self.shapes[m.name] = tuple(named[m.name].shape)
+        return self
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{m.name}[{m.dim}]x{m.index.shape[1]}" for m in self.members)
+        return f"Group({self.name!r}, units={self.units}, members=[{parts}])"
+
+
+# --------------------------------------------------------------------------- lookup and checks
+
+def param_index(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """Qualified name -> parameter (a shared parameter under its first name)."""
+    return dict(model.named_parameters())
+
+
+def named_tensors(model: nn.Module) -> Dict[str, Tensor]:
+    """Qualified name -> parameter or buffer."""
+    return {**dict(model.named_buffers()), **dict(model.named_parameters())}
+
+
+def check_group(model: nn.Module, group: Group) -> None:
+    """``ValueError`` unless every member of ``group`` fits ``model``: names
+    exist, indices are int64 ``[units, width]`` within the dimension and not
+    repeated, and a bound group was bound to this model's tensors, with the
+    same shapes."""
+    if not isinstance(group, Group):
+        raise ValueError(f"expected a regkern.groups.Group, got {type(group).__name__}")
+    if not isinstance(group.units, int) or group.units < 1:
+        raise ValueError(f"group {group.name!r} has {group.units!r} units; it needs at least one")
+    params = param_index(model)
+    buffers = dict(model.named_buffers())
+    for kind, table, members in (("parameter", params, group.members), ("buffer", buffers, group.buffers)):
+        for m in members:
+            where = f"member {m.name}[{m.dim}] of group {group.name!r}"
+            if m.name not in table:
+                raise ValueError(f"{where}: the model has no {kind} named {m.name!r}; is the group from another model?")
+            tensor = table[m.name]
+            bound = group.tensors.get(m.name)
+            if bound is not None and bound is not tensor:
+                raise ValueError(f"{where}: group {group.name!r} was found on another model (its {m.name} is a different tensor)")
+            if m.name in group.shapes and tuple(tensor.shape) != group.shapes[m.name]:
+                raise ValueError(f"{where}: {m.name} has shape {tuple(tensor.shape)}, not {group.shapes[m.name]} as when the group was found; the model was sliced since, call find_groups again")
+            if m.role not in ROLES:
+                raise ValueError(f"{where} has role {m.role!r}; roles are {ROLES}")
+            if not 0 <= m.dim < tensor.dim():
+                raise ValueError(f"{where}: dim {m.dim} is out of range for {m.name} of shape {tuple(tensor.shape)}")
+            index = m.index
+            if not isinstance(index, Tensor) or index.dtype != torch.int64 or index.dim() != 2 \
+                    or index.shape[0] != group.units or index.shape[1] < 1:
+                raise ValueError(f"{where}: index must be an int64 tensor of shape [{group.units}, width >= 1]")
+            flat = index.reshape(-1)
+            if flat.min() < 0 or flat.max() >= tensor.shape[m.dim]:
+                raise ValueError(f"{where}: indices must lie in [0, {tensor.shape[m.dim]})")
+            if flat.unique().numel() != flat.numel():
+                raise ValueError(f"{where}: an index belongs to two units")
+
+
+# --------------------------------------------------------------------------- tracing
+
+class _ConcatRecorder(TorchFunctionMode):
+    """Records every traced ``torch.cat``: its output's grad_fn -> (dim, ndim,
+    input sizes along dim), so concatenations Torch-Pruning could not map
+    (e.g. concat -> pool -> flatten -> Linear) get their channel offsets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cats: Dict[Any, Tuple[int, int, List[int]]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in (torch.cat, torch.concat, torch.concatenate) and isinstance(out, Tensor) \
+                and out.grad_fn is not None:
+            tensors = args[0] if args else kwargs.get("tensors", ())
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
+            dim = dim % out.dim()
+            self.cats[out.grad_fn] = (dim, out.dim(), [t.shape[dim] for t in tensors])
+        return out
+
+
+def _trace(model: nn.Module, example_inputs):
+    """Torch-Pruning's dependency graph of ``model``; the model's train/eval
+    flags are restored (the tracer leaves it in eval mode)."""
+    import torch_pruning as tp
+
+    modes = [(m, m.training) for m in model.modules()]
+    recorder = _ConcatRecorder()
+    try:
+        with torch.enable_grad(), recorder, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
+    except Exception as err:  # the tracer's failures are of every type
+        raise ValueError(f"torch-pruning could not trace the model ({type(err).__name__}: {err}); "
+                         "check example_inputs, or rewrite the operation it cannot follow") from err
+    finally:
+        for m, training in modes:
+            m.training = training
+    _fix_concat_offsets(dg, recorder.cats)
+    recorder.cats.clear()
+    return dg
+
+
+def _release(dg) -> None:
+    """Drop the dependency graph's references to the traced autograd graph (memory)."""
+    for node in dg.module2node.values():
+        node.grad_fn = None
+        node.dependencies = []
+        node.inputs, node.outputs = [], []
+    dg.module2node = {}
+
+
+def _fix_concat_offsets(dg, cats) -> None:
+    """Give channel concatenations Torch-Pruning left unmapped their offsets
+    (only when the recorded sizes confirm a channel concatenation)."""
+    import torch_pruning as tp
+    from torch_pruning.dependency.index_mapping import _ConcatIndexMapping
+
+    for node in dg.module2node.values():
+        if node.type != tp.ops.OPTYPE.CONCAT or getattr(node.module, "offsets", None) is not None:
+            continue
+        info = cats.get(node.grad_fn)
+        node.module.unmapped = True
+        if info is None:
+            continue
+        dim, ndim, sizes = info
+        channel_dim = dim == 1 or (ndim == 3 and dim == 2)
+        if not channel_dim or len(sizes) != len(node.inputs) or node.module.concat_sizes != sizes:
+            continue
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
+        node.module.offsets = offsets
+        node.module.unmapped = False
+        for i, source in enumerate(node.inputs):
+            for dep in node.dependencies:
+                if dep.target is source:
+                    dep.index_mapping[1] = _ConcatIndexMapping(offset=offsets[i:i + 2], reverse=True)
+            for dep in source.dependencies:
+                if dep.target is node:
+                    dep.index_mapping[1] = _ConcatIndexMapping(offset=offsets[i:i + 2], reverse=False)
+
+
+def _resolve_modules(model: nn.Module, items, what: str) -> List[nn.Module]:
+    modules = dict(model.named_modules())
+    ids = {id(m) for m in modules.values()}
+    if isinstance(items, (nn.Module, str)):
+        items = [items]
+    resolved = []
+    for item in items:
+        if isinstance(item, str):
+            if item not in modules:
+                raise ValueError(f"{what}: the model has no module named {item!r}")
+            resolved.append(modules[item])
+        elif isinstance(item, nn.Module):
+            if id(item) not in ids:
+                raise ValueError(f"{what}: module {type(item).__name__} is not part of the model")
+            resolved.append(item)
+        else:
+            raise ValueError(f"{what}: expected modules or module names, got {type(item).__name__}")
+    return resolved
+
+
+# --------------------------------------------------------------------------- TP group -> Group
+
+class _Unsupported(Exception):
+    """A TP group regkern cannot slice (the message says why)."""
+
+
+def _slices_of(module: nn.Module, name: str, is_out: bool) -> List[Tuple[str, str, int, str]]:
+    """What a TP pruning step on ``module`` touches: (kind, tensor name, dim, role)."""
+    prefix = f"{name}." if name else ""
+    out: List[Tuple[str, str, int, str]] = []
+
+    def add(kind, attr, dim, role):
+        if getattr(module, attr, None) is not None:
+            out.append((kind, prefix + attr, dim, role))
+
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if module.transposed:
+            raise _Unsupported(f"transposed convolution {name!r}")
+        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+        if depthwise:
+            add("param", "weight", 0, "row")
+            add("param", "bias", 0, "row")
+        elif module.groups != 1:
+            raise _Unsupported(f"grouped convolution {name!r} (groups={module.groups})")
+        elif is_out:
+            add("param", "weight", 0, "producer")
+            add("param", "bias", 0, "row")
+        else:
+            add("param", "weight", 1, "column")
+    elif isinstance(module, nn.Linear):
+        if is_out:
+            add("param", "weight", 0, "producer")
+            add("param", "bias", 0, "row")
+        else:
+            add("param", "weight", 1, "column")
+    elif isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        add("param", "weight", 0, "row")
+        add("param", "bias", 0, "row")
+        add("buffer", "running_mean", 0, "row")
+        add("buffer", "running_var", 0, "row")
+    elif isinstance(module, nn.LayerNorm):
+        if len(module.normalized_shape) != 1:
+            raise _Unsupported(f"LayerNorm {name!r} over {tuple(module.normalized_shape)}")
+        add("param", "weight", 0, "row")
+        add("param", "bias", 0, "row")
+    elif isinstance(module, nn.PReLU):
+        if module.num_parameters > 1:
+            add("param", "weight", 0, "row")
+    elif isinstance(module, nn.Embedding):
+        add("param", "weight", 1, "producer")
+    else:
+        raise _Unsupported(f"{type(module).__name__} {name!r}")
+    return out
+
+
+def _convert(model: nn.Module, dg, tp_group, module_names, param_names, unwrapped,
+             order: Dict[str, int]) -> Tuple[Group, bool]:
+    """A TP group as a Group (members in model order), and whether it is
+    joined by a residual add."""
+    import torch_pruning as tp
+
+    root = tp_group[0]
+    units = len(root.idxs)
+    root_name = module_names.get(root.dep.target.module, str(root.dep.target.name))
+    slices: Dict[Tuple[str, str, int], Dict[str, Any]] = {}
+    joined = False
+    for item in tp_group.items:
+        node, handler = item.dep.target, item.dep.handler
+        module = node.module
+        if node.type == tp.ops.OPTYPE.ELEMENTWISE and node.grad_fn is not None:
+            op = node.grad_fn.name().lower()
+            joined |= (op.startswith("add") or op.startswith("sub")) and len(node.inputs) >= 2
+        if node.type == tp.ops.OPTYPE.CONCAT and getattr(module, "unmapped", False):
+            raise _Unsupported(f"a concatenation whose channel offsets torch-pruning could not map ({node.name})")
+        if isinstance(module, nn.Parameter):
+            name = param_names.get(id(module))
+            if name is None or id(module) not in unwrapped:
+                raise _Unsupported(f"a parameter outside the model's modules ({node.name})")
+            dim = unwrapped[id(module)] % module.dim()
+            touched = [("param", name, dim, "row" if dim == 0 else "column")]
+        elif module in module_names:
+            if not any(True for _ in module.parameters(recurse=False)) and \
+                    not any(True for _ in module.buffers(recurse=False)):
+                continue
+            is_out = dg.is_out_channel_pruning_fn(handler)
+            if not is_out and not dg.is_in_channel_pruning_fn(handler):
+                raise _Unsupported(f"an unknown pruning step on {module_names[module]!r}")
+            touched = _slices_of(module, module_names[module], is_out)
+        else:
+            continue  # a tracer op (add, concat, reshape ...): no tensors of its own
+        if any(i is None for i in item.root_idxs):
+            raise _Unsupported(f"indices torch-pruning could not map back to the group's channels ({node.name})")
+        for kind, tname, dim, role in touched:
+            entry = slices.setdefault((kind, tname, dim), {"role": role, "pairs": set()})
+            if role == "producer":
+                entry["role"] = role
+            entry["pairs"].update(zip(item.idxs, item.root_idxs))
+    members, buffers = [], []
+    for (kind, tname, dim), entry in sorted(slices.items(), key=lambda kv: (order.get(kv[0][1], len(order)), kv[0][2])):
+        per_unit: List[List[int]] = [[] for _ in range(units)]
+        for idx, unit in entry["pairs"]:
+            if not 0 <= unit < units:
+                raise _Unsupported(f"{tname}: a channel maps to unit {unit} of {units}")
+            per_unit[unit].append(idx)
+        widths = {len(p) for p in per_unit}
+        if len(widths) != 1 or 0 in widths:
+            raise _Unsupported(f"{tname} is cut unevenly by the group's channels (split or partial concatenation)")
+        index = torch.tensor([sorted(p) for p in per_unit], dtype=torch.int64)
+        member = Member(tname, dim, index, entry["role"])
+        (members if kind == "param" else buffers).append(member)
+    producers = [m for m in members if m.role == "producer"]
+    name = producers[0].name.rsplit(".", 1)[0] if producers else root_name
+    return Group(name, units, members, buffers=buffers), joined
+
+
+def find_groups(model: nn.Module, example_inputs, *, ignore=(), residual_rule: bool = False,
+                heads: Sequence[Any] = ()) -> List[Group]:
+    """The model's prunable coupled groups, traced with Torch-Pruning.
+
+    Each channel group holds every tensor slice removing one channel touches:
+    producer conv/linear rows (``"producer"``) and biases, BatchNorm /
+    LayerNorm channels and depthwise conv rows (``"row"``, BN running stats
+    in ``Group.buffers``), consumer input columns (``"column"``; a channel
+    that reaches a Linear through a flatten owns several columns), all
+    producers of a residual add, and the right offsets of concatenations.
+
+    ``ignore``: modules or module names whose outputs are never pruned (the
+    classifier); their inputs may still be. ``residual_rule=True`` drops the
+    groups joined by a residual add (GReg: the last conv of every residual
+    block and the downsample convs keep their channels). ``heads``:
+    ``regkern.attention.Heads`` specs: their head groups
+    (``regkern.attention.head_groups``) come after the channel groups, and
+    the output channels of the projections they own
+    (``regkern.attention.claimed_modules``) leave the channel groups. Groups that cross what regkern cannot slice (grouped or
+    transposed convs, GroupNorm, splits, unknown modules) are left out with
+    a warning. Every returned group is bound to ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"find_groups needs an nn.Module, got {type(model).__name__}")
+    ignored = _resolve_modules(model, ignore, "ignore")
+    claimed: List[nn.Module] = []
+    if heads:
+        from regkern.attention import claimed_modules, head_groups
+        claimed = list(claimed_modules(model, heads))  # checks the specs before tracing
+    dg = _trace(model, example_inputs)
+    extra = list(head_groups(model, heads, example_inputs, graph=dg)) if heads else []
+    module_names = {m: n for n, m in model.named_modules()}
+    param_names = {id(p): n for n, p in model.named_parameters()}
+    unwrapped = {id(u.parameters): u.pruning_dim for u in dg.unwrapped_parameters}
+    order = {name: i for i, name in enumerate([n for n, _ in model.named_parameters()]
+                                              + [n for n, _ in model.named_buffers()])}
+    groups, skipped = [], []
+    try:
+        tp_groups = list(dg.get_all_groups(ignored_layers=ignored + claimed,
+                                           root_module_types=(nn.modules.conv._ConvNd, nn.Linear)))
+    except Exception as err:
+        raise ValueError(f"torch-pruning could not group the model's channels ({type(err).__name__}: {err})") from err
+    for tp_group in tp_groups:
+        try:
+            group, joined = _convert(model, dg, tp_group, module_names, param_names, unwrapped, order)
+        except _Unsupported as why:
+            skipped.append(str(why))
+            continue
+        if not group.members or (residual_rule and joined):
+            continue
+        groups.append(group)
+    _release(dg)
+    groups.sort(key=lambda g: order.get(g.members[0].name, len(order)))
+    if skipped:
+        warnings.warn("find_groups left out the groups that cross what regkern cannot slice: "
+                      + "; ".join(sorted(set(skipped))), stacklevel=2)
+    result = groups + extra
+    for group in result:
+        group.bind(model)
+    _check_disjoint(model, result)
+    return result
+
+
+def _check_disjoint(model: nn.Module, groups: Sequence[Group]) -> None:
+    """``ValueError`` when two groups claim the same slice of a tensor."""
+    owner: Dict[Tuple[str, int], Tensor] = {}
+    names: Dict[Tuple[str, int], List[str]] = {}
+    tensors = named_tensors(model)
+    for gi, group in enumerate(groups):
+        for m in group.members + group.buffers:
+            key = (m.name, m.dim)
+            if key not in owner:
+                owner[key] = torch.full((tensors[m.name].shape[m.dim],), -1, dtype=torch.int64)
+                names[key] = []
+            taken = owner[key][m.index.reshape(-1)]
+            clash = taken[(taken >= 0) & (taken != gi)]
+            if clash.numel():
+                other = groups[int(clash[0])].name
+                raise ValueError(f"groups {other!r} and {group.name!r} both claim slices of {m.name} (dim {m.dim}); "
+                                 "the tracer coupled them inconsistently")
+            owner[key][m.index.reshape(-1)] = gi
+
+
+# --------------------------------------------------------------------------- scores and lambdas
+
+def _unit_sums(t: Tensor, dim: int, index: Tensor) -> Tuple[Tensor, Tensor, int]:
+    """Per unit: sum |W|, sum W^2 (fp64) and the element count of ``t``'s slices."""
+    if is_dtensor(t):
+        t = t.full_tensor()
+    w = t.detach().movedim(dim, 0)
+    units, width = index.shape
+    picked = w.index_select(0, index.reshape(-1).to(w.device)).reshape(units, -1).double()
+    return picked.abs().sum(1), picked.square().sum(1), picked.shape[1]
+
+
+def _row_norm_sums(norms: Tensor, index: Tensor, row_len: int) -> Tuple[Tensor, Tensor, int]:
+    """The same sums from ``state["row_norms"]`` (columns: L1, L2, mean |W| per row)."""
+    units, width = index.shape
+    picked = norms.index_select(0, index.reshape(-1).to(norms.device)).reshape(units, width, 3).double()
+    return picked[..., 0].sum(1), picked[..., 1].square().sum(1), width * row_len
+
+
+def _fresh_row_norms(optimizer, param: Tensor) -> Optional[Tensor]:
+    if optimizer is None:
+        return None
+    norms = optimizer.state.get(param, {}).get("row_norms") if param in optimizer.state else None
+    if not isinstance(norms, Tensor) or is_dtensor(norms) or param.dim() == 0 \
+            or tuple(norms.shape) != (param.shape[0], 3) or not bool(norms.any()):
+        return None  # absent, or zeros: never stepped
+    return norms
+
+
+def group_scores(model: nn.Module, groups: Sequence[Group], kind: str = "l1", scope: str = "producer",
+                 optimizer: Optional[torch.optim.Optimizer] = None) -> List[Tensor]:
+    """One fp32 score per unit of each group: ``"l1"`` (sum |W| over the
+    unit's slices), ``"l2"`` (sqrt of the summed squares) or ``"mean_abs"``
+    (l1 / element count), over the producer members (``scope="producer"``;
+    GReg and one-shot L1 score filters only; a group without producers falls
+    back to all members) or all members (``"group"``).
+
+    With ``optimizer``, a dim-0 member whose ``state["row_norms"]`` holds
+    values (the norms of the rows after the last fused step, SPEC 7) is
+    scored from them without a pass over W; zeros mean never stepped and W
+    is read instead.
+    """
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"kind must be one of {SCORE_KINDS}, got {kind!r}")
+    if scope not in ("producer", "group"):
+        raise ValueError(f"scope must be 'producer' or 'group', got {scope!r}")
+    if isinstance(groups, Group):
+        groups = [groups]
+    for group in groups:
+        check_group(model, group)
+    params = param_index(model)
+    scores = []
+    for group in groups:
+        members = group.by_role("producer") if scope == "producer" else group.members
+        members = members or group.members
+        l1 = l2sq = None
+        count = 0
+        for m in members:
+            p = params[m.name]
+            norms = _fresh_row_norms(optimizer, p) if m.dim == 0 else None
+            if norms is not None:
+                a, b, c = _row_norm_sums(norms, m.index, p[0].numel() if p.dim() > 1 else 1)
+            else:
+                a, b, c = _unit_sums(p, m.dim, m.index)
+            if l1 is None:
+                l1, l2sq = a, b
+            else:
+                l1, l2sq = l1 + a.to(l1.device), l2sq + b.to(l1.device)
+            count += c
+        if kind == "l1":
+            score = l1
+        elif kind == "l2":
+            score = l2sq.sqrt()
+        else:
+            score = l1 / count
+        scores.append(score.float())
+    return scores
+
+
+def _unit_values(values, units: int) -> Tensor:
+    v = torch.as_tensor(values, dtype=torch.float32) if not isinstance(values, Tensor) else values.detach()
+    if v.dim() == 0:
+        v = v.expand(units)
+    if v.shape != (units,):
+        raise ValueError(f"values must be a scalar or hold one value per unit ({units}), got shape {tuple(v.shape)}")
+    if not v.is_floating_point() or not bool(torch.isfinite(v).all()):
+        raise ValueError("values must be finite floating-point numbers")
+    return v.float()
+
+
+def set_group_lambda(optimizer: torch.optim.Optimizer, group: Group, values, scope: str = "producer") -> None:
+    """Write ``values[u]`` (one per unit, or a scalar) as the L2 coefficient of
+    every slice of unit ``u``, in place: into ``state["lam"]`` (per row, or
+    per element when lam has W's shape) of the producer members
+    (``scope="producer"``), of every dim-0 member (``"rows"``), or of every
+    dim-0 member and into ``state["lam_cols"]`` of every dim-1 member
+    (``"group"``). Members of other dims are not written. The group must be
+    bound (``find_groups`` binds its groups); the state is created by
+    ``regkern.RowL2()`` (``RowL2(columns=True)`` for ``lam_cols``).
+    """
+    if scope not in ("producer", "rows", "group"):
+        raise ValueError(f"scope must be 'producer', 'rows' or 'group', got {scope!r}")
+    if not isinstance(group, Group):
+        raise ValueError(f"expected a regkern.groups.Group, got {type(group).__name__}")
+    if not group.tensors:
+        raise ValueError(f"group {group.name!r} is not bound to a model; use groups from find_groups or call group.bind(model)")
+    v = _unit_values(values, group.units)
+    if scope == "producer":
+        members = group.by_role("producer")
+    elif scope == "rows":
+        members = [m for m in group.members if m.dim == 0]
+    else:
+        members = [m for m in group.members if m.dim in (0, 1)]
+    writes = []
+    for m in members:
+        p = group.tensors[m.name]
+        if tuple(p.shape) != group.shapes[m.name]:
+            raise ValueError(f"{m.name} has shape {tuple(p.shape)}, not {group.shapes[m.name]} as when group {group.name!r} was found; call find_groups again")
+        key = "lam" if m.dim == 0 else "lam_cols"
+        state = optimizer.state.get(p) if p in optimizer.state else None
+        target = state.get(key) if state else None
+        if not isinstance(target, Tensor):
+            maker = "regkern.RowL2()" if key == "lam" else "regkern.RowL2(columns=True)"
+            raise ValueError(f"{m.name} has no state[{key!r}] in this optimizer; give its param group the regularizer {maker}")
+        if is_dtensor(target):
+            raise ValueError(f"{m.name}: set_group_lambda does not write sharded (DTensor) state")
+        size = p.shape[m.dim]
+        if key == "lam" and tuple(target.shape) not in ((size,), tuple(p.shape)):
+            raise ValueError(f"{m.name}: state['lam'] of shape {tuple(target.shape)} is neither per row ({size},) nor per element {tuple(p.shape)}")
+        if key == "lam_cols" and tuple(target.shape) != (size,):
+            raise ValueError(f"{m.name}: state['lam_cols'] of shape {tuple(target.shape)} must be ({size},)")
+        writes.append((target, m.index))
+    for target, index in writes:  # everything checked: now write
+        rows = index.to(target.device)
+        per_row = v.to(target.device, target.dtype)[:, None].expand(rows.shape)
+        if target.dim() == 1:
+            target[rows.reshape(-1)] = per_row.reshape(-1)
+        else:
+            shape = (-1,) + (1,) * (target.dim() - 1)
+            target[rows.reshape(-1)] = per_row.reshape(shape).expand((rows.numel(),) + tuple(target.shape[1:])).to(target.dtype)

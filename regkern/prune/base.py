@@ -1,0 +1,302 @@
+"""What every pruning schedule shares: the step / done / prune protocol, the
+summary it returns, its state_dict, and small helpers that add optimizer state.
+
+A schedule owns no kernel. It writes optimizer state (lambda vectors, masks,
+L1 coefficients, ADMM targets) on its timetable; the fused optimizer step reads
+that state. Call ``step()`` after every optimizer step; when ``done`` is true,
+``prune()`` cuts the model (structured: :func:`regkern.slicing.slice_model`,
+the same optimizer keeps training) or freezes masks (unstructured).
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+PHASE_FINETUNE = "finetune"
+
+
+@dataclasses.dataclass
+class PruneSummary:
+    """What ``prune()`` did.
+
+    ``layers``: ``{layer: (kept, total)}`` (rows for structured pruning,
+    weights for unstructured); ``slice``: the :class:`regkern.slicing.SliceSummary`
+    of a structured cut (None otherwise); ``notes``: fallbacks and other
+    remarks, one sentence each.
+    """
+
+    method: str
+    structured: bool
+    layers: Dict[str, Tuple[int, int]]
+    slice: Any = None
+    notes: List[str] = dataclasses.field(default_factory=list)
+    thresholds: Dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the listed units (rows or weights) removed."""
+        total = sum(t for _, t in self.layers.values())
+        return 1.0 - sum(k for k, _ in self.layers.values()) / total if total else 0.0
+
+    @property
+    def flops_reduction(self) -> Optional[float]:
+        """``1 - MACs after / MACs before`` of a structured cut (0.0 when it
+        removed nothing; None for unstructured pruning): what
+        :func:`regkern.prune.polarization_search`'s ``train`` returns."""
+        s = self.slice
+        if s is None or not getattr(s, "macs_before", None):
+            return 0.0 if self.structured else None
+        return 1.0 - s.macs_after / s.macs_before
+
+    def __str__(self) -> str:
+        kind = "rows" if self.structured else "weights"
+        lines = [f"{self.method}: kept {kind} per layer ({100 * self.sparsity:.1f}% of the listed {kind} removed)"]
+        width = max((len(n) for n in self.layers), default=0)
+        for name, (kept, total) in self.layers.items():
+            extra = f"  threshold {self.thresholds[name]:.4g}" if name in self.thresholds else ""
+            lines.append(f"  {name:<{width}}  {kept:>7} / {total:<7}{extra}")
+        if self.slice is not None:
+            lines.append(f"  {self.slice}")
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+class Schedule:
+    """Base class: an iteration counter, a phase, ``done`` / ``pruned`` and
+    the state_dict round trip. Subclasses implement ``_advance`` (after each
+    step), ``_prune`` and optionally ``_extra_state`` / ``_load_extra`` /
+    ``_reapply`` (redo a saved structured cut on a fresh model)."""
+
+    method = "schedule"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"optimizer must be a torch.optim.Optimizer such as regkern.SGD, got {type(optimizer).__name__}")
+        self.model = model
+        self.optimizer = optimizer
+        self.iteration = 0
+        self._phase = ""
+        self._done = False
+        self.pruned = False
+
+    # -- protocol -----------------------------------------------------------
+    @property
+    def phase(self) -> str:
+        return PHASE_FINETUNE if self.pruned else self._phase
+
+    @property
+    def done(self) -> bool:
+        """True once the regularization phase is over: time to call ``prune()``."""
+        return self._done or self.pruned
+
+    def step(self) -> None:
+        """Advance by one optimizer step (call it after ``optimizer.step()``)."""
+        self.iteration += 1
+        if not self.pruned:
+            self._advance()
+
+    def prune(self, force: bool = False, **options) -> PruneSummary:
+        """Cut the model (structured) or freeze masks (unstructured) and switch
+        to fine-tuning. ``force=True`` prunes before ``done`` with the current
+        picks; ``options`` are the subclass's (e.g. ``finetune_optimizer``)."""
+        if self.pruned:
+            raise ValueError(f"{self.method} has already pruned the model")
+        if not self._done and not force:
+            raise ValueError(f"{self.method} is not done yet (phase {self._phase!r}, iteration {self.iteration}); "
+                             "keep calling step() after each optimizer step, or pass force=True to prune now")
+        summary = self._prune(**options)
+        self.pruned = True
+        return summary
+
+    # -- checkpointing ------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Plain data (tensors, numbers, strings, lists, dicts)."""
+        return {"method": self.method, "iteration": self.iteration, "phase": self._phase, "done": self._done,
+                "pruned": self.pruned, **self._extra_state()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore a saved schedule. Load it BEFORE the model and optimizer
+        state: a saved structured cut is redone on this model first, so their
+        shapes match."""
+        if not isinstance(state, dict) or state.get("method") != self.method:
+            got = state.get("method") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"this state_dict is from {got!r}, not from {self.method}")
+        self._check_extra(state)
+        if state["pruned"] and not self.pruned:
+            self._reapply(state)
+            self.pruned = True
+        elif self.pruned and not state["pruned"]:
+            raise ValueError(f"this {self.method} has already pruned the model; a state saved before pruning "
+                             "cannot be loaded into it (build a fresh model, optimizer and schedule)")
+        self.iteration = int(state["iteration"])
+        self._phase = str(state["phase"])
+        self._done = bool(state["done"])
+        self._load_extra(state)
+
+    # -- hooks ----------------------------------------------------------------
+    def _advance(self) -> None:
+        pass
+
+    def _prune(self, **options) -> PruneSummary:
+        raise NotImplementedError
+
+    def _extra_state(self) -> Dict[str, Any]:
+        return {}
+
+    def _check_extra(self, state: Dict[str, Any]) -> None:
+        pass
+
+    def _load_extra(self, state: Dict[str, Any]) -> None:
+        pass
+
+    def _reapply(self, state: Dict[str, Any]) -> None:
+        pass
+
+
+# -- helpers --------------------------------------------------------------------
+
+def param_names(model: nn.Module) -> Dict[Tensor, str]:
+    """Parameter -> its first qualified name."""
+    out: Dict[Tensor, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out.setdefault(p, name)
+    return out
+
+
+def named_params(model: nn.Module) -> Dict[str, nn.Parameter]:
+    return dict(model.named_parameters(remove_duplicate=False))
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer) -> Dict[Tensor, int]:
+    """Parameter -> index of its param group."""
+    return {p: i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+
+
+def check_in_optimizer(optimizer: torch.optim.Optimizer, params: Iterable[Tuple[str, Tensor]]) -> None:
+    """Every parameter is held by the optimizer and is a plain (not sharded) tensor."""
+    from regkern.sharding import is_dtensor
+
+    params = list(params)
+    sharded = [name for name, p in params if is_dtensor(p)]
+    if sharded:
+        raise ValueError(f"parameter {sharded[0]} is sharded (DTensor); the pruning schedules work on plain tensors")
+    owned = optimizer_params(optimizer)
+    missing = [name for name, p in params if p not in owned]
+    if missing:
+        raise ValueError(f"the optimizer does not hold parameter(s) {', '.join(missing[:4])}"
+                         f"{' ...' if len(missing) > 4 else ''}; build it over model.parameters()")
+
+
+def module_of(param_name: str) -> str:
+    """``"layer1.0.conv1.weight"`` -> ``"layer1.0.conv1"``."""
+    return param_name.rsplit(".", 1)[0] if "." in param_name else ""
+
+
+def state_vector(optimizer: torch.optim.Optimizer, p: Tensor, key: str, shape: Tuple[int, ...],
+                 fill: float = 0.0) -> Tensor:
+    """``optimizer.state[p][key]``, created as an fp32 tensor of ``shape`` filled
+    with ``fill`` when missing; an existing entry of another shape is an error."""
+    st = optimizer.state[p]
+    value = st.get(key)
+    if value is None:
+        st[key] = value = torch.full(shape, fill, dtype=torch.float32, device=p.device)
+    elif tuple(value.shape) != tuple(shape):
+        raise ValueError(f"optimizer state {key!r} of a parameter of shape {tuple(p.shape)} has shape "
+                         f"{tuple(value.shape)}, but this schedule needs {tuple(shape)}")
+    return value
+
+
+def apply_mask(optimizer: torch.optim.Optimizer, p: Tensor, keep: Tensor) -> None:
+    """Put ``keep`` (bool, ``[R]`` or W-shaped) into ``state[p]["mask"]`` (and-ed
+    with a mask already there) and zero the masked weights and their momentum
+    now: the fused step keeps them exact zeros from then on."""
+    st = optimizer.state[p]
+    old = st.get("mask")
+    if old is not None and old.shape == keep.shape:
+        keep = keep & old.to(keep.device)
+    st["mask"] = keep
+    full = keep.view((-1,) + (1,) * (p.dim() - 1)) if keep.dim() == 1 and p.dim() > 1 else keep
+    with torch.no_grad():
+        p.mul_(full)
+        for name in ("momentum_buffer",):
+            buf = st.get(name)
+            if isinstance(buf, Tensor) and buf.shape == p.shape:
+                buf.mul_(full)
+
+
+def cut(model: nn.Module, removals, optimizer, example_inputs):
+    """:func:`regkern.slicing.slice_model` after a garbage collection: the
+    tracer's graph from ``find_groups`` sits in reference cycles, and a graph
+    still alive when shapes change makes the next backward fail (so does a
+    ``loss`` of the last step still referenced by the caller: drop it first)."""
+    from regkern.slicing import slice_model
+
+    gc.collect()
+    return slice_model(model, removals, optimizer=optimizer, example_inputs=example_inputs)
+
+
+def regularizers_of(group: Dict[str, Any]) -> list:
+    from regkern.regularizers import regularizer_list
+
+    return regularizer_list(group.get("regularizer"))
+
+
+def group_of(optimizer: torch.optim.Optimizer, param: Tensor) -> Dict[str, Any]:
+    """The param group holding ``param`` (looked up each time: ``load_state_dict``
+    replaces the group dicts)."""
+    for g in optimizer.param_groups:
+        if any(p is param for p in g["params"]):
+            return g
+    raise ValueError("the optimizer no longer holds the parameter this schedule regularizes")
+
+
+def drop_regularizer(group: Dict[str, Any], kind: type) -> None:
+    """Take the regularizers of type ``kind`` off a param group (for fine-tuning)."""
+    regs = [r for r in regularizers_of(group) if not isinstance(r, kind)]
+    group["regularizer"] = None if not regs else regs[0] if len(regs) == 1 else regs
+
+
+def ensure_group(optimizer: torch.optim.Optimizer, params: Sequence[Tuple[str, Tensor]], kind: type,
+                 make: Callable[[], Any], what: str) -> Dict[str, Any]:
+    """The param group whose regularizer is a ``kind`` holding every one of
+    ``params``. When the optimizer has none: a group holding exactly
+    ``params`` gets ``make()`` added to its regularizers; otherwise the params
+    move out of their groups into a new group with ``make()`` as regularizer
+    and the hyper-parameters of the group of the first one. (Create LR
+    schedulers after this: a scheduler made before does not know a new group.)"""
+    if not hasattr(optimizer, "param_groups") or "regularizer" not in optimizer.defaults:
+        raise ValueError(f"{what} needs a regkern optimizer with regularizer param groups (regkern.SGD), "
+                         f"got {type(optimizer).__name__}")
+    check_in_optimizer(optimizer, params)
+    holders = [g for g in optimizer.param_groups if any(isinstance(r, kind) for r in regularizers_of(g))]
+    wanted = [p for _, p in params]
+    if holders:
+        for g in holders:
+            inside = set(map(id, g["params"]))
+            if all(id(p) in inside for p in wanted):
+                return g
+        raise ValueError(f"the optimizer has a {kind.__name__} param group, but it does not hold every parameter "
+                         f"{what} regularizes; put them all in one group (or leave the optimizer without one and "
+                         "the schedule creates it)")
+    owned = optimizer_params(optimizer)
+    source = optimizer.param_groups[owned[wanted[0]]]
+    ids = set(map(id, wanted))
+    if set(map(id, source["params"])) == ids:  # the group is exactly these: give it the regularizer
+        from regkern.regularizers import as_regularizer
+
+        reg = make()
+        source["regularizer"] = as_regularizer(regularizers_of(source) + [reg]) if regularizers_of(source) else reg
+        reg.init_group(source["params"], [optimizer.state[p] for p in source["params"]])
+        return source
+    for g in optimizer.param_groups:
+        g["params"] = [p for p in g["params"] if id(p) not in ids]
+    new = {k: v for k, v in source.items() if k not in ("params", "regularizer")}
+    new.update(params=list(wanted), regularizer=make())
+    optimizer.add_param_group(new)
+    return optimizer.param_groups[-1]

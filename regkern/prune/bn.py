@@ -1,0 +1,404 @@
+"""Channel pruning by BatchNorm scales: network slimming (L1 on the scales, Liu
+et al. 2017) and polarization pruning (Zhuang et al., NeurIPS 2020; SPEC 5;
+official polarizationpruning/PolarizationPruning).
+
+The units are the channels of coupled groups (:func:`regkern.groups.find_groups`)
+that hold a BatchNorm scale vector; the scales are regularized during training
+and, once ``done``, channels are removed through their groups with
+:func:`regkern.slicing.slice_model` so the same optimizer keeps training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from regkern.prune.base import (PruneSummary, Schedule, check_in_optimizer, cut, drop_regularizer, ensure_group,
+                                group_of, module_of, named_params, regularizers_of)
+from regkern.prune.greg import _check_int, _check_pos, smallest
+from regkern.prune.ratios import _resolve_layers, ignored_layers, prunable_layers, pruned_count
+
+NO_VALLEY = ("keep", "fixed", "error")
+
+
+def search_threshold(values: Tensor, bins: int = 100) -> Optional[float]:
+    """The valley threshold of SPEC 5 (the official ``search_threshold(...,
+    alg="grad")`` histogram search): a ``bins``-bin histogram of ``values``
+    over ``[0, 1]``; the first bin ``j`` that is a local minimum
+    (``h[j] - h[j-1] <= 0 <= h[j+1] - h[j]``, ``j >= 1``) gives the threshold
+    at its right edge ``edges[j + 1]``, and channels with a value above it are
+    kept. (The official code returns the bin's left edge, one bin lower; SPEC 5
+    names the right edge.) Returns None when the histogram has no valley (the
+    official code then crashes).
+    """
+    array = values.detach().float().cpu().numpy().reshape(-1)
+    hist, edges = np.histogram(array, bins=bins, range=(0, 1))
+    diff = np.diff(hist)
+    for i in range(len(diff) - 1):
+        if diff[i] <= 0 <= diff[i + 1]:
+            return float(edges[i + 2])
+    return None
+
+
+class _BNUnit:
+    def __init__(self, name: str, group, scales: List[Tuple[str, nn.Parameter]]):
+        self.name = name            # the producer layer
+        self.group = group
+        self.scales = scales        # (BN weight name, parameter): the group's BatchNorm scale vectors
+
+    def gamma(self) -> Tensor:
+        """|gamma| per channel (the largest over the group's BatchNorm layers)."""
+        values = torch.stack([p.detach().float().abs().reshape(-1) for _, p in self.scales])
+        return values.max(dim=0).values
+
+
+class _BNPruner(Schedule):
+    """Shared: the BatchNorm-scale units of the chosen layers, a step count, the cut."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, example_inputs: Any, *, steps: int,
+                 layers: Optional[Sequence] = None, skip: Sequence = (), ignore: Optional[Sequence] = None,
+                 residual_rule: bool = True) -> None:
+        super().__init__(model, optimizer)
+        _check_int(steps, "steps (training steps with the regularizer before pruning)", 0)
+        if example_inputs is None:
+            raise ValueError(f"{self.method} needs example_inputs (a batch the model accepts) to trace its coupled layers")
+        self.steps = steps
+        self.example_inputs = example_inputs
+        names = [n for n, _ in prunable_layers(model)]
+        chosen = set(names if layers is None else _resolve_layers(layers, names, "layers"))
+        chosen -= set(_resolve_layers(skip, names, "skip"))
+        from regkern.groups import find_groups
+
+        groups = find_groups(model, example_inputs, ignore=ignored_layers(model, ignore), residual_rule=residual_rule)
+        modules = dict(model.named_modules())
+        params = named_params(model)
+        self.units: List[_BNUnit] = []
+        for g in groups:
+            producers = g.by_role("producer")
+            if not producers or module_of(producers[0].name) not in chosen or g.units < 2:
+                continue
+            scales = [(m.name, params[m.name]) for m in g.members
+                      if m.dim == 0 and m.name.endswith(".weight") and m.index.shape[1] == 1
+                      and isinstance(modules.get(module_of(m.name)), nn.modules.batchnorm._BatchNorm)]
+            if scales:
+                self.units.append(_BNUnit(module_of(producers[0].name), g, scales))
+        if not self.units:
+            raise ValueError(f"{self.method} found no prunable conv/linear layer followed by a BatchNorm among the "
+                             "chosen layers (BatchNorm scales are what it regularizes)")
+        check_in_optimizer(optimizer, [s for u in self.units for s in u.scales])
+        self._removals: Optional[List[List[Any]]] = None
+        self._phase = "train"
+        self._done = steps == 0
+
+    def scale_params(self) -> List[nn.Parameter]:
+        """The regularized BatchNorm scale vectors (one per layer, in model order)."""
+        seen, out = set(), []
+        for u in self.units:
+            for _, p in u.scales:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def _advance(self) -> None:
+        if self.iteration >= self.steps:
+            self._done = True
+
+    def _cut(self, pruned: Dict[str, Tensor], notes: List[str], thresholds: Dict[str, float]) -> PruneSummary:
+        """Remove the channels marked in ``pruned`` (bool per unit) through their groups."""
+        removals = [(u.group, torch.nonzero(pruned[u.name].cpu()).flatten()) for u in self.units
+                    if bool(pruned[u.name].any())]
+        layers = {u.name: (u.group.units - int(pruned[u.name].sum()), u.group.units) for u in self.units}
+        done = cut(self.model, removals, self.optimizer, self.example_inputs) if removals else None
+        self._removals = [[g.name, idx.tolist()] for g, idx in removals]
+        self._finetune_setup()
+        return PruneSummary(self.method, True, layers, done, notes, thresholds)
+
+    def _finetune_setup(self) -> None:
+        pass
+
+    def _extra_state(self) -> Dict[str, Any]:
+        return {"layers": [u.name for u in self.units], "removals": self._removals}
+
+    def _check_extra(self, state: Dict[str, Any]) -> None:
+        if state.get("layers") != [u.name for u in self.units]:
+            raise ValueError(f"this {self.method} state_dict was saved for other layers ({state.get('layers')}); "
+                             "build the schedule with the same model and arguments")
+
+    def _load_extra(self, state: Dict[str, Any]) -> None:
+        self._removals = state.get("removals")
+
+    def _reapply(self, state: Dict[str, Any]) -> None:
+        by_name = {u.group.name: u.group for u in self.units}
+        removals = []
+        for name, idx in state.get("removals") or []:
+            if name not in by_name:
+                raise ValueError(f"the saved cut removed channels of group {name!r}, which this model does not have")
+            removals.append((by_name[name], torch.tensor(idx, dtype=torch.long)))
+        if removals:
+            cut(self.model, removals, self.optimizer, self.example_inputs)
+        self._finetune_setup()
+
+
+class Slimming(_BNPruner):
+    """Network slimming: the L1 subgradient ``lam * sign(gamma)`` on the
+    BatchNorm scales of the chosen layers (``state["l1"]``, read by
+    regkern.SGD's fused step) for ``steps`` optimizer steps (phase
+    ``"train"``), then ``prune()`` removes the channels with the smallest
+    |gamma|: ``scope="global"`` prunes the ``floor(percent * total)`` smallest
+    over all chosen layers together (official slimming), ``"layer"`` the
+    ``min(ceil(percent * R), R - 1)`` smallest of each layer. At least one
+    channel of a layer is kept (its largest; ``summary.notes`` says where).
+    After pruning the L1 coefficients are zeroed for fine-tuning.
+
+    ``layers``: the conv/linear layers whose output channels may go (default:
+    every one with a BatchNorm after it, except ``ignore``, by default the
+    output layer); ``skip`` removes some of them.
+    """
+
+    method = "Slimming"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, example_inputs: Any, *,
+                 lam: float = 1e-4, steps: int, percent: float = 0.5, scope: str = "global",
+                 layers: Optional[Sequence] = None, skip: Sequence = (), ignore: Optional[Sequence] = None,
+                 residual_rule: bool = True) -> None:
+        _check_pos(lam, "lam (the L1 strength on BatchNorm scales)", allow_zero=True)
+        if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 <= percent < 1:
+            raise ValueError(f"percent is the fraction of channels to prune, in [0, 1); got {percent!r}")
+        if scope not in ("global", "layer"):
+            raise ValueError(f"scope must be 'global' (one percentile over all layers) or 'layer', got {scope!r}")
+        super().__init__(model, optimizer, example_inputs, steps=steps, layers=layers, skip=skip, ignore=ignore,
+                         residual_rule=residual_rule)
+        self.lam, self.percent, self.scope = float(lam), float(percent), scope
+        for p in self.scale_params():
+            st = optimizer.state[p]
+            if st.get("l1") is None or st["l1"].shape != (p.shape[0],):
+                st["l1"] = torch.full((p.shape[0],), self.lam, dtype=torch.float32, device=p.device)
+            else:
+                st["l1"].fill_(self.lam)
+
+    def _prune(self) -> PruneSummary:
+        gammas = {u.name: u.gamma() for u in self.units}
+        notes: List[str] = []
+        if self.scope == "layer":
+            pruned = {u.name: smallest(gammas[u.name], pruned_count(u.group.units, self.percent)) for u in self.units}
+        else:
+            flat = torch.cat([gammas[u.name] for u in self.units])
+            mask = smallest(flat, int(math.floor(self.percent * flat.numel() + 1e-9)))
+            pruned, start = {}, 0
+            for u in self.units:
+                n = gammas[u.name].numel()
+                pruned[u.name] = mask[start:start + n].clone()
+                start += n
+                if bool(pruned[u.name].all()):
+                    pruned[u.name][int(torch.argmax(gammas[u.name]))] = False
+                    notes.append(f"{u.name}: every channel fell under the global percentile; its largest is kept")
+        return self._cut(pruned, notes, {})
+
+    def _finetune_setup(self) -> None:
+        for p in self.scale_params():
+            l1 = self.optimizer.state[p].get("l1")
+            if l1 is not None:
+                l1.zero_()
+
+
+class PolarizationPruner(_BNPruner):
+    """Polarization pruning (SPEC 5): ``regkern.Polarization(lam, t, a)`` on the
+    BatchNorm scales of the chosen layers for ``steps`` optimizer steps (phase
+    ``"train"``), then per layer the official valley threshold
+    (:func:`search_threshold`; channels with |gamma| above it are kept) and the
+    cut through coupled groups.
+
+    The scales must be one polarization set: a param group of the optimizer
+    whose regularizer is a ``regkern.Polarization``. When the optimizer has
+    none, the constructor moves the chosen scales into a new group with
+    ``Polarization(lam, t, a)`` and the hyper-parameters of the group they came
+    from (create LR schedulers after the schedule). ``lam``/``t``: default
+    5e-5 / 1.4 (ResNet-56 CIFAR; VGG-16 3e-5 / 1.5; ResNet-50 ImageNet 8e-5 /
+    1.2), or the existing group's. ``bn_init``: fill the scales with this value
+    now (official: 0.5, when training from scratch).
+
+    ``no_valley``: what a layer without a valley gets: ``"keep"`` (not pruned),
+    ``"fixed"`` (the official "fixed" threshold, the first bin edge 0.01) or
+    ``"error"`` (ValueError, nothing cut). ``summary.notes`` names those layers
+    and the fallback, and layers whose every channel falls under the threshold
+    (kept whole, as the official code does). After pruning the polarization
+    regularizer is removed from the group for fine-tuning.
+    """
+
+    method = "PolarizationPruner"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, example_inputs: Any, *,
+                 steps: int, lam: Optional[float] = None, t: Optional[float] = None, a: float = 1.0,
+                 layers: Optional[Sequence] = None, skip: Sequence = (), ignore: Optional[Sequence] = None,
+                 residual_rule: bool = True, no_valley: str = "keep", bn_init: Optional[float] = None) -> None:
+        from regkern.regularizers import Polarization
+
+        if lam is not None:
+            _check_pos(lam, "lam", allow_zero=True)
+        if t is not None:
+            _check_pos(t, "t", allow_zero=True, allow_neg=True)
+        _check_pos(a, "a (the clamp bound of the scales)")
+        if no_valley not in NO_VALLEY:
+            raise ValueError(f"no_valley must be one of {NO_VALLEY}, got {no_valley!r}")
+        if bn_init is not None:
+            _check_pos(bn_init, "bn_init", allow_zero=True)
+        super().__init__(model, optimizer, example_inputs, steps=steps, layers=layers, skip=skip, ignore=ignore,
+                         residual_rule=residual_rule)
+        self.no_valley = no_valley
+        scales = [(n, p) for u in self.units for n, p in u.scales]
+        scales = list({id(p): (n, p) for n, p in scales}.values())
+        existing = [r for g in optimizer.param_groups for r in regularizers_of(g) if isinstance(r, Polarization)]
+        if existing:
+            reg = existing[0]
+            for name, value in (("lam", lam), ("t", t)):
+                if value is not None and float(value) != getattr(reg, name):
+                    raise ValueError(f"the optimizer's Polarization group has {name}={getattr(reg, name)}, "
+                                     f"but {name}={value} was given; give one or the other")
+        make = lambda: Polarization(lam=5e-5 if lam is None else float(lam), t=1.4 if t is None else float(t),  # noqa: E731
+                                    a=float(a))
+        ensure_group(optimizer, scales, Polarization, make, self.method)
+        self._anchor = scales[0][1]
+        if bn_init is not None:
+            with torch.no_grad():
+                for _, p in scales:
+                    p.fill_(float(bn_init))
+
+    @property
+    def group(self) -> Dict[str, Any]:
+        """The optimizer's param group of the polarization set."""
+        return group_of(self.optimizer, self._anchor)
+
+    @property
+    def regularizer(self):
+        from regkern.regularizers import Polarization
+
+        return next((r for r in regularizers_of(self.group) if isinstance(r, Polarization)), None)
+
+    def thresholds(self) -> Dict[str, Optional[float]]:
+        """The valley threshold of each layer now (None: no valley)."""
+        return {u.name: search_threshold(u.gamma()) for u in self.units}
+
+    def _prune(self) -> PruneSummary:
+        notes: List[str] = []
+        thresholds = self.thresholds()
+        missing = [n for n, thr in thresholds.items() if thr is None]
+        if missing and self.no_valley == "error":
+            raise ValueError(f"no valley in the BatchNorm scale histogram of layer(s) {', '.join(missing)}; "
+                             "train longer, or choose no_valley='keep' or 'fixed'")
+        if missing:
+            fallback = ("kept whole (no_valley='keep')" if self.no_valley == "keep"
+                        else "pruned at the official fixed threshold 0.01 (no_valley='fixed')")
+            notes.append(f"no valley in the scale histogram of {', '.join(missing)}: {fallback}")
+        pruned, used = {}, {}
+        for u in self.units:
+            gamma = u.gamma()
+            thr = thresholds[u.name]
+            if thr is None:
+                if self.no_valley == "keep":
+                    pruned[u.name] = torch.zeros_like(gamma, dtype=torch.bool)
+                    continue
+                thr = 0.01
+            used[u.name] = thr
+            keep = gamma > thr
+            if not bool(keep.any()):
+                notes.append(f"{u.name}: every scale is at or below the threshold {thr:.4g}; the layer is kept whole")
+                keep = torch.ones_like(keep)
+            elif thr > 0.2:
+                notes.append(f"{u.name}: threshold {thr:.4g} is above 0.2 (the official code warns: may be too large)")
+            pruned[u.name] = ~keep
+        return self._cut(pruned, notes, used)
+
+    def _finetune_setup(self) -> None:
+        from regkern.regularizers import Polarization
+
+        group = self.group
+        drop_regularizer(group, Polarization)
+        for p in group["params"]:
+            st = self.optimizer.state.get(p)
+            if st is not None and "polar" in st:
+                del st["polar"]
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """Outcome of :func:`polarization_search`: the last ``(lam, t)`` tried, its
+    FLOPs reduction, whether it is within ``delta`` of the target, every trial
+    as ``(lam, t, reduction)``, and a sentence on how it ended."""
+
+    lam: float
+    t: float
+    flops_reduction: float
+    converged: bool
+    trials: List[Tuple[float, float, float]]
+    message: str
+
+
+def polarization_search(train: Callable[[float, float], float], target: float, *, delta: float = 0.05,
+                        lam_range: Tuple[float, float] = (0.0, 2e-4), t: float = 1.2, t_step: float = 0.1,
+                        max_trials: int = 20) -> SearchResult:
+    """Algorithm 1 of the polarization paper: find ``(lam, t)`` whose FLOPs
+    reduction ``F`` is within ``delta`` of ``target`` (fractions, e.g. 0.5).
+
+    ``train(lam, t)`` runs a short training with those hyper-parameters (e.g.
+    a fresh model with :class:`PolarizationPruner`, pruned at the end) and
+    returns its FLOPs reduction ``1 - flops_after / flops_before``. First a
+    binary search on ``lam`` in ``lam_range`` with ``t`` fixed until
+    ``|F - target| < 2 delta``; then ``t -= t_step`` while ``F`` is more than
+    ``delta`` too high and ``t += t_step`` while it is too low. The paper notes
+    the second loop may not end: it stops after ``max_trials`` runs or when a
+    ``t`` repeats, and reports ``converged=False``.
+    """
+    if not callable(train):
+        raise ValueError("train must be a callable train(lam, t) -> FLOPs reduction")
+    _check_pos(target, "target")
+    if not target < 1:
+        raise ValueError(f"target is a FLOPs reduction fraction in (0, 1), got {target}")
+    _check_pos(delta, "delta")
+    _check_pos(t_step, "t_step")
+    _check_int(max_trials, "max_trials", 1)
+    lo, hi = (float(x) for x in lam_range)
+    if not 0 <= lo < hi:
+        raise ValueError(f"lam_range must be (low, high) with 0 <= low < high, got {lam_range}")
+    trials: List[Tuple[float, float, float]] = []
+
+    def run(lam: float, t_: float) -> float:
+        value = float(train(lam, t_))
+        if not math.isfinite(value):
+            raise ValueError(f"train({lam}, {t_}) returned {value}; it must return the FLOPs reduction as a number")
+        trials.append((lam, t_, value))
+        return value
+
+    def result(lam, t_, f, converged, message):
+        return SearchResult(lam, t_, f, converged, trials, message)
+
+    while True:  # coarse: binary search on lam, t fixed
+        lam = (lo + hi) / 2
+        f = run(lam, t)
+        if f - target >= 2 * delta:
+            hi = lam
+        elif f - target <= -2 * delta:
+            lo = lam
+        if abs(f - target) < 2 * delta:
+            break
+        if len(trials) >= max_trials:
+            return result(lam, t, f, False, f"stopped after {max_trials} runs in the search on lam "
+                                            f"(F = {f:.3f}, target {target:.3f})")
+    seen = {round(t, 9)}
+    while abs(f - target) >= delta:  # fine: line search on t, lam fixed
+        if len(trials) >= max_trials:
+            return result(lam, t, f, False, f"stopped after {max_trials} runs in the search on t "
+                                            f"(F = {f:.3f}, target {target:.3f})")
+        t = round(t - t_step if f - target > delta else t + t_step, 9)
+        if t in seen:  # the line search would revisit a t: it cannot end
+            best = min((x for x in trials if x[0] == lam), key=lambda x: abs(x[2] - target))
+            return result(*best, False, f"t oscillates around {t:.3f} without reaching the target band; "
+                                        "returned the closest trial")
+        seen.add(t)
+        f = run(lam, t)
+    return result(lam, t, f, True, f"F = {f:.3f} is within {delta} of the target {target:.3f} "
+                                   f"after {len(trials)} runs")
