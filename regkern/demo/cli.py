@@ -27,7 +27,7 @@ Filter methods remove whole rows of coupled layers (the network gets smaller):
   greg1         GReg-1: rows fixed by magnitude, a growing L2 penalty drives them to zero
   greg2         GReg-2: a uniformly rising L2 penalty picks the rows, then grows on them
   l1            one-shot L1-norm filter pruning (the same rows count as GReg)
-  slimming      network slimming: L1 on BatchNorm scales, global percentile cut at --ratio
+  slimming      network slimming: L1 on BatchNorm scales, per-layer percentile cut at --ratio
   polarization  polarization regularizer on BatchNorm scales, cut at each layer's valley
 Weight methods zero single weights (FLOPs and speed-up count nonzero weights only:
 theoretical, dense kernels do not skip zeros); ADMM and SAS-ADMM prune each layer to
@@ -54,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated methods to run, from: {', '.join(methods.METHODS)} "
                              f"(default: all)")
     parser.add_argument("--ratio", type=float, default=0.75,
-                        help="fraction of the filters removed in every prunable layer (default 0.75); "
-                             "slimming removes this fraction of the channels globally")
+                        help="fraction of the filters (for slimming: of the BatchNorm channels) removed "
+                             "in every prunable layer (default 0.75)")
     parser.add_argument("--epochs", type=float, default=None,
                         help="baseline training epochs (default 30)")
     parser.add_argument("--prune-epochs", type=float, default=None,

@@ -60,7 +60,7 @@ class PruneSummary:
             extra = f"  threshold {self.thresholds[name]:.4g}" if name in self.thresholds else ""
             lines.append(f"  {name:<{width}}  {kept:>7} / {total:<7}{extra}")
         if self.slice is not None:
-            lines.append(f"  {self.slice}")
+            lines.extend("  " + line for line in str(self.slice).splitlines())
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
