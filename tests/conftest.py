@@ -40,3 +40,14 @@ def triton_interpreter_rounds_bf16_to_nearest_even():
     InterpreterBuilder.cast_impl = cast_rne
     yield
     InterpreterBuilder.cast_impl = cast
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors and models: with more threads the OpenMP workers mostly
+    spin, badly so on a loaded 2-core machine. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,13 +17,7 @@ from regkern.admm import admm_update, kept_count, project
 from regkern.optim.sas_admm import SASADMM, sas_schedule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: OpenMP workers only spin (badly so on a busy 2-core box).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- projection

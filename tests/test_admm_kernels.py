@@ -51,13 +51,7 @@ needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason="no triton, or n
 FAST = ["cpp"] + (["triton"] if TRITON_DEVICE == "cpu" else [])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small tensors: OpenMP workers only spin on a busy 2-core box (the thread tests set their own).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

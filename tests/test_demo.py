@@ -16,13 +16,7 @@ from regkern.demo import cli, data, methods
 TINY = ["--epochs", "1", "--prune-epochs", "0.5", "--finetune-epochs", "0.5", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The digits network is too small to gain from threads (the demo uses one too)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_cifar(directory, name, n_train, n_test, seed=0):

@@ -15,13 +15,7 @@ from optim_helpers import CPU_BACKENDS
 X = image_batch(2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions: one thread is faster than fighting over a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def by_name(groups):

@@ -16,14 +16,7 @@ import regkern
 BACKEND = "reference"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny steps run fastest on one thread (and steadily on a busy
-    machine); the previous thread count comes back after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Block(nn.Module):
