@@ -34,7 +34,7 @@ namespace regkern {
 namespace detail {
 
 constexpr int64_t kBlock = 1024;          // elements per inner block (fits L1)
-constexpr int64_t kPiece16 = 128;         // bf16/fp16 elements converted per piece
+constexpr int64_t kPiece16 = 128;         // elements per piece: bf16/fp16 conversions, two-pass terms
 constexpr int64_t kShortRow = 16;         // rows shorter than this: scalar norm sums
 constexpr int64_t kLongRow = 64;          // rows this long: per-row values passed per row piece
 constexpr int64_t kAlign = 64;            // thread cuts in tensors without norms

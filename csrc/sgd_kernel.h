@@ -445,8 +445,8 @@ RK_AI void expand_cols(const V* __restrict per_col, int64_t cols, int64_t col_le
 //     not worth twice the instantiations);
 //   two passes (the rest: polarization, which acts on small BatchNorm
 //     vectors, several d terms, no momentum or its first step): d_loop
-//     computes d with every term into a block buffer, update_loop steps with
-//     it;
+//     computes d with every term into a buffer, update_loop steps with it,
+//     piece after piece;
 // then one rounding to the storage dtype. Group lasso leaves the update
 // unscaled, reduces each row, then scales it (group_loop, with the clamp and
 // mask), see TermsStep::run. The row norms of the stored W are accumulated
@@ -454,7 +454,6 @@ RK_AI void expand_cols(const V* __restrict per_col, int64_t cols, int64_t col_le
 
 // Per-tensor constants of the general path.
 struct Terms {
-  Hyper h0;  // the call's options
   float scale, wd, lr, mu, damp1, p_lam, p_t, p_m, p_s, rho, lo, hi;
   uint32_t negate, wd_m, nesterov_m;
 };
@@ -711,7 +710,6 @@ struct TermsStep {
         {&group_row_loop<false, false>, &group_row_loop<false, true>},
         {&group_row_loop<true, false>, &group_row_loop<true, true>}};
     group_row = group_rows[mask ? 1 : 0][t.clamp ? 1 : 0];
-    c.h0 = h;
     c.scale = h.scale;
     c.wd = h.wd;
     c.lr = h.lr;
@@ -782,8 +780,13 @@ struct TermsStep {
       }
       one(xf, gs, bf, lp, t.lam_cols != nullptr ? lcp : l1p, tf, kp, pp, m, c);
     } else {
-      dfn(xf, gf, lp, lcp, l1p, tf, s.d, m, c);
-      update(xf, s.d, bf, kp, pp, m, c);
+      // in short pieces, so that the second pass finds d and W in L1 and
+      // the memory streams of both passes are read close together in time
+      for (int64_t j = 0; j < m; j += kPiece16) {
+        const int64_t q = rk_min(kPiece16, m - j);
+        dfn(xf + j, gf + j, lp + j, lcp + j, l1p + j, tf + j, s.d, q, c);
+        update(xf + j, s.d, bf != nullptr ? bf + j : nullptr, kp + j, pp + j, q, c);
+      }
     }
   }
 

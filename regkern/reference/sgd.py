@@ -31,8 +31,9 @@ before the step):
 A row ``r`` is ``W[r]``: the first dimension indexes rows, a 0-d tensor is one
 row. Element ``i`` of the flattened W lies in row ``r = i // ROW_LEN`` and
 column ``c = (i % ROW_LEN) // COL_LEN`` (``ROW_LEN = numel / R``, ``COL_LEN =
-ROW_LEN / W.shape[1]``). Each ``+`` above is one fp32 rounding, in that order. All math is fp32 (float64 parameters, which only the reference takes, keep
-float64); W and buf are rounded once to their storage dtype. When
+ROW_LEN / W.shape[1]``). Each ``+`` above is one fp32 rounding, in that
+order. All math is fp32 (float64 parameters, which only the reference takes,
+keep float64); W and buf are rounded once to their storage dtype. When
 ``found_inf`` is a non-zero tensor nothing at all is written.
 """
 from __future__ import annotations
