@@ -246,7 +246,8 @@ class ADMM(Regularizer):
 
     State: ``admm_z`` and ``admm_u`` (fp32, ``Z = W`` and ``U = 0`` at the
     start) and ``admm_target = Z - U`` in W's dtype, which the fused step
-    reads; ``regkern.admm.admm_update`` refreshes all three every K steps.
+    reads; ``regkern.admm.update(optimizer, ratio=...)`` refreshes all three, for
+    every ADMM parameter in one fused pass, every K steps.
     """
 
     kind: ClassVar[str] = "admm"

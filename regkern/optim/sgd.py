@@ -30,14 +30,16 @@ class SGD(torch.optim.Optimizer):
     ``regkern.RowL2()``. For each parameter with a gradient, one fused pass
     computes (SPEC.md sections 1, 2 and 7)::
 
-        d   = g + weight_decay * W + lam[r] * W        # lam: state["lam"], per row
+        d   = g + weight_decay * W + lam[r] * W        # lam: state["lam"], per row (or per weight)
+              + lam_cols[c] * W[:, c]               # state["lam_cols"]: per input column
         buf = d (first step) or momentum * buf + (1 - dampening) * d
         W   = W - lr * (d + momentum * buf if nesterov else buf)
         W  *= mask; buf *= mask                        # state["mask"], if present
         state["row_norms"][r] = L1, L2, mean |W| of the updated row r
 
     The optimizer state is the interface: ``state[p]["lam"]`` (fp32, one
-    entry per row ``W[r]``, any sign), ``state[p]["mask"]`` (bool, ``[R]`` or
+    entry per row ``W[r]`` or W's shape, any sign), ``state[p]["lam_cols"]``
+    (fp32, one entry per index of dim 1), ``state[p]["mask"]`` (bool, ``[R]`` or
     ``W``'s shape) and ``state[p]["row_norms"]`` (fp32 ``[R, 3]``) are read
     when present, whatever the group's regularizer; regularizers create them,
     schedules and users write them in place, and ``state_dict`` saves them.
