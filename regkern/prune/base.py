@@ -144,7 +144,8 @@ class Schedule:
         pass
 
     def _prune(self, **options) -> PruneSummary:
-        raise NotImplementedError
+        """The cut itself; every schedule defines it."""
+        raise NotImplementedError(f"{type(self).__name__} defines no cut")
 
     def _extra_state(self) -> Dict[str, Any]:
         return {}

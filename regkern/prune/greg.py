@@ -327,7 +327,8 @@ class _GReg(_RowPruner):
         pass
 
     def _update_unit(self, u: _Unit, w_abs: Tensor) -> bool:
-        raise NotImplementedError
+        """One penalty update of a layer (GReg-1 and GReg-2 differ here)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no penalty update")
 
     def _track_ratio(self, u: _Unit, w_abs: Tensor, pruned: Tensor) -> None:
         """EMA (0.9 old, 0.1 new) of mean|kept| / mean|pruned| (official ``_update_mag_ratio``)."""
