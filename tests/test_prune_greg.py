@@ -8,8 +8,10 @@ import torch
 
 from regkern.prune import GReg1, GReg2, OneShotL1
 from regkern.prune.greg import smallest
-from test_prune_models import (TinyResNet, TinyVGG, example_inputs, make, one_thread, same_tensors, sgd,  # noqa: F401
+from test_prune_models import (TinyResNet, TinyVGG, example_inputs, make, same_tensors, sgd,  # noqa: F401
                                snapshot, train_step)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PRUNED_LAYERS = ["layer1.0.conv1", "layer2.0.conv1"]  # the residual rule leaves only the first conv of each block
 

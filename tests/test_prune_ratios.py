@@ -4,7 +4,9 @@ import pytest
 
 from regkern.prune import layer_ratios, parse_ratio_string, pruned_count
 from regkern.prune.ratios import layer_stages
-from test_prune_models import TinyVGG, make, one_thread  # noqa: F401
+from test_prune_models import TinyVGG, make
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 RESNET_LAYERS = ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv1", "layer2.0.conv2", "fc"]
 
