@@ -9,6 +9,7 @@ the same optimizer keeps training) or freezes masks (unstructured).
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import gc
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -65,7 +66,7 @@ class PruneSummary:
         return "\n".join(lines)
 
 
-class Schedule:
+class Schedule(abc.ABC):
     """Base class: an iteration counter, a phase, ``done`` / ``pruned`` and
     the state_dict round trip. Subclasses implement ``_advance`` (after each
     step), ``_prune`` and optionally ``_extra_state`` / ``_load_extra`` /
@@ -143,9 +144,9 @@ class Schedule:
     def _advance(self) -> None:
         pass
 
+    @abc.abstractmethod
     def _prune(self, **options) -> PruneSummary:
         """The cut itself; every schedule defines it."""
-        raise NotImplementedError(f"{type(self).__name__} defines no cut")
 
     def _extra_state(self) -> Dict[str, Any]:
         return {}

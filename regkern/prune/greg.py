@@ -16,6 +16,7 @@ with the penalty until step ``T + Ks`` has run, then ``done``.
 """
 from __future__ import annotations
 
+import abc
 import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -326,9 +327,9 @@ class _GReg(_RowPruner):
     def _after_update(self) -> None:
         pass
 
+    @abc.abstractmethod
     def _update_unit(self, u: _Unit, w_abs: Tensor) -> bool:
         """One penalty update of a layer (GReg-1 and GReg-2 differ here)."""
-        raise NotImplementedError(f"{type(self).__name__} defines no penalty update")
 
     def _track_ratio(self, u: _Unit, w_abs: Tensor, pruned: Tensor) -> None:
         """EMA (0.9 old, 0.1 new) of mean|kept| / mean|pruned| (official ``_update_mag_ratio``)."""
