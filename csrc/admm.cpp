@@ -68,20 +68,14 @@ namespace admm_detail {
 namespace {
 
 const Kernels* active() {
-  const char* name = regkern::active_isa();
 #ifdef RK_X86
-  if (std::strcmp(name, isa_avx512f::kernels.name) == 0) return &isa_avx512f::kernels;
-  if (std::strcmp(name, isa_avx2::kernels.name) == 0) return &isa_avx2::kernels;
-#endif
-  (void)name;
+  return variant_for_active_isa({&isa_avx512f::kernels, &isa_avx2::kernels}, &isa_default::kernels);
+#else
   return &isa_default::kernels;
+#endif
 }
 
-float as_float(int64_t bits) {
-  double x;
-  std::memcpy(&x, &bits, sizeof x);
-  return static_cast<float>(x);
-}
+float as_float(int64_t bits) { return static_cast<float>(float_column(bits)); }
 
 ZuDesc decode_zu(const int64_t* row) {
   namespace c = zu_col;

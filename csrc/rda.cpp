@@ -90,19 +90,11 @@ namespace {
 
 // The variant named like the sgd family's active one.
 const Kernels* active() {
-  const char* name = regkern::active_isa();
 #ifdef RK_X86
-  if (std::strcmp(name, isa_avx512f::kernels.name) == 0) return &isa_avx512f::kernels;
-  if (std::strcmp(name, isa_avx2::kernels.name) == 0) return &isa_avx2::kernels;
-#endif
-  (void)name;
+  return variant_for_active_isa({&isa_avx512f::kernels, &isa_avx2::kernels}, &isa_default::kernels);
+#else
   return &isa_default::kernels;
-}
-
-double as_double(int64_t bits) {
-  double x;
-  std::memcpy(&x, &bits, sizeof x);
-  return x;
+#endif
 }
 
 Desc decode(const int64_t* row) {
@@ -121,7 +113,7 @@ Desc decode(const int64_t* row) {
   d.group = row[c::GROUP] != 0;
   d.stream = row[c::STREAM] != 0;
   // reference.rda.rda_coefficients, operation for operation, in float64
-  const double t = as_double(row[c::T]), lam = as_double(row[c::LAM]), gamma = as_double(row[c::GAMMA]);
+  const double t = float_column(row[c::T]), lam = float_column(row[c::LAM]), gamma = float_column(row[c::GAMMA]);
   const double root = std::sqrt(t);
   const double a = (t - 1.0) / t;
   const double cc = root / gamma;

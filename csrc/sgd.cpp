@@ -174,12 +174,6 @@ TermScratch* term_scratch() {
 
 namespace {
 
-double float_column(int64_t bits) {
-  double v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
-}
-
 TensorDesc decode(const int64_t* row) {
   namespace c = sgd_col;
   TensorDesc t;

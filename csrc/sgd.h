@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+#include <initializer_list>
 
 namespace regkern {
 
@@ -14,6 +16,23 @@ void sgd_step(const int64_t* table, int64_t num_tensors, double lr, double momen
 
 // Name of the instruction-set variant in use: "avx512f", "avx2" or "default".
 const char* active_isa();
+
+// Shared by the kernel families (sgd, rda, admm):
+// a float64 stored bit for bit in an int64 table column (regkern.backend.float_bits);
+inline double float_column(int64_t bits) {
+  double v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// the family's kernel variant named like the active ISA, else `fallback`.
+template <class Kernels>
+const Kernels* variant_for_active_isa(std::initializer_list<const Kernels*> variants, const Kernels* fallback) {
+  const char* name = active_isa();
+  for (const Kernels* k : variants)
+    if (std::strcmp(name, k->name) == 0) return k;
+  return fallback;
+}
 // Variants this CPU can run, best first.
 int available_isas(const char** names, int capacity);
 // Force a variant (testing); returns false if unknown or unsupported here.
