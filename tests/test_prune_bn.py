@@ -20,13 +20,13 @@ def bns(model):
 
 
 def official_threshold(values: np.ndarray):
-    """The official ``search_threshold(weight, alg="grad")`` loop, as an oracle,
-    returning the valley bin's right edge as SPEC 5 states (official: its left edge)."""
+    """The official ``search_threshold(weight, alg="grad")`` loop, as an oracle:
+    the valley bin's left edge."""
     hist_y, hist_x = np.histogram(values, bins=100, range=(0, 1))
     hist_y_diff = np.diff(hist_y)
     for i in range(len(hist_y_diff) - 1):
         if hist_y_diff[i] <= 0 <= hist_y_diff[i + 1]:
-            return hist_x[i + 2]
+            return hist_x[i + 1]
     return None
 
 
@@ -37,8 +37,8 @@ def unimodal_scales() -> torch.Tensor:
 
 
 def test_search_threshold_matches_the_official_loop():
-    assert search_threshold(torch.tensor([0.0] * 5 + [0.9] * 5)) == pytest.approx(0.02)
-    assert search_threshold(torch.tensor([0.005, 0.012, 0.013, 0.3, 0.5])) == pytest.approx(0.03)
+    assert search_threshold(torch.tensor([0.0] * 5 + [0.9] * 5)) == pytest.approx(0.01)
+    assert search_threshold(torch.tensor([0.005, 0.012, 0.013, 0.3, 0.5])) == pytest.approx(0.02)
     assert search_threshold(unimodal_scales()) is None
     gen = torch.Generator().manual_seed(0)
     for trial in range(40):
@@ -49,6 +49,27 @@ def test_search_threshold_matches_the_official_loop():
         want = official_threshold(values.numpy())
         got = search_threshold(values)
         assert got == (None if want is None else float(want)), trial
+
+
+def test_valley_threshold_is_the_left_edge_and_the_valley_bin_is_kept():
+    """A hand-built histogram: 5 scales in bin 0, 2 in bin 1 (the valley), 3 in
+    bin 2, 6 near 0.8. The threshold is bin 1's left edge 0.01, so the
+    valley's two channels stay (a right-edge threshold, 0.02, would cut them)."""
+    scales = [0.005] * 5 + [0.015] * 2 + [0.025] * 3 + [0.8] * 6
+    values = torch.tensor(scales)
+    hist = np.histogram(values.numpy(), bins=100, range=(0, 1))[0]
+    assert hist[:3].tolist() == [5, 2, 3] and hist[80] == 6
+    assert search_threshold(values) == pytest.approx(0.01)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    opt = regkern.SGD(model.parameters(), lr=0.01, backend="reference")
+    s = PolarizationPruner(model, opt, torch.randn(4, 4), steps=0)
+    with torch.no_grad():
+        model[1].weight.copy_(values)
+    summary = s.prune()
+    assert summary.layers == {"0": (11, 16)} and summary.thresholds == {"0": pytest.approx(0.01)}
+    assert sorted(model[1].weight.detach().tolist()) == pytest.approx([0.015] * 2 + [0.025] * 3 + [0.8] * 6)
 
 
 def test_slimming_l1_state_and_global_percentile():
@@ -63,7 +84,7 @@ def test_slimming_l1_state_and_global_percentile():
         train_step(model, opt, s, i)
         assert s.done == (i >= 3)
     gammas = torch.cat([bn.weight.detach().abs() for bn in bns(model)])
-    removed = torch.sort(gammas, stable=True).indices[:10]  # floor(0.5 * 20) smallest over both layers
+    removed = torch.sort(gammas, stable=True).indices[:11]  # at or below sorted[int(0.5 * 20)]: 11 channels
     expect = {"features.0": 8 - int((removed < 8).sum()), "features.3": 12 - int((removed >= 8).sum())}
     survivors = [bn.weight.detach()[[i for i in range(bn.num_features) if i + off not in removed.tolist()]]
                  for bn, off in zip(bns(model), (0, 8))]
@@ -74,6 +95,32 @@ def test_slimming_l1_state_and_global_percentile():
         assert not opt.state[bn.weight]["l1"].any()  # fine-tuning without L1
     train_step(model, opt, s, 4)
     assert s.phase == "finetune"
+
+
+def test_slimming_global_cut_is_the_official_percentile():
+    """Official: thre = sorted[int(N * percent)], keep |gamma| > thre. With 20
+    distinct scales and percent 0.25 that removes 6 channels (not 5), and a
+    tie at the threshold goes too."""
+    model = make(TinyVGG)
+    opt = sgd(model)
+    layer0 = torch.tensor([0.30, 0.05, 0.90, 0.15, 0.60, 0.01, 0.45, 0.75])
+    layer1 = torch.tensor([0.02, 0.50, 0.10, 0.85, 0.20, 0.35, 0.95, 0.03, 0.65, 0.25, 0.40, 0.80])
+    with torch.no_grad():
+        bns(model)[0].weight.copy_(layer0)
+        bns(model)[1].weight.copy_(-layer1)  # |gamma| decides
+    summary = Slimming(model, opt, example_inputs(), steps=0, percent=0.25).prune()
+    # sorted: 0.01 0.02 0.03 0.05 0.10 0.15 | 0.20 ...; int(20 * 0.25) = 5 -> threshold 0.15
+    assert summary.thresholds == {"features.0": pytest.approx(0.15), "features.3": pytest.approx(0.15)}
+    assert summary.layers == {"features.0": (5, 8), "features.3": (9, 12)}
+    assert bns(model)[0].weight.detach().tolist() == pytest.approx([0.30, 0.90, 0.60, 0.45, 0.75])
+
+    model = make(TinyVGG)
+    opt = sgd(model)
+    with torch.no_grad():
+        bns(model)[0].weight.copy_(layer0)
+        bns(model)[1].weight.copy_(torch.where(layer1 == 0.20, torch.tensor(0.15), layer1))  # a tie at 0.15
+    summary = Slimming(model, opt, example_inputs(), steps=0, percent=0.25).prune()
+    assert summary.layers == {"features.0": (5, 8), "features.3": (8, 12)}
 
 
 def test_slimming_per_layer_and_a_layer_left_with_one_channel():
@@ -88,9 +135,9 @@ def test_slimming_per_layer_and_a_layer_left_with_one_channel():
     with torch.no_grad():
         bns(model)[0].weight.copy_(torch.linspace(0.01, 0.02, 8))
         bns(model)[1].weight.copy_(torch.linspace(0.5, 1.0, 12))
-    s = Slimming(model, opt, example_inputs(), steps=0, percent=0.6)  # 12 smallest: all of layer 0 and 4 more
+    s = Slimming(model, opt, example_inputs(), steps=0, percent=0.6)  # 13 smallest: all of layer 0 and 5 more
     summary = s.prune()
-    assert summary.layers == {"features.0": (1, 8), "features.3": (8, 12)}
+    assert summary.layers == {"features.0": (1, 8), "features.3": (7, 12)}
     assert "features.0" in summary.notes[0] and "largest is kept" in summary.notes[0]
     assert float(bns(model)[0].weight.detach()) == pytest.approx(0.02)
 
@@ -113,10 +160,10 @@ def test_polarization_group_training_and_valley_cut():
     with torch.no_grad():  # a polarized layer and a layer with every scale at 0.5
         bns(model)[0].weight.copy_(torch.tensor([0.0, 0.0, 0.003, 0.8, 0.9, 0.7, 0.0, 0.6]))
         bns(model)[1].weight.fill_(0.5)
-    assert s.thresholds() == {"features.0": pytest.approx(0.02), "features.3": pytest.approx(0.02)}
+    assert s.thresholds() == {"features.0": pytest.approx(0.01), "features.3": pytest.approx(0.01)}
     summary = s.prune()
     assert summary.layers == {"features.0": (4, 8), "features.3": (12, 12)}
-    assert summary.thresholds == {"features.0": pytest.approx(0.02), "features.3": pytest.approx(0.02)}
+    assert summary.thresholds == {"features.0": pytest.approx(0.01), "features.3": pytest.approx(0.01)}
     assert torch.equal(bns(model)[0].weight.detach(), torch.tensor([0.8, 0.9, 0.7, 0.6]))
     assert model.features[0].out_channels == 4 and model.features[3].in_channels == 4
     assert s.group["regularizer"] is None and all("polar" not in opt.state[bn.weight] for bn in bns(model))

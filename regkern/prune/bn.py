@@ -26,21 +26,22 @@ NO_VALLEY = ("keep", "fixed", "error")
 
 
 def search_threshold(values: Tensor, bins: int = 100) -> Optional[float]:
-    """The valley threshold of SPEC 5 (the official ``search_threshold(...,
-    alg="grad")`` histogram search): a ``bins``-bin histogram of ``values``
-    over ``[0, 1]``; the first bin ``j`` that is a local minimum
-    (``h[j] - h[j-1] <= 0 <= h[j+1] - h[j]``, ``j >= 1``) gives the threshold
-    at its right edge ``edges[j + 1]``, and channels with a value above it are
-    kept. (The official code returns the bin's left edge, one bin lower; SPEC 5
-    names the right edge.) Returns None when the histogram has no valley (the
-    official code then crashes).
+    """The valley threshold of the polarized scales (docs/schedules.md,
+    "Polarization"), as the official histogram search does it: a
+    ``bins``-bin histogram ``h`` of ``values`` over ``[0, 1]``; the first bin
+    ``j >= 1`` that is a local minimum (``h[j] - h[j-1] <= 0 <= h[j+1] - h[j]``)
+    is the valley, and the threshold is its LEFT edge ``edges[j]``. Channels
+    with a value strictly above the threshold are kept, so the valley bin's
+    own channels stay. Returns None when the histogram has no valley (the
+    official code then fails later; :class:`PolarizationPruner` applies its
+    ``no_valley`` choice instead).
     """
     array = values.detach().float().cpu().numpy().reshape(-1)
     hist, edges = np.histogram(array, bins=bins, range=(0, 1))
     diff = np.diff(hist)
     for i in range(len(diff) - 1):
         if diff[i] <= 0 <= diff[i + 1]:
-            return float(edges[i + 2])
+            return float(edges[i + 1])
     return None
 
 
@@ -149,11 +150,16 @@ class Slimming(_BNPruner):
     BatchNorm scales of the chosen layers (``state["l1"]``, read by
     regkern.SGD's fused step) for ``steps`` optimizer steps (phase
     ``"train"``), then ``prune()`` removes the channels with the smallest
-    |gamma|: ``scope="global"`` prunes the ``floor(percent * total)`` smallest
-    over all chosen layers together (official slimming), ``"layer"`` the
-    ``min(ceil(percent * R), R - 1)`` smallest of each layer. At least one
-    channel of a layer is kept (its largest; ``summary.notes`` says where).
-    After pruning the L1 coefficients are zeroed for fine-tuning.
+    |gamma| (docs/schedules.md, "Network slimming"): ``scope="global"`` is the
+    official cut over all chosen layers together: with the ``N`` scales
+    sorted ascending, the threshold is ``sorted[int(N * percent)]`` and every
+    channel at or below it goes (so at least ``int(N * percent) + 1``
+    channels, more on ties; ``summary.thresholds`` gives it per layer);
+    ``"layer"`` (a regkern option) removes the ``min(ceil(percent * R), R - 1)``
+    smallest of each layer. At least one channel of a layer is kept (its
+    largest; ``summary.notes`` says where; the official code would leave the
+    layer empty and fail). After pruning the L1 coefficients are zeroed for
+    fine-tuning.
 
     ``layers``: the conv/linear layers whose output channels may go (default:
     every one with a BatchNorm after it, except ``ignore``, by default the
@@ -184,11 +190,15 @@ class Slimming(_BNPruner):
     def _prune(self) -> PruneSummary:
         gammas = {u.name: u.gamma() for u in self.units}
         notes: List[str] = []
+        thresholds: Dict[str, float] = {}
         if self.scope == "layer":
             pruned = {u.name: smallest(gammas[u.name], pruned_count(u.group.units, self.percent)) for u in self.units}
         else:
             flat = torch.cat([gammas[u.name] for u in self.units])
-            mask = smallest(flat, int(math.floor(self.percent * flat.numel() + 1e-9)))
+            # the official cut: thre = sorted[int(N * percent)], keep |gamma| > thre
+            threshold = float(torch.sort(flat).values[int(flat.numel() * self.percent)])
+            mask = flat <= threshold
+            thresholds = {u.name: threshold for u in self.units}
             pruned, start = {}, 0
             for u in self.units:
                 n = gammas[u.name].numel()
@@ -197,7 +207,7 @@ class Slimming(_BNPruner):
                 if bool(pruned[u.name].all()):
                     pruned[u.name][int(torch.argmax(gammas[u.name]))] = False
                     notes.append(f"{u.name}: every channel fell under the global percentile; its largest is kept")
-        return self._cut(pruned, notes, {})
+        return self._cut(pruned, notes, thresholds)
 
     def _finetune_setup(self) -> None:
         for p in self.scale_params():
