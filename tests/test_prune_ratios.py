@@ -44,7 +44,9 @@ def test_dict_skip_and_ignore():
 
 def test_pruned_count_is_the_official_rule():
     assert pruned_count(8, 0.5) == 4
-    assert pruned_count(10, 0.3) == 3          # not 4: 0.3 * 10 rounds above 3 in floating point
+    assert pruned_count(10, 0.3) == 3          # 0.3 * 10 is exactly 3.0 in floating point
+    assert pruned_count(100, 0.07) == 8        # 0.07 * 100 is 7.000000000000001: the official ceil gives 8
+    assert pruned_count(100, 0.55) == 56       # 55.00000000000001
     assert pruned_count(10, 0.31) == 4         # ceil
     assert pruned_count(4, 0.99) == 3          # never every row
     assert pruned_count(1, 0.9) == 0 and pruned_count(8, 0.0) == 0

@@ -1,6 +1,7 @@
 """Growing regularization (GReg-1, GReg-2; Wang, Qin, Zhang, Fu, ICLR 2021) and
 one-shot L1-norm pruning, with the timetable of the official code
-(MingSun-Tse/Regularization-Pruning, ``pruner/reg_pruner.py``; SPEC 8).
+(MingSun-Tse/Regularization-Pruning, ``pruner/reg_pruner.py``; the math is in
+``docs/schedules.md``, section "GReg").
 
 The unit of a layer is a row (``mode="filter"``: the output channels of a
 coupled group, scored on the producer conv/linear rows by mean |W|) or a single
@@ -11,8 +12,14 @@ weight (``mode="weight"``). The penalty ``lam`` lives in the optimizer state
 Timetable (iterations count optimizer steps from 0; the update for iteration
 ``i`` is written before step ``i`` runs, i.e. by the constructor for ``i = 0``
 and by ``step()`` after step ``i - 1``): every ``Ku`` iterations each unfinished
-layer is updated; when all have finished at iteration ``T`` training goes on
-with the penalty until step ``T + Ks`` has run, then ``done``.
+layer is updated, one after the other in model order; when all have finished at
+iteration ``T`` training goes on with the penalty until step ``T + Ks`` has run,
+then ``done``.
+
+Magnitude ratio (filter mode only, as in the official code): after each update of
+a layer, ``mean|kept| / mean|pruned|`` of its mean-|W| row scores enters an EMA
+(first value as is, then ``0.9 * old + 0.1 * new``, in fp32); a layer that has
+finished keeps its last EMA.
 """
 from __future__ import annotations
 
@@ -313,7 +320,8 @@ class _GReg(_RowPruner):
     def _update(self) -> None:
         """One penalty update of every unfinished layer (official ``_update_reg``)."""
         active = [u for u in self.units if u.finished is None]
-        for u, w_abs in zip(active, self._scores(active, "mean_abs")):
+        scores = self._scores(active, "mean_abs") if self._needs_scores() else [None] * len(active)
+        for u, w_abs in zip(active, scores):
             if self.mode == "weight":  # the optimizer's tensor (a loaded state_dict brings a new one)
                 u.lam = self.optimizer.state[u.param]["lam"]
             if self._update_unit(u, w_abs):
@@ -327,17 +335,25 @@ class _GReg(_RowPruner):
     def _after_update(self) -> None:
         pass
 
+    def _needs_scores(self) -> bool:
+        """Whether an update reads the current magnitudes (GReg-1 in weight mode does not)."""
+        return True
+
     @abc.abstractmethod
     def _update_unit(self, u: _Unit, w_abs: Tensor) -> bool:
         """One penalty update of a layer (GReg-1 and GReg-2 differ here)."""
 
     def _track_ratio(self, u: _Unit, w_abs: Tensor, pruned: Tensor) -> None:
-        """EMA (0.9 old, 0.1 new) of mean|kept| / mean|pruned| (official ``_update_mag_ratio``)."""
+        """EMA (0.9 old, 0.1 new; the first value as is) of mean|kept| / mean|pruned|
+        (official ``_update_mag_ratio``), in fp32 arithmetic like the official tensors.
+        Filter mode only: in weight mode no ratio is kept and ``u.ema`` stays None."""
         if not bool(pruned.any()):
             u.ema = math.inf
             return
-        ratio = float(w_abs[~pruned].mean() / w_abs[pruned].mean())
-        u.ema = ratio if u.ema is None else u.ema * 0.9 + ratio * 0.1
+        ratio = (w_abs[~pruned].mean() / w_abs[pruned].mean()).float()
+        if u.ema is not None:
+            ratio = torch.tensor(u.ema, dtype=torch.float32, device=ratio.device) * 0.9 + ratio * 0.1
+        u.ema = float(ratio)
 
     def _write_lam(self, u: _Unit) -> None:
         if self.mode == "filter":
@@ -376,16 +392,44 @@ class _GReg(_RowPruner):
 
 
 class GReg1(_GReg):
-    """GReg-1: growing L2 penalty on rows fixed at the start (SPEC 8).
+    """GReg-1: growing L2 penalty on rows fixed at the start (docs/schedules.md, "GReg").
 
     The pruned rows of each layer are the ``min(ceil(ratio * R), R - 1)`` with
-    the smallest mean |W| at construction; every ``Ku`` iterations
-    ``lam[pruned] += delta`` (kept rows keep 0). A layer finishes when
-    ``max(lam) > tau`` or its magnitude ratio EMA reaches ``mag_ratio_limit``;
-    when all have, ``Ks`` more iterations with the penalty (phase
-    ``"stabilize"``), then ``done``: ``prune()`` removes the rows (slicing the
-    model and the optimizer state, ``mode="filter"``) or masks the weights
-    (``mode="weight"``) and zeroes every lam for fine-tuning.
+    the smallest mean |W| at construction (``ratio * R`` in floating point, as
+    the official code: 0.07 of 100 rows prunes 8); every ``Ku`` iterations
+    ``lam[pruned] += delta`` (kept rows keep 0). A layer finishes when its own
+    ``max(lam) > tau``, or (filter mode) when the magnitude ratio EMA of EVERY
+    layer has reached ``mag_ratio_limit``: a layer at the limit goes on growing
+    its penalty until all the others are there too. The check runs right after
+    the layer's own update and looks at the EMAs tracked so far, so in the first
+    update a layer sees only itself and the layers before it, as in the official
+    code; a layer that finished at ``tau`` below the limit keeps that EMA, and
+    from then on the others finish at ``tau`` as well. In weight mode no ratio
+    is computed and layers finish at ``tau`` only. When all have finished,
+    ``Ks`` more iterations with the penalty (phase ``"stabilize"``), then
+    ``done``: ``prune()`` removes the rows (slicing the model and the optimizer
+    state, ``mode="filter"``) or masks the weights (``mode="weight"``) and
+    zeroes every lam for fine-tuning.
+
+    Deliberate departures from the official code (GReg-1 and GReg-2):
+
+    - ties between equal scores are broken by the lower index (a stable sort),
+      where the official ``torch.sort`` leaves their order to the device, so
+      the same rows are picked on every device and backend;
+    - a unit is a coupled group: rows joined through concatenations, depthwise
+      convs or attention heads are scored together (mean |W| over all producer
+      layers of the group) and pruned together, where the official code treats
+      one conv at a time; a group with one producer (plain conv chains, the
+      first convs of ResNet blocks) is scored as the official code does;
+    - ``state_dict()`` keeps the picked rows, the EMAs and the finishing and
+      picking iterations, so a resumed run is the uninterrupted run; the
+      official resume picks the pruned rows again from the resumed weights and
+      forgets which layers had finished;
+    - the output layer is never pruned unless ``ignore`` says otherwise, in
+      weight mode too (the official weight mode prunes it when its stage ratio
+      is above 0), and a single float ``ratios`` also applies to the stem conv
+      when its rows join no residual add (the official scripts give per-stage
+      lists with the stem stage at 0: pass such a list for the same layers).
 
     Args:
         model, optimizer: the network and its regkern.SGD (``lam`` and
@@ -427,23 +471,36 @@ class GReg1(_GReg):
         self._phase = "update"
         self._update()  # the update of iteration 0, before the first step
 
-    def _update_unit(self, u: _Unit, w_abs: Tensor) -> bool:
+    def _needs_scores(self) -> bool:
+        return self.mode == "filter"
+
+    def _update_unit(self, u: _Unit, w_abs: Optional[Tensor]) -> bool:
+        if self.mode == "weight":  # no magnitude ratio in weight mode: tau only
+            u.lam[u.pruned] += self.delta
+            return float(u.lam.max()) > self.tau
         self._track_ratio(u, w_abs, u.pruned)
         u.lam[u.pruned] += self.delta
-        return u.ema >= self.mag_ratio_limit or float(u.lam.max()) > self.tau
+        # layers are updated in order; the ratios are those of every layer tracked so far (the layers
+        # finished earlier keep their last one), this layer's just updated
+        every_layer = all(v.ema >= self.mag_ratio_limit for v in self.units if v.ema is not None)
+        return every_layer or float(u.lam.max()) > self.tau
 
 
 class GReg2(_GReg):
-    """GReg-2: the penalty itself picks the pruned rows (SPEC 8).
+    """GReg-2: the penalty itself picks the pruned rows (docs/schedules.md, "GReg").
 
     Picking phase: every ``Ku`` iterations ``lam += delta_pick`` on every unit
     of each layer with ratio > 0; when a layer's ``max(lam) >= pick_ceiling``
     it picks its ``min(ceil(ratio * R), R - 1)`` smallest units by current
     mean |W|. Afterwards each update does ``lam[pruned] += delta`` and
-    ``lam[kept] = recover`` (assigned). A layer finishes (after picking) when
-    ``max(lam) > tau`` or its magnitude ratio EMA reaches ``mag_ratio_limit``
-    (the EMA also runs during picking on the would-be pruned units, as the
-    official code does); then ``Ks`` stabilization iterations and ``done``.
+    ``lam[kept] = recover`` (assigned). A layer finishes once it has picked
+    (in the update that picks, too) and its own ``max(lam) > tau`` or its own
+    magnitude ratio EMA has reached ``mag_ratio_limit``, whatever the other
+    layers' ratios (the EMA also runs during picking on the would-be pruned
+    units, as the official code does); in weight mode no ratio is computed and
+    a picked layer finishes at ``tau`` only. Then ``Ks`` stabilization
+    iterations and ``done``. The deliberate departures from the official code
+    are those listed under :class:`GReg1`.
 
     Arguments as :class:`GReg1`, plus ``delta_pick`` (1e-5), ``pick_ceiling``
     (1e-2) and ``recover`` (-1e-4). ``picked``: ``{layer: pruned unit mask}``.
@@ -476,15 +533,20 @@ class GReg2(_GReg):
         if u.picked is not None:
             u.lam[u.pruned] += self.delta
             u.lam[~u.pruned] = self.recover
-            self._track_ratio(u, w_abs, u.pruned)
+            if self.mode == "filter":
+                self._track_ratio(u, w_abs, u.pruned)
         else:
             u.lam += self.delta_pick
             candidates = self._pick(u, w_abs)
-            self._track_ratio(u, w_abs, candidates)
+            if self.mode == "filter":
+                self._track_ratio(u, w_abs, candidates)
             if float(u.lam.max()) >= self.pick_ceiling:
                 u.picked = self.iteration
                 u.pruned = candidates
-        return u.picked is not None and (u.ema >= self.mag_ratio_limit or float(u.lam.max()) > self.tau)
+        if u.picked is None:
+            return False
+        at_limit = self.mode == "filter" and u.ema >= self.mag_ratio_limit  # weight mode: no ratio, tau only
+        return at_limit or float(u.lam.max()) > self.tau
 
     def _after_update(self) -> None:
         if self._phase == "picking" and all(u.picked is not None for u in self.units):
