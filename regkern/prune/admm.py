@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from regkern.prune.base import (PruneSummary, Schedule, check_in_optimizer, drop_regularizer, ensure_group,
-                                group_of)
+                                group_of, nothing_to_prune)
 from regkern.prune.greg import _check_int, _check_pos
 from regkern.prune.ratios import RatioSpec, layer_ratios, prunable_layers
 from regkern.prune.sparse import install_masks
@@ -52,6 +52,7 @@ class ADMMPruner(Schedule):
     """
 
     method = "ADMMPruner"
+    drives = ("admm", "sas_admm")
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ratios: RatioSpec = 0.5, *,
                  steps: Optional[int] = None, K: int = 100, rho: float = 1e-3, structured: bool = False,
@@ -78,7 +79,7 @@ class ADMMPruner(Schedule):
         self.layers: List[Tuple[str, nn.Parameter, float]] = [
             (name, m.weight, by_layer[name]) for name, m in prunable_layers(model) if by_layer[name] > 0]
         if not self.layers:
-            raise ValueError("every layer has ratio 0: ADMMPruner has nothing to prune")
+            raise ValueError(nothing_to_prune(self.method, by_layer))
         self.steps, self.K, self.structured = steps, K, structured
         self.outer_iterations = outer_iterations
         named = [(n + ".weight", p) for n, p, _ in self.layers]

@@ -66,19 +66,105 @@ class PruneSummary:
         return "\n".join(lines)
 
 
-class Schedule(abc.ABC):
+# What a schedule can work through, and which optimizer's step acts on it. A
+# schedule names the features it needs in ``Schedule.drives``; the optimizer
+# must act on at least one of them, or the schedule would change nothing.
+FEATURES = {
+    "lam": "the penalty state['lam']",
+    "l1": "the L1 coefficients state['l1']",
+    "polar": "a regkern.Polarization param group",
+    "prox": "a regkern.ProxL1 or regkern.GroupLasso param group",
+    "admm": "a regkern.ADMM param group",
+    "rda": "the L1 term of regkern.RDA",
+    "sas_admm": "the ADMM iteration of regkern.SASADMM",
+    "mask": "the masks state['mask']",
+}
+READERS = (
+    ("regkern.SGD", frozenset({"lam", "l1", "polar", "prox", "admm", "mask"})),
+    ("regkern.RDA", frozenset({"rda", "mask"})),
+    ("regkern.SASADMM", frozenset({"sas_admm"})),
+)
+# The schedules of greg.py and bn.py, by ``method``: penalties in state['lam']
+# and state['l1'] and the Polarization group act only through regkern.SGD.
+# OneShotL1 removes rows from the model and the optimizer state at the end and
+# writes nothing a step must read, so any optimizer does (its weight mode
+# freezes masks: see ``Schedule._late_drives``).
+BUILTIN_DRIVES = {"GReg1": ("lam",), "GReg2": ("lam",), "Slimming": ("l1",), "PolarizationPruner": ("polar",),
+                  "OneShotL1": ()}
+
+
+def optimizer_reads(optimizer: torch.optim.Optimizer) -> frozenset:
+    """The features (keys of :data:`FEATURES`) that ``optimizer``'s step acts on:
+    none for an optimizer outside regkern (it ignores regkern's state)."""
+    from regkern.optim import RDA, SASADMM, SGD
+
+    for kind, reads in zip((SGD, RDA, SASADMM), READERS):
+        if isinstance(optimizer, kind):
+            return reads[1]
+    return frozenset()
+
+
+def require_reads(optimizer: torch.optim.Optimizer, drives: Sequence[str], method: str) -> None:
+    """Refuse ``optimizer`` when its step acts on none of ``drives`` (nothing
+    is written: call it before the schedule touches the optimizer)."""
+    if not drives or optimizer_reads(optimizer) & set(drives):
+        return
+    kind = type(optimizer)
+    what = " or ".join(FEATURES[d] for d in drives)
+    use = " or ".join(name for name, reads in READERS if reads & set(drives))
+    raise ValueError(f"{method} works through {what}, which the step of {kind.__module__}.{kind.__qualname__} "
+                     f"does not read, so the schedule would change nothing; build the optimizer as {use}")
+
+
+def nothing_to_prune(method: str, ratios: Dict[str, float], mode: Optional[str] = None) -> str:
+    """The one-sentence reason a schedule with no unit to prune is refused;
+    ``ratios``: ``{layer: ratio}`` after ``skip`` and ``ignore``."""
+    active = [name for name, ratio in ratios.items() if ratio > 0]
+    if not active:
+        return (f"{method} has nothing to prune: every layer has ratio 0 once ratios, skip and ignore are applied "
+                "(ignore defaults to the output layer); give some layer a ratio above 0")
+    shown = ", ".join(active[:4]) + (" ..." if len(active) > 4 else "")
+    why = ("in weight mode each of them holds a single weight" if mode == "weight" else
+           "their rows feed a residual add (residual_rule=True) or an ignored layer, or they have a single row")
+    return f"{method} has nothing to prune: the layer(s) with a ratio above 0 ({shown}) have no unit it can remove ({why})"
+
+
+class _Checked(abc.ABCMeta):
+    """Runs ``Schedule._check_built`` once the whole constructor has run."""
+
+    def __call__(cls, *args, **kwargs):
+        schedule = super().__call__(*args, **kwargs)
+        schedule._check_built()
+        return schedule
+
+
+class Schedule(abc.ABC, metaclass=_Checked):
     """Base class: an iteration counter, a phase, ``done`` / ``pruned`` and
     the state_dict round trip. Subclasses implement ``_advance`` (after each
     step), ``_prune`` and optionally ``_extra_state`` / ``_load_extra`` /
-    ``_reapply`` (redo a saved structured cut on a fresh model)."""
+    ``_reapply`` (redo a saved structured cut on a fresh model).
+
+    Two checks refuse a schedule that would run for nothing (ValueError, one
+    sentence; nothing is written): before the subclass touches the optimizer,
+    its step must act on one of the features in ``drives`` (e.g. GReg's
+    ``state["lam"]`` is read by regkern.SGD only, so ``torch.optim.SGD`` is
+    refused); once built, a schedule that found no unit to prune (every
+    ratio 0, every layer skipped or ignored, no prunable group) says why.
+    """
 
     method = "schedule"
+    #: The features (keys of ``FEATURES``) the schedule works through; the
+    #: optimizer's step must act on at least one. ``()``: any optimizer.
+    #: None: the entry of ``BUILTIN_DRIVES`` for ``method``, or no check.
+    drives: Optional[Tuple[str, ...]] = None
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer such as regkern.SGD, got {type(optimizer).__name__}")
+        drives = self.drives if self.drives is not None else BUILTIN_DRIVES.get(self.method, ())
+        require_reads(optimizer, drives, self.method)
         self.model = model
         self.optimizer = optimizer
         self.iteration = 0
@@ -139,6 +225,29 @@ class Schedule(abc.ABC):
         self._phase = str(state["phase"])
         self._done = bool(state["done"])
         self._load_extra(state)
+
+    # -- construction checks --------------------------------------------------
+    def _check_built(self) -> None:
+        """After the constructor: the optimizer must act on ``_late_drives()``
+        and there must be something to prune (``_idle_reason``)."""
+        require_reads(self.optimizer, self._late_drives(), self.method)
+        reason = self._idle_reason()
+        if reason:
+            raise ValueError(reason)
+
+    def _late_drives(self) -> Tuple[str, ...]:
+        """Features needed according to the constructor's options: a schedule
+        in ``mode="weight"`` freezes element masks into ``state["mask"]``."""
+        return ("mask",) if getattr(self, "mode", None) == "weight" else ()
+
+    def _idle_reason(self) -> Optional[str]:
+        """Why the schedule has no unit to prune, or None. The default reads
+        ``self.units`` (a list) with ``self.ratios`` (``{layer: ratio}``) and
+        ``self.mode`` when a subclass keeps them."""
+        units = getattr(self, "units", None)
+        if units is None or len(units):
+            return None
+        return nothing_to_prune(self.method, getattr(self, "ratios", None) or {}, getattr(self, "mode", None))
 
     # -- hooks ----------------------------------------------------------------
     def _advance(self) -> None:

@@ -42,6 +42,7 @@ class SparseTraining(Schedule):
     """
 
     method = "SparseTraining"
+    drives = ("prox", "rda")
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, steps: int) -> None:
         super().__init__(model, optimizer)
