@@ -14,12 +14,15 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "admm_table.h"
 #include "sgd.h"
+#include "table_check.h"
 #include "work_split.h"
 
 namespace regkern {
@@ -76,6 +79,59 @@ const Kernels* active() {
 }
 
 float as_float(int64_t bits) { return static_cast<float>(float_column(bits)); }
+
+// Refuse (TableError, table_check.h) a zu row the passes do not know how to
+// step, before any of them writes: unknown modes and dtype codes, sizes that
+// disagree, missing pointers, buffers the row's mode would ignore, and a
+// KEEP, CUT or THRESHOLD outside what its mode can mean.
+void check_zu_row(const int64_t* row, int64_t index) {
+  namespace c = zu_col;
+  const table_check::Row r("zu", "regkern.backend_admm.build_zu_table", c::NAMES, row, index);
+  r.rows_cover(c::NUMEL, c::ROWS, c::ROW_LEN);
+  r.one_of(c::DTYPE, {0, 1, 2}, "0 float32, 1 bfloat16, 2 float16");
+  r.one_of(c::MODE, {kModeElement, kModeRows, kModeSoft}, "0 top-k elements, 1 top-k rows, 2 soft threshold");
+  const bool elements = r[c::NUMEL] > 0;
+  for (int col : {c::PARAM, c::Z, c::U}) r.present(col, elements, "a tensor with elements");
+  const int64_t mode = r[c::MODE], numel = r[c::NUMEL], rows = r[c::ROWS];
+  const std::string in_mode = "MODE " + std::to_string(mode);
+  const double threshold = r.as_double(c::THRESHOLD);
+  if (mode == kModeSoft) {
+    r.absent(c::SCORES, true, "MODE 2 (soft threshold) scores nothing");
+    r.absent(c::ROW_KEEP, true, "MODE 2 (soft threshold) keeps no rows");
+    if (!(threshold >= 0.0 && std::isfinite(threshold)))
+      r.refuse(c::THRESHOLD, table_check::float_text(threshold), "but the soft-threshold level tau must be finite and >= 0");
+    return;
+  }
+  const int64_t count = mode == kModeRows ? rows : numel;
+  if (r[c::KEEP] < 0 || r[c::KEEP] > count)
+    r.refuse(c::KEEP, "but " + in_mode + " keeps between 0 and " + std::to_string(count) +
+                          (mode == kModeRows ? " rows" : " elements"));
+  if (mode == kModeRows) {
+    r.present(c::ROW_KEEP, rows > 0, in_mode + " (top-k rows)");
+    r.present(c::SCORES, r[c::KEEP] > 0 && r[c::KEEP] < rows,
+              "selecting " + std::to_string(r[c::KEEP]) + " of " + std::to_string(rows) + " rows");
+    return;
+  }
+  r.absent(c::ROW_KEEP, true, "MODE 0 (top-k elements) keeps no rows");
+  if (std::isnan(threshold)) r.refuse(c::THRESHOLD, "nan", "but a selection threshold cannot be NaN");
+  if (r[c::CUT] < -1 || r[c::CUT] > numel)
+    r.refuse(c::CUT, "but a tie cut lies between -1 and NUMEL = " + std::to_string(numel));
+}
+
+// Refuse a sas row the step does not know how to take, before it writes.
+void check_sas_row(const int64_t* row, int64_t index) {
+  namespace c = sas_col;
+  const table_check::Row r("sas", "regkern.backend_admm.build_sas_table", c::NAMES, row, index);
+  r.non_negative(c::NUMEL);
+  r.one_of(c::DTYPE, {0, 1, 2}, "0 float32, 1 bfloat16, 2 float16");
+  r.flag(c::OUTER);
+  for (int col : {c::PARAM, c::GRAD, c::W, c::W_BREVE, c::ANCHOR, c::Z, c::U})
+    r.present(col, r[c::NUMEL] > 0, "a tensor with elements");
+}
+
+void check_zu_table(const int64_t* table, int64_t num_tensors) {
+  for (int64_t i = 0; i < num_tensors; ++i) check_zu_row(table + i * zu_col::NUM_FIELDS, i);
+}
 
 ZuDesc decode_zu(const int64_t* row) {
   namespace c = zu_col;
@@ -232,6 +288,7 @@ void select_rows(const double* scores, int64_t rows, int64_t keep, uint8_t* flag
 void admm_select(int64_t* table, int64_t num_tensors, int num_threads) {
   using namespace admm_detail;
   namespace c = zu_col;
+  check_zu_table(table, num_tensors);  // before anything is written
   std::vector<int64_t> work;  // table rows to select, largest first
   for (int64_t i = 0; i < num_tensors; ++i) {
     const int64_t* row = table + i * c::NUM_FIELDS;
@@ -270,16 +327,20 @@ int admm_zu_num_fields() { return zu_col::NUM_FIELDS; }
 int sas_admm_num_fields() { return sas_col::NUM_FIELDS; }
 
 void admm_scores(const int64_t* table, int64_t num_tensors, int num_threads) {
+  admm_detail::check_zu_table(table, num_tensors);  // before anything is written
   if (num_tensors > 0) admm_detail::run_zu(table, num_tensors, num_threads, true);
 }
 
 void admm_zu(const int64_t* table, int64_t num_tensors, int num_threads) {
+  admm_detail::check_zu_table(table, num_tensors);  // before anything is written
   if (num_tensors > 0) admm_detail::run_zu(table, num_tensors, num_threads, false);
 }
 
 void sas_admm_step(const int64_t* table, int64_t num_tensors, int num_threads) {
   using namespace admm_detail;
   if (num_tensors <= 0) return;
+  // the whole table is checked before anything is written
+  for (int64_t i = 0; i < num_tensors; ++i) check_sas_row(table + i * sas_col::NUM_FIELDS, i);
   std::vector<SasDesc> ds(static_cast<size_t>(num_tensors));
   work_split::Layout layout(ds.size());
   for (size_t t = 0; t < ds.size(); ++t) {

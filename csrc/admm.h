@@ -1,6 +1,7 @@
 // C++ CPU backend of the `admm` kernel family (SPEC 6; see
-// regkern/reference/admm.py for the contract). Python validates every input;
-// these functions only compute. Each runs on up to `num_threads` OpenMP
+// regkern/reference/admm.py for the contract). Python validates the tensors;
+// each function first checks its table (table_check.h: TableError, nothing
+// written) and then computes. Each runs on up to `num_threads` OpenMP
 // threads (call them without the GIL) and uses the instruction-set variant
 // of the sgd family (regkern::active_isa, forced with regkern::set_isa).
 #pragma once

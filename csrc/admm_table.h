@@ -33,6 +33,12 @@ constexpr int CUT = 12;       // mode 0: a score equal to THRESHOLD is kept at f
 constexpr int KEEP = 13;      // modes 0, 1: how many entries (rows) to keep
 constexpr int NUM_FIELDS = 14;
 
+// Names in column order (messages; exported as regkern._C.ZU_FIELDS).
+constexpr const char* NAMES[NUM_FIELDS] = {
+    "PARAM", "Z", "U", "TARGET", "NUMEL", "ROWS", "ROW_LEN", "DTYPE", "MODE",
+    "SCORES", "ROW_KEEP", "THRESHOLD", "CUT", "KEEP",
+};
+
 }  // namespace zu_col
 
 // SAS-ADMM step: inner iteration, and the outer update where OUTER is set.
@@ -61,6 +67,12 @@ constexpr int SB = 19;        // s * beta
 constexpr int BETA = 20;      // beta
 constexpr int RHO = 21;       // rho
 constexpr int NUM_FIELDS = 22;
+
+// Names in column order (messages; exported as regkern._C.SAS_FIELDS).
+constexpr const char* NAMES[NUM_FIELDS] = {
+    "PARAM", "GRAD", "W", "W_BREVE", "ANCHOR", "Z", "U", "NUMEL", "DTYPE", "OUTER", "C",
+    "INV_CR", "B", "B1", "BN", "BN1", "RB", "INV_BETA", "TAU", "SB", "BETA", "RHO",
+};
 
 }  // namespace sas_col
 }  // namespace regkern

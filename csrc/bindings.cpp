@@ -8,7 +8,10 @@
 #include "admm.h"
 #include "rda.h"
 #include "sgd.h"
+#include "admm_table.h"
+#include "rda_table.h"
 #include "sgd_table.h"
+#include "table_check.h"
 
 namespace py = pybind11;
 
@@ -23,10 +26,36 @@ void check_admm_fields(const char* which, int got, int expected) {
                           " columns, this build of regkern._C expects " + std::to_string(expected) +
                           "; rebuild with `pip install -e .`");
 }
+
+// A table layout's column names as a Python tuple.
+py::tuple names_tuple(const char* const* names, int count) {
+  py::tuple out(count);
+  for (int i = 0; i < count; ++i) out[i] = py::str(names[i]);
+  return out;
+}
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "regkern C++ CPU kernels (fused multi-tensor optimizer steps).";
+
+  // regkern::TableError (table_check.h) -> regkern._C.TableError, a
+  // ValueError whose `row` and `column` name the refused table entry.
+  static py::handle table_error = PyErr_NewExceptionWithDoc(
+      "regkern._C.TableError",
+      "A kernel refused its metadata table before writing anything; `row` is the table row "
+      "(the tensor's index in the table) and `column` the column name.",
+      PyExc_ValueError, nullptr);
+  m.attr("TableError") = table_error;
+  py::register_local_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const regkern::TableError& e) {
+      py::object error = py::reinterpret_borrow<py::object>(table_error)(e.what());
+      error.attr("row") = e.row();
+      error.attr("column") = e.column();
+      PyErr_SetObject(table_error.ptr(), error.ptr());
+    }
+  });
 
   m.def(
       "sgd_step",
@@ -40,8 +69,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dampening"), py::arg("nesterov"), py::arg("weight_decay"), py::arg("maximize"),
       py::arg("grad_scale"), py::arg("num_threads"),
       "One fused SGD step over every tensor of the int64 metadata table at `table_ptr` "
-      "([num_tensors, len(SGD_FIELDS)], see regkern.backend.build_sgd_table). Inputs are "
-      "not checked here: regkern.backend validates them.");
+      "([num_tensors, len(SGD_FIELDS)], see regkern.backend.build_sgd_table). The table is "
+      "checked before anything is written (TableError names a refused row and column).");
 
   m.def("isa", &regkern::active_isa,
         "Instruction-set variant the kernels run: 'avx512f', 'avx2' or 'default'.");
@@ -84,8 +113,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"), py::arg("maximize"),
       py::arg("grad_scale"), py::arg("num_threads"),
       "One fused RDA step (SPEC 4) over every tensor of the int64 metadata table at `table_ptr` "
-      "([num_tensors, num_fields], see regkern.backend_rda.build_rda_table). Inputs are not "
-      "checked here: regkern.backend_rda validates them.");
+      "([num_tensors, num_fields], see regkern.backend_rda.build_rda_table). The table is "
+      "checked before anything is written (TableError names a refused row and column).");
 
   m.def(
       "admm_scores",
@@ -97,7 +126,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"), py::arg("num_threads"),
       "Score pass of the classic ADMM Z/U update (SPEC 6) over the int64 zu table at `table_ptr` "
       "([num_tensors, num_fields], see regkern.backend_admm.build_zu_table): |W + U| of top-k "
-      "element tensors, float64 row sums of (W + U)^2 of top-k row tensors. Not checked here.");
+      "element tensors, float64 row sums of (W + U)^2 of top-k row tensors. The table is "
+      "checked before anything is written (TableError).");
 
   m.def(
       "admm_select",
@@ -109,7 +139,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"), py::arg("num_threads"),
       "Selection of the classic ADMM Z/U update after admm_scores: exactly KEEP entries (rows) of "
       "each scored tensor, ties by lowest index; writes THRESHOLD and CUT into the table (elements) "
-      "or the ROW_KEEP flags (rows). Not checked here: regkern.backend_admm validates the inputs.");
+      "or the ROW_KEEP flags (rows). The table is checked before anything is written (TableError).");
 
   m.def(
       "admm_zu",
@@ -120,7 +150,7 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"), py::arg("num_threads"),
       "Update pass of the classic ADMM Z/U update (SPEC 6) over the zu table: Z, U and Z - U in "
-      "one pass. Not checked here: regkern.backend_admm validates the inputs.");
+      "one pass. The table is checked before anything is written (TableError).");
 
   m.def(
       "sas_admm_step",
@@ -131,11 +161,12 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"), py::arg("num_threads"),
       "One SAS-ADMM step (SPEC 6) over the int64 sas table at `table_ptr` (see "
-      "regkern.backend_admm.build_sas_table). Not checked here: regkern.backend_admm validates it.");
+      "regkern.backend_admm.build_sas_table). The table is checked before anything is written (TableError).");
 
-  py::tuple fields(regkern::sgd_col::NUM_FIELDS);
-  for (int i = 0; i < regkern::sgd_col::NUM_FIELDS; ++i) fields[i] = py::str(regkern::sgd_col::NAMES[i]);
-  m.attr("SGD_FIELDS") = fields;
+  m.attr("SGD_FIELDS") = names_tuple(regkern::sgd_col::NAMES, regkern::sgd_col::NUM_FIELDS);
+  m.attr("RDA_FIELDS") = names_tuple(regkern::rda_col::NAMES, regkern::rda_col::NUM_FIELDS);
+  m.attr("ZU_FIELDS") = names_tuple(regkern::zu_col::NAMES, regkern::zu_col::NUM_FIELDS);
+  m.attr("SAS_FIELDS") = names_tuple(regkern::sas_col::NAMES, regkern::sas_col::NUM_FIELDS);
 
   // Regularizer terms sgd_step computes (names of regkern.backend.TERM_KEYWORDS);
   // regkern.backend steps tensors with other terms by the reference.

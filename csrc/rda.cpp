@@ -34,6 +34,7 @@
 
 #include "rda_table.h"
 #include "sgd.h"
+#include "table_check.h"
 #include "work_split.h"
 
 namespace regkern {
@@ -97,6 +98,35 @@ const Kernels* active() {
 #endif
 }
 
+// Refuse (TableError, table_check.h) a row the kernel does not know how to
+// step, before anything is written: unknown mask kinds, flags and dtype
+// codes, sizes that disagree, missing pointers, and a step t, lam or gamma
+// outside what reference.rda accepts (t >= 1, 0 <= lam < inf, gamma > 0).
+void check_row(const int64_t* row, int64_t index) {
+  namespace c = rda_col;
+  const table_check::Row r("rda", "regkern.backend_rda.build_rda_table", c::NAMES, row, index);
+  r.rows_cover(c::NUMEL, c::ROWS, c::ROW_LEN);
+  r.one_of(c::DTYPE, {0, 1, 2}, "0 float32, 1 bfloat16, 2 float16");
+  r.one_of(c::MASK_KIND, {kRdaMaskNone, kRdaMaskRow, kRdaMaskElement}, "0 none, 1 row mask, 2 element mask");
+  r.flag(c::GROUP);
+  r.flag(c::STREAM);
+  const bool elements = r[c::NUMEL] > 0;
+  for (int col : {c::PARAM, c::GRAD, c::GBAR, c::W0}) r.present(col, elements, "a tensor with elements");
+  r.absent(c::MASK, r[c::MASK_KIND] == kRdaMaskNone, "MASK_KIND is 0 (none)");
+  r.present(c::MASK, elements && r[c::MASK_KIND] != kRdaMaskNone, "MASK_KIND " + std::to_string(r[c::MASK_KIND]));
+  const double t = r.as_double(c::T), lam = r.as_double(c::LAM), gamma = r.as_double(c::GAMMA);
+  if (!(t >= 1.0))
+    r.refuse(c::T, table_check::float_text(t), "but the step t counts from 1",
+             "write the step with regkern.backend_rda.write_step");
+  if (!(lam >= 0.0 && std::isfinite(lam)))
+    r.refuse(c::LAM, table_check::float_text(lam), "but lam must be finite and non-negative",
+             "write the step with regkern.backend_rda.write_step");
+  if (!(gamma > 0.0))
+    r.refuse(c::GAMMA, table_check::float_text(gamma), "but gamma (the inverse learning rate) must be positive",
+             "write the step with regkern.backend_rda.write_step");
+}
+
+// A row that check_row accepted.
 Desc decode(const int64_t* row) {
   namespace c = rda_col;
   Desc d;
@@ -141,6 +171,8 @@ void rda_step(const int64_t* table, int64_t num_tensors, bool maximize, double g
   o.has_scale = grad_scale != 1.0;
   o.maximize = maximize;
 
+  // the whole table is checked before anything is written
+  for (int64_t i = 0; i < num_tensors; ++i) check_row(table + i * rda_col::NUM_FIELDS, i);
   const size_t count = static_cast<size_t>(num_tensors);
   std::vector<Desc> ds(count);
   work_split::Layout layout(count);

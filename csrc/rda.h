@@ -1,5 +1,6 @@
 // C++ CPU backend of the `rda` kernel family (see regkern/reference/rda.py for
-// the contract). Python validates every input; these functions only compute.
+// the contract). Python validates the tensors; rda_step first checks its
+// table (table_check.h: TableError, nothing written) and then computes.
 #pragma once
 
 #include <cstdint>

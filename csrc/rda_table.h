@@ -34,5 +34,11 @@ constexpr int GAMMA = 14;      // float64 bits: gamma = 1 / lr (may be inf)
 constexpr int NORM_SQ = 15;    // fp32 [ROWS] scratch of the Triton kernel (group tensors); unused here
 constexpr int NUM_FIELDS = 16;
 
+// Names in column order (messages; exported as regkern._C.RDA_FIELDS).
+constexpr const char* NAMES[NUM_FIELDS] = {
+    "PARAM", "GRAD", "GBAR", "W0", "MASK", "MASK_KIND", "NUMEL", "ROWS",
+    "ROW_LEN", "DTYPE", "GROUP", "STREAM", "T", "LAM", "GAMMA", "NORM_SQ",
+};
+
 }  // namespace rda_col
 }  // namespace regkern

@@ -23,12 +23,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <utility>
 #include <vector>
 
 #include "sgd_table.h"
+#include "table_check.h"
 
 namespace regkern {
 namespace detail {
@@ -174,6 +176,62 @@ TermScratch* term_scratch() {
 
 namespace {
 
+// Refuse (TableError, table_check.h) a row the kernel does not know how to
+// step, before anything is written: unknown kinds, flags and dtype codes,
+// sizes that disagree, pointers its kinds need but lack, clamp bounds that
+// are NaN or crossed, and non-finite per-row coefficients (LAM per row,
+// LAM_COLS, L1, PROX_LAM, POLAR's lam and t; the per-element LAM is W-sized
+// and not read here). Only per-row vectors of tensors with elements are read.
+void check_row(const int64_t* row, int64_t index, bool momentum) {
+  namespace c = sgd_col;
+  const table_check::Row r("sgd", "regkern.backend.build_sgd_table", c::NAMES, row, index);
+  r.rows_cover(c::NUMEL, c::ROWS, c::ROW_LEN);
+  r.one_of(c::DTYPE, {kDtypeF32, kDtypeBF16, kDtypeF16}, "0 float32, 1 bfloat16, 2 float16");
+  r.flag(c::FIRST);
+  r.one_of(c::MASK_KIND, {kMaskNone, kMaskRow, kMaskElement}, "0 none, 1 row mask, 2 element mask");
+  r.one_of(c::LAM_KIND, {kLamNone, kLamRow, kLamElement}, "0 none, 1 per row, 2 per element");
+  r.one_of(c::PROX, {0, 1, 2}, "0 none, 1 element L1, 2 group lasso");
+  r.flag(c::CLAMP);
+  r.non_negative(c::COLS);
+  r.non_negative(c::COL_LEN);
+  const bool elements = r[c::NUMEL] > 0;
+  r.present(c::PARAM, elements, "a tensor with elements");
+  r.present(c::GRAD, elements, "a tensor with elements");
+  r.present(c::BUF, elements && momentum, "a step with momentum");
+  r.absent(c::MASK, r[c::MASK_KIND] == kMaskNone, "MASK_KIND is 0 (none)");
+  r.present(c::MASK, elements && r[c::MASK_KIND] != kMaskNone, "MASK_KIND " + std::to_string(r[c::MASK_KIND]));
+  r.absent(c::LAM, r[c::LAM_KIND] == kLamNone, "LAM_KIND is 0 (none)");
+  r.present(c::LAM, elements && r[c::LAM_KIND] != kLamNone, "LAM_KIND " + std::to_string(r[c::LAM_KIND]));
+  r.present(c::PROX_LAM, elements && r[c::PROX] != 0, "PROX " + std::to_string(r[c::PROX]));
+  if (r[c::CLAMP] != 0) {
+    const double lo = r.as_double(c::CLAMP_LO), hi = r.as_double(c::CLAMP_HI);
+    if (std::isnan(lo)) r.refuse(c::CLAMP_LO, "nan", "but a clamp bound cannot be NaN");
+    if (std::isnan(hi)) r.refuse(c::CLAMP_HI, "nan", "but a clamp bound cannot be NaN");
+    if (lo > hi)
+      r.refuse(c::CLAMP_LO, table_check::float_text(lo),
+               "above CLAMP_HI = " + table_check::float_text(hi) + ", so the clamp interval is empty",
+               "give the lower bound first");
+  }
+  // LAM_COLS (fp32 [COLS]) splits each row into COLS columns of COL_LEN elements
+  if (r[c::COLS] == 0) {
+    if (r[c::COL_LEN] != 0) r.refuse(c::COL_LEN, "but COLS is 0 (no column lambdas)");
+    r.absent(c::LAM_COLS, true, "COLS is 0 (no columns)");
+  } else if (elements || r[c::COL_LEN] != 0) {
+    const int64_t len = r[c::ROW_LEN], cols = r[c::COLS];
+    if (r[c::COL_LEN] == 0 || len % cols != 0 || len / cols != r[c::COL_LEN])
+      r.refuse(c::COL_LEN, "but ROW_LEN / COLS is " + std::to_string(len) + " / " + std::to_string(cols));
+    r.present(c::LAM_COLS, elements, "COLS " + std::to_string(cols));
+  }
+  if (!elements) return;
+  // per-row coefficient vectors: finite (a few floats per tensor)
+  if (r[c::LAM_KIND] == kLamRow) r.finite(c::LAM, reinterpret_cast<const float*>(r[c::LAM]), r[c::ROWS]);
+  if (r[c::LAM_COLS] != 0) r.finite(c::LAM_COLS, reinterpret_cast<const float*>(r[c::LAM_COLS]), r[c::COLS]);
+  if (r[c::L1] != 0) r.finite(c::L1, reinterpret_cast<const float*>(r[c::L1]), r[c::ROWS]);
+  if (r[c::PROX] != 0) r.finite(c::PROX_LAM, reinterpret_cast<const float*>(r[c::PROX_LAM]), r[c::ROWS]);
+  if (r[c::POLAR] != 0) r.finite(c::POLAR, reinterpret_cast<const float*>(r[c::POLAR]), 2);  // lam, t
+}
+
+// A row that check_row accepted.
 TensorDesc decode(const int64_t* row) {
   namespace c = sgd_col;
   TensorDesc t;
@@ -191,7 +249,6 @@ TensorDesc decode(const int64_t* row) {
   t.first = row[c::FIRST] != 0;
   if (t.mask_kind == kMaskNone) t.mask = nullptr;
   t.lam_kind = t.lam != nullptr ? static_cast<int>(row[c::LAM_KIND]) : 0;
-  if (t.lam_kind != kLamRow && t.lam_kind != kLamElement) t.lam = nullptr, t.lam_kind = 0;
   t.cols = row[c::COLS];
   t.col_len = row[c::COL_LEN];
   t.lam_cols = t.cols > 0 && t.col_len > 0 ? reinterpret_cast<const float*>(row[c::LAM_COLS]) : nullptr;
@@ -200,7 +257,6 @@ TensorDesc decode(const int64_t* row) {
   t.target = reinterpret_cast<const void*>(row[c::ADMM_TARGET]);
   t.prox_lam = reinterpret_cast<const float*>(row[c::PROX_LAM]);
   t.prox = t.prox_lam != nullptr ? static_cast<int>(row[c::PROX]) : 0;
-  if (t.prox != 1 && t.prox != 2) t.prox = 0;
   t.clamp = row[c::CLAMP] != 0;
   // float64 bits; rounded to fp32 like torch rounds a Python float that
   // multiplies (rho) or clamps (lo, hi) an fp32 tensor
@@ -261,6 +317,8 @@ void sgd_step(const int64_t* table, int64_t num_tensors, double lr, double momen
   h.has_wd = weight_decay != 0.0;
   h.has_momentum = momentum != 0.0;
 
+  // the whole table is checked before anything is written
+  for (int64_t i = 0; i < num_tensors; ++i) check_row(table + i * sgd_col::NUM_FIELDS, i, h.has_momentum);
   std::vector<TensorDesc> ts(static_cast<size_t>(num_tensors));
   std::vector<int64_t> off(static_cast<size_t>(num_tensors) + 1, 0);
   for (int64_t i = 0; i < num_tensors; ++i) {

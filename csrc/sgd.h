@@ -1,5 +1,6 @@
 // C++ CPU backend of the `sgd` kernel family (see regkern/reference/sgd.py for
-// the contract). Python validates every input; these functions only compute.
+// the contract). Python validates the tensors; sgd_step first checks its
+// table (table_check.h: TableError, nothing written) and then computes.
 #pragma once
 
 #include <cstdint>
