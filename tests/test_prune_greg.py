@@ -1,5 +1,5 @@
-"""GReg-1, GReg-2 and one-shot L1 (regkern.prune): the timetable of SPEC 8
-(when lambda changes, by how much, when phases switch, which rows are picked),
+"""GReg-1, GReg-2 and one-shot L1 (regkern.prune): the timetable of
+docs/schedules.md, section "GReg" (when lambda changes, by how much, when phases switch, which rows are picked),
 the cut, resuming through state_dict, and bad input."""
 import math
 
