@@ -1,6 +1,7 @@
 """Channel pruning by BatchNorm scales: network slimming (L1 on the scales, Liu
-et al. 2017) and polarization pruning (Zhuang et al., NeurIPS 2020; SPEC 5;
-official polarizationpruning/PolarizationPruning).
+et al. 2017) and polarization pruning (Zhuang et al., NeurIPS 2020); the math
+is in docs/schedules.md ("Network slimming", "Polarization") and
+docs/regularizers.md.
 
 The units are the channels of coupled groups (:func:`regkern.groups.find_groups`)
 that hold a BatchNorm scale vector; the scales are regularized during training
@@ -9,6 +10,7 @@ and, once ``done``, channels are removed through their groups with
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -17,12 +19,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from regkern.flops import count_flops
 from regkern.prune.base import (PruneSummary, Schedule, check_in_optimizer, cut, drop_regularizer, ensure_group,
-                                group_of, module_of, named_params, regularizers_of)
+                                group_of, module_of, named_params, optimizer_params, regularizers_of)
+from regkern.prune.expand import attach_expand, branch_ends
+from regkern.slicing import kept_indices
 from regkern.prune.greg import _check_int, _check_pos, smallest
 from regkern.prune.ratios import _resolve_layers, ignored_layers, prunable_layers, pruned_count
 
 NO_VALLEY = ("keep", "fixed", "error")
+RESIDUAL = ("expand", "keep")
 
 
 def search_threshold(values: Tensor, bins: int = 100) -> Optional[float]:
@@ -46,10 +52,12 @@ def search_threshold(values: Tensor, bins: int = 100) -> Optional[float]:
 
 
 class _BNUnit:
-    def __init__(self, name: str, group, scales: List[Tuple[str, nn.Parameter]]):
+    def __init__(self, name: str, group, scales: List[Tuple[str, nn.Parameter]],
+                 expand: Optional[str] = None):
         self.name = name            # the producer layer
         self.group = group
         self.scales = scales        # (BN weight name, parameter): the group's BatchNorm scale vectors
+        self.expand = expand        # the BatchNorm that re-expands a residual branch's last channels (or None)
 
     def gamma(self) -> Tensor:
         """|gamma| per channel (the largest over the group's BatchNorm layers)."""
@@ -57,16 +65,49 @@ class _BNUnit:
         return values.max(dim=0).values
 
 
+def _apply_cut(model: nn.Module, removals: List[Tuple[_BNUnit, Tensor]], optimizer, example_inputs):
+    """Slice the units' removed channels out of ``model`` (and ``optimizer``,
+    which may be None) with :func:`regkern.prune.base.cut`, then give the
+    BatchNorm of every cut residual branch end its :class:`ChannelExpand`.
+    Returns the slice summary with the MACs of the whole model before and
+    after (counted here: the model only runs again once the expansions are in)."""
+    modules = dict(model.named_modules())
+    kept = kept_indices(model, [(u.group, idx) for u, idx in removals])
+    widths = {u.expand: int(modules[u.expand].num_features) for u, _ in removals if u.expand}
+    macs_before = count_flops(model, example_inputs)
+    summary = cut(model, [(u.group, idx) for u, idx in removals], optimizer, None)
+    for u, _ in removals:
+        if u.expand:
+            attach_expand(modules[u.expand], kept[f"{u.expand}.weight"][0], widths[u.expand])
+    summary.macs_before, summary.macs_after = macs_before, count_flops(model, example_inputs)
+    return summary
+
+
+def _plans_changed(optimizer) -> None:
+    """A param group's regularizers changed: make a regkern optimizer rebuild
+    its cached step plans (they hold the group's clamp and state)."""
+    clock = getattr(getattr(optimizer, "state", None), "clock", None)
+    if clock is not None:
+        clock.tick()
+
+
 class _BNPruner(Schedule):
     """Shared: the BatchNorm-scale units of the chosen layers, a step count, the cut."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, example_inputs: Any, *, steps: int,
                  layers: Optional[Sequence] = None, skip: Sequence = (), ignore: Optional[Sequence] = None,
-                 residual_rule: bool = True) -> None:
+                 residual_rule: bool = True, residual: str = "keep") -> None:
         super().__init__(model, optimizer)
         _check_int(steps, "steps (training steps with the regularizer before pruning)", 0)
         if example_inputs is None:
             raise ValueError(f"{self.method} needs example_inputs (a batch the model accepts) to trace its coupled layers")
+        if residual not in RESIDUAL:
+            raise ValueError(f"residual must be one of {RESIDUAL} (what happens to the last BatchNorm of a residual "
+                             f"branch), got {residual!r}")
+        if residual == "expand" and not residual_rule:
+            raise ValueError("residual='expand' prunes each residual branch on its own and needs residual_rule=True; "
+                             "with residual_rule=False the residual groups are pruned whole, so pass residual='keep'")
+        self.residual = residual
         self.steps = steps
         self.example_inputs = example_inputs
         names = [n for n, _ in prunable_layers(model)]
@@ -74,7 +115,8 @@ class _BNPruner(Schedule):
         chosen -= set(_resolve_layers(skip, names, "skip"))
         from regkern.groups import find_groups
 
-        groups = find_groups(model, example_inputs, ignore=ignored_layers(model, ignore), residual_rule=residual_rule)
+        ignored = ignored_layers(model, ignore)
+        groups = find_groups(model, example_inputs, ignore=ignored, residual_rule=residual_rule)
         modules = dict(model.named_modules())
         params = named_params(model)
         self.units: List[_BNUnit] = []
@@ -87,6 +129,15 @@ class _BNPruner(Schedule):
                       and isinstance(modules.get(module_of(m.name)), nn.modules.batchnorm._BatchNorm)]
             if scales:
                 self.units.append(_BNUnit(module_of(producers[0].name), g, scales))
+        if residual == "expand":
+            inner = {g.name for g in groups}
+            joined = [g for g in find_groups(model, example_inputs, ignore=ignored, residual_rule=False)
+                      if g.name not in inner]
+            for g, norm, _ in branch_ends(model, example_inputs, joined, groups):
+                if g.name in chosen and g.name not in ignored and g.units >= 2:
+                    self.units.append(_BNUnit(g.name, g, [(f"{norm}.weight", params[f"{norm}.weight"])], norm))
+            order = {name: i for i, name in enumerate(names)}
+            self.units.sort(key=lambda u: order.get(u.name, len(order)))
         if not self.units:
             raise ValueError(f"{self.method} found no prunable conv/linear layer followed by a BatchNorm among the "
                              "chosen layers (BatchNorm scales are what it regularizes)")
@@ -111,11 +162,11 @@ class _BNPruner(Schedule):
 
     def _cut(self, pruned: Dict[str, Tensor], notes: List[str], thresholds: Dict[str, float]) -> PruneSummary:
         """Remove the channels marked in ``pruned`` (bool per unit) through their groups."""
-        removals = [(u.group, torch.nonzero(pruned[u.name].cpu()).flatten()) for u in self.units
+        removals = [(u, torch.nonzero(pruned[u.name].cpu()).flatten()) for u in self.units
                     if bool(pruned[u.name].any())]
         layers = {u.name: (u.group.units - int(pruned[u.name].sum()), u.group.units) for u in self.units}
-        done = cut(self.model, removals, self.optimizer, self.example_inputs) if removals else None
-        self._removals = [[g.name, idx.tolist()] for g, idx in removals]
+        done = _apply_cut(self.model, removals, self.optimizer, self.example_inputs) if removals else None
+        self._removals = [[u.group.name, idx.tolist()] for u, idx in removals]
         self._finetune_setup()
         return PruneSummary(self.method, True, layers, done, notes, thresholds)
 
@@ -134,14 +185,14 @@ class _BNPruner(Schedule):
         self._removals = state.get("removals")
 
     def _reapply(self, state: Dict[str, Any]) -> None:
-        by_name = {u.group.name: u.group for u in self.units}
+        by_name = {u.group.name: u for u in self.units}
         removals = []
         for name, idx in state.get("removals") or []:
             if name not in by_name:
                 raise ValueError(f"the saved cut removed channels of group {name!r}, which this model does not have")
             removals.append((by_name[name], torch.tensor(idx, dtype=torch.long)))
         if removals:
-            cut(self.model, removals, self.optimizer, self.example_inputs)
+            _apply_cut(self.model, removals, self.optimizer, self.example_inputs)
         self._finetune_setup()
 
 
@@ -163,7 +214,11 @@ class Slimming(_BNPruner):
 
     ``layers``: the conv/linear layers whose output channels may go (default:
     every one with a BatchNorm after it, except ``ignore``, by default the
-    output layer); ``skip`` removes some of them.
+    output layer); ``skip`` removes some of them. On residual networks the
+    default ``residual="keep"`` prunes the channels inside each block and
+    leaves the block's last BatchNorm whole, as the official slimming code
+    does; ``residual="expand"`` also prunes that BatchNorm and re-expands its
+    kept channels into the residual width (see :class:`PolarizationPruner`).
     """
 
     method = "Slimming"
@@ -171,14 +226,14 @@ class Slimming(_BNPruner):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, example_inputs: Any, *,
                  lam: float = 1e-4, steps: int, percent: float = 0.5, scope: str = "global",
                  layers: Optional[Sequence] = None, skip: Sequence = (), ignore: Optional[Sequence] = None,
-                 residual_rule: bool = True) -> None:
+                 residual_rule: bool = True, residual: str = "keep") -> None:
         _check_pos(lam, "lam (the L1 strength on BatchNorm scales)", allow_zero=True)
         if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 <= percent < 1:
             raise ValueError(f"percent is the fraction of channels to prune, in [0, 1); got {percent!r}")
         if scope not in ("global", "layer"):
             raise ValueError(f"scope must be 'global' (one percentile over all layers) or 'layer', got {scope!r}")
         super().__init__(model, optimizer, example_inputs, steps=steps, layers=layers, skip=skip, ignore=ignore,
-                         residual_rule=residual_rule)
+                         residual_rule=residual_rule, residual=residual)
         self.lam, self.percent, self.scope = float(lam), float(percent), scope
         for p in self.scale_params():
             st = optimizer.state[p]
@@ -217,11 +272,26 @@ class Slimming(_BNPruner):
 
 
 class PolarizationPruner(_BNPruner):
-    """Polarization pruning (SPEC 5): ``regkern.Polarization(lam, t, a)`` on the
+    """Polarization pruning (docs/schedules.md, "Polarization";
+    docs/regularizers.md): ``regkern.Polarization(lam, t, a)`` on the
     BatchNorm scales of the chosen layers for ``steps`` optimizer steps (phase
-    ``"train"``), then per layer the official valley threshold
-    (:func:`search_threshold`; channels with |gamma| above it are kept) and the
-    cut through coupled groups.
+    ``"train"``), then per layer the valley threshold of
+    :func:`search_threshold` (channels with |gamma| strictly above it are
+    kept) and the cut.
+
+    Scope, as in the official code: the scales of every conv/linear layer
+    followed by a BatchNorm, which on a residual network means every
+    BatchNorm inside each block. ``residual="expand"`` (default) includes the
+    block's last BatchNorm (``bn2`` of a BasicBlock, ``bn3`` of a
+    Bottleneck): the last conv's rows and that BatchNorm's channels are cut
+    on their own and a :class:`regkern.prune.expand.ChannelExpand` after the
+    BatchNorm puts the kept channels back into the full residual width
+    (zeros elsewhere), so the residual path keeps its width.
+    ``residual="keep"`` leaves those BatchNorms unregularized and whole (only
+    the channels inside blocks are pruned). Stem and downsample BatchNorms,
+    which write the residual stream itself, are never in the set (with
+    ``residual_rule=False`` the residual groups are pruned whole instead,
+    every coupled channel together; that needs ``residual="keep"``).
 
     The scales must be one polarization set: a param group of the optimizer
     whose regularizer is a ``regkern.Polarization``. When the optimizer has
@@ -229,15 +299,33 @@ class PolarizationPruner(_BNPruner):
     ``Polarization(lam, t, a)`` and the hyper-parameters of the group they came
     from (create LR schedulers after the schedule). ``lam``/``t``: default
     5e-5 / 1.4 (ResNet-56 CIFAR; VGG-16 3e-5 / 1.5; ResNet-50 ImageNet 8e-5 /
-    1.2), or the existing group's. ``bn_init``: fill the scales with this value
-    now (official: 0.5, when training from scratch).
+    1.2), or the existing group's. ``clamp_all`` (default True, official):
+    every other BatchNorm scale held by the optimizer is clamped to
+    ``[0, a]`` after each step too, through a param group whose regularizer
+    is ``regkern.Clamp(0, a)`` (moved out like the set; an existing Clamp
+    group that holds them all is used and must clamp to ``[0, a]``).
+    ``bn_init``: fill every BatchNorm scale of the model with this value now
+    (official: 0.5, when training from scratch).
+
+    FLOPs control, two ways with two meanings of "target":
+    ``target_flops`` here is the official gate: a fraction of the model's
+    MACs that should REMAIN (e.g. 0.5). Every ``gate_every`` steps (official:
+    once per epoch) the remaining fraction of a cut made now is measured on a
+    copy of the model (:meth:`remaining_flops`); once it is at or below
+    ``target_flops`` the penalty stops (``lam`` becomes 0; the clamp goes
+    on) and training goes on to ``steps``. ``gated_at`` is that step
+    (None before). :func:`polarization_search` (the paper's Algorithm 1)
+    instead searches ``(lam, t)`` over whole runs for a FLOPs REDUCTION
+    target (``1 - remaining``).
 
     ``no_valley``: what a layer without a valley gets: ``"keep"`` (not pruned),
     ``"fixed"`` (the official "fixed" threshold, the first bin edge 0.01) or
-    ``"error"`` (ValueError, nothing cut). ``summary.notes`` names those layers
-    and the fallback, and layers whose every channel falls under the threshold
-    (kept whole, as the official code does). After pruning the polarization
-    regularizer is removed from the group for fine-tuning.
+    ``"error"`` (ValueError, nothing cut; the gate's estimate treats such a
+    layer as kept). ``summary.notes`` names those layers and the fallback, and
+    layers whose every channel falls under the threshold (kept whole, where
+    the official code removes the whole block or fails). After pruning the
+    polarization regularizer (and the Clamp group this schedule added) is
+    removed for fine-tuning.
     """
 
     method = "PolarizationPruner"
@@ -245,8 +333,10 @@ class PolarizationPruner(_BNPruner):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, example_inputs: Any, *,
                  steps: int, lam: Optional[float] = None, t: Optional[float] = None, a: float = 1.0,
                  layers: Optional[Sequence] = None, skip: Sequence = (), ignore: Optional[Sequence] = None,
-                 residual_rule: bool = True, no_valley: str = "keep", bn_init: Optional[float] = None) -> None:
-        from regkern.regularizers import Polarization
+                 residual_rule: bool = True, residual: str = "expand", clamp_all: bool = True,
+                 no_valley: str = "keep", bn_init: Optional[float] = None, target_flops: Optional[float] = None,
+                 gate_every: int = 100) -> None:
+        from regkern.regularizers import Clamp, Polarization
 
         if lam is not None:
             _check_pos(lam, "lam", allow_zero=True)
@@ -257,9 +347,21 @@ class PolarizationPruner(_BNPruner):
             raise ValueError(f"no_valley must be one of {NO_VALLEY}, got {no_valley!r}")
         if bn_init is not None:
             _check_pos(bn_init, "bn_init", allow_zero=True)
+        if target_flops is not None:
+            _check_pos(target_flops, "target_flops (the fraction of MACs to remain)")
+            if not target_flops < 1:
+                raise ValueError(f"target_flops is the fraction of the model's MACs that should remain, in (0, 1); "
+                                 f"got {target_flops}")
+        _check_int(gate_every, "gate_every (steps between FLOPs checks)", 1)
+        if not isinstance(clamp_all, bool):
+            raise ValueError(f"clamp_all must be True or False, got {clamp_all!r}")
         super().__init__(model, optimizer, example_inputs, steps=steps, layers=layers, skip=skip, ignore=ignore,
-                         residual_rule=residual_rule)
+                         residual_rule=residual_rule, residual=residual)
         self.no_valley = no_valley
+        self.target_flops = None if target_flops is None else float(target_flops)
+        self.gate_every = gate_every
+        self.gated_at: Optional[int] = None
+        self.flops_ratio: Optional[float] = None  # the remaining fraction at the last gate check
         scales = [(n, p) for u in self.units for n, p in u.scales]
         scales = list({id(p): (n, p) for n, p in scales}.values())
         existing = [r for g in optimizer.param_groups for r in regularizers_of(g) if isinstance(r, Polarization)]
@@ -273,15 +375,38 @@ class PolarizationPruner(_BNPruner):
                                     a=float(a))
         ensure_group(optimizer, scales, Polarization, make, self.method)
         self._anchor = scales[0][1]
+        self._clamp_anchor: Optional[Tensor] = None
+        self._clamp_added = False
+        owned = optimizer_params(optimizer)
+        in_set = {id(p) for _, p in scales}
+        norms = [(f"{n}.weight" if n else "weight", m.weight) for n, m in model.named_modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and isinstance(m.weight, Tensor)]
+        others = [(n, p) for n, p in norms if id(p) not in in_set and p in owned]
+        if clamp_all and others:
+            holders = [r for g in optimizer.param_groups for r in regularizers_of(g) if isinstance(r, Clamp)]
+            for r in holders:
+                if (r.lo, r.hi) != (0.0, float(a)):
+                    raise ValueError(f"the optimizer's Clamp group clamps to [{r.lo}, {r.hi}], but the BatchNorm "
+                                     f"scales outside the polarization set are clamped to [0, {float(a)}]; "
+                                     "make them agree or pass clamp_all=False")
+            ensure_group(optimizer, others, Clamp, lambda: Clamp(0.0, float(a)),
+                         f"{self.method} (the clamp of the other BatchNorm scales)")
+            self._clamp_anchor, self._clamp_added = others[0][1], not holders
+            _plans_changed(optimizer)
         if bn_init is not None:
             with torch.no_grad():
-                for _, p in scales:
+                for _, p in norms:
                     p.fill_(float(bn_init))
 
     @property
     def group(self) -> Dict[str, Any]:
         """The optimizer's param group of the polarization set."""
         return group_of(self.optimizer, self._anchor)
+
+    @property
+    def clamp_group(self) -> Optional[Dict[str, Any]]:
+        """The param group that clamps the other BatchNorm scales (None when there is none)."""
+        return None if self._clamp_anchor is None else group_of(self.optimizer, self._clamp_anchor)
 
     @property
     def regularizer(self):
@@ -293,15 +418,17 @@ class PolarizationPruner(_BNPruner):
         """The valley threshold of each layer now (None: no valley)."""
         return {u.name: search_threshold(u.gamma()) for u in self.units}
 
-    def _prune(self) -> PruneSummary:
+    def _plan(self, strict: bool = True):
+        """``(pruned, notes, thresholds used)`` of a cut made now."""
         notes: List[str] = []
         thresholds = self.thresholds()
         missing = [n for n, thr in thresholds.items() if thr is None]
-        if missing and self.no_valley == "error":
+        policy = "keep" if self.no_valley == "error" and not strict else self.no_valley
+        if missing and policy == "error":
             raise ValueError(f"no valley in the BatchNorm scale histogram of layer(s) {', '.join(missing)}; "
                              "train longer, or choose no_valley='keep' or 'fixed'")
         if missing:
-            fallback = ("kept whole (no_valley='keep')" if self.no_valley == "keep"
+            fallback = ("kept whole (no_valley='keep')" if policy == "keep"
                         else "pruned at the official fixed threshold 0.01 (no_valley='fixed')")
             notes.append(f"no valley in the scale histogram of {', '.join(missing)}: {fallback}")
         pruned, used = {}, {}
@@ -309,7 +436,7 @@ class PolarizationPruner(_BNPruner):
             gamma = u.gamma()
             thr = thresholds[u.name]
             if thr is None:
-                if self.no_valley == "keep":
+                if policy == "keep":
                     pruned[u.name] = torch.zeros_like(gamma, dtype=torch.bool)
                     continue
                 thr = 0.01
@@ -321,10 +448,56 @@ class PolarizationPruner(_BNPruner):
             elif thr > 0.2:
                 notes.append(f"{u.name}: threshold {thr:.4g} is above 0.2 (the official code warns: may be too large)")
             pruned[u.name] = ~keep
-        return self._cut(pruned, notes, used)
+        return pruned, notes, used
+
+    def _prune(self) -> PruneSummary:
+        return self._cut(*self._plan())
+
+    def remaining_flops(self) -> float:
+        """The fraction of the model's MACs (on ``example_inputs``) that would
+        remain after a cut made now with the current thresholds, measured by
+        cutting a copy of the model (the model and optimizer are untouched)."""
+        pruned, _, _ = self._plan(strict=False)
+        clone = copy.deepcopy(self.model)
+        removals = [(_BNUnit(u.name, dataclasses.replace(u.group, tensors={}, shapes={}), [], u.expand),
+                     torch.nonzero(pruned[u.name].cpu()).flatten())
+                    for u in self.units if bool(pruned[u.name].any())]
+        if not removals:
+            return 1.0
+        summary = _apply_cut(clone, removals, None, self.example_inputs)
+        return summary.macs_after / summary.macs_before if summary.macs_before else 1.0
+
+    def _advance(self) -> None:
+        super()._advance()
+        if self.target_flops is None or self.gated_at is not None or self.iteration % self.gate_every:
+            return
+        self.flops_ratio = self.remaining_flops()
+        if self.flops_ratio <= self.target_flops:
+            self.gated_at = self.iteration
+            self._stop_penalty()
+
+    def _stop_penalty(self) -> None:
+        """The gate: the polarization group's ``lam`` becomes 0 (the clamp stays)."""
+        from regkern.regularizers import Polarization, as_regularizer
+
+        group = self.group
+        regs = [dataclasses.replace(r, lam=0.0) if isinstance(r, Polarization) else r for r in regularizers_of(group)]
+        group["regularizer"] = as_regularizer(regs if len(regs) > 1 else regs[0])
+        for r in regs:
+            if isinstance(r, Polarization):
+                r.init_group(group["params"], [self.optimizer.state[p] for p in group["params"]])
+        _plans_changed(self.optimizer)
+
+    def _extra_state(self) -> Dict[str, Any]:
+        return {**super()._extra_state(), "gated_at": self.gated_at, "flops_ratio": self.flops_ratio}
+
+    def _load_extra(self, state: Dict[str, Any]) -> None:
+        super()._load_extra(state)
+        self.gated_at = state.get("gated_at")
+        self.flops_ratio = state.get("flops_ratio")
 
     def _finetune_setup(self) -> None:
-        from regkern.regularizers import Polarization
+        from regkern.regularizers import Clamp, Polarization
 
         group = self.group
         drop_regularizer(group, Polarization)
@@ -332,6 +505,9 @@ class PolarizationPruner(_BNPruner):
             st = self.optimizer.state.get(p)
             if st is not None and "polar" in st:
                 del st["polar"]
+        if self._clamp_added:
+            drop_regularizer(self.clamp_group, Clamp)
+        _plans_changed(self.optimizer)
 
 
 @dataclasses.dataclass
