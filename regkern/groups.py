@@ -16,6 +16,7 @@ unit by unit; ``regkern.slicing.slice_model`` removes units physically.
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -144,20 +145,64 @@ def check_group(model: nn.Module, group: Group) -> None:
 
 # --------------------------------------------------------------------------- tracing
 
-class _ConcatRecorder(TorchFunctionMode):
-    """Records every traced ``torch.cat``: its output's grad_fn -> (dim, ndim,
-    input sizes along dim), so concatenations Torch-Pruning could not map
-    (e.g. concat -> pool -> flatten -> Linear) get their channel offsets."""
+_ADD_NAMES = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__rsub__",
+                        "__isub__", "subtract", "subtract_", "rsub"})
+_ADD_GRAD_FN = re.compile(r"(Add|Sub|Rsub)Backward\d+")
+_INPUT = "<input>"  # marks what the example inputs reach
 
-    def __init__(self) -> None:
+
+class _TraceRecorder(TorchFunctionMode):
+    """Watches the traced forward.
+
+    ``cats``: every ``torch.cat``'s output grad_fn -> (dim, ndim, input sizes
+    along dim), so concatenations Torch-Pruning could not map (e.g. concat ->
+    pool -> flatten -> Linear) get their channel offsets.
+
+    ``joins``: every tensor add or subtract's output grad_fn -> whether it is
+    a residual join: both operands are computed from the example inputs and
+    they differ in the parameters they went through (``x + block(x)``,
+    ``branch_a(h) + branch_b(h)``). An operand that is a parameter, buffer,
+    constant or scalar (a bias add, a positional table, an offset) never
+    joins, nor does ``x + f(x)`` where ``f`` has no parameters. Each tensor
+    the forward computes carries whether it depends on the inputs and the
+    parameters it went through.
+    """
+
+    def __init__(self, example_inputs) -> None:
         super().__init__()
+        from torch.utils.weak import WeakIdKeyDictionary
+
         self.cats: Dict[Any, Tuple[int, int, List[int]]] = {}
+        self.joins: Dict[Any, bool] = {}
+        self._origin = WeakIdKeyDictionary()  # tensor -> (depends on the inputs, frozenset of parameter ids)
+        for t in _tensors_in(example_inputs):
+            self._origin[t] = (True, frozenset((_INPUT,)))
+
+    def _of(self, t: Tensor) -> Tuple[bool, frozenset]:
+        if isinstance(t, nn.Parameter):
+            return False, frozenset((id(t),))
+        return self._origin.get(t, (False, frozenset()))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        operands = _tensors_in((args, kwargs))
+        origins = [self._of(t) for t in operands]  # before the call: an in-place op rewrites its operand
         out = func(*args, **kwargs)
-        if func in (torch.cat, torch.concat, torch.concatenate) and isinstance(out, Tensor) \
-                and out.grad_fn is not None:
+        if origins:
+            data = any(d for d, _ in origins)
+            sets = {r for _, r in origins}
+            through = next(iter(sets)) if len(sets) == 1 else frozenset().union(*sets)
+            if data or through:
+                for t in _tensors_in(out):
+                    if not isinstance(t, nn.Parameter):
+                        self._origin[t] = (data, through)
+        if not isinstance(out, Tensor) or out.grad_fn is None:
+            return out
+        name = getattr(func, "__name__", "")
+        if name in _ADD_NAMES and _ADD_GRAD_FN.fullmatch(out.grad_fn.name()):
+            self.joins[out.grad_fn] = len(origins) == 2 and origins[0][0] and origins[1][0] \
+                and origins[0][1] != origins[1][1]
+        elif func in (torch.cat, torch.concat, torch.concatenate):
             tensors = args[0] if args else kwargs.get("tensors", ())
             dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
             dim = dim % out.dim()
@@ -165,13 +210,21 @@ class _ConcatRecorder(TorchFunctionMode):
         return out
 
 
+def _tensors_in(tree) -> List[Tensor]:
+    """The tensors in nested tuples, lists and dicts."""
+    from torch.utils._pytree import tree_leaves
+
+    return [t for t in tree_leaves(tree) if isinstance(t, Tensor)]
+
+
 def _trace(model: nn.Module, example_inputs):
-    """Torch-Pruning's dependency graph of ``model``; the model's train/eval
-    flags are restored (the tracer leaves it in eval mode)."""
+    """Torch-Pruning's dependency graph of ``model`` and the residual joins of
+    its adds (``_TraceRecorder.joins``); the model's train/eval flags are
+    restored (the tracer leaves it in eval mode)."""
     import torch_pruning as tp
 
     modes = [(m, m.training) for m in model.modules()]
-    recorder = _ConcatRecorder()
+    recorder = _TraceRecorder(example_inputs)
     try:
         with torch.enable_grad(), recorder, warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -184,7 +237,7 @@ def _trace(model: nn.Module, example_inputs):
             m.training = training
     _fix_concat_offsets(dg, recorder.cats)
     recorder.cats.clear()
-    return dg
+    return dg, recorder.joins
 
 
 def _release(dg) -> None:
@@ -303,9 +356,9 @@ def _slices_of(module: nn.Module, name: str, is_out: bool) -> List[Tuple[str, st
 
 
 def _convert(model: nn.Module, dg, tp_group, module_names, param_names, unwrapped,
-             order: Dict[str, int]) -> Tuple[Group, bool]:
+             order: Dict[str, int], joins: Dict[Any, bool]) -> Tuple[Group, bool]:
     """A TP group as a Group (members in model order), and whether it is
-    joined by a residual add."""
+    joined by a residual add (``joins``: from ``_trace``)."""
     import torch_pruning as tp
 
     root = tp_group[0]
@@ -317,8 +370,7 @@ def _convert(model: nn.Module, dg, tp_group, module_names, param_names, unwrappe
         node, handler = item.dep.target, item.dep.handler
         module = node.module
         if node.type == tp.ops.OPTYPE.ELEMENTWISE and node.grad_fn is not None:
-            op = node.grad_fn.name().lower()
-            joined |= (op.startswith("add") or op.startswith("sub")) and len(node.inputs) >= 2
+            joined |= _is_join(node, joins)
         if node.type == tp.ops.OPTYPE.CONCAT and getattr(module, "unmapped", False):
             raise _Unsupported(f"a concatenation whose channel offsets torch-pruning could not map ({node.name})")
         if isinstance(module, nn.Parameter):
@@ -362,6 +414,43 @@ def _convert(model: nn.Module, dg, tp_group, module_names, param_names, unwrappe
     return Group(name, units, members, buffers=buffers), joined
 
 
+_COVERED = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm,
+            nn.modules.instancenorm._InstanceNorm, nn.LayerNorm, nn.PReLU, nn.Embedding)
+
+
+def _untraced(model: nn.Module, dg, ignored: Sequence[nn.Module]) -> List[str]:
+    """Names of the conv / linear / norm / embedding modules with parameters
+    that the trace did not reach (neither they nor a module containing them,
+    such as ``nn.MultiheadAttention``), outside the ignored modules."""
+    traced = {id(m) for m in dg.module2node}
+    names = {id(m): n for n, m in model.named_modules()}
+    skipped = [names[id(m)] for m in ignored]
+    reached = [names[i] for i in traced if i in names]
+    left_out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, _COVERED) or id(module) in traced \
+                or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        if any(name == n or name.startswith(n + ".") or not n for n in skipped) \
+                or any(name.startswith(n + ".") or not n for n in reached):
+            continue
+        left_out.append(name)
+    return left_out
+
+
+def _is_join(node, joins: Dict[Any, bool]) -> bool:
+    """Whether a traced elementwise node is a residual add. Adds the recorder
+    did not see (inside another torch function) join when two of their
+    inputs are computed tensors rather than parameters."""
+    import torch_pruning as tp
+
+    if node.grad_fn in joins:
+        return joins[node.grad_fn]
+    if not _ADD_GRAD_FN.fullmatch(node.grad_fn.name()):
+        return False
+    return sum(1 for i in node.inputs if i.type != tp.ops.OPTYPE.PARAMETER) >= 2
+
+
 def find_groups(model: nn.Module, example_inputs, *, ignore=(), residual_rule: bool = False,
                 heads: Sequence[Any] = ()) -> List[Group]:
     """The model's prunable coupled groups, traced with Torch-Pruning.
@@ -376,13 +465,21 @@ def find_groups(model: nn.Module, example_inputs, *, ignore=(), residual_rule: b
     ``ignore``: modules or module names whose outputs are never pruned (the
     classifier); their inputs may still be. ``residual_rule=True`` drops the
     groups joined by a residual add (GReg: the last conv of every residual
-    block and the downsample convs keep their channels). ``heads``:
+    block and the downsample convs keep their channels; in a transformer,
+    the width of the residual stream). A residual add sums two tensors that
+    both depend on the inputs and went through different parameters
+    (``x + block(x)``, ``conv(x) + downsample(x)``); adding a bias, a
+    parameter, a buffer or a constant is none, so a Linear on
+    ``(batch, seq, features)`` inputs keeps its neurons. ``heads``:
     ``regkern.attention.Heads`` specs: their head groups
     (``regkern.attention.head_groups``) come after the channel groups, and
     the output channels of the projections they own
     (``regkern.attention.claimed_modules``) leave the channel groups. Groups that cross what regkern cannot slice (grouped or
     transposed convs, GroupNorm, splits, unknown modules) are left out with
-    a warning. Every returned group is bound to ``model``.
+    a warning. Conv, linear, norm and embedding modules the trace did not
+    reach (the forward went through numpy, or a Python branch skipped them on
+    ``example_inputs``) are in no group: a warning names them unless they are
+    in ``ignore``. Every returned group is bound to ``model``.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"find_groups needs an nn.Module, got {type(model).__name__}")
@@ -391,7 +488,15 @@ def find_groups(model: nn.Module, example_inputs, *, ignore=(), residual_rule: b
     if heads:
         from regkern.attention import claimed_modules, head_groups
         claimed = list(claimed_modules(model, heads))  # checks the specs before tracing
-    dg = _trace(model, example_inputs)
+    dg, joins = _trace(model, example_inputs)
+    left_out = _untraced(model, dg, ignored)
+    if left_out:
+        listed = ", ".join(repr(n) for n in left_out[:10])
+        if len(left_out) > 10:
+            listed += f" and {len(left_out) - 10} more"
+        warnings.warn(f"find_groups' trace did not reach {listed}, so they are in no group (the forward left torch, "
+                      "e.g. through numpy, or a branch skipped them on these inputs); give example_inputs that reach "
+                      "them, or name them in ignore= to keep them as they are", stacklevel=2)
     extra = list(head_groups(model, heads, example_inputs, graph=dg)) if heads else []
     module_names = {m: n for n, m in model.named_modules()}
     param_names = {id(p): n for n, p in model.named_parameters()}
@@ -406,7 +511,7 @@ def find_groups(model: nn.Module, example_inputs, *, ignore=(), residual_rule: b
         raise ValueError(f"torch-pruning could not group the model's channels ({type(err).__name__}: {err})") from err
     for tp_group in tp_groups:
         try:
-            group, joined = _convert(model, dg, tp_group, module_names, param_names, unwrapped, order)
+            group, joined = _convert(model, dg, tp_group, module_names, param_names, unwrapped, order, joins)
         except _Unsupported as why:
             skipped.append(str(why))
             continue
@@ -414,6 +519,7 @@ def find_groups(model: nn.Module, example_inputs, *, ignore=(), residual_rule: b
             continue
         groups.append(group)
     _release(dg)
+    joins.clear()
     groups.sort(key=lambda g: order.get(g.members[0].name, len(order)))
     if skipped:
         warnings.warn("find_groups left out the groups that cross what regkern cannot slice: "
