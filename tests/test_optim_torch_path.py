@@ -9,17 +9,31 @@ import pytest
 import torch
 
 import regkern
-import regkern.optim.sgd
-from regkern.optim.torch_path import sgd_with_torch_ops
-from regkern.reference.sgd import PROX_GROUP, PROX_L1, sgd_step
+from regkern.optim.torch_path import check_sgd_with_torch_ops, sgd_with_torch_ops
+from regkern.reference.sgd import sgd_step
 from regkern.regularizers import ADMM, Clamp, GroupLasso, ProxL1
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# End-to-end tests go through regkern.SGD, which routes these parameters
-# here once its step imports sgd_with_torch_ops.
-routed = pytest.mark.skipif(not hasattr(regkern.optim.sgd, "sgd_with_torch_ops"),
-                            reason="regkern.SGD does not route to the torch-op path yet")
+
+
+def _sgd_routes_here() -> bool:
+    """Whether regkern.SGD steps complex parameters and differentiable groups
+    (it refused both before routing them to the torch-op path)."""
+    w = torch.zeros(2, dtype=torch.complex64, requires_grad=True)
+    w.grad = torch.ones(2, dtype=torch.complex64)
+    v = torch.zeros(2, requires_grad=True).clone()
+    v.grad = torch.ones(2)
+    try:
+        regkern.SGD([w], lr=0.5).step()
+        regkern.SGD([v], lr=0.5, differentiable=True).step()
+    except (ValueError, TypeError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+# End-to-end tests go through regkern.SGD once its step routes here.
+routed = pytest.mark.skipif(not _sgd_routes_here(), reason="regkern.SGD does not route to the torch-op path yet")
 
 TORCH_CASES = [
     dict(),
@@ -105,11 +119,15 @@ def run_refused(params, states, group, error, match=None):
     """The call raises ``error`` and leaves parameters, gradients and states as they were."""
     before = copy.deepcopy(([p.detach().clone() for p in params], [p.grad for p in params], states))
     with pytest.raises(error, match=match):
+        check_sgd_with_torch_ops(params, states, group)
+    with pytest.raises(error, match=match):
         sgd_with_torch_ops(params, states, group, None)
     for p, old in zip(params, before[0]):
         assert_same(p, old)
     for p, old in zip(params, before[1]):
-        assert_same(p.grad, old)
+        assert (p.grad is None) == (old is None)
+        if old is not None:
+            assert_same(p.grad, old)
     for st, old in zip(states, before[2]):
         assert st.keys() == old.keys()
         for key in st:
@@ -455,6 +473,12 @@ def test_state_that_does_not_fit_is_refused(key, value):
                 match="parameter 0 of its param group")
 
 
+def test_parameter_without_gradient_refused():
+    w, v = torch.randn(2, dtype=torch.complex64), torch.randn(2, dtype=torch.complex64)
+    w.grad = torch.ones_like(w)
+    run_refused([w, v], [{}, {}], group_of([w, v]), ValueError, match="parameter 1 of its param group .* no gradient")
+
+
 def test_proximal_map_without_lambda_refused():
     w = torch.randn(4, 3)
     w.grad = torch.randn(4, 3)
@@ -487,15 +511,18 @@ def test_regkern_sgd_sparse_embedding_matches_torch(case):
     torch.manual_seed(0)
     emb = torch.nn.Embedding(7, 3, sparse=True)
     linear = torch.nn.Linear(3, 2)  # dense, on the fused path, in the same group
-    model = torch.nn.Sequential(emb, linear)
+    model = torch.nn.ModuleList([emb, linear])
     twin = copy.deepcopy(model)
     ours = regkern.SGD(model.parameters(), lr=0.1, **case)
     theirs = torch.optim.SGD(twin.parameters(), lr=0.1, foreach=False, **case)
     for step in range(3):
-        idx = torch.randint(0, 7, (5,), generator=torch.Generator().manual_seed(step))
-        for m, opt in ((model, ours), (twin, theirs)):
+        gen = torch.Generator().manual_seed(step)
+        idx, weights, x = torch.randint(0, 7, (5,), generator=gen), torch.randn(5, 3, generator=gen), torch.randn(4, 3, generator=gen)
+        for (e, lin), opt in ((model, ours), (twin, theirs)):
             opt.zero_grad()
-            m(idx).square().sum().backward()
+            # the embedding's gradient does not depend on the linear layer, so
+            # it stays bit-identical while the fused step rounds differently
+            ((e(idx) * weights).sum() + lin(x).square().sum()).backward()
             opt.step()
     assert_same(emb.weight, twin[0].weight)
     for a, b in zip(linear.parameters(), twin[1].parameters()):
@@ -503,14 +530,22 @@ def test_regkern_sgd_sparse_embedding_matches_torch(case):
 
 
 @routed
-def test_regkern_sgd_sparse_weight_decay_refused_and_changes_nothing():
+def test_regkern_sgd_refusal_on_the_torch_path_changes_nothing():
+    """A refused torch-op parameter stops the whole step: the dense
+    parameters (fused kernels, stepped in the same call) stay as they were."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(3, 2)
     emb = torch.nn.Embedding(7, 3, sparse=True)
-    opt = regkern.SGD(emb.parameters(), lr=0.1, weight_decay=0.01)
+    opt = regkern.SGD([{"params": linear.parameters()}, {"params": emb.parameters()}], lr=0.1, momentum=0.9,
+                      weight_decay=0.01)
+    linear(torch.randn(4, 3)).sum().backward()
     sparse_embedding_grad(emb, 0)
-    before = emb.weight.detach().clone()
+    before = [p.detach().clone() for p in (*linear.parameters(), emb.weight)]
     with pytest.raises(RuntimeError, match="sparse gradient"):
         opt.step()
-    assert_same(emb.weight, before)
+    for p, old in zip((*linear.parameters(), emb.weight), before):
+        assert_same(p, old)
+    assert all("momentum_buffer" not in opt.state[p] for p in (*linear.parameters(), emb.weight))
 
 
 @routed

@@ -89,16 +89,11 @@ def sgd_with_torch_ops(params: List[Tensor], states: List[Dict[str, Any]], group
     not otherwise, whatever the caller's grad mode. Raises (changing
     nothing) on what cannot apply; see the module docstring.
     """
-    if len(states) != len(params):
-        raise ValueError(f"sgd_with_torch_ops got {len(params)} parameters but {len(states)} states; pass one state per parameter")
+    terms = _checked_step(params, states, group)
     differentiable = bool(group.get("differentiable", False))
-    options = step_options(group.get("regularizer"))
     momentum = group["momentum"]
     grads = [p.grad for p in params]
     bufs: List[Optional[Tensor]] = [st.get("momentum_buffer") if momentum != 0 else None for st in states]
-    terms = [_checked_terms(group, p, g, b, st, options) for p, g, b, st in zip(params, grads, bufs, states)]
-    _check_like_torch(group, params, grads, bufs, differentiable)
-
     with torch.set_grad_enabled(differentiable):
         if grad_scale is not None:
             grads = [g / grad_scale.to(g.device) for g in grads]
@@ -124,6 +119,30 @@ def sgd_with_torch_ops(params: List[Tensor], states: List[Dict[str, Any]], group
         for st, buf in zip(states, bufs):
             if st.get("momentum_buffer") is not buf:  # a new buffer (regkern's state counts changes)
                 st["momentum_buffer"] = buf
+
+
+def check_sgd_with_torch_ops(params: List[Tensor], states: List[Dict[str, Any]], group: Dict[str, Any]) -> None:
+    """Raise what ``sgd_with_torch_ops(params, states, group, ...)`` would
+    refuse, writing nothing: a caller that steps several groups (or other
+    parameters with the fused kernels) checks every one of them first, so
+    that a refused step changes nothing at all."""
+    _checked_step(params, states, group)
+
+
+def _checked_step(params, states, group) -> List[_Terms]:
+    """The terms of every parameter, after every check."""
+    if len(states) != len(params):
+        raise ValueError(f"the torch-op SGD step got {len(params)} parameters but {len(states)} states; pass one state per parameter")
+    missing = [p for p in params if p.grad is None]
+    if missing:
+        raise ValueError(f"{_describe(group, missing[0])} has no gradient; pass only parameters that have one")
+    options = step_options(group.get("regularizer"))
+    momentum = group["momentum"]
+    grads = [p.grad for p in params]
+    bufs = [st.get("momentum_buffer") if momentum != 0 else None for st in states]
+    terms = [_checked_terms(group, p, g, b, st, options) for p, g, b, st in zip(params, grads, bufs, states)]
+    _check_like_torch(group, params, grads, bufs, bool(group.get("differentiable", False)))
+    return terms
 
 
 def _torch_step(group, params, grads, bufs, indices, *, weight_decay, maximize) -> None:
