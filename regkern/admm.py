@@ -1,4 +1,4 @@
-"""Classic ADMM pruning (Zhang et al. 2018; SPEC 6): the Z- and U-steps.
+"""Classic ADMM pruning (Zhang et al. 2018; ``docs/admm.md``): the Z- and U-steps.
 
 The W-step is ``regkern.SGD`` with ``regkern.ADMM(rho)``: its fused kernel adds
 ``rho * (W - target)`` to the gradient, ``target = Z - U``. Every ``K`` steps
@@ -72,7 +72,7 @@ def project(w: Tensor, k: Optional[int] = None, ratio: Optional[float] = None, r
 
 @torch.no_grad()
 def soft_threshold_(x: Tensor, tau: float) -> Tensor:
-    """``x = sign(x) * max(|x| - tau, 0)`` in place, with exact zeros (SPEC 3)."""
+    """``x = sign(x) * max(|x| - tau, 0)`` in place, with exact zeros."""
     if tau < 0:
         raise ValueError(f"the soft-threshold level must be >= 0, got {tau}")
     return x.sub_(x.clamp(-tau, tau))
@@ -132,7 +132,7 @@ def admm_update_all(params: Sequence[Tensor], zs: Sequence[Tensor], us: Sequence
                     targets: Optional[Sequence[Optional[Tensor]]] = None, *, k=None, ratio=None, rows=False,
                     prox="topk", lam=None, rho=None, backend: Optional[str] = None) -> None:
     """The classic-ADMM Z- and U-steps of many parameters at once, in place
-    (SPEC 6; see :func:`admm_update` for one). ``k``, ``ratio``, ``rows``,
+    (``docs/admm.md``; see :func:`admm_update` for one). ``k``, ``ratio``, ``rows``,
     ``prox``, ``lam`` and ``rho`` are one value for every tensor or a list with
     one per tensor (per-layer ratios). ``zs``, ``us`` hold fp32 (or W's dtype
     for float64 W) state; ``targets`` (``Z - U`` in W's dtype, may hold None)
@@ -154,7 +154,7 @@ def admm_update(w: Tensor, z: Tensor, u: Tensor, target: Optional[Tensor] = None
                 k: Optional[int] = None, ratio: Optional[float] = None, rows: bool = False,
                 prox: str = "topk", lam: Optional[float] = None, rho: Optional[float] = None,
                 backend: Optional[str] = None) -> None:
-    """One classic-ADMM Z- and U-step for one parameter, in place (SPEC 6)::
+    """One classic-ADMM Z- and U-step for one parameter, in place (``docs/admm.md``)::
 
         Z = Proj(W + U)            prox="topk" (k or ratio; rows=True: whole rows)
         Z = S_{lam/rho}(W + U)     prox="l1"   (lam and rho required)

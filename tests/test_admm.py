@@ -1,4 +1,4 @@
-"""ADMM pruning (SPEC 6): the projection and Z/U steps of classic ADMM
+"""ADMM pruning (``docs/admm.md``): the projection and Z/U steps of classic ADMM
 (``regkern.admm``) and the SAS-ADMM optimizer (``regkern.optim.sas_admm``).
 
 Both ADMMs must reach the lasso solution computed independently (scikit-learn,
@@ -288,12 +288,22 @@ def _soft(x, tau):  # the official Soft()
     return torch.sign(x) * (tmp + tmp.abs()) / 2
 
 
-def official_sas(w0, grad_at, *, beta, lam, M, k0, q, v, max_iter, r=0.9, s=1.09):
-    """The loop of sasPrun in the official sas.py, transcribed (rho = beta)."""
+def official_sas(w0, grad_at, **kwargs):
+    """``(W_hat of every step, W, Z, U)`` of :func:`official_sas_run`."""
+    run = official_sas_run(w0, grad_at, **kwargs)
+    return run["hats"], run["W"], run["Z"], run["U"]
+
+
+def official_sas_run(w0, grad_at, *, beta, lam, M, k0, q, v, max_iter, r=0.9, s=1.09, last=None):
+    """The loop of sasPrun in the official sas.py, transcribed (rho = beta),
+    with its ergodic average W_ag of W over outer iterations last..max_iter
+    (``last=None``: beyond max_iter, so W_ag = W)."""
+    last = max_iter + 1 if last is None else last
     rho, M_k, eta_k, c = beta, M, 1 / v, M / k0 ** q
     W = w0.clone()
     Z, U, W_breve = W.clone(), torch.zeros_like(W), W.clone()
     diff_WZ = W - Z
+    erg_i = 1
     hats = []
     for i in range(1, max_iter + 1):
         rho_Wold_h = rho * W + (U - beta * diff_WZ)
@@ -314,7 +324,13 @@ def official_sas(w0, grad_at, *, beta, lam, M, k0, q, v, max_iter, r=0.9, s=1.09
         Z = _soft(W - U_mid / beta, lam / beta)
         diff_WZ = W - Z
         U = U_mid - s * beta * diff_WZ
-    return hats, W, Z, U
+        if i > last:
+            erg_i = erg_i + 1
+            alpha_i = 1 / erg_i
+            W_ag = (1 - alpha_i) * W_ag + alpha_i * W
+        else:
+            W_ag = W
+    return {"hats": hats, "W": W, "Z": Z, "U": U, "W_ag": W_ag, "erg_i": erg_i}
 
 
 def _minibatch_grad(A, b, batch=16):
@@ -373,7 +389,8 @@ def test_sas_admm_official_defaults_reach_the_lasso_solution():
     A, b, lam, solution = _lasso_problem()
     p = torch.nn.Parameter(torch.zeros(A.shape[1], dtype=torch.float64))
     opt = SASADMM([p], lam=lam, k0=10 ** 6)
-    assert opt.defaults == dict(beta=0.04, lam=lam, r=0.9, s=1.09, rho=None, M=50, k0=10 ** 6, q=1.1, v=25.0)
+    assert opt.defaults == dict(beta=0.04, lam=lam, r=0.9, s=1.09, rho=None, M=50, k0=10 ** 6, q=1.1, v=25.0,
+                                average_from=170)
     for _ in range(150 * 50):
         p.grad = _grad(A, b, p.detach())
         opt.step()

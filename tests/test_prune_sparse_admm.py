@@ -1,5 +1,5 @@
 """Sparse training (RDA, proximal L1, group lasso) frozen into masks, and ADMM
-pruning (classic and SAS-ADMM, SPEC 6): timetable, projection, masked
+pruning (classic and SAS-ADMM, ``docs/admm.md``): timetable, projection, masked
 retraining, resuming, bad input."""
 import pytest
 import torch
@@ -144,6 +144,57 @@ def test_sas_admm_outer_iterations_then_masks_in_the_retraining_optimizer():
     assert torch.equal(other.state[convs(model)[0]]["mask"], ~zeros[convs(model)[0]])
 
 
+def test_sas_admm_prunes_the_ergodic_average_of_w_by_default():
+    """As the official code: the final weights are the average of W over the
+    outer iterations from average_from on, then the per-layer percentile cut."""
+    def run(**prune_options):
+        model = make(TinyVGG)
+        opt = regkern.SASADMM(model.parameters(), beta=0.04, lam=1e-3, M=2, k0=10, average_from=2)
+        s = ADMMPruner(model, opt, ratios=0.5, outer_iterations=4)
+        for i in range(1, 9):
+            train_step(model, opt, s, i)
+        assert s.done and opt.state[convs(model)[0]]["w_avg_count"] == 3
+        before = {w: {k: opt.state[w][k].clone() for k in ("w", "w_avg")} for w in model.parameters()}
+        return model, s.prune(**prune_options), before
+
+    for use, key in ((None, "w_avg"), ("average", "w_avg"), ("w", "w")):
+        model, summary, before = run(**({} if use is None else {"use": use}))
+        for w in model.parameters():
+            final = before[w][key]
+            if any(w is c for c in convs(model)):
+                kept = kept_count(w.numel(), ratio=0.5)
+                assert int(w.ne(0).sum()) == kept
+                assert torch.equal(w.detach(), torch.where(w.detach() != 0, final, 0.0))
+                assert float(final.abs()[w.detach() == 0].max()) <= float(final.abs()[w.detach() != 0].min())
+            else:  # not pruned: written as they are
+                assert torch.equal(w.detach(), final)
+        assert any(("ergodic average of W over the last 3 outer" in n) == (key == "w_avg") for n in summary.notes)
+        assert not torch.equal(before[convs(model)[0]]["w"], before[convs(model)[0]]["w_avg"])
+
+    model = make(TinyVGG)
+    opt = regkern.SASADMM(model.parameters(), M=2)  # average_from=170, as the official code
+    s = ADMMPruner(model, opt, ratios=0.5, outer_iterations=1)
+    for i in range(1, 3):
+        train_step(model, opt, s, i)
+    assert "the last W of SAS-ADMM (no outer iteration reached average_from=170)" in s.prune().notes[0]
+
+
+def test_classic_admm_refuses_the_average_and_writes_nothing():
+    model = make(TinyVGG)
+    opt = sgd(model)
+    s = ADMMPruner(model, opt, ratios=0.5, steps=2, K=1)
+    for i in range(1, 3):
+        train_step(model, opt, s, i)
+    before = snapshot(model, opt, s)
+    with pytest.raises(ValueError, match="ergodic average is kept by regkern.SASADMM only"):
+        s.prune(use="average")
+    after = snapshot(model, opt, s)
+    assert same_tensors(after["model"], before["model"]) and after["schedule"] == before["schedule"]
+    assert after["optimizer"]["param_groups"] == before["optimizer"]["param_groups"]
+    for k, v in before["optimizer"]["state"].items():
+        assert same_tensors(after["optimizer"]["state"][k], v)
+
+
 @pytest.mark.parametrize("kind", ["admm", "prox", "sas"])
 def test_resume_reproduces_the_run(kind):
     def run(stop=None, state=None):
@@ -152,7 +203,7 @@ def test_resume_reproduces_the_run(kind):
             opt = sgd(model)
             s = ADMMPruner(model, opt, ratios=0.5, steps=4, K=2, rho=1e-2)
         elif kind == "sas":  # the ADMM phase only (retraining needs another optimizer)
-            opt = regkern.SASADMM(model.parameters(), lam=1e-3, M=2, k0=2)
+            opt = regkern.SASADMM(model.parameters(), lam=1e-3, M=2, k0=2, average_from=2)
             s = ADMMPruner(model, opt, ratios=0.5, outer_iterations=5)
         else:
             opt = regkern.SGD(split_groups(model, regkern.ProxL1(lam=0.5)), lr=0.05, momentum=0.9, backend=BACKEND)

@@ -1,7 +1,7 @@
-"""``regkern.SASADMM``: symmetric accelerated stochastic ADMM (SPEC 6).
+"""``regkern.SASADMM``: symmetric accelerated stochastic ADMM.
 
-Yuan, Bai, Jiang, Du (Neurocomputing 2024; seed ``002_5d81e843822c5b72.txt``;
-official code RockonLockon/SAS-ADMM-weight-pruning, ``sas.py``, ``sasPrun``).
+Yuan, Bai, Jiang, Du (Neurocomputing 2024); "official" below means the
+authors' code (``sasPrun``). The math is in ``docs/admm.md``.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from regkern.sharding import is_dtensor, local_tensor
 # Per-parameter state tensors kept in fp32 for fp32/bf16/fp16 parameters (float64
 # parameters keep float64): torch's load_state_dict would cast them to the
 # parameter's dtype, so they are restored as saved.
-STATE_TENSORS = ("w", "w_breve", "z", "u", "anchor")
+STATE_TENSORS = ("w", "w_breve", "z", "u", "anchor", "w_avg")
 
 
 def sas_schedule(k: int, M: int, k0: int, q: float, v: float) -> Tuple[int, float]:
@@ -44,7 +44,7 @@ class SASADMM(torch.optim.Optimizer):
     inner iteration ``t`` of outer iteration ``k`` (both 1-based); the
     optimizer moves to the next outer iteration by itself after ``M_k`` inner
     ones. With ``b_t = 2/(t+1)``, ``c_t = 2/(eta_k t)`` and ``(M_k, eta_k)`` from
-    :func:`sas_schedule` (SPEC 6, official ``sasPrun``)::
+    :func:`sas_schedule` (``docs/admm.md``; official ``sasPrun``)::
 
         grad is taken at W_hat = b_t * W_breve + (1 - b_t) * W   (the parameter)
         W_breve = (c_t * W_breve + anchor - grad) / (c_t + rho)
@@ -66,17 +66,38 @@ class SASADMM(torch.optim.Optimizer):
     Defaults are the official ones (ResNet-32 / CIFAR-10): ``beta=0.04,
     lam=1e-4, r=0.9, s=1.09, M=50, k0=50, q=1.1, v=25``. ``rho`` (the
     proximal weight of the W-step) defaults to ``beta``: the official code sets
-    ``rho = beta``. After ADMM the official recipe prunes each layer by
-    magnitude (85th percentile, :func:`regkern.admm.project`) and retrains with
-    the mask; :meth:`write_params` copies ``W`` or the sparse ``Z`` into the
-    parameters for that. (The official code also keeps an ergodic average of
-    ``W`` over its last iterations; that is left to the caller.)
+    ``rho = beta``.
+
+    Ergodic average (official ``W_ag``): the final weights of the official
+    code are not the last ``W`` but the mean of ``W`` at the end of outer
+    iterations ``average_from, average_from + 1, ...`` (official ``last``,
+    170 of ``maxIter = 190``: the mean of the last 21). At the end of outer
+    iteration ``k``: ``k < average_from``: nothing is kept (the average is
+    ``W`` itself); ``k = average_from``: ``W_avg = W``, ``n = 1``; later:
+    ``n += 1``, ``W_avg = (1 - 1/n) * W_avg + (1/n) * W`` (the official
+    formula and op order), in ``state[p]["w_avg"]`` (fp32, as ``W``) and
+    ``state[p]["w_avg_count"]`` (``n``). These are torch foreach ops on the
+    parameters whose outer iteration just ended (once every ``M_k`` steps),
+    outside the fused pass. ``average_from=None`` keeps no average.
+    ``average_from`` counts absolute outer iterations, as the official code
+    does: a run of fewer outer iterations averages nothing. The average of a
+    parameter is that of its own outer iterations (a parameter without a
+    gradient in some step lags behind the others).
+
+    After ADMM the official recipe copies ``W_avg`` into the network, prunes
+    each layer by magnitude (85th percentile, :func:`regkern.admm.project`)
+    and retrains with the mask (:class:`regkern.prune.ADMMPruner` does all of
+    it); :meth:`write_params` copies ``W_avg``, ``W`` or the sparse ``Z`` into
+    the parameters. The official code runs SAS-ADMM on the conv weights and
+    the classifier weight only (BatchNorm and biases stay as they are) and
+    draws its minibatches with replacement; both are the caller's choice here.
+    See ``docs/admm.md`` for the derivation.
 
     One fused pass per step does all of it (``regkern.backend_admm``: C++ on
     CPU, Triton on CUDA, one call / one launch per dtype for every parameter;
     the outer update of the parameters whose outer iteration ends folds into
     the same pass), in fp32 whatever the parameter's dtype, the parameter
-    rounded once (SPEC 6; the op order is ``regkern.reference.admm``'s).
+    rounded once (the op order is ``regkern.reference.admm``'s).
     ``backend`` ("cpp", "triton", "reference"; default: by device, or the
     ``REGKERN_BACKEND`` variable) forces one. Parameters without a gradient
     are skipped (their ``k``, ``t`` do not move). A refused step (bad
@@ -86,8 +107,8 @@ class SASADMM(torch.optim.Optimizer):
 
     def __init__(self, params, beta: float = 0.04, lam: float = 1e-4, *, r: float = 0.9, s: float = 1.09,
                  rho: Optional[float] = None, M: int = 50, k0: int = 50, q: float = 1.1, v: float = 25.0,
-                 backend: Optional[str] = None) -> None:
-        defaults = dict(beta=beta, lam=lam, r=r, s=s, rho=rho, M=M, k0=k0, q=q, v=v)
+                 average_from: Optional[int] = 170, backend: Optional[str] = None) -> None:
+        defaults = dict(beta=beta, lam=lam, r=r, s=s, rho=rho, M=M, k0=k0, q=q, v=v, average_from=average_from)
         _check_hyper(defaults)
         self.backend = backend
         self._plans: Dict[int, _GroupPlan] = {}
@@ -124,6 +145,7 @@ class SASADMM(torch.optim.Optimizer):
         for group, (cached, grads) in zip(self.param_groups, prepared):
             if cached.params:
                 cached.plan.run(grads, cached.coefficients(self.state, group))
+                self._average(group, cached)
                 cached.commit(self.state)
         return loss
 
@@ -136,17 +158,50 @@ class SASADMM(torch.optim.Optimizer):
                              lambda ps: _GroupPlan(self, group, ps))
 
     @torch.no_grad()
-    def write_params(self, which: str = "w") -> None:
-        """Copy ``W`` (``which="w"``) or the sparse ``Z`` (``"z"``) of every
-        stepped parameter into the parameter, e.g. before magnitude pruning and
-        masked retraining. The ADMM state is left as it is."""
-        if which not in ("w", "z"):
-            raise ValueError(f"which must be 'w' or 'z', got {which!r}")
+    def _average(self, group: Dict[str, Any], cached: "_GroupPlan") -> None:
+        """The ergodic average of the parameters whose outer iteration ``k``
+        (their counter, not advanced yet) ended in this step."""
+        start = group["average_from"]
+        if start is None or not any(co.outer for co in cached.last):
+            return
+        folds: Dict[int, Tuple[List[Tensor], List[Tensor]]] = {}
+        for st, co in zip(cached.states, cached.last):
+            if not co.outer:
+                continue
+            # plain dict writes: the fused step does not read the average, its plan stays valid
+            k = st["k"]
+            if k < start:  # (an average kept here means average_from was raised: W is the average again)
+                dict.pop(st, "w_avg", None)
+                dict.pop(st, "w_avg_count", None)
+                continue
+            if k == start or "w_avg" not in st:
+                dict.__setitem__(st, "w_avg", st["w"].clone())
+                dict.__setitem__(st, "w_avg_count", 1)
+                continue
+            n = st["w_avg_count"] + 1
+            dict.__setitem__(st, "w_avg_count", n)
+            avgs, ws = folds.setdefault(n, ([], []))
+            avgs.append(local_tensor(st["w_avg"]))
+            ws.append(local_tensor(st["w"]))
+        for n, (avgs, ws) in folds.items():
+            alpha = 1 / n
+            torch._foreach_mul_(avgs, 1 - alpha)
+            torch._foreach_add_(avgs, torch._foreach_mul(ws, alpha))
+
+    @torch.no_grad()
+    def write_params(self, which: str = "average") -> None:
+        """Copy the ergodic average of ``W`` (``which="average"``: ``W_avg``,
+        or ``W`` while no average is kept; the official final weights), ``W``
+        (``"w"``) or the sparse ``Z`` (``"z"``) of every stepped parameter into
+        the parameter, e.g. before magnitude pruning and masked retraining.
+        The ADMM state is left as it is."""
+        if which not in ("average", "w", "z"):
+            raise ValueError(f"which must be 'average' (the ergodic average of W), 'w' or 'z', got {which!r}")
         for group in self.param_groups:
             for p in group["params"]:
                 st = self.state.get(p)
                 if st:
-                    p.copy_(st[which])
+                    p.copy_(st.get("w_avg", st["w"]) if which == "average" else st[which])
 
     def state_dict(self) -> Dict[str, Any]:
         return plain_state(super().state_dict())
@@ -154,6 +209,7 @@ class SASADMM(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         load_keeping_dtypes(self, state_dict, STATE_TENSORS, super().load_state_dict)
         for group in self.param_groups:
+            group.setdefault("average_from", self.defaults["average_from"])  # saved before the option existed
             _check_hyper(group)
 
 
@@ -258,3 +314,7 @@ def _check_hyper(h: Dict[str, Any]) -> None:
         raise ValueError(f"SASADMM: q must be > 0, got {h['q']}")
     if not finite("v") > 0:
         raise ValueError(f"SASADMM: v must be > 0, got {h['v']}")
+    start = h["average_from"]
+    if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 1):
+        raise ValueError(f"SASADMM: average_from (the first outer iteration in the average of W) must be an int "
+                         f">= 1 or None (no average), got {start!r}")

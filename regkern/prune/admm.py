@@ -1,4 +1,4 @@
-"""ADMM pruning (SPEC 6): the ADMM phase, the final per-layer projection, and
+"""ADMM pruning (``docs/admm.md``): the ADMM phase, the final per-layer projection, and
 masked retraining.
 
 Classic (Zhang et al. 2018): ``regkern.SGD`` with a ``regkern.ADMM(rho)`` param
@@ -43,12 +43,31 @@ class ADMMPruner(Schedule):
 
     Classic: at construction ``Z = Proj(W)``, ``U = 0`` (the usual start). Phases:
     ``"admm"`` -> (done) -> ``"finetune"``. ``prune(finetune_optimizer=None,
-    use="w")``: classic projects W itself, masks it and takes the ADMM
-    regularizer and state off for retraining with the same optimizer;
-    SAS-ADMM first writes its ``W`` (``use="z"``: the sparse ``Z``) into the
-    parameters, then projects and masks; SASADMM does not read masks, so pass
+    use=None)``: classic projects W itself (``use="z"``: the projected ``Z``),
+    masks it and takes the ADMM regularizer and state off for retraining with
+    the same optimizer. SAS-ADMM first writes the official final weights into
+    the parameters: the ergodic average of ``W`` over the outer iterations
+    from the optimizer's ``average_from`` on (``use="average"``, the default;
+    the last ``W`` when the run stopped before ``average_from``: the summary
+    notes which), or ``use="w"`` (the last ``W``) or ``"z"`` (the sparse
+    ``Z``); then it projects and masks. SASADMM does not read masks, so pass
     the retraining optimizer (a regkern.SGD) as ``finetune_optimizer`` or call
     :meth:`install_masks` on it later.
+
+    Where this differs from the official code, on purpose:
+
+    * SAS-ADMM: ties at the percentile are broken by index so that exactly
+      ``kept_count`` weights survive (the official ``|w| < percentile`` keeps
+      every tied weight); the official run holds only the conv weights and the
+      classifier weight in the ADMM (build the SASADMM over those).
+    * Classic: the official code (LeNet-5 on MNIST) uses ``rho=1e-4``, a Z/U
+      update every 5000 Adam steps for 30 updates, prunes the output layer
+      too, and retrains with a fresh Adam. The defaults here (``rho=1e-3``,
+      ``K=100``, output layer ignored) are a start for short SGD runs, since
+      those numbers belong to that recipe; pass ``rho=1e-4, K=5000,
+      steps=150000, ignore=()`` to follow it. Retraining goes on with the same
+      optimizer (its momentum of the kept weights carries over); pass a fresh
+      ``finetune_optimizer`` to start from zero momentum as the official code does.
     """
 
     method = "ADMMPruner"
@@ -135,12 +154,22 @@ class ADMMPruner(Schedule):
         install_masks(optimizer, {params[name]: m for name, m in self.masks.items()})
 
     @torch.no_grad()
-    def _prune(self, finetune_optimizer: Optional[torch.optim.Optimizer] = None, use: str = "w") -> PruneSummary:
+    def _prune(self, finetune_optimizer: Optional[torch.optim.Optimizer] = None,
+               use: Optional[str] = None) -> PruneSummary:
         from regkern.admm import project
 
-        if use not in ("w", "z"):
-            raise ValueError(f"use must be 'w' (the ADMM iterate W) or 'z' (the sparse Z), got {use!r}")
+        if use is None:
+            use = "average" if self.sas else "w"
+        if self.sas and use not in ("average", "w", "z"):
+            raise ValueError(f"use must be 'average' (the ergodic average of W, official), 'w' (the last W) or "
+                             f"'z' (the sparse Z), got {use!r}")
+        if not self.sas and use not in ("w", "z"):
+            raise ValueError(f"use must be 'w' (the ADMM iterate W) or 'z' (the projected Z), got {use!r}"
+                             f"{'; the ergodic average is kept by regkern.SASADMM only' if use == 'average' else ''}")
+        notes = []
         if self.sas:
+            if use == "average":
+                notes.append(self._average_note())
             self.optimizer.write_params(use)
         elif use == "z":
             for _, p, _ in self.layers:
@@ -163,13 +192,25 @@ class ADMMPruner(Schedule):
             self._finetune_setup()
         self.masks = {name + ".weight": keeps[p].cpu() for name, p, _ in self.layers}
         layers = {name: (int(keeps[p].sum()), keeps[p].numel()) for name, p, _ in self.layers}
-        notes = []
         if self.structured:
             notes.append("rows are masked to exact zeros, not sliced out (BatchNorm shifts after them still act)")
         if self.sas and (finetune_optimizer is None or finetune_optimizer is self.optimizer):
             notes.append("SASADMM does not read masks: install them in the retraining optimizer "
                          "(prune(finetune_optimizer=...) or install_masks)")
         return PruneSummary(self.method, False, layers, None, notes)
+
+    def _average_note(self) -> str:
+        """What ``use="average"`` writes, in one sentence."""
+        counts = {int(self.optimizer.state[p].get("w_avg_count", 0)) for _, p, _ in self.layers
+                  if p in self.optimizer.state}
+        start = group_of(self.optimizer, self.layers[0][1])["average_from"]
+        if counts == {0} or not counts:
+            reason = ("average_from is None" if start is None else
+                      f"no outer iteration reached average_from={start}")
+            return f"the weights are the last W of SAS-ADMM ({reason}), not an average"
+        shown = "/".join(map(str, sorted(counts - {0})))
+        rest = "; layers that stopped before average_from keep their last W" if 0 in counts else ""
+        return f"the weights are the ergodic average of W over the last {shown} outer iterations of SAS-ADMM{rest}"
 
     def _finetune_setup(self) -> None:
         """Classic: retrain without the ADMM pull (regularizer and Z/U/target state removed)."""
