@@ -288,6 +288,28 @@ def test_without_differentiable_autograd_records_nothing():
     assert leaf.grad_fn is None
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_differentiable_sparse_gradient_matches_torch(momentum):
+    w0 = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(4, 3, dtype=torch.float64)
+    grad = torch.sparse_coo_tensor(torch.tensor([[1, 4, 1, 0]]), values, (6, 3))
+    results = []
+    for ours in (False, True):
+        p, state = w0.clone(), {}
+        for _ in range(2):
+            p.grad = grad
+            if ours:
+                sgd_with_torch_ops([p], [state], group_of([p], momentum=momentum, maximize=True, differentiable=True), None)
+            else:
+                opt = torch.optim.SGD([p], lr=0.1, momentum=momentum, maximize=True, differentiable=True, foreach=False)
+                opt.state[p].update(state)
+                opt.step()
+                state = dict(opt.state[p])
+        results.append((p.detach(), torch.autograd.grad((p * p).sum(), w0)))
+    assert_same(results[0][0], results[1][0])
+    assert_same(results[0][1][0], results[1][1][0])
+
+
 def test_differentiable_leaf_refused():
     leaf = torch.nn.Parameter(torch.randn(3))
     leaf.grad = torch.randn(3)
