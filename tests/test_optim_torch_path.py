@@ -292,7 +292,7 @@ def test_without_differentiable_autograd_records_nothing():
 def test_differentiable_sparse_gradient_matches_torch(momentum):
     w0 = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     values = torch.randn(4, 3, dtype=torch.float64)
-    grad = torch.sparse_coo_tensor(torch.tensor([[1, 4, 1, 0]]), values, (6, 3))
+    grad = torch.sparse_coo_tensor(torch.tensor([[1, 4, 1, 0]]), values, (6, 3), check_invariants=True)
     results = []
     for ours in (False, True):
         p, state = w0.clone(), {}
