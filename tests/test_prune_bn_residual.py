@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import regkern
-from models import image_batch, resnet_basic
+from models import image_batch, resnet_basic, resnet_bottleneck
 from regkern.prune import PolarizationPruner, Slimming
 from regkern.prune.expand import ChannelExpand, attach_expand
 from test_prune_models import roundtrip, same_tensors
@@ -221,3 +221,37 @@ def test_slimming_can_expand_too_and_attach_expand_composes():
     assert torch.equal(norm.channel_expand.index, torch.tensor([2, 5]))
     with pytest.raises(ValueError, match="distinct channel positions"):
         ChannelExpand(torch.tensor([0, 0]), 4)
+
+
+def test_bottleneck_ends_are_the_last_convs_not_the_downsample():
+    """A downsample conv reads the same tensor as the block's first conv: it
+    is no branch end, though it also feeds the residual add."""
+    torch.manual_seed(0)
+    model = resnet_bottleneck()
+    opt = opt_for(model)
+    s = PolarizationPruner(model, opt, image_batch(2, 8), steps=0)
+    assert [u.expand for u in s.units if u.expand] == ["layer1.0.bn3", "layer1.1.bn3", "layer2.0.bn3"]
+    # the stem's output enters no residual add here (layer1.0 has a downsample): an ordinary prunable layer
+    assert s.units[0].name == "conv1" and s.units[0].expand is None
+    assert {id(p) for p in s.clamp_group["params"]} == {
+        id(m.weight) for n, m in norms(model).items() if n in ("layer1.0.downsample.1", "layer2.0.downsample.1")}
+    with torch.no_grad():
+        for u in s.units:
+            u.scales[0][1].uniform_(0.3, 1.0)
+            u.scales[0][1][::3] = 0.0
+        for m in norms(model).values():
+            m.bias.uniform_(-0.5, 0.5)
+    masked = copy.deepcopy(model)
+    params = dict(masked.named_parameters())
+    with torch.no_grad():
+        for u in s.units:
+            drop = u.gamma() == 0
+            params[u.scales[0][0]][drop] = 0.0
+            params[u.scales[0][0].replace(".weight", ".bias")][drop] = 0.0
+    s.prune()
+    assert model.layer1[0].conv3.out_channels == model.layer1[0].bn3.num_features == 10
+    assert model.layer1[0].downsample[0].out_channels == 16
+    model.eval(), masked.eval()
+    x = image_batch(3, 8, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked(x), rtol=1e-5, atol=1e-5)

@@ -289,9 +289,12 @@ class PolarizationPruner(_BNPruner):
     (zeros elsewhere), so the residual path keeps its width.
     ``residual="keep"`` leaves those BatchNorms unregularized and whole (only
     the channels inside blocks are pruned). Stem and downsample BatchNorms,
-    which write the residual stream itself, are never in the set (with
+    which write the residual stream itself, are never in the set. A stem
+    whose output enters no residual add (a bottleneck ResNet's, whose first
+    block has a downsample) is an ordinary prunable layer here; pass it in
+    ``skip`` to keep it whole as the official ImageNet code does. (With
     ``residual_rule=False`` the residual groups are pruned whole instead,
-    every coupled channel together; that needs ``residual="keep"``).
+    every coupled channel together; that needs ``residual="keep"``.)
 
     The scales must be one polarization set: a param group of the optimizer
     whose regularizer is a ``regkern.Polarization``. When the optimizer has
@@ -314,7 +317,12 @@ class PolarizationPruner(_BNPruner):
     copy of the model (:meth:`remaining_flops`); once it is at or below
     ``target_flops`` the penalty stops (``lam`` becomes 0; the clamp goes
     on) and training goes on to ``steps``. ``gated_at`` is that step
-    (None before). :func:`polarization_search` (the paper's Algorithm 1)
+    (None before). The official gate works on separate gate layers, which it
+    then freezes; regkern has none, so the BatchNorm scales keep training
+    without the penalty and the cut at ``prune()`` can differ a little from
+    the one measured at the gate (``flops_ratio`` keeps the last
+    measurement; call :meth:`remaining_flops` to measure again).
+    :func:`polarization_search` (the paper's Algorithm 1)
     instead searches ``(lam, t)`` over whole runs for a FLOPs REDUCTION
     target (``1 - remaining``).
 
@@ -529,6 +537,12 @@ def polarization_search(train: Callable[[float, float], float], target: float, *
                         max_trials: int = 20) -> SearchResult:
     """Algorithm 1 of the polarization paper: find ``(lam, t)`` whose FLOPs
     reduction ``F`` is within ``delta`` of ``target`` (fractions, e.g. 0.5).
+
+    Here ``target`` is a FLOPs REDUCTION, ``1 - MACs after / MACs before``
+    (0.6: remove 60%). The official training code controls FLOPs another way,
+    within one run: :class:`PolarizationPruner`'s ``target_flops`` gate, whose
+    target is the fraction that REMAINS (0.4 for the same model), stops the
+    penalty once a cut made then would reach it.
 
     ``train(lam, t)`` runs a short training with those hyper-parameters (e.g.
     a fresh model with :class:`PolarizationPruner`, pruned at the end) and

@@ -130,29 +130,38 @@ def branch_ends(model: nn.Module, example_inputs: Any, joined: Sequence[Group],
     ``joined``: the groups coupled by residual additions (found by
     ``find_groups(..., residual_rule=False)`` and missing from
     ``residual_rule=True``); ``inner``: the other groups. A producer of a
-    joined group ends a branch when its input columns belong to an inner
-    group (it reads a block's own channels, unlike a stem or downsample conv
-    that reads the residual stream or the image) and the BatchNorm right
-    after it belongs to the same joined group. For each one: a new
+    joined group ends a branch when everything it reads comes from inner
+    groups that no other layer reads (the block's own channels, like
+    ``conv2`` of a BasicBlock reading ``conv1``; a stem or downsample conv
+    reads the image, the residual stream or a tensor the block's first conv
+    reads too) and the BatchNorm right after it belongs to the same joined
+    group. For each one: a new
     :class:`Group` (named after the producer, same units as the joined group)
     holding only the producer's rows and bias and the BatchNorm's channels
     and running statistics, the BatchNorm's name and its channel count.
     """
-    consumed = {m.name for g in inner for m in g.members if m.role == "column"}
+    readers: Dict[str, List[set]] = {}  # module -> the consumer sets of the groups it reads from
+    for g in list(inner) + list(joined):
+        consumers = {module_of(m.name) for m in g.members if m.role == "column"}
+        for name in consumers:
+            readers.setdefault(name, []).append(consumers if g in inner else set())
     modules = dict(model.named_modules())
-    found = []
+    candidates = []
     for g in joined:
-        producers = [module_of(m.name) for m in g.by_role("producer")
-                     if m.dim == 0 and m.name in consumed and m.index.shape[1] == 1]
-        norms = [module_of(m.name) for m in g.members if m.name.endswith(".weight") and m.dim == 0
-                 and isinstance(modules.get(module_of(m.name)), _NORMS) and m.index.shape[1] == 1]
-        if not producers or not norms:
-            continue
-        pairs = _pair_norms(model, example_inputs, producers, norms)
-        for producer in producers:
-            norm = pairs.get(producer)
-            if norm is None:
-                continue
+        producers = [module_of(m.name) for m in g.by_role("producer") if m.dim == 0 and m.index.shape[1] == 1
+                     and readers.get(module_of(m.name)) and all(c == {module_of(m.name)}
+                                                                for c in readers[module_of(m.name)])]
+        norms = {module_of(m.name) for m in g.members if m.name.endswith(".weight") and m.dim == 0
+                 and isinstance(modules.get(module_of(m.name)), _NORMS) and m.index.shape[1] == 1}
+        candidates += [(g, producer, norms) for producer in producers]
+    if not candidates:
+        return []
+    pairs = _pair_norms(model, example_inputs, [p for _, p, _ in candidates],
+                        sorted(set().union(*(n for _, _, n in candidates))))
+    found = []
+    for g, producer, norms in candidates:
+        norm = pairs.get(producer)
+        if norm in norms:
             members = [m for m in g.members if module_of(m.name) in (producer, norm)]
             buffers = [m for m in g.buffers if module_of(m.name) == norm]
             group = Group(producer, g.units, members, buffers=buffers).bind(model)
