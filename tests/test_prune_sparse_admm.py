@@ -7,7 +7,7 @@ import torch
 import regkern
 from regkern.admm import admm_update, kept_count
 from regkern.prune import ADMMPruner, SparseTraining
-from test_prune_models import (BACKEND, TinyVGG, make, same_tensors, sgd,  # noqa: F401
+from test_prune_models import (BACKEND, TinyVGG, make, roundtrip, same_tensors, sgd,  # noqa: F401
                                snapshot, train_step)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -105,6 +105,25 @@ def test_classic_admm_timetable_projection_and_retraining():
     for i in range(7, 9):
         train_step(model, opt, s, i)
     assert all(torch.equal(w.detach() == 0, zeros[w]) for w in convs(model))
+
+
+def test_an_existing_admm_group_keeps_its_rho_and_a_different_one_is_refused():
+    model = make(TinyVGG)
+    opt = regkern.SGD(split_groups(model, regkern.ADMM(rho=1e-2)), lr=0.05, momentum=0.9, backend=BACKEND)
+    train_step(model, opt, None, 0)
+    before = roundtrip({"model": model.state_dict(), "optimizer": opt.state_dict()})
+    with pytest.raises(ValueError, match=r"ADMM group has rho=0\.01, but rho=0\.001 was given"):
+        ADMMPruner(model, opt, ratios=0.5, steps=4, rho=1e-3)
+    after = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+    assert same_tensors(after["model"], before["model"])
+    assert after["optimizer"]["param_groups"] == before["optimizer"]["param_groups"]
+    for k, v in before["optimizer"]["state"].items():
+        assert same_tensors(after["optimizer"]["state"][k], v)
+    s = ADMMPruner(model, opt, ratios=0.5, steps=4)  # rho left out: the group's
+    assert s.group["regularizer"] == regkern.ADMM(rho=1e-2)
+    model = make(TinyVGG)
+    s = ADMMPruner(model, sgd(model), ratios=0.5, steps=4)
+    assert s.group["regularizer"] == regkern.ADMM(rho=1e-3) and s.K == 100
 
 
 def test_structured_admm_masks_rows():
@@ -247,6 +266,10 @@ def test_bad_input():
         ADMMPruner(model, regkern.SASADMM(model.parameters()), ratios=0.5, steps=3, outer_iterations=2)
     with pytest.raises(ValueError, match="out of range"):
         ADMMPruner(model, opt, ratios=1.5, steps=3)
+    with pytest.raises(ValueError, match="K and rho are for classic ADMM"):
+        ADMMPruner(model, regkern.SASADMM(model.parameters()), ratios=0.5, outer_iterations=2, K=10)
+    with pytest.raises(ValueError, match="K and rho are for classic ADMM"):
+        ADMMPruner(model, regkern.SASADMM(model.parameters()), ratios=0.5, outer_iterations=2, rho=1e-2)
     assert len(opt.param_groups) == 1  # nothing was moved by the refused schedules
     s = ADMMPruner(model, opt, ratios=0.5, steps=0)
     with pytest.raises(ValueError, match="use must be"):

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from regkern.prune.base import (PruneSummary, Schedule, check_in_optimizer, drop_regularizer, ensure_group,
-                                group_of, nothing_to_prune)
+                                group_of, nothing_to_prune, regularizers_of)
 from regkern.prune.greg import _check_int, _check_pos
 from regkern.prune.ratios import RatioSpec, layer_ratios, prunable_layers
 from regkern.prune.sparse import install_masks
@@ -34,10 +34,13 @@ class ADMMPruner(Schedule):
             conv, classifier kept). Counted as :func:`regkern.admm.kept_count`
             (the official percentile rule).
         steps: classic: length of the ADMM phase in optimizer steps.
-        K: classic: steps between Z/U updates.
-        rho: classic: the penalty of a new ADMM group (when the optimizer has
-            none, the chosen weights move into one with the hyper-parameters
-            of their group; create LR schedulers after the schedule).
+        K: classic: steps between Z/U updates (default 100).
+        rho: classic: the penalty of a new ADMM group (default 1e-3; when the
+            optimizer has none, the chosen weights move into one with the
+            hyper-parameters of their group; create LR schedulers after the
+            schedule). An optimizer that has an ADMM group keeps its rho; a
+            different ``rho`` given here is refused. SAS-ADMM takes neither
+            ``K`` nor ``rho``: the optimizer's ``beta`` and ``rho`` rule it.
         structured: project whole rows (``W[r]``, by L2 norm) instead of weights.
         outer_iterations: SAS-ADMM: length of the ADMM phase in outer iterations.
 
@@ -74,7 +77,8 @@ class ADMMPruner(Schedule):
     drives = ("admm", "sas_admm")
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ratios: RatioSpec = 0.5, *,
-                 steps: Optional[int] = None, K: int = 100, rho: float = 1e-3, structured: bool = False,
+                 steps: Optional[int] = None, K: Optional[int] = None, rho: Optional[float] = None,
+                 structured: bool = False,
                  outer_iterations: Optional[int] = None, skip: Sequence = (),
                  ignore: Optional[Sequence] = None) -> None:
         super().__init__(model, optimizer)
@@ -86,12 +90,22 @@ class ADMMPruner(Schedule):
             _check_int(outer_iterations, "outer_iterations (SAS-ADMM outer iterations before pruning)", 1)
             if steps is not None:
                 raise ValueError("with regkern.SASADMM the ADMM phase is counted in outer_iterations, not steps")
+            if K is not None or rho is not None:
+                raise ValueError("K and rho are for classic ADMM; regkern.SASADMM runs its own ADMM (set beta and "
+                                 "rho on the optimizer)")
         else:
             _check_int(steps, "steps (optimizer steps of the ADMM phase)", 0)
+            K = 100 if K is None else K
             _check_int(K, "K (steps between Z/U updates)", 1)
-            _check_pos(rho, "rho")
+            if rho is not None:
+                _check_pos(rho, "rho")
             if outer_iterations is not None:
                 raise ValueError("outer_iterations is for regkern.SASADMM; classic ADMM takes steps and K")
+            held = [r for g in optimizer.param_groups for r in regularizers_of(g) if isinstance(r, ADMM)]
+            if held and rho is not None and float(rho) != held[0].rho:
+                raise ValueError(f"the optimizer's ADMM group has rho={held[0].rho}, but rho={rho} was given; "
+                                 "give one or the other")
+            rho = 1e-3 if rho is None else float(rho)
         if not isinstance(structured, bool):
             raise ValueError(f"structured must be True or False, got {structured!r}")
         by_layer = layer_ratios(model, ratios, skip=skip, ignore=ignore)
