@@ -159,13 +159,14 @@ class _TraceRecorder(TorchFunctionMode):
     pool -> flatten -> Linear) get their channel offsets.
 
     ``joins``: every tensor add or subtract's output grad_fn -> whether it is
-    a residual join: both operands are computed from the example inputs and
-    they differ in the parameters they went through (``x + block(x)``,
-    ``branch_a(h) + branch_b(h)``). An operand that is a parameter, buffer,
-    constant or scalar (a bias add, a positional table, an offset) never
-    joins, nor does ``x + f(x)`` where ``f`` has no parameters. Each tensor
-    the forward computes carries whether it depends on the inputs and the
-    parameters it went through.
+    a residual join: both operands are computed from the example inputs
+    through parameters (they require grad) and they differ in the parameters
+    they went through (``x + block(x)``, ``branch_a(h) + branch_b(h)``). An
+    operand that is a parameter, buffer, constant or scalar (a bias add, a
+    positional table, an offset), or a tensor the inputs give without a
+    parameter (a mask), never joins, nor does ``x + f(x)`` where ``f`` has
+    no parameters. Each tensor the forward computes carries whether it
+    depends on the inputs and the parameters it went through.
     """
 
     def __init__(self, example_inputs) -> None:
@@ -187,6 +188,8 @@ class _TraceRecorder(TorchFunctionMode):
         kwargs = kwargs or {}
         operands = _tensors_in((args, kwargs))
         origins = [self._of(t) for t in operands]  # before the call: an in-place op rewrites its operand
+        name = getattr(func, "__name__", "")
+        computed = [d and t.requires_grad for t, (d, _) in zip(operands, origins)] if name in _ADD_NAMES else []
         out = func(*args, **kwargs)
         if origins:
             data = any(d for d, _ in origins)
@@ -198,10 +201,8 @@ class _TraceRecorder(TorchFunctionMode):
                         self._origin[t] = (data, through)
         if not isinstance(out, Tensor) or out.grad_fn is None:
             return out
-        name = getattr(func, "__name__", "")
         if name in _ADD_NAMES and _ADD_GRAD_FN.fullmatch(out.grad_fn.name()):
-            self.joins[out.grad_fn] = len(origins) == 2 and origins[0][0] and origins[1][0] \
-                and origins[0][1] != origins[1][1]
+            self.joins[out.grad_fn] = computed == [True, True] and origins[0][1] != origins[1][1]
         elif func in (torch.cat, torch.concat, torch.concatenate):
             tensors = args[0] if args else kwargs.get("tensors", ())
             dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
@@ -469,7 +470,8 @@ def find_groups(model: nn.Module, example_inputs, *, ignore=(), residual_rule: b
     the width of the residual stream). A residual add sums two tensors that
     both depend on the inputs and went through different parameters
     (``x + block(x)``, ``conv(x) + downsample(x)``); adding a bias, a
-    parameter, a buffer or a constant is none, so a Linear on
+    parameter, a buffer, a constant or a mask computed from the inputs
+    alone is none, so a Linear on
     ``(batch, seq, features)`` inputs keeps its neurons. ``heads``:
     ``regkern.attention.Heads`` specs: their head groups
     (``regkern.attention.head_groups``) come after the channel groups, and

@@ -120,6 +120,7 @@ class BiasAdds(nn.Module):
         h = self.affine(self.fc1(x)) + 0.5            # a scalar
         h = h - self.offset                             # a buffer
         h = h + torch.ones(10, device=x.device)         # a constant tensor
+        h = h + (x.sum(-1, keepdim=True) > 0).float()   # a mask computed from the inputs
         return self.fc2(F.relu(h))
 
 
@@ -152,7 +153,7 @@ def test_tiny_bert_keeps_its_intermediate_neurons():
     except ImportError as err:  # e.g. the checkout's kernels/ folder shadows the kernels package transformers needs
         pytest.skip(f"transformers' BERT does not import here ({err}); run `pytest`, not `python -m pytest`, from the checkout")
     config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=24, max_position_embeddings=16)
+                        intermediate_size=24, max_position_embeddings=16)
     torch.manual_seed(0)
     model = BertModel(config).eval()
     ids = torch.randint(0, 50, (2, 7))
