@@ -136,9 +136,12 @@ def test_pruned_resnet_equals_the_masked_one_and_keeps_training():
         torch.testing.assert_close(model(x), masked(x), rtol=1e-5, atol=1e-5)
     assert s.regularizer is None and s.clamp_group["regularizer"] is None  # fine-tuning: no penalty, no clamp
     model.train()
+    with torch.no_grad():
+        model.bn1.weight[0] = 3.0  # no clamp while fine-tuning (the optimizer's cached step must know)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for i in range(3, 6):
         step(model, opt, s, i)
+    assert float(model.bn1.weight.detach()[0]) > 2.0
     assert s.phase == "finetune"
     for n, p in model.named_parameters():
         assert p.shape == before[n].shape and torch.isfinite(p).all(), n
@@ -199,6 +202,8 @@ def test_flops_gate_stops_the_penalty_at_the_remaining_target():
     assert state["gated_at"] == 4
     summary = s.prune()
     assert 1.0 - summary.flops_reduction == pytest.approx(remaining)
+    with pytest.raises(ValueError, match="already pruned"):
+        s.remaining_flops()
     with pytest.raises(ValueError, match="target_flops is the fraction of the model's MACs that should remain"):
         model = make()
         PolarizationPruner(model, opt_for(model), example(), steps=1, target_flops=1.5)

@@ -465,6 +465,9 @@ class PolarizationPruner(_BNPruner):
         """The fraction of the model's MACs (on ``example_inputs``) that would
         remain after a cut made now with the current thresholds, measured by
         cutting a copy of the model (the model and optimizer are untouched)."""
+        if self.pruned:
+            raise ValueError("the model is already pruned; remaining_flops measures a cut before it is made "
+                             "(the prune() summary's flops_reduction gives the cut that was made)")
         pruned, _, _ = self._plan(strict=False)
         clone = copy.deepcopy(self.model)
         removals = [(_BNUnit(u.name, dataclasses.replace(u.group, tensors={}, shapes={}), [], u.expand),
