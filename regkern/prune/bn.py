@@ -332,8 +332,9 @@ class PolarizationPruner(_BNPruner):
     layer as kept). ``summary.notes`` names those layers and the fallback, and
     layers whose every channel falls under the threshold (kept whole, where
     the official code removes the whole block or fails). After pruning the
-    polarization regularizer (and the Clamp group this schedule added) is
-    removed for fine-tuning.
+    polarization regularizer (and the Clamp this schedule added) is taken
+    off its param group for fine-tuning, as the official fine-tuning runs
+    without either.
     """
 
     method = "PolarizationPruner"
