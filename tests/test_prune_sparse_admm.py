@@ -198,6 +198,46 @@ def test_sas_admm_prunes_the_ergodic_average_of_w_by_default():
     assert "the last W of SAS-ADMM (no outer iteration reached average_from=170)" in s.prune().notes[0]
 
 
+@pytest.mark.parametrize("retrain,message", [
+    (lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), r"install_masks works through the masks.*"
+                                                                      r"torch\.optim\.sgd\.SGD"),
+    (lambda m: sgd(m).__class__(list(m.parameters())[:1], lr=0.1), "does not hold the masked parameter"),
+])
+def test_sas_admm_prune_refuses_a_retraining_optimizer_that_cannot_keep_masks(retrain, message):
+    """Checked before SAS-ADMM writes its weights into the parameters."""
+    model = make(TinyVGG)
+    opt = regkern.SASADMM(model.parameters(), lam=1e-3, M=2, k0=2, average_from=1)
+    s = ADMMPruner(model, opt, ratios=0.5, outer_iterations=1)
+    for i in range(1, 3):
+        train_step(model, opt, s, i)
+    before = snapshot(model, opt, s)
+    optimizer = retrain(model)
+    with pytest.raises(ValueError, match=message):
+        s.prune(finetune_optimizer=optimizer)
+    after = snapshot(model, opt, s)
+    assert same_tensors(after["model"], before["model"]) and after["schedule"] == before["schedule"]
+    for k, v in before["optimizer"]["state"].items():
+        assert same_tensors(after["optimizer"]["state"][k], v)
+    assert not optimizer.state
+    s.prune(finetune_optimizer=sgd(model))
+    with pytest.raises(ValueError, match="install_masks works through the masks"):
+        s.install_masks(torch.optim.Adam(model.parameters()))
+
+
+def test_sparse_training_refuses_a_fine_tuning_optimizer_that_ignores_masks():
+    model = make(TinyVGG)
+    opt = regkern.RDA(split_groups(model, None, lam=2.0), lr=0.05, lam=0.0, backend=BACKEND)
+    s = SparseTraining(model, opt, steps=1)
+    train_step(model, opt, s, 1)
+    before = snapshot(model, opt, s)
+    with pytest.raises(ValueError, match="install_masks works through the masks"):
+        s.prune(finetune_optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    after = snapshot(model, opt, s)
+    assert same_tensors(after["model"], before["model"]) and after["schedule"] == before["schedule"]
+    for k, v in before["optimizer"]["state"].items():
+        assert same_tensors(after["optimizer"]["state"][k], v)
+
+
 def test_classic_admm_refuses_the_average_and_writes_nothing():
     model = make(TinyVGG)
     opt = sgd(model)

@@ -20,7 +20,7 @@ from regkern.prune.base import (PruneSummary, Schedule, check_in_optimizer, drop
                                 group_of, nothing_to_prune, regularizers_of)
 from regkern.prune.greg import _check_int, _check_pos
 from regkern.prune.ratios import RatioSpec, layer_ratios, prunable_layers
-from regkern.prune.sparse import install_masks
+from regkern.prune.sparse import check_mask_optimizer, install_masks
 
 
 class ADMMPruner(Schedule):
@@ -180,6 +180,8 @@ class ADMMPruner(Schedule):
         if not self.sas and use not in ("w", "z"):
             raise ValueError(f"use must be 'w' (the ADMM iterate W) or 'z' (the projected Z), got {use!r}"
                              f"{'; the ergodic average is kept by regkern.SASADMM only' if use == 'average' else ''}")
+        if finetune_optimizer is not None and finetune_optimizer is not self.optimizer:
+            check_mask_optimizer(finetune_optimizer, [p for _, p, _ in self.layers])  # before writing anything
         notes = []
         if self.sas:
             if use == "average":

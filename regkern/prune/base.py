@@ -113,7 +113,7 @@ def require_reads(optimizer: torch.optim.Optimizer, drives: Sequence[str], metho
     what = " or ".join(FEATURES[d] for d in drives)
     use = " or ".join(name for name, reads in READERS if reads & set(drives))
     raise ValueError(f"{method} works through {what}, which the step of {kind.__module__}.{kind.__qualname__} "
-                     f"does not read, so the schedule would change nothing; build the optimizer as {use}")
+                     f"does not read (it would have no effect); build the optimizer as {use}")
 
 
 def nothing_to_prune(method: str, ratios: Dict[str, float], mode: Optional[str] = None) -> str:

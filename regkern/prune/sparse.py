@@ -2,25 +2,34 @@
 zeros frozen into masks for fine-tuning."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from regkern.prune.base import PruneSummary, Schedule, apply_mask, drop_regularizer, param_names, regularizers_of
+from regkern.prune.base import (PruneSummary, Schedule, apply_mask, drop_regularizer, param_names, regularizers_of,
+                                require_reads)
 from regkern.prune.greg import _check_int
+
+
+def check_mask_optimizer(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> None:
+    """``optimizer`` can keep masks on ``params``: its step reads
+    ``state["mask"]`` (regkern.SGD, regkern.RDA; any other would let the pruned
+    weights grow back) and it holds every one of them."""
+    require_reads(optimizer, ("mask",), "install_masks")
+    owned = {p for g in optimizer.param_groups for p in g["params"]}
+    missing = [tuple(p.shape) for p in params if p not in owned]
+    if missing:
+        raise ValueError(f"the fine-tuning optimizer does not hold the masked parameter(s) of shape "
+                         f"{missing[:3]}; build it over model.parameters()")
 
 
 def install_masks(optimizer: torch.optim.Optimizer, masks: Dict[nn.Parameter, Tensor]) -> None:
     """Put each mask (bool, ``[R]`` rows or W-shaped) into ``optimizer``'s state
     for its parameter (and zero what it masks); the fused step of regkern.SGD /
-    regkern.RDA keeps those weights exact zeros. Every parameter must be in the
-    optimizer (checked before anything is written)."""
-    owned = {p for g in optimizer.param_groups for p in g["params"]}
-    missing = [tuple(p.shape) for p in masks if p not in owned]
-    if missing:
-        raise ValueError(f"the fine-tuning optimizer does not hold the masked parameter(s) of shape "
-                         f"{missing[:3]}; build it over model.parameters()")
+    regkern.RDA keeps those weights exact zeros. The optimizer must be one of
+    those and hold every parameter (checked before anything is written)."""
+    check_mask_optimizer(optimizer, masks)
     for p, keep in masks.items():
         apply_mask(optimizer, p, keep.to(p.device))
 
