@@ -48,7 +48,8 @@ class ChannelExpand(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 2 or x.shape[1] != self.index.numel():
-            raise ValueError(f"ChannelExpand expects {self.index.numel()} channels in dim 1, got shape {tuple(x.shape)}")
+            raise ValueError(f"ChannelExpand expects {self.index.numel()} channels in dim 1, "
+                             f"got shape {tuple(x.shape)}")
         out = x.new_zeros((x.shape[0], self.channels) + tuple(x.shape[2:]))
         return out.index_copy(1, self.index, x)
 
@@ -78,7 +79,8 @@ def attach_expand(norm: nn.Module, kept: Tensor, channels: int) -> ChannelExpand
     return expand
 
 
-def _pair_norms(model: nn.Module, example_inputs: Any, producers: Sequence[str], norms: Sequence[str]) -> Dict[str, str]:
+def _pair_norms(model: nn.Module, example_inputs: Any, producers: Sequence[str],
+                norms: Sequence[str]) -> Dict[str, str]:
     """``{producer: BatchNorm}`` where the BatchNorm's input is the very
     tensor the producer returned, from one forward pass (eval mode, no
     gradients; the train/eval flags are restored)."""
