@@ -15,7 +15,7 @@ import array
 import os
 import struct
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -255,22 +255,67 @@ def check_sgd_grads(params, grads) -> None:
     raise ValueError(f"parameter {i} ({_describe(w)}) has a gradient of {_describe(g)}; it must match the parameter's shape and dtype")
 
 
-def checked_grads(params, shapes, dtypes, grads: Sequence[Tensor]) -> List[Tensor]:
-    """``grads`` (one per parameter of the given shapes and dtypes) ready for a
-    fused step; ``ValueError`` on gradients that cannot be stepped.
-    Non-contiguous ones are copied."""
+def is_dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill one block of memory without gaps or
+    overlaps, in some order of its dimensions (contiguous, channels_last, a
+    permutation): a kernel may then treat it as a flat array in memory order."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def checked_grads(params, shapes, dtypes, strides, grads: Sequence[Tensor]) -> List[Tensor]:
+    """``grads`` (one per parameter of the given shapes, dtypes and strides)
+    ready for a fused step; ``ValueError`` on gradients that cannot be
+    stepped. A gradient laid out unlike its dense parameter (or, for a
+    parameter that is not dense, not contiguous) is copied into that layout."""
     if len(grads) != len(params):
         raise ValueError(f"expected {len(params)} gradients, got {len(grads)}")
     # the common case in three C-level passes, the details only on a mismatch
     if ([g.shape for g in grads] == shapes and [g.dtype for g in grads] == dtypes
-            and all(map(Tensor.is_contiguous, grads))):
+            and list(map(Tensor.stride, grads)) == strides):
         return grads
     check_sgd_grads(params, grads)
-    return [g if g.is_contiguous() else g.contiguous() for g in grads]
+    return [g if _same_layout(g, w) else torch.empty_like(w, memory_format=torch.preserve_format).copy_(g)
+            for w, g in zip(params, grads)]
 
 
-def _fast_path_ok(*tensors: Optional[Tensor]) -> bool:
-    return tensors[0].dtype in FAST_DTYPES and all(t is None or t.is_contiguous() for t in tensors)
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` can be read in ``b``'s flat memory order (``b`` dense) or
+    is contiguous (``b`` not dense: the reference steps it, any layout)."""
+    if not is_dense(b):
+        return a.is_contiguous()
+    return a.stride() == b.stride() or (a.is_contiguous() and b.is_contiguous())
+
+
+def slow_reason(w: Tensor, elementwise: Sequence[Optional[Tensor]], per_row: Sequence[Optional[Tensor]],
+                columns: bool) -> Optional[str]:
+    """Why a fast kernel cannot step ``w`` with these state tensors, or None.
+    ``elementwise``: tensors of W's shape read in W's memory order (gradient
+    layout is handled per step); ``per_row``: small vectors read by row index;
+    ``columns``: column lambdas (the kernels index columns of a row-major W)."""
+    if w.dtype not in FAST_DTYPES:
+        return f"its dtype {str(w.dtype).replace('torch.', '')} has no fused kernel (float32, bfloat16 and float16 have)"
+    if not is_dense(w):
+        return f"its memory layout (strides {tuple(w.stride())}) has gaps or overlaps; make it contiguous"
+    if w.dim() > 1 and w.shape[0] > 1 and w.stride()[0] != w.numel() // w.shape[0]:
+        return (f"its rows W[r] are not whole blocks of memory (strides {tuple(w.stride())}); "
+                "store it contiguous or channels_last")
+    if columns and not w.is_contiguous():
+        return "its column lambdas (state['lam_cols']) need a contiguous (row-major) weight"
+    for t in elementwise:
+        if t is not None and not _same_layout(t, w):
+            return (f"a state tensor of its shape has strides {tuple(t.stride())} unlike the weight's "
+                    f"{tuple(w.stride())}; create it with torch.empty_like / zeros_like of the weight")
+    for t in per_row:
+        if t is not None and not t.is_contiguous():
+            return "a per-row state vector is not contiguous"
+    return None
 
 
 # The regularizer terms of the sgd contract, by reference keyword; each name
@@ -326,6 +371,7 @@ class TablePlan:
         self.params = list(params)
         self.shapes = [p.shape for p in params]
         self.dtypes = [p.dtype for p in params]
+        self.strides = [p.stride() for p in params]
         self.device = params[0].device if params else torch.device("cpu")
         self.backend = choose_backend(self.device, backend) if params else "reference"
 
@@ -348,8 +394,22 @@ class TablePlan:
 
     def checked_grads(self, grads: Sequence[Tensor]) -> List[Tensor]:
         """``grads`` (one per parameter) ready for ``run``; ``ValueError`` on
-        gradients that cannot be stepped. Non-contiguous ones are copied."""
-        return checked_grads(self.params, self.shapes, self.dtypes, grads)
+        gradients that cannot be stepped. Ones laid out unlike their parameter are copied."""
+        return checked_grads(self.params, self.shapes, self.dtypes, self.strides, grads)
+
+    def _route(self, reasons: Sequence[Optional[str]], warn: Optional[Callable[[int, str], None]]) -> List[bool]:
+        """Which tensors the fast kernels take (``reasons[i]`` None); the
+        others go to the reference, each announced once through ``warn(i, reason)``
+        (a backend forced to "reference" is the caller's choice: no warning)."""
+        if self.backend == "reference":
+            return [False] * len(reasons)
+        for i, why in enumerate(reasons):
+            if why is not None:
+                if warn is None:
+                    _warn_fallback(self.device, f"tensor {i} {why}")
+                else:
+                    warn(i, why)
+        return [why is None for why in reasons]
 
 
 class SGDPlan(TablePlan):
@@ -360,15 +420,19 @@ class SGDPlan(TablePlan):
     each step then only checks the gradients and patches their pointers (and
     the first-step flags when they change) into the table, so a step costs one
     C++ call or one launch per dtype and little Python work per tensor.
-    Tensors the fast kernels cannot take (non-contiguous, float64, a term the
-    kernel lacks) are stepped by the reference, which handles any layout in
-    place. ``terms`` are the regularizer keyword lists of
+    Tensors the fast kernels cannot take (float64, a layout with gaps or
+    with rows that are not whole blocks of memory, a term the kernel lacks)
+    are stepped by the reference, which handles any layout in place, and
+    ``warn(i, reason)`` is told (by default a one-time warning). Dense
+    non-contiguous layouts such as channels_last take the fast kernels: each
+    row is still one block of memory and the element-wise tensors share the
+    weight's layout. ``terms`` are the regularizer keyword lists of
     ``reference.sgd_step`` (``l1s``, ``polars``, ``admm_targets``,
     ``admm_rhos``, ``prox_kinds``, ``prox_lams``, ``clamps``) and its column
     lambdas ``lam_cols``.
     """
 
-    def __init__(self, params, bufs=None, lams=None, masks=None, norms=None, backend=None, **terms):
+    def __init__(self, params, bufs=None, lams=None, masks=None, norms=None, backend=None, warn=None, **terms):
         count = len(params)
         known = {**TERM_ABSENT, **CORE_ABSENT}
         unknown = set(terms) - set(known)
@@ -385,10 +449,21 @@ class SGDPlan(TablePlan):
         self._place(params, backend)
         self.columns = list(zip(params, bufs, lams, masks, norms))
         supported = kernel_terms(self.backend)
-        tensor_terms = [k for k in ("l1s", "polars", "admm_targets", "prox_lams", "lam_cols") if k in self.terms]
-        fast = [self.backend != "reference" and _terms_used(self.terms, i) <= supported
-                and _fast_path_ok(*c, *(self.terms[k][i] for k in tensor_terms))
-                for i, c in enumerate(self.columns)]
+        none = [None] * count
+        term = lambda key: self.terms.get(key) or none  # noqa: E731
+
+        def reason(i):
+            missing = _terms_used(self.terms, i) - supported
+            if missing:
+                return f"the {self.backend} kernels do not compute its {', '.join(sorted(missing))} term"
+            w, buf, lam, mask, norm = self.columns[i]
+            element_lam = lam if lam is not None and lam.shape == w.shape else None
+            element_mask = mask if mask is not None and mask.shape == w.shape else None
+            return slow_reason(w, (buf, element_lam, element_mask, term("admm_targets")[i]),
+                               (lam if element_lam is None else None, mask if element_mask is None else None,
+                                norm, term("l1s")[i], term("prox_lams")[i], term("polars")[i], term("lam_cols")[i]),
+                               term("lam_cols")[i] is not None)
+        fast = self._route([reason(i) for i in range(count)], warn)
 
         def table(index):
             pick = lambda values: [values[i] for i in index]  # noqa: E731

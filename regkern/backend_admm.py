@@ -90,13 +90,7 @@ def _describe(t: Tensor) -> str:
 def _dense_like(t: Tensor, ref: Tensor) -> bool:
     """``t`` has ``ref``'s shape and strides and ``ref`` covers its memory
     densely (any dense layout, e.g. channels_last): both walk as flat arrays."""
-    if t.shape != ref.shape or t.stride() != ref.stride():
-        return False
-    if ref.is_contiguous():
-        return True
-    if ref.dim() == 4:
-        return ref.is_contiguous(memory_format=torch.channels_last)
-    return ref.dim() == 5 and ref.is_contiguous(memory_format=torch.channels_last_3d)
+    return t.shape == ref.shape and t.stride() == ref.stride() and _backend.is_dense(ref)
 
 
 # =========================================================================== Z/U update
@@ -428,14 +422,7 @@ class SASPlan:
         """``grads`` ready for ``run``; ``ValueError`` on gradients that cannot
         be stepped. A gradient in another layout than its parameter is copied
         into the parameter's layout."""
-        if len(grads) != len(self.params):
-            raise ValueError(f"expected {len(self.params)} gradients, got {len(grads)}")
-        if ([g.shape for g in grads] == self.shapes and [g.dtype for g in grads] == self.dtypes
-                and all(g.layout is torch.strided for g in grads) and [g.stride() for g in grads] == self.strides):
-            return list(grads)  # the common case in a few C-level passes
-        _backend.check_sgd_grads(self.params, grads)
-        return [g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
-                for p, g in zip(self.params, grads)]
+        return _backend.checked_grads(self.params, self.shapes, self.dtypes, self.strides, grads)
 
     def run(self, grads: Sequence[Tensor], coefficients) -> None:
         """Apply the step with gradients from ``checked_grads``; ``coefficients``:

@@ -21,7 +21,6 @@ def stepped_once(backend_name, **kwargs):
 
 
 BREAKERS = {
-    "sparse gradient": (lambda ps, opt: setattr(ps[5], "grad", ps[5].grad.to_sparse()), "sparse gradient"),
     "lambda too short": (lambda ps, opt: opt.state[ps[0]].__setitem__("lam", torch.zeros(3)), "lambda"),
     "lambda dtype": (lambda ps, opt: opt.state[ps[0]].__setitem__("lam", torch.zeros(16, dtype=torch.float64)), "float32 vector of length 16"),
     "lambda device": (lambda ps, opt: opt.state[ps[0]].__setitem__("lam", torch.zeros(16, device="meta")), "on cpu"),
@@ -61,8 +60,7 @@ def test_devices_mixed_in_one_group_are_refused():
 def test_bad_constructor_arguments():
     p = [torch.nn.Parameter(torch.randn(3))]
     for kwargs, match in [(dict(lr=-1.0), "learning rate"), (dict(momentum=-0.1), "momentum"),
-                          (dict(weight_decay=-1.0), "weight_decay"), (dict(nesterov=True), "Nesterov"),
-                          (dict(differentiable=True), "differentiable")]:
+                          (dict(weight_decay=-1.0), "weight_decay"), (dict(nesterov=True), "Nesterov")]:
         with pytest.raises(ValueError, match=match):
             regkern.SGD(p, **{"lr": 0.1, **kwargs})
     with pytest.raises(TypeError, match="regularizer"):

@@ -8,11 +8,38 @@ from __future__ import annotations
 
 import operator
 from itertools import repeat
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from torch import Tensor
 
-from regkern.sharding import local_tensor
+from regkern.sharding import is_dtensor, local_tensor
+
+
+class CachedPlan:
+    """A param group's kernel plan (``self.plan``) with what it was built
+    from: the parameters that had gradients, their storage, the state clock
+    and the backend asked for. Subclasses build ``self.plan`` and call
+    ``_remember``."""
+
+    def _remember(self, optimizer, params: Sequence[Tensor]) -> None:
+        self.params = list(params)
+        self.sharded = any(map(is_dtensor, self.params))
+        self.pointers = self._pointers(self.params)
+        self.clock = optimizer.state.clock.value
+        self.backend = optimizer.backend
+
+    def _pointers(self, params: Sequence[Tensor]) -> List[int]:
+        return [local_tensor(p).data_ptr() for p in params] if self.sharded else list(map(Tensor.data_ptr, params))
+
+    def same_inputs(self, params: Sequence[Tensor], clock: int, backend) -> bool:
+        """Whether ``params`` (those with gradients now), the state clock and
+        the backend are what the plan was built from."""
+        return (clock == self.clock and backend == self.backend and len(params) == len(self.params)
+                and all(map(operator.is_, params, self.params)) and self._pointers(params) == self.pointers)
+
+    def checked_grads(self, grads: Sequence[Tensor]) -> List[Tensor]:
+        """The gradients of ``self.params`` ready for the plan; ``ValueError`` if they cannot be stepped."""
+        return self.plan.checked_grads(grads)
 
 
 def prepare_group(plans: Dict[int, Any], index: int, group_params: List[Tensor],
@@ -32,10 +59,11 @@ def prepare_group(plans: Dict[int, Any], index: int, group_params: List[Tensor],
     if cached.sharded:
         grads = [local_tensor(g) for g in grads]
     try:
-        return cached, cached.plan.checked_grads(grads)
+        return cached, cached.checked_grads(grads)
     except ValueError:
         if fresh:
             raise
-    # e.g. a parameter resized in place through .data: check against a new plan
+    # e.g. a parameter resized in place through .data, or a gradient that
+    # turned sparse: check against a new plan
     cached = plans[index] = build(params)
-    return cached, cached.plan.checked_grads(grads)
+    return cached, cached.checked_grads(grads)

@@ -1,18 +1,18 @@
 """``regkern.SGD``: ``torch.optim.SGD`` with regularizers fused into its step."""
 from __future__ import annotations
 
-import operator
-from typing import Any, Callable, Dict, Optional
+from operator import attrgetter
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor
 
 from regkern.backend import SGDPlan
 from regkern.regularizers import as_regularizer, regularizer_list, step_options, to_saved
-from regkern.optim.checkpoint import load_keeping_dtypes, plain_state
-from regkern.optim.plan_cache import prepare_group
-from regkern.optim.tracked_state import TrackedState
-from regkern.sharding import is_dtensor, local_tensor
+from regkern.optim.fused import FusedOptimizer, check_number, group_states, scalar_lr
+from regkern.optim.plan_cache import CachedPlan, prepare_group
+from regkern.optim.torch_path import check_sgd_with_torch_ops, sgd_with_torch_ops
+from regkern.sharding import local_tensor
 
 # Optimizer-state entries whose dtype does not follow the parameter's: torch's
 # load_state_dict would cast them to the parameter dtype (a bool mask to
@@ -20,7 +20,7 @@ from regkern.sharding import is_dtensor, local_tensor
 FIXED_DTYPE_STATE = ("lam", "lam_cols", "mask", "row_norms", "l1", "prox_lam", "polar", "admm_z", "admm_u")
 
 
-class SGD(torch.optim.Optimizer):
+class SGD(FusedOptimizer):
     r"""Stochastic gradient descent with fused regularization.
 
     Same arguments and behaviour as :class:`torch.optim.SGD` (momentum,
@@ -51,114 +51,117 @@ class SGD(torch.optim.Optimizer):
     unscaled gradient and a step with inf/NaN gradients changes nothing.
     """
 
+    fixed_dtype_state = FIXED_DTYPE_STATE
+    # what torch.optim.SGD assumes for options an older checkpoint lacks
+    legacy_options = dict(nesterov=False, maximize=False, foreach=None, differentiable=False, fused=False,
+                          regularizer=None)
+
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: Optional[bool] = None, differentiable: bool = False,
-                 fused: Optional[bool] = None, backend: Optional[str] = None) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        if differentiable:
-            raise ValueError("regkern.SGD steps with fused kernels and does not support differentiable=True")
+                 fused: Optional[bool] = None, regularizer=None, backend: Optional[str] = None) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
-                        differentiable=False, fused=fused, regularizer=None)
-        self.backend = backend
-        self._plans: Dict[int, _GroupPlan] = {}
-        super().__init__(params, defaults)
-        self.state = TrackedState(self.state)
-        # GradScaler hands us grad_scale / found_inf instead of unscaling itself.
-        self._step_supports_amp_scaling = True
+                        differentiable=differentiable, fused=fused, regularizer=regularizer)
+        self._check_group(defaults, "")
+        super().__init__(params, defaults, backend)
 
-    def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
+    def _check_group(self, group: Dict[str, Any], where: str) -> None:
+        check_number(group["lr"], "learning rate", where)
+        momentum = check_number(group["momentum"], "momentum", where)
+        dampening = check_number(group["dampening"], "dampening", where)
+        check_number(group["weight_decay"], "weight_decay", where)
+        if group["nesterov"] and (momentum <= 0 or dampening != 0):
+            raise ValueError(f"Nesterov momentum requires a momentum and zero dampening{where}")
         group["regularizer"] = as_regularizer(group["regularizer"])
+
+    def _init_group(self, group: Dict[str, Any]) -> None:
         for reg in regularizer_list(group["regularizer"]):
             reg.init_group(group["params"], [self.state[p] for p in group["params"]])
 
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("backend", None)
-        self.state = TrackedState(self.state)  # load_state_dict hands back a plain dict
-        self._plans = {}
-        for group in self.param_groups:
-            group.setdefault("regularizer", None)
+    def _saved_group(self, group: Dict[str, Any]) -> None:
+        group["regularizer"] = to_saved(group.get("regularizer"))
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None):
-        """Perform one optimization step; returns the closure's loss, if any."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and bool(found_inf.item()):
-            return loss  # an overflow step: parameters and state stay as they are
-        grad_scale = getattr(self, "grad_scale", None)
-        # Check every group before touching anything: a rejected step is a no-op.
-        prepared = [self._prepare(i, group) for i, group in enumerate(self.param_groups)]
-        for group in self.param_groups:
-            for reg in regularizer_list(group["regularizer"]):
-                reg.before_step(group["params"], [self.state[p] for p in group["params"]])
-        for group, (cached, grads) in zip(self.param_groups, prepared):
-            cached.plan.run(grads, cached.firsts, lr=group["lr"], momentum=group["momentum"],
-                            dampening=group["dampening"], nesterov=group["nesterov"],
-                            weight_decay=group["weight_decay"], maximize=group["maximize"],
-                            grad_scale=grad_scale)
-            for p, buf, first in zip(cached.params, cached.bufs, cached.firsts):
-                if first:
-                    self.state[p]["momentum_buffer"] = buf
-        return loss
+    def _loaded_group(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        group["regularizer"] = as_regularizer(group.get("regularizer"))
+        return group
 
     def _prepare(self, index: int, group: Dict[str, Any]):
         """The group's plan and checked local gradients; the plan is reused
         while the parameters with gradients, their storage and the state are
         the same, so a step does little Python work per tensor."""
-        return prepare_group(self._plans, index, group["params"],
-                             lambda cached, ps: cached.fits(ps, self.state.clock.value, self.backend),
-                             lambda ps: _GroupPlan(self, group, ps))
+        cached, grads = prepare_group(self._plans, index, group["params"],
+                                      lambda cached, ps: cached.fits(ps, group, self.state.clock.value, self.backend),
+                                      lambda ps: _GroupPlan(self, group, ps))
+        if cached.torch_params:
+            check_sgd_with_torch_ops(cached.torch_params, group_states(self, cached.torch_params), group)
+        return cached, grads
 
-    def state_dict(self) -> Dict[str, Any]:
-        saved = plain_state(super().state_dict())
-        for group in saved["param_groups"]:
-            group["regularizer"] = to_saved(group.get("regularizer"))
-        return saved
-
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        state_dict["param_groups"] = [
-            {**g, "regularizer": as_regularizer(g.get("regularizer"))} for g in state_dict["param_groups"]
-        ]
-        load_keeping_dtypes(self, state_dict, FIXED_DTYPE_STATE, super().load_state_dict)
+    def _apply(self, prepared: List[Any], grad_scale: Optional[Tensor]) -> None:
         for group in self.param_groups:
-            for reg in regularizer_list(group["regularizer"]):
-                reg.init_group(group["params"], [self.state[p] for p in group["params"]])
+            regs = regularizer_list(group["regularizer"])
+            if regs:
+                states = group_states(self, group["params"])
+                for reg in regs:
+                    reg.before_step(group["params"], states)
+        for group, (cached, grads) in zip(self.param_groups, prepared):
+            cached.plan.run(grads, cached.firsts, lr=scalar_lr(group["lr"]), momentum=group["momentum"],
+                            dampening=group["dampening"], nesterov=group["nesterov"],
+                            weight_decay=group["weight_decay"], maximize=group["maximize"],
+                            grad_scale=grad_scale)
+            for p, buf, first in zip(cached.fast_params, cached.bufs, cached.firsts):
+                if first:
+                    self.state[p]["momentum_buffer"] = buf
+            if cached.torch_params:
+                sgd_with_torch_ops(cached.torch_params, [self.state[p] for p in cached.torch_params], group,
+                                   grad_scale)
+            if cached.norm_params:
+                cached.norm_versions = list(map(_VERSION, cached.norm_params))
+
+    def current_row_norms(self, param: Tensor) -> Optional[Tensor]:
+        """``state[param]["row_norms"]`` while it describes the current weights:
+        the parameter was stepped with row norms and nothing has written it
+        since (``model.load_state_dict``, an in-place edit, a hand-made
+        ``.data``); else None, and scores must be computed from ``W``."""
+        norms = self.state[param].get("row_norms") if param in self.state else None
+        if norms is None:
+            return None
+        local = local_tensor(param)
+        for cached in self._plans.values():
+            if cached.norm_versions is not None:
+                for p, version in zip(cached.norm_params, cached.norm_versions):
+                    if p is local:
+                        return norms if p._version == version else None
+        return None
 
 
-class _GroupPlan:
-    """A param group's SGDPlan with what it was built from: the parameters
-    that had gradients, their storage, the state clock and the momentum
-    buffers (new ones are created here and saved after the first step)."""
+_VERSION = attrgetter("_version")
+
+
+class _GroupPlan(CachedPlan):
+    """A param group's SGDPlan with what it was built from (see CachedPlan)
+    and the momentum buffers (new ones are created here and saved after the
+    first step). Parameters the fused kernels do not take by design (complex
+    ones, sparse gradients, a differentiable group) are stepped with torch
+    ops instead (``regkern.optim.torch_path``)."""
 
     def __init__(self, optimizer: SGD, group: Dict[str, Any], params) -> None:
-        states = [optimizer.state[p] for p in params]
-        with_momentum = group["momentum"] != 0
-        bufs = [st.get("momentum_buffer") for st in states] if with_momentum else [None] * len(params)
-        self.firsts = [with_momentum and b is None for b in bufs]
+        self._remember(optimizer, params)
+        differentiable = bool(group["differentiable"])
+        by_torch = [differentiable or p.is_complex() or (p.grad is not None and p.grad.is_sparse) for p in params]
+        self.torch_params = [p for p, t in zip(params, by_torch) if t]
+        self.fast_params = [p for p, t in zip(params, by_torch) if not t]
+        self.fast_index = [i for i, t in enumerate(by_torch) if not t] if self.torch_params else None
+        self.norm_params = [local_tensor(p) for p in params
+                            if p in optimizer.state and optimizer.state[p].get("row_norms") is not None]
+        self.norm_versions = None
+        params = self.fast_params
+        states = group_states(optimizer, params)
+        self.momentum = group["momentum"] != 0
+        bufs = [st.get("momentum_buffer") for st in states] if self.momentum else [None] * len(params)
+        self.firsts = [self.momentum and b is None for b in bufs]
         self.bufs = [torch.empty_like(p) if first else b for p, b, first in zip(params, bufs, self.firsts)]
-        self.params = list(params)
-        self.sharded = any(is_dtensor(p) for p in params)
-        self.pointers = self._pointers(params)
-        self.clock = optimizer.state.clock.value
-        self.backend = optimizer.backend
+        self.differentiable = differentiable
         state_of = lambda key: [local_tensor(st.get(key)) for st in states]  # noqa: E731
         options = step_options(group["regularizer"])
         self.plan = SGDPlan([local_tensor(p) for p in params], [local_tensor(b) for b in self.bufs],
@@ -169,12 +172,14 @@ class _GroupPlan:
                             prox_kinds=[options.get("prox_kind", 0)] * len(params),
                             prox_lams=state_of("prox_lam"),
                             clamps=[options.get("clamp")] * len(params),
-                            lam_cols=state_of("lam_cols"))
+                            lam_cols=state_of("lam_cols"),
+                            warn=lambda i, why: optimizer.warn_once(params[i], why))
 
-    def _pointers(self, params):
-        return [local_tensor(p).data_ptr() for p in params] if self.sharded else list(map(Tensor.data_ptr, params))
+    def fits(self, params, group: Dict[str, Any], clock: int, backend) -> bool:
+        return (not any(self.firsts) and self.momentum == (group["momentum"] != 0)
+                and self.differentiable == bool(group["differentiable"]) and self.same_inputs(params, clock, backend))
 
-    def fits(self, params, clock: int, backend) -> bool:
-        return (clock == self.clock and backend == self.backend and len(params) == len(self.params)
-                and not any(self.firsts) and all(map(operator.is_, params, self.params))
-                and self._pointers(params) == self.pointers)
+    def checked_grads(self, grads):
+        if self.fast_index is not None:
+            grads = [grads[i] for i in self.fast_index]
+        return self.plan.checked_grads(grads)

@@ -69,13 +69,18 @@ class TrackedState(dict):
         for key, value in dict(items).items():
             self[key] = value
 
-    def _wrap(self, value: Dict[str, Any]) -> ParamState:
+    def _wrap(self, value: Any) -> Any:
+        """A parameter's dict becomes a ParamState; any other value (torch's
+        state accepts any key and value, e.g. a counter a hook keeps) is kept as is."""
+        if not isinstance(value, dict):
+            return value
         state = value if isinstance(value, ParamState) else ParamState(value)
         state.clock = self.clock
         return state
 
     def __missing__(self, key) -> ParamState:
-        state = self._wrap({})
+        state = ParamState()
+        state.clock = self.clock
         super().__setitem__(key, state)
         return state
 

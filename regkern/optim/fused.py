@@ -1,0 +1,220 @@
+"""What regkern's fused optimizers share with each other and with torch.optim.
+
+``FusedOptimizer`` is a ``torch.optim.Optimizer`` whose step checks every
+param group first and writes only once all of them passed (a refused step
+changes nothing), reads GradScaler's ``grad_scale`` / ``found_inf``, keeps its
+state in a ``TrackedState`` (so a step reuses its cached plan until the state
+changes), saves state entries of fixed dtype as they are, and runs torch's
+step / ``state_dict`` / ``load_state_dict`` hooks exactly where torch runs them.
+A subclass says what its groups hold and how one group is prepared and run.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import math
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from regkern.optim.checkpoint import load_keeping_dtypes, plain_state, to_param_device
+from regkern.optim.tracked_state import TrackedState
+
+
+class FusedOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
+    """Base of ``regkern.SGD``, ``regkern.RDA`` and ``regkern.SASADMM``.
+
+    Subclasses set ``fixed_dtype_state`` (state entries loaded with their
+    saved dtype) and ``legacy_options`` (group options an older checkpoint may
+    lack, with the value it implies), and implement ``_check_group`` (raise
+    ``ValueError`` on a group that cannot be stepped; called when the group is
+    added and before every step, so a value changed by hand or by a scheduler
+    is caught), ``_prepare`` (checks, no writes) and ``_apply`` (writes).
+    """
+
+    fixed_dtype_state: Tuple[str, ...] = ()
+    legacy_options: Dict[str, Any] = {}
+
+    def __init__(self, params, defaults: Dict[str, Any], backend: Optional[str]) -> None:
+        self.backend = backend
+        self._plans: Dict[int, Any] = {}
+        self._warned = set()
+        super().__init__(params, defaults)
+        self.state = TrackedState(self.state)
+        # GradScaler hands us grad_scale / found_inf instead of unscaling itself.
+        self._step_supports_amp_scaling = True
+
+    # -- param groups -----------------------------------------------------------------
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """torch's ``add_param_group``, atomic: a refused group is not added and
+        no state is created for it."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        index = len(self.param_groups) - 1
+        saved = {p: dict(self.state[p]) if p in self.state else None for p in group["params"]}
+        try:
+            self._check_group(group, f" (param group {index})")
+            self._init_group(group)
+        except Exception:
+            self.param_groups.pop()
+            for p, entries in saved.items():
+                if entries is None:
+                    self.state.pop(p, None)
+                else:
+                    self.state[p] = entries
+            raise
+
+    def _check_group(self, group: Dict[str, Any], where: str) -> None:
+        """Raise ``ValueError`` (one sentence ending in ``where``) on options that cannot be stepped."""
+
+    def _init_group(self, group: Dict[str, Any]) -> None:
+        """Create the state a new (or reloaded) group asks for."""
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", None)
+        self.__dict__.setdefault("_warned", set())
+        self.state = TrackedState(self.state)  # load_state_dict hands back a plain dict
+        self._plans = {}
+        for group in self.param_groups:
+            for key, value in self.legacy_options.items():
+                group.setdefault(key, value)
+
+    # -- the step ---------------------------------------------------------------------
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        """Perform one optimization step; returns the closure's loss, if any."""
+        with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            found_inf = getattr(self, "found_inf", None)
+            if found_inf is not None and bool(found_inf.item()):
+                return loss  # an overflow step: parameters and state stay as they are
+            grad_scale = getattr(self, "grad_scale", None)
+            prepared = []
+            for index, group in enumerate(self.param_groups):  # check everything, write nothing
+                self._check_group(group, f" (param group {index})")
+                prepared.append(self._prepare(index, group))
+            self._apply(prepared, grad_scale)
+            return loss
+
+    @abc.abstractmethod
+    def _prepare(self, index: int, group: Dict[str, Any]) -> Any:
+        """Check a param group and its gradients and return what ``_apply`` needs; writes nothing."""
+
+    @abc.abstractmethod
+    def _apply(self, prepared: List[Any], grad_scale: Optional[Tensor]) -> None:
+        """Step every group from what ``_prepare`` returned."""
+
+    def warn_once(self, param: Tensor, reason: str) -> None:
+        """One warning per parameter and reason: ``param`` is stepped on a slower path."""
+        key = (id(param), reason)
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        warnings.warn(f"regkern.{type(self).__name__}: {self.param_name(param)} is stepped by the pure-torch "
+                      f"reference (slower) because {reason}.", stacklevel=4)
+
+    def param_name(self, param: Tensor) -> str:
+        """The parameter's name when its group has ``param_names`` (torch's
+        named-parameter groups), else its group, index and shape."""
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p is param:
+                    names = group.get("param_names")
+                    if names:
+                        return f"parameter {names[i]!r}"
+                    return (f"parameter {i} of param group {g} ({str(p.dtype).replace('torch.', '')} "
+                            f"{tuple(p.shape)})")
+        return f"a parameter of shape {tuple(param.shape)}"
+
+    # -- checkpoints ------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """torch's ``state_dict`` in plain data (``torch.load(weights_only=True)``
+        reads it); post-hooks see the final form, as in torch."""
+        with _hooks_held(self, "_optimizer_state_dict_post_hooks") as post_hooks:
+            saved = plain_state(super().state_dict())
+        for group in saved["param_groups"]:
+            self._saved_group(group)
+        for hook in post_hooks.values():
+            result = hook(self, saved)
+            if result is not None:
+                saved = result
+        return saved
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, keeping the saved dtype of
+        ``fixed_dtype_state`` entries; hooks run where torch runs them."""
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        state_dict["param_groups"] = [self._loaded_group(dict(g)) for g in state_dict["param_groups"]]
+        with _hooks_held(self, "_optimizer_load_state_dict_pre_hooks"), \
+                _hooks_held(self, "_optimizer_load_state_dict_post_hooks") as post_hooks:
+            load_keeping_dtypes(self, state_dict, self.fixed_dtype_state, super().load_state_dict, self._restore)
+        for index, group in enumerate(self.param_groups):
+            self._check_group(group, f" (param group {index} of the loaded state_dict)")
+            self._init_group(group)
+        for hook in post_hooks.values():
+            hook(self)
+
+    def _saved_group(self, group: Dict[str, Any]) -> None:
+        """Turn a group's options into plain data for ``state_dict`` (in place)."""
+
+    def _loaded_group(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        """The inverse of ``_saved_group``."""
+        return group
+
+    def _restore(self, name: str, value: Any, param: Tensor) -> Any:
+        """A fixed-dtype entry as saved, on the parameter's device."""
+        return to_param_device(name, value, param)
+
+
+@contextlib.contextmanager
+def _hooks_held(optimizer: torch.optim.Optimizer, name: str) -> Iterator["OrderedDict"]:
+    """Keep the hooks of ``name`` out of torch's implementation (they are run
+    by the caller around regkern's own conversions) and hand them over."""
+    hooks = getattr(optimizer, name)
+    setattr(optimizer, name, OrderedDict())
+    try:
+        yield hooks
+    finally:
+        setattr(optimizer, name, hooks)
+
+
+def check_number(value: Any, name: str, where: str, *, minimum: float = 0.0, what: str = "") -> float:
+    """``value`` as a float; ``ValueError`` unless it is finite and ``>= minimum``.
+    A 1-element tensor counts as its value; a CUDA tensor is not read (that
+    would synchronize the device) and passes."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}{where}")
+        if value.device.type not in ("cpu",):
+            return math.nan
+        number = float(value.detach())
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {name} value: {value!r}{where}; it must be a number{what}")
+    else:
+        number = float(value)
+    if not (math.isfinite(number) and number >= minimum):
+        raise ValueError(f"Invalid {name} value: {number}{where}; it must be finite and >= {minimum:g}{what}")
+    return number
+
+
+def scalar_lr(lr: Any) -> Any:
+    """``lr`` as the kernels take it: a float, or a 0-d tensor (torch accepts
+    any 1-element shape, e.g. ``[1, 1]``, which would broadcast the update)."""
+    return lr.reshape(()) if isinstance(lr, Tensor) and lr.dim() else lr
+
+
+def group_states(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> List[Dict[str, Any]]:
+    """Each parameter's state without creating an entry for parameters that have none."""
+    empty: Dict[str, Any] = {}
+    state = optimizer.state
+    return [state[p] if p in state else empty for p in params]
