@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from regkern import backend as _backend
-from regkern.backend import DTYPE_CODE, FAST_DTYPES, TablePlan, float_bits, load_cpp, mask_kind
+from regkern.backend import DTYPE_CODE, TablePlan, float_bits, load_cpp, mask_kind, slow_reason
 from regkern.reference import rda as _reference
 from regkern.reference.sgd import num_rows
 
@@ -154,8 +154,9 @@ def _check_lam(lam: float) -> None:
         raise ValueError(f"lam must be finite and non-negative, got {lam}")
 
 
-def _fast_path_ok(w: Tensor, gbar: Tensor, w0: Tensor, mask: Optional[Tensor]) -> bool:
-    return w.dtype in FAST_DTYPES and all(t is None or t.is_contiguous() for t in (w, gbar, w0, mask))
+def _slow_reason(w: Tensor, gbar: Tensor, w0: Tensor, mask: Optional[Tensor]) -> Optional[str]:
+    element_mask = mask if mask is not None and mask.shape == w.shape else None
+    return slow_reason(w, (gbar, w0, element_mask), (mask if element_mask is None else None,), False)
 
 
 class RDAPlan(TablePlan):
@@ -165,10 +166,12 @@ class RDAPlan(TablePlan):
     metadata built once; each step then checks the gradients, patches their
     pointers and the step counts into the table (lam and gamma when they
     changed) and makes one C++ call or one launch per dtype. Tensors the fast
-    kernels cannot take (non-contiguous, float64) are stepped by the reference.
+    kernels cannot take (float64, a layout that is not dense with whole rows
+    in memory, state laid out unlike the weight) are stepped by the reference
+    and ``warn(i, reason)`` is told.
     """
 
-    def __init__(self, params, gbars, w0s, masks=None, groups=False, backend=None):
+    def __init__(self, params, gbars, w0s, masks=None, groups=False, backend=None, warn=None):
         count = len(params)
         masks = list(masks) if masks is not None else [None] * count
         groups = [bool(g) for g in _reference._per_tensor(groups, count, "group")]
@@ -178,7 +181,7 @@ class RDAPlan(TablePlan):
         self._place(params, backend)
         self.groups = groups
         self.columns = list(zip(params, gbars, w0s, masks))
-        fast = [self.backend != "reference" and _fast_path_ok(*c) for c in self.columns]
+        fast = self._route([_slow_reason(*c) for c in self.columns], warn)
         stream = self.backend == "cpp" and streams_w([p for p, f in zip(params, fast) if f])
         self._scratch = []  # per-row sums of squares of the Triton kernel (group tensors)
 

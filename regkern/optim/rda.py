@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import math
-import operator
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from regkern.backend_rda import RDAPlan
-from regkern.optim.checkpoint import load_keeping_dtypes, plain_state
-from regkern.optim.plan_cache import prepare_group
-from regkern.optim.tracked_state import TrackedState
-from regkern.sharding import is_dtensor, local_tensor
+from regkern.optim.fused import FusedOptimizer, check_number, group_states
+from regkern.optim.plan_cache import CachedPlan, prepare_group
+from regkern.sharding import local_tensor
 
 # Optimizer-state entries whose dtype does not follow the parameter's: torch's
 # load_state_dict would cast them to the parameter dtype (fp32 gbar / w0 of a
@@ -28,20 +26,16 @@ def _gamma(lr) -> float:
     return math.inf if lr == 0 else 1.0 / lr
 
 
-def _check_options(lr, lam, group, where: str = "") -> None:
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError(f"Tensor lr must be 1-element{where}")
-    if not 0.0 <= float(lr) < math.inf:
-        raise ValueError(f"Invalid learning rate: {float(lr)}{where}; RDA's lr is 1 / gamma and must be finite and >= 0")
-    if isinstance(lam, Tensor) and lam.numel() != 1:
-        raise ValueError(f"Tensor lam must be 1-element{where}")
-    if not 0.0 <= float(lam) < math.inf:
-        raise ValueError(f"Invalid lam value: {float(lam)}{where}; the L1 strength must be finite and >= 0")
-    if not isinstance(group, bool):
-        raise ValueError(f"Invalid group value: {group!r}{where}; it must be True (shrink whole rows) or False (elements)")
+def _check_options(group: Dict[str, Any], where: str = "") -> None:
+    check_number(group["lr"], "learning rate", where, what="; RDA's lr is 1 / gamma")
+    check_number(group["lam"], "lam", where, what="; it is the L1 strength")
+    if not isinstance(group["group"], bool):
+        raise ValueError(f"Invalid group value: {group['group']!r}{where}; it must be True (shrink whole rows) or False (elements)")
+    if not isinstance(group["maximize"], bool):
+        raise ValueError(f"Invalid maximize value: {group['maximize']!r}{where}; it must be True or False")
 
 
-class RDA(torch.optim.Optimizer):
+class RDA(FusedOptimizer):
     r"""L1 regularized dual averaging (Xiao 2010) with the proximal centre at
     the initial weights (He et al., "Make L1 regularization effective in
     training sparse CNN", arXiv 1807.04222), fused into one pass over memory.
@@ -80,68 +74,40 @@ class RDA(torch.optim.Optimizer):
     device, or the ``REGKERN_BACKEND`` variable) forces a kernel backend.
     """
 
+    fixed_dtype_state = FIXED_DTYPE_STATE
+    legacy_options = dict(maximize=False)
+
     def __init__(self, params, lr: float | Tensor = 1e-3, lam: float = 0.0, group: bool = False, *,
                  maximize: bool = False, backend: Optional[str] = None) -> None:
-        _check_options(lr, lam, group)
         defaults = dict(lr=lr, lam=lam, group=group, maximize=maximize)
-        self.backend = backend
-        self._plans: Dict[int, _GroupPlan] = {}
-        super().__init__(params, defaults)
-        self.state = TrackedState(self.state)
-        # GradScaler hands us grad_scale / found_inf instead of unscaling itself.
-        self._step_supports_amp_scaling = True
+        _check_options(defaults)
+        super().__init__(params, defaults, backend)
 
-    def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            _check_options(group["lr"], group["lam"], group["group"])
-        except ValueError:
-            self.param_groups.pop()
-            raise
+    def _check_group(self, group: Dict[str, Any], where: str) -> None:
+        _check_options(group, where)
 
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("backend", None)
-        self.state = TrackedState(self.state)  # load_state_dict hands back a plain dict
-        self._plans = {}
+    def _prepare(self, index: int, group: Dict[str, Any]):
+        """The group's plan and checked local gradients (see regkern.SGD)."""
+        return prepare_group(self._plans, index, group["params"],
+                             lambda cached, ps: cached.fits(ps, group["group"], self.state.clock.value, self.backend),
+                             lambda ps: _GroupPlan(self, group, ps))
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None):
-        """Perform one optimization step; returns the closure's loss, if any."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and bool(found_inf.item()):
-            return loss  # an overflow step: parameters and state stay as they are
-        grad_scale = getattr(self, "grad_scale", None)
-        # Check every group before touching anything: a rejected step is a no-op.
-        prepared = [self._prepare(i, group) for i, group in enumerate(self.param_groups)]
+    def _apply(self, prepared: List[Any], grad_scale: Optional[Tensor]) -> None:
         for group, (cached, grads) in zip(self.param_groups, prepared):
             if not cached.params:
                 continue
             cached.plan.run(grads, cached.next_steps(), gamma=_gamma(group["lr"]), lams=float(group["lam"]),
                             maximize=group["maximize"], grad_scale=grad_scale)
             cached.commit(self.state)
-        return loss
 
-    def _prepare(self, index: int, group: Dict[str, Any]):
-        """The group's plan and checked local gradients (see regkern.SGD)."""
-        _check_options(group["lr"], group["lam"], group["group"], f" in param group {index}")
-        return prepare_group(self._plans, index, group["params"],
-                             lambda cached, ps: cached.fits(ps, group["group"], self.state.clock.value, self.backend),
-                             lambda ps: _GroupPlan(self, group, ps))
-
-    def state_dict(self) -> Dict[str, Any]:
-        return plain_state(super().state_dict())
-
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        load_keeping_dtypes(self, state_dict, FIXED_DTYPE_STATE, super().load_state_dict, _restore)
+    def _restore(self, name: str, value, param):
+        """Fixed-dtype state as saved: ``step`` a 0-d fp32 CPU tensor, the rest on the parameter's device."""
+        if name == "step":
+            return torch.as_tensor(value, dtype=torch.float32, device="cpu").reshape(()).clone()
+        return super()._restore(name, value, param)
 
 
-class _GroupPlan:
+class _GroupPlan(CachedPlan):
     """A param group's RDAPlan with what it was built from: the parameters
     that had gradients, their storage, the row/element choice and the state
     clock. State for parameters stepped for the first time (step 0, gbar 0,
@@ -153,7 +119,7 @@ class _GroupPlan:
     of them with one numpy operation each."""
 
     def __init__(self, optimizer: RDA, group: Dict[str, Any], params) -> None:
-        states = [optimizer.state[p] for p in params]
+        states = group_states(optimizer, params)
         self.firsts = [st.get("step") is None for st in states]
         self.new_state = {}
         for p, st, first in zip(params, states, self.firsts):
@@ -161,14 +127,15 @@ class _GroupPlan:
                 dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
                 self.new_state[p] = {
                     "step": torch.tensor(0.0, dtype=torch.float32),
-                    "gbar": torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format),
-                    "w0": p.detach().to(dtype=dtype, memory_format=torch.contiguous_format, copy=True),
+                    # laid out like the parameter (e.g. channels_last), which the kernels read in memory order
+                    "gbar": torch.zeros_like(p, dtype=dtype),
+                    "w0": p.detach().to(dtype=dtype, copy=True),
                 }
 
         def entry(p, st, name):
             return self.new_state[p][name] if p in self.new_state else st.get(name)
 
-        self.params = list(params)
+        self._remember(optimizer, params)
         steps = [entry(p, st, "step") for p, st in zip(params, states)]
         gbars = [entry(p, st, "gbar") for p, st in zip(params, states)]
         w0s = [entry(p, st, "w0") for p, st in zip(params, states)]
@@ -176,12 +143,9 @@ class _GroupPlan:
             if not isinstance(s, Tensor) or s.dim() != 0 or s.device.type != "cpu":
                 raise ValueError(f"parameter {i} of its group has a step count of {s!r}; it must be a 0-d CPU tensor such as torch.tensor(10.0)")
         self.group = group["group"]
-        self.sharded = any(is_dtensor(p) for p in params)
-        self.pointers = self._pointers(params)
-        self.backend = optimizer.backend
         self.plan = RDAPlan([local_tensor(p) for p in params], [local_tensor(g) for g in gbars],
                             [local_tensor(w) for w in w0s], [local_tensor(st.get("mask")) for st in states],
-                            self.group, optimizer.backend)
+                            self.group, optimizer.backend, warn=lambda i, why: optimizer.warn_once(params[i], why))
         # Everything is checked: now the step counts may move into one tensor.
         self.counts, views = _shared_counts(steps)
         for p, st, view in zip(params, states, views):
@@ -190,15 +154,10 @@ class _GroupPlan:
             elif st["step"] is not view:
                 dict.__setitem__(st, "step", view)  # same value, same plan: the clock stays
         self.count_values = self.counts.numpy()  # a view
-        self.clock = optimizer.state.clock.value
-
-    def _pointers(self, params):
-        return [local_tensor(p).data_ptr() for p in params] if self.sharded else list(map(Tensor.data_ptr, params))
+        self.clock = optimizer.state.clock.value  # after the step counts moved
 
     def fits(self, params, group: bool, clock: int, backend) -> bool:
-        return (clock == self.clock and backend == self.backend and group == self.group
-                and len(params) == len(self.params) and not any(self.firsts)
-                and all(map(operator.is_, params, self.params)) and self._pointers(params) == self.pointers)
+        return group == self.group and not any(self.firsts) and self.same_inputs(params, clock, backend)
 
     def next_steps(self) -> np.ndarray:
         """The step t each parameter is about to take (float64)."""
@@ -227,9 +186,3 @@ def _shared_counts(steps):
     counts = torch.tensor([float(s) for s in steps], dtype=torch.float32)
     return counts, counts.unbind()
 
-
-def _restore(name: str, value, param):
-    """Fixed-dtype state as saved: ``step`` a 0-d fp32 CPU tensor, the rest on the parameter's device."""
-    if name == "step":
-        return torch.as_tensor(value, dtype=torch.float32, device="cpu").reshape(()).clone()
-    return value.to(device=param.device).clone()
