@@ -171,3 +171,40 @@ def test_bad_average_from_is_refused(value):
     opt = SASADMM([torch.nn.Parameter(torch.randn(3))])
     with pytest.raises(ValueError, match="which must be 'average'"):
         opt.write_params("avg")
+
+
+def test_dtensor_parameters_average_like_plain_ones():
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        gen = torch.Generator().manual_seed(0)
+        full = [torch.randn(6, 3, generator=gen), torch.randn(5, generator=gen)]
+        sharded = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in full]
+        plain = [torch.nn.Parameter(t.clone()) for t in full]
+        opts = [SASADMM(ps, M=2, k0=100, average_from=2) for ps in (sharded, plain)]
+        for _ in range(9):
+            grads = [torch.randn(t.shape, generator=gen) for t in full]
+            for p, g in zip(sharded, grads):
+                p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+            for p, g in zip(plain, grads):
+                p.grad = g.clone()
+            for opt in opts:
+                opt.step()
+        for a, b in zip(sharded, plain):
+            x, y = opts[0].state[a], opts[1].state[b]
+            assert isinstance(x["w_avg"], DTensor) and x["w_avg_count"] == y["w_avg_count"] == 3
+            assert torch.equal(x["w_avg"].full_tensor(), y["w_avg"])
+        for opt in opts:
+            opt.write_params()
+        assert all(torch.equal(a.full_tensor(), b.detach()) for a, b in zip(sharded, plain))
+    finally:
+        if started:
+            dist.destroy_process_group()

@@ -252,6 +252,10 @@ class _GroupPlan:
     def _pointers(self, params):
         return [local_tensor(p).data_ptr() for p in params] if self.sharded else list(map(Tensor.data_ptr, params))
 
+    def checked_grads(self, grads):
+        """The gradients ready for the plan (what ``prepare_group`` asks of a cached plan)."""
+        return self.plan.checked_grads(grads)
+
     def fits(self, params, clock: int, backend) -> bool:
         return (clock == self.clock and backend == self.backend and not self.new_state
                 and len(params) == len(self.params) and all(map(operator.is_, params, self.params))
