@@ -1,5 +1,7 @@
 """What every pruning schedule shares: the step / done / prune protocol, the
-summary it returns, its state_dict, and small helpers that add optimizer state.
+summary it returns, its state_dict, the construction checks (an optimizer
+that acts on what the schedule writes, something to prune), and small helpers
+that add optimizer state. The timetables are derived in ``docs/schedules.md``.
 
 A schedule owns no kernel. It writes optimizer state (lambda vectors, masks,
 L1 coefficients, ADMM targets) on its timetable; the fused optimizer step reads
@@ -79,11 +81,11 @@ FEATURES = {
     "sas_admm": "the ADMM iteration of regkern.SASADMM",
     "mask": "the masks state['mask']",
 }
-READERS = (
-    ("regkern.SGD", frozenset({"lam", "l1", "polar", "prox", "admm", "mask"})),
-    ("regkern.RDA", frozenset({"rda", "mask"})),
-    ("regkern.SASADMM", frozenset({"sas_admm"})),
-)
+READERS = {  # regkern.optim class name -> what its step acts on
+    "SGD": frozenset({"lam", "l1", "polar", "prox", "admm", "mask"}),
+    "RDA": frozenset({"rda", "mask"}),
+    "SASADMM": frozenset({"sas_admm"}),
+}
 # The schedules of greg.py and bn.py, by ``method``: penalties in state['lam']
 # and state['l1'] and the Polarization group act only through regkern.SGD.
 # OneShotL1 removes rows from the model and the optimizer state at the end and
@@ -96,11 +98,11 @@ BUILTIN_DRIVES = {"GReg1": ("lam",), "GReg2": ("lam",), "Slimming": ("l1",), "Po
 def optimizer_reads(optimizer: torch.optim.Optimizer) -> frozenset:
     """The features (keys of :data:`FEATURES`) that ``optimizer``'s step acts on:
     none for an optimizer outside regkern (it ignores regkern's state)."""
-    from regkern.optim import RDA, SASADMM, SGD
+    import regkern.optim
 
-    for kind, reads in zip((SGD, RDA, SASADMM), READERS):
-        if isinstance(optimizer, kind):
-            return reads[1]
+    for name, reads in READERS.items():
+        if isinstance(optimizer, getattr(regkern.optim, name)):
+            return reads
     return frozenset()
 
 
@@ -111,7 +113,7 @@ def require_reads(optimizer: torch.optim.Optimizer, drives: Sequence[str], metho
         return
     kind = type(optimizer)
     what = " or ".join(FEATURES[d] for d in drives)
-    use = " or ".join(name for name, reads in READERS if reads & set(drives))
+    use = " or ".join(f"regkern.{name}" for name, reads in READERS.items() if reads & set(drives))
     raise ValueError(f"{method} works through {what}, which the step of {kind.__module__}.{kind.__qualname__} "
                      f"does not read (it would have no effect); build the optimizer as {use}")
 
