@@ -12,6 +12,7 @@ checkpoints load with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -31,6 +32,28 @@ class Regularizer:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         Regularizer.registry[cls.kind] = cls
+
+    def __post_init__(self) -> None:
+        """Refuse options that cannot be stepped, in one sentence, at construction."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type in ("bool", bool):
+                if not isinstance(value, bool):
+                    raise ValueError(f"{type(self).__name__}({field.name}={value!r}): {field.name} must be True or False")
+            elif not _is_number(value):
+                raise ValueError(f"{type(self).__name__}({field.name}={value!r}): {field.name} must be a number")
+            elif math.isnan(value):
+                raise ValueError(f"{type(self).__name__}({field.name}=nan): {field.name} must be a number, not NaN")
+        self._check()
+
+    def _check(self) -> None:
+        """Further checks of a regularizer's numbers (fields are already numbers or bools)."""
+
+    def _finite_nonnegative(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{type(self).__name__}({name}={value!r}): {name} must be finite and >= 0")
 
     def init_state(self, param: Tensor, state: Dict[str, Any]) -> None:
         """Add this regularizer's tensors to a parameter's optimizer state."""
@@ -88,6 +111,10 @@ class RowL2(Regularizer):
             state["lam_cols"] = _column_state(param)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _column_state(param: Tensor) -> Tensor:
     """fp32 zeros ``[W.shape[1]]`` for ``param``'s columns. A DTensor gets a
     DTensor laid out like the parameter's dim 1: sharded where dim 1 is,
@@ -138,6 +165,9 @@ class L1(Regularizer):
     kind: ClassVar[str] = "l1"
     lam: float = 1e-4
 
+    def _check(self) -> None:
+        self._finite_nonnegative("lam")
+
     def init_state(self, param: Tensor, state: Dict[str, Any]) -> None:
         if "l1" not in state:
             state["l1"] = _per_row(param, self.lam)
@@ -153,6 +183,9 @@ class ProxL1(Regularizer):
 
     kind: ClassVar[str] = "prox_l1"
     lam: float = 1e-4
+
+    def _check(self) -> None:
+        self._finite_nonnegative("lam")
 
     def init_state(self, param: Tensor, state: Dict[str, Any]) -> None:
         if "prox_lam" not in state:
@@ -181,7 +214,7 @@ class Clamp(Regularizer):
     lo: float = 0.0
     hi: float = 1.0
 
-    def __post_init__(self):
+    def _check(self) -> None:
         if not self.lo <= self.hi:
             raise ValueError(f"Clamp needs lo <= hi, got lo={self.lo}, hi={self.hi}")
 
@@ -204,6 +237,13 @@ class Polarization(Regularizer):
     lam: float = 5e-5
     t: float = 1.4
     a: float = 1.0
+
+    def _check(self) -> None:
+        self._finite_nonnegative("lam")
+        if not math.isfinite(self.t):
+            raise ValueError(f"Polarization(t={self.t!r}): t must be finite (the recipes use 1.2 to 1.5)")
+        if not (math.isfinite(self.a) and self.a > 0):
+            raise ValueError(f"Polarization(a={self.a!r}): a, the upper clamp of the scales, must be finite and > 0")
 
     def init_group(self, params: Sequence[Tensor], states: Sequence[Dict[str, Any]]) -> None:
         # also after load_state_dict, which loads one copy per parameter: share one again
@@ -252,6 +292,9 @@ class ADMM(Regularizer):
 
     kind: ClassVar[str] = "admm"
     rho: float = 1e-3
+
+    def _check(self) -> None:
+        self._finite_nonnegative("rho")
 
     def init_state(self, param: Tensor, state: Dict[str, Any]) -> None:
         if "admm_z" not in state:

@@ -203,3 +203,32 @@ def test_conflicting_regularizers_are_refused():
         regkern.SGD([{"params": make_params(shapes=[(3,)]), "regularizer": [regkern.ProxL1(), regkern.GroupLasso()]}], lr=LR)
     with pytest.raises(ValueError, match="lo <= hi"):
         regkern.Clamp(1.0, 0.0)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: regkern.ProxL1(-1), "lam must be finite and >= 0"),
+    (lambda: regkern.L1(float("nan")), "not NaN"),
+    (lambda: regkern.GroupLasso(float("inf")), "lam must be finite"),
+    (lambda: regkern.ADMM(rho=-1), "rho must be finite and >= 0"),
+    (lambda: regkern.Polarization(t=float("nan")), "not NaN"),
+    (lambda: regkern.Polarization(lam=-1e-4), "lam must be finite"),
+    (lambda: regkern.Polarization(a=0.0), "a, the upper clamp"),
+    (lambda: regkern.Clamp(0.0, float("nan")), "not NaN"),
+    (lambda: regkern.Clamp(1.0, 0.0), "lo <= hi"),
+    (lambda: regkern.RowL2(track_norms="yes"), "True or False"),
+    (lambda: regkern.L1(lam="1e-4"), "must be a number"),
+])
+def test_bad_regularizer_arguments_are_refused(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bad_regularizer_in_a_state_dict_is_refused_and_loads_nothing():
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = regkern.SGD([{"params": [p], "regularizer": regkern.ProxL1(1e-3)}], lr=0.1)
+    saved = opt.state_dict()
+    saved["param_groups"][0]["regularizer"] = {"kind": "prox_l1", "lam": -1.0}
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match="lam must be finite"):
+        opt.load_state_dict(saved)
+    assert opt.state_dict()["param_groups"] == before["param_groups"]
