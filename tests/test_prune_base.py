@@ -149,3 +149,16 @@ def test_a_custom_schedule_declares_what_it_drives():
         drives = ()
 
     assert Anything(model, torch_sgd(model)).iteration == 0
+
+
+def test_weight_mode_layers_of_one_weight_have_nothing_to_prune():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 1, 1, bias=False), torch.nn.Flatten(), torch.nn.Linear(36, 2))
+    opt = sgd(model)
+    with pytest.raises(ValueError, match=r"GReg1 has nothing to prune: every layer has ratio 0"):
+        GReg1(model, opt, ratios=0.5, mode="weight", ignore=["0", "2"])
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1, bias=False), torch.nn.Flatten(), torch.nn.Linear(36, 2))
+    opt = sgd(model)
+    before = everything(model, opt)
+    with pytest.raises(ValueError, match=r"the layer\(s\) with a ratio above 0 \(0\) have no unit .*single weight"):
+        OneShotL1(model, opt, ratios=0.5, mode="weight")
+    assert_same(before, everything(model, opt))
