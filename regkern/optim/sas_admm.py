@@ -80,7 +80,8 @@ class SASADMM(torch.optim.Optimizer):
     parameters whose outer iteration just ended (once every ``M_k`` steps),
     outside the fused pass. ``average_from=None`` keeps no average.
     ``average_from`` counts absolute outer iterations, as the official code
-    does: a run of fewer outer iterations averages nothing. The average of a
+    does: a run that stops before it keeps no average (its final weights
+    are the last ``W``, as in the official code). The average of a
     parameter is that of its own outer iterations (a parameter without a
     gradient in some step lags behind the others).
 
@@ -93,7 +94,7 @@ class SASADMM(torch.optim.Optimizer):
     draws its minibatches with replacement; both are the caller's choice here.
     See ``docs/admm.md`` for the derivation.
 
-    One fused pass per step does all of it (``regkern.backend_admm``: C++ on
+    One fused pass per step does the W/Z/U update (``regkern.backend_admm``: C++ on
     CPU, Triton on CUDA, one call / one launch per dtype for every parameter;
     the outer update of the parameters whose outer iteration ends folds into
     the same pass), in fp32 whatever the parameter's dtype, the parameter
