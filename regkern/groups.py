@@ -573,12 +573,12 @@ def _row_norm_sums(norms: Tensor, index: Tensor, row_len: int) -> Tuple[Tensor, 
 
 
 def _fresh_row_norms(optimizer, param: Tensor) -> Optional[Tensor]:
-    if optimizer is None:
+    """The row norms the optimizer's last step wrote for ``param``, while
+    ``param`` still holds the weights that step wrote; else None (score W)."""
+    current = getattr(optimizer, "current_row_norms", None)
+    norms = current(param) if current is not None else None
+    if norms is None or is_dtensor(norms) or param.dim() == 0 or tuple(norms.shape) != (param.shape[0], 3):
         return None
-    norms = optimizer.state.get(param, {}).get("row_norms") if param in optimizer.state else None
-    if not isinstance(norms, Tensor) or is_dtensor(norms) or param.dim() == 0 \
-            or tuple(norms.shape) != (param.shape[0], 3) or not bool(norms.any()):
-        return None  # absent, or zeros: never stepped
     return norms
 
 
@@ -590,10 +590,11 @@ def group_scores(model: nn.Module, groups: Sequence[Group], kind: str = "l1", sc
     GReg and one-shot L1 score filters only; a group without producers falls
     back to all members) or all members (``"group"``).
 
-    With ``optimizer``, a dim-0 member whose ``state["row_norms"]`` holds
-    values (the norms of the rows after the last fused step, SPEC 7) is
-    scored from them without a pass over W; zeros mean never stepped and W
-    is read instead.
+    With ``optimizer`` (a ``regkern.SGD``), a dim-0 member is scored from
+    the row norms its last step wrote (``docs/sgd.md``, row norms) without a
+    pass over W, but only while the weights are still the ones that step
+    wrote (``SGD.current_row_norms``): after ``model.load_state_dict``, an
+    in-place edit, a mask applied by hand or a slice, W is read.
     """
     if kind not in SCORE_KINDS:
         raise ValueError(f"kind must be one of {SCORE_KINDS}, got {kind!r}")

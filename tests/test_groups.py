@@ -302,3 +302,25 @@ def test_coupled_regularization_through_sgd_is_the_explicit_math(backend):
         for p, e in zip(params, expected):
             torch.testing.assert_close(p.detach(), e.float(), rtol=1e-5, atol=1e-6)
     assert opt.state[model.conv2.weight]["lam_cols"].any() and opt.state[model.fc.weight]["lam_cols"].any()
+
+
+def test_group_scores_read_w_once_the_weights_changed_after_the_step():
+    """Row norms written by a step describe the weights of that step only:
+    after model.load_state_dict or an in-place edit the scores come from W."""
+    torch.manual_seed(0)
+    model = resnet_basic()
+    opt = regkern.SGD([{"params": model.parameters(), "regularizer": regkern.RowL2(track_norms=True)}],
+                      lr=0.1, momentum=0.9)
+    groups = find_groups(model, X, ignore=["fc"])
+    group = by_name(groups)["layer1.0.conv1"]
+    F.cross_entropy(model(X), torch.tensor([1, 2])).backward()
+    opt.step()
+    other = resnet_basic()
+    model.load_state_dict(other.state_dict())  # other weights, other ranking
+    score = group_scores(model, [group], "l1", "producer", optimizer=opt)[0]
+    torch.testing.assert_close(score, direct_scores(model, group, "l1", "producer"), rtol=1e-5, atol=1e-6)
+    conv = model.layer1[0].conv1.weight
+    with torch.no_grad():
+        conv[0].mul_(100)  # an in-place edit
+    score = group_scores(model, [group], "l1", "producer", optimizer=opt)[0]
+    torch.testing.assert_close(score, direct_scores(model, group, "l1", "producer"), rtol=1e-5, atol=1e-6)

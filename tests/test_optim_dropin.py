@@ -301,3 +301,16 @@ def test_row_norms_describe_the_current_weights_only():
     with torch.no_grad():
         params[1].copy_(torch.zeros(5))  # what model.load_state_dict does
     assert opt.current_row_norms(params[1]) is None
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_a_group_regularizer_changed_between_steps_takes_effect(backend_name):
+    params = make_params(shapes=[(4, 3)])
+    opt = regkern.SGD([{"params": params, "regularizer": regkern.Clamp(-0.01, 0.01)}], lr=0.1, backend=backend_name)
+    fake_grads(params, 0)
+    opt.step()
+    assert params[0].abs().max() <= 0.01
+    opt.param_groups[0]["regularizer"] = None  # as a schedule does after its cut
+    fake_grads(params, 1)
+    opt.step()
+    assert params[0].abs().max() > 0.01

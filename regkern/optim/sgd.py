@@ -120,18 +120,22 @@ class SGD(FusedOptimizer):
 
     def current_row_norms(self, param: Tensor) -> Optional[Tensor]:
         """``state[param]["row_norms"]`` while it describes the current weights:
-        the parameter was stepped with row norms and nothing has written it
-        since (``model.load_state_dict``, an in-place edit, a hand-made
-        ``.data``); else None, and scores must be computed from ``W``."""
+        the last step wrote them and nothing has written the parameter since
+        (``model.load_state_dict``, an in-place edit, a new ``.data`` such as
+        a slice); else None, and scores must be computed from ``W``."""
         norms = self.state[param].get("row_norms") if param in self.state else None
         if norms is None:
             return None
-        local = local_tensor(param)
         for cached in self._plans.values():
-            if cached.norm_versions is not None:
-                for p, version in zip(cached.norm_params, cached.norm_versions):
-                    if p is local:
-                        return norms if p._version == version else None
+            if cached.norm_versions is None:
+                continue
+            for i, p in enumerate(cached.params):
+                if p is param:
+                    local = local_tensor(param)
+                    versions = dict(zip(map(id, cached.norm_params), cached.norm_versions))
+                    fresh = (versions.get(id(local)) == local._version
+                             and cached._pointers([param]) == [cached.pointers[i]])
+                    return norms if fresh else None
         return None
 
 
@@ -162,6 +166,7 @@ class _GroupPlan(CachedPlan):
         self.firsts = [self.momentum and b is None for b in bufs]
         self.bufs = [torch.empty_like(p) if first else b for p, b, first in zip(params, bufs, self.firsts)]
         self.differentiable = differentiable
+        self.regularizer = group["regularizer"]
         state_of = lambda key: [local_tensor(st.get(key)) for st in states]  # noqa: E731
         options = step_options(group["regularizer"])
         self.plan = SGDPlan([local_tensor(p) for p in params], [local_tensor(b) for b in self.bufs],
@@ -177,7 +182,8 @@ class _GroupPlan(CachedPlan):
 
     def fits(self, params, group: Dict[str, Any], clock: int, backend) -> bool:
         return (not any(self.firsts) and self.momentum == (group["momentum"] != 0)
-                and self.differentiable == bool(group["differentiable"]) and self.same_inputs(params, clock, backend))
+                and self.differentiable == bool(group["differentiable"]) and self.regularizer == group["regularizer"]
+                and self.same_inputs(params, clock, backend))
 
     def checked_grads(self, grads):
         if self.fast_index is not None:
