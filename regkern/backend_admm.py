@@ -1,4 +1,4 @@
-"""Kernel dispatch of the `admm` family (SPEC 6): classic ADMM's Z/U update
+"""Kernel dispatch of the `admm` family (docs/admm.md): classic ADMM's Z/U update
 and the SAS-ADMM step.
 
 Same scheme as the sgd and rda families: CPU tensors go to the C++ extension

@@ -1,4 +1,4 @@
-"""Kernel dispatch of the `rda` family (L1 regularized dual averaging, SPEC 4).
+"""Kernel dispatch of the `rda` family (L1 regularized dual averaging, docs/rda.md).
 
 Same scheme as the sgd family in ``regkern.backend`` (``RDAPlan`` is a
 ``TablePlan`` like ``SGDPlan``): CPU tensors go to the C++ extension

@@ -85,13 +85,13 @@ class Regularizer:
 
 @dataclasses.dataclass(frozen=True)
 class RowL2(Regularizer):
-    """Per-row L2 penalty ``d += lam[r] * W[r]`` (SPEC 2, growing regularization).
+    """Per-row L2 penalty ``d += lam[r] * W[r]`` (docs/sgd.md, growing regularization).
 
     Each parameter of the group gets ``state["lam"]``, an fp32 vector of
     length ``W.shape[0]`` (zeros; any sign allowed) on the parameter's device.
     With ``track_norms=True`` it also gets ``state["row_norms"]``, an fp32
     ``[R, 3]`` tensor that every step fills with the L1 norm, L2 norm and
-    mean |W| of each updated row (SPEC 7), at no extra pass over memory.
+    mean |W| of each updated row (docs/sgd.md), at no extra pass over memory.
     With ``columns=True`` each parameter with at least 2 dimensions also gets
     ``state["lam_cols"]``, fp32 zeros ``[W.shape[1]]``: ``d += lam_cols[c] *
     W[:, c, ...]`` (the input channels a pruned producer removes from its
@@ -175,7 +175,7 @@ class L1(Regularizer):
 
 @dataclasses.dataclass(frozen=True)
 class ProxL1(Regularizer):
-    """Proximal L1 after the SGD update: ``W = sign(W) max(|W| - lr lam_r, 0)`` (SPEC 3).
+    """Proximal L1 after the SGD update: ``W = sign(W) max(|W| - lr lam_r, 0)`` (docs/regularizers.md).
 
     ``state["prox_lam"]``: fp32 per-row lambdas, filled with ``lam``; the
     result holds exact zeros.
@@ -197,7 +197,7 @@ class ProxL1(Regularizer):
 
 @dataclasses.dataclass(frozen=True)
 class GroupLasso(ProxL1):
-    """Group lasso on rows after the SGD update (SPEC 3):
+    """Group lasso on rows after the SGD update (docs/regularizers.md):
     ``W_r *= max(0, 1 - lr lam_r sqrt(n_r) / ||W_r||)``; whole rows become exact zeros."""
 
     kind: ClassVar[str] = "group_lasso"
@@ -224,7 +224,7 @@ class Clamp(Regularizer):
 
 @dataclasses.dataclass(frozen=True)
 class Polarization(Regularizer):
-    """The polarization regularizer on BatchNorm scales (SPEC 5).
+    """The polarization regularizer on BatchNorm scales (docs/regularizers.md).
 
     The param group is the polarization set. Before each step the mean ``m``
     of all its values and the mean ``s`` of ``sign(gamma - m)`` are computed
@@ -282,7 +282,7 @@ class Polarization(Regularizer):
 
 @dataclasses.dataclass(frozen=True)
 class ADMM(Regularizer):
-    """The ADMM W-step penalty ``d += rho * (W - Z + U)`` (SPEC 6).
+    """The ADMM W-step penalty ``d += rho * (W - Z + U)`` (docs/admm.md).
 
     State: ``admm_z`` and ``admm_u`` (fp32, ``Z = W`` and ``U = 0`` at the
     start) and ``admm_target = Z - U`` in W's dtype, which the fused step

@@ -1,4 +1,4 @@
-"""The `admm` kernel family (SPEC 6) on every backend against the reference.
+"""The `admm` kernel family (docs/admm.md) on every backend against the reference.
 
 - Classic Z/U update (``regkern.backend_admm.admm_zu_step``): C++ (every ISA
   variant the CPU runs, several thread counts) and Triton (interpreter on CPU,

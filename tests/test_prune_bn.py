@@ -1,4 +1,4 @@
-"""Network slimming and polarization pruning (regkern.prune, SPEC 5): the
+"""Network slimming and polarization pruning (regkern.prune, docs/schedules.md): the
 penalty state, the percentile / valley thresholds, pruning through coupled
 groups, Algorithm 1's search, resuming, and bad input."""
 import numpy as np

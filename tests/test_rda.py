@@ -1,4 +1,4 @@
-"""L1 regularized dual averaging (SPEC 4): kernels against the reference, and
+"""L1 regularized dual averaging (docs/rda.md): kernels against the reference, and
 ``regkern.RDA`` against an independent float64 closed form.
 
 - C++ (every ISA variant the CPU runs) and Triton (interpreter on CPU, small
@@ -416,7 +416,7 @@ def grads_for(weights, step, maximize=False):
 
 
 class ClosedForm:
-    """SPEC 4 in float64 from the sums of the gradients (no running mean):
+    """docs/rda.md in float64 from the sums of the gradients (no running mean):
     W_t = S(W0 - sqrt(t) lr_t * sum(g) / t), threshold lam sqrt(t) lr_t."""
 
     def __init__(self, params, lam, group):

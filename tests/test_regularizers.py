@@ -78,7 +78,7 @@ def test_l1_subgradient_is_the_slimming_loop(backend):
 
 
 def polarization_float64(values, grads_per_step, lam, t, a, lr, momentum):
-    """SPEC 5 in float64: the subgradient through the mean, then the clamp."""
+    """docs/regularizers.md in float64: the subgradient through the mean, then the clamp."""
     w = [v.double().clone() for v in values]
     bufs = [None] * len(w)
     for grads in grads_per_step:

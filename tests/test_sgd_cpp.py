@@ -1,4 +1,4 @@
-"""The C++ CPU `sgd` kernel (regkern._C) against the reference (SPEC 1 to 3, 5 to 7).
+"""The C++ CPU `sgd` kernel (regkern._C) against the reference (docs/sgd.md, docs/regularizers.md).
 
 Every instruction-set variant the CPU can run (AVX-512, AVX2, baseline) is
 forced in turn, so the fallbacks are checked too. W and the momentum buffer
@@ -291,7 +291,7 @@ def test_random_cases(shapes, big, dtype, isa_name, momentum, nesterov, dampenin
 
 
 # --------------------------------------------------------------------------
-# Regularizer terms (SPEC 3, 5, 6): L1 subgradient, polarization, ADMM pull,
+# Regularizer terms (docs/regularizers.md): L1 subgradient, polarization, ADMM pull,
 # proximal maps (1 element L1, 2 group lasso), clamp
 
 

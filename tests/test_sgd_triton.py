@@ -1,4 +1,4 @@
-"""The Triton `sgd` kernel against the reference (SPEC 1 to 3, 5 to 7).
+"""The Triton `sgd` kernel against the reference (docs/sgd.md, docs/regularizers.md).
 
 Without a GPU the kernel runs on CPU tensors under ``TRITON_INTERPRET=1``
 (set by tests/conftest.py before triton is imported, which also makes the

@@ -1,6 +1,6 @@
 """Benchmark table of ``regkern.RDA`` (``python -m regkern bench --regularizers rda``).
 
-L1 regularized dual averaging (SPEC 4), element variant: at step ``t``::
+L1 regularized dual averaging (docs/rda.md), element variant: at step ``t``::
 
     gbar = gbar * (t - 1) / t + g / t
     W    = S_tau(W0 - (sqrt(t) / gamma) * gbar),   tau = lam * sqrt(t) / gamma

@@ -7,19 +7,19 @@ tensors and does the same work: the regularized set below gets the
 regularizer, every other parameter is in a plain group (plain SGD with
 momentum and weight decay) in every row.
 
-- ``prox-l1``, ``group-lasso`` (conv/linear weights, SPEC 3): regkern
+- ``prox-l1``, ``group-lasso`` (conv/linear weights, docs/regularizers.md): regkern
   ``ProxL1(lam)`` / ``GroupLasso(lam)`` against (a) ``torch.optim.SGD(foreach)``
   then the proximal map as separate torch ops per tensor, and (c)
   ``torch.compile`` of the same math (SGD step and proximal map);
 - ``l1`` (BatchNorm scales, network slimming): regkern ``L1(lam)`` against
   (a) the official loop ``p.grad.add_(lam * torch.sign(p.data))`` then
   ``torch.optim.SGD(foreach)``;
-- ``polarization`` (BatchNorm scales, SPEC 5): regkern
+- ``polarization`` (BatchNorm scales, docs/regularizers.md): regkern
   ``Polarization(lam, t, a)`` against (a) the official form: the regularizer
   as an autograd loss term over all BN scales concatenated (``backward`` adds
   its gradient), ``torch.optim.SGD(foreach)``, then ``p.data.clamp_(0, a)``
   per BN scale;
-- ``admm`` (conv/linear weights, SPEC 6, the W-step): regkern ``ADMM(rho)``
+- ``admm`` (conv/linear weights, docs/admm.md, the W-step): regkern ``ADMM(rho)``
   against (a) ``grad += rho * (W - Z + U)`` per tensor then
   ``torch.optim.SGD(foreach)``;
 - ``admm-zu`` (classic ADMM's Z/U update) and ``sas-admm`` (one SAS-ADMM
@@ -373,7 +373,7 @@ for _key in ("prox-l1", "group-lasso", "l1", "polarization", "admm"):
 #
 # Two more tables, not SGD steps:
 #
-# - ``admm-zu``: classic ADMM's Z/U update (SPEC 6, every K steps) on the
+# - ``admm-zu``: classic ADMM's Z/U update (docs/admm.md, every K steps) on the
 #   conv/linear weights, each layer pruned at ``ZU_RATIO`` (top-k magnitudes of
 #   W + U): regkern ``regkern.admm.admm_update_all`` (a score pass, the
 #   per-tensor selection with torch.kthvalue, one fused pass writing Z, U and

@@ -1,4 +1,4 @@
-"""``regkern.RDA``: L1 regularized dual averaging (SPEC 4) as a drop-in optimizer."""
+"""``regkern.RDA``: L1 regularized dual averaging (docs/rda.md) as a drop-in optimizer."""
 from __future__ import annotations
 
 import math
@@ -41,7 +41,7 @@ class RDA(FusedOptimizer):
     training sparse CNN", arXiv 1807.04222), fused into one pass over memory.
 
     For each parameter with a gradient, at its step ``t`` (1 at its first
-    step), with ``gamma = 1 / lr`` (SPEC.md section 4)::
+    step), with ``gamma = 1 / lr`` (docs/rda.md)::
 
         gbar = gbar * (t - 1) / t + g / t            # running mean of the gradients
         v    = W0 - (sqrt(t) / gamma) * gbar         # W0: W at the parameter's first step

@@ -28,7 +28,7 @@ class SGD(FusedOptimizer):
     LR schedulers, closures, ``state_dict``, ``torch.amp.GradScaler``), and
     every parameter group may carry a ``regularizer`` key, e.g.
     ``regkern.RowL2()``. For each parameter with a gradient, one fused pass
-    computes (SPEC.md sections 1, 2 and 7)::
+    computes (docs/sgd.md)::
 
         d   = g + weight_decay * W + lam[r] * W        # lam: state["lam"], per row (or per weight)
               + lam_cols[c] * W[:, c]               # state["lam_cols"]: per input column

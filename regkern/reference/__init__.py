@@ -1,4 +1,4 @@
-"""Pure-torch reference kernels: SPEC.md made executable.
+"""Pure-torch reference kernels: the mathematics of docs/ made executable.
 
 Every fast backend (C++ on CPU, Triton on CUDA) is tested against these
 functions; they also run on any other device.

@@ -1,4 +1,4 @@
-"""Reference for the `admm` kernel family (SPEC 6): classic ADMM's Z/U update
+"""Reference for the `admm` kernel family (docs/admm.md): classic ADMM's Z/U update
 and the SAS-ADMM step.
 
 **Classic Z/U update** (Zhang et al. 2018), run every K steps. For each tensor

@@ -1,4 +1,4 @@
-"""Reference for the `rda` kernel family: L1 regularized dual averaging (SPEC 4).
+"""Reference for the `rda` kernel family: L1 regularized dual averaging (docs/rda.md).
 
 Xiao's RDA with the proximal centre at the initial weights W0 (He et al.,
 arXiv 1807.04222). For each tensor ``i`` at its step ``t`` (``t = 1`` at the

@@ -1,4 +1,4 @@
-"""Reference for the `sgd` kernel family (SPEC sections 1 to 3, 5 to 7).
+"""Reference for the `sgd` kernel family (docs/sgd.md, docs/regularizers.md).
 
 The contract every backend implements, for each tensor ``i`` (every term is
 optional; ``sign(0) = 0``; W on the right-hand side of ``d`` is the value
@@ -7,24 +7,24 @@ before the step):
     g = grads[i] (as fp32) / grad_scale          (when grad_scale is given)
     g = -g                                       (when maximize)
     d = g + weight_decay * W
-          + lam[r] * W                           (lam: fp32 per row [R]; L2, SPEC 2)
+          + lam[r] * W                           (lam: fp32 per row [R]; L2, docs/sgd.md)
             or lam * W                           (lam: fp32 of W's shape, per element)
           + lam_cols[c] * W[:, c, ...]           (lam_cols: fp32 [W.shape[1]], W.dim() >= 2;
                                                   c indexes dim 1: columns of a linear
                                                   weight, input channels of a conv)
           + l1[r] * sign(W)                      (l1: fp32 per row; L1 subgradient)
           + p_lam * (p_t * sign(W) - sign(W - p_m) + p_s)
-                                                 (polar = fp32 (p_lam, p_t, p_m, p_s); SPEC 5)
-          + rho * (W - target)                   (ADMM: target = Z - U, W's shape; SPEC 6)
+                                                 (polar = fp32 (p_lam, p_t, p_m, p_s); docs/regularizers.md)
+          + rho * (W - target)                   (ADMM: target = Z - U, W's shape; docs/admm.md)
     buf = d if first_step[i] else momentum * buf + (1 - dampening) * d
     s = d + momentum * buf if nesterov else buf  (s = d when momentum == 0)
     W = W - lr * s
     W *= mask, buf *= mask                       (mask: bool row [R] or element)
-    W = prox(W)                                  (SPEC 3, threshold lr * prox_lam[r]):
+    W = prox(W)                                  (docs/regularizers.md, threshold lr * prox_lam[r]):
           kind 1, element L1: sign(W) * max(|W| - lr * prox_lam[r], 0)
           kind 2, group lasso: W_r * max(0, 1 - lr * prox_lam[r] * sqrt(n_r) / ||W_r||)
                                (||W_r|| of this fp32 row; a row of norm 0 stays 0)
-    W = min(max(W, lo), hi)                      (clamp = (lo, hi); SPEC 5)
+    W = min(max(W, lo), hi)                      (clamp = (lo, hi); docs/regularizers.md)
     W *= mask                                    (a clamp must not revive a pruned weight)
     norms[r] = (sum |W_r|, ||W_r||_2, mean |W_r|) of the stored, updated W
 
@@ -163,7 +163,7 @@ def _broadcast_mask(mask: Tensor, w: Tensor) -> Tensor:
 
 
 def _prox(w: Tensor, kind: int, threshold: Tensor) -> Tensor:
-    """The proximal map of ``threshold`` (per row, ``[R, 1]``) on ``w`` (SPEC 3)."""
+    """The proximal map of ``threshold`` (per row, ``[R, 1]``) on ``w`` (docs/regularizers.md)."""
     rows = as_rows(w)
     if kind == PROX_L1:
         return (rows.sign() * (rows.abs() - threshold).clamp_min(0)).reshape(w.shape)
