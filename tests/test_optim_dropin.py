@@ -314,3 +314,23 @@ def test_a_group_regularizer_changed_between_steps_takes_effect(backend_name):
     fake_grads(params, 1)
     opt.step()
     assert params[0].abs().max() > 0.01
+
+
+def test_sasadmm_steps_under_a_gradscaler_on_the_unscaled_gradient():
+    torch.manual_seed(0)
+    params = make_params(shapes=[(4, 3), (5,)])
+    expected = twin(params)
+    opt, ref = regkern.SASADMM(params, M=2, k0=2), regkern.SASADMM(expected, M=2, k0=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x = torch.randn(5)
+    for t in range(5):
+        for ps in (params, expected):
+            for p in ps:
+                p.grad = None
+        loss = (params[0].sum(1) @ torch.randn(4, generator=torch.Generator().manual_seed(t)) + params[1] @ x) ** 2
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        (((expected[0].sum(1) @ torch.randn(4, generator=torch.Generator().manual_seed(t))) + expected[1] @ x) ** 2).backward()
+        ref.step()
+    assert_params_close(params, expected)

@@ -37,6 +37,9 @@ class FusedOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
 
     fixed_dtype_state: Tuple[str, ...] = ()
     legacy_options: Dict[str, Any] = {}
+    # GradScaler hands the step grad_scale / found_inf instead of unscaling the
+    # gradients itself (a subclass whose kernels take unscaled gradients says False).
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults: Dict[str, Any], backend: Optional[str]) -> None:
         self.backend = backend
@@ -44,8 +47,6 @@ class FusedOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         self._warned = set()
         super().__init__(params, defaults)
         self.state = TrackedState(self.state)
-        # GradScaler hands us grad_scale / found_inf instead of unscaling itself.
-        self._step_supports_amp_scaling = True
 
     # -- param groups -----------------------------------------------------------------
     def add_param_group(self, param_group: Dict[str, Any]) -> None:

@@ -6,18 +6,16 @@ authors' code (``sasPrun``). The math is in ``docs/admm.md``.
 from __future__ import annotations
 
 import math
-import operator
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from regkern.backend_admm import SAS_STATE, SASPlan
-from regkern.optim.checkpoint import load_keeping_dtypes, plain_state
-from regkern.optim.plan_cache import prepare_group
-from regkern.optim.tracked_state import TrackedState
+from regkern.optim.fused import FusedOptimizer
+from regkern.optim.plan_cache import CachedPlan, prepare_group
 from regkern.reference.admm import SASCoefficients, sas_coefficients
-from regkern.sharding import is_dtensor, local_tensor
+from regkern.sharding import local_tensor
 
 # Per-parameter state tensors kept in fp32 for fp32/bf16/fp16 parameters (float64
 # parameters keep float64): torch's load_state_dict would cast them to the
@@ -37,7 +35,7 @@ def sas_schedule(k: int, M: int, k0: int, q: float, v: float) -> Tuple[int, floa
     return m_k, M * (M + 1) / (v * m_k * (m_k + 1))
 
 
-class SASADMM(torch.optim.Optimizer):
+class SASADMM(FusedOptimizer):
     r"""SAS-ADMM weight pruning: minimise ``f(W) + lam * ||Z||_1`` s.t. ``W = Z``.
 
     Call ``step()`` once per minibatch, after ``backward()``: each call is one
@@ -106,57 +104,37 @@ class SASADMM(torch.optim.Optimizer):
     complex parameters, ``maximize``.
     """
 
+    fixed_dtype_state = STATE_TENSORS
+    legacy_options = dict(average_from=170)  # a state saved before the option existed: the official default
+    # GradScaler unscales the gradients itself before this step (the fused pass takes them unscaled).
+    _step_supports_amp_scaling = False
+
     def __init__(self, params, beta: float = 0.04, lam: float = 1e-4, *, r: float = 0.9, s: float = 1.09,
                  rho: Optional[float] = None, M: int = 50, k0: int = 50, q: float = 1.1, v: float = 25.0,
                  average_from: Optional[int] = 170, backend: Optional[str] = None) -> None:
         defaults = dict(beta=beta, lam=lam, r=r, s=s, rho=rho, M=M, k0=k0, q=q, v=v, average_from=average_from)
         _check_hyper(defaults)
-        self.backend = backend
-        self._plans: Dict[int, _GroupPlan] = {}
-        super().__init__(params, defaults)
-        self.state = TrackedState(self.state)
+        super().__init__(params, defaults, backend)
 
-    def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            _check_hyper(group)
-            for p in group["params"]:
-                if not p.is_floating_point() or p.is_complex():
-                    raise ValueError(f"SASADMM steps real floating-point parameters, got {p.dtype}")
-        except ValueError:
-            self.param_groups.pop()
-            raise
+    def _check_group(self, group: Dict[str, Any], where: str) -> None:
+        _check_hyper(group, where)
+        for p in group["params"]:
+            if not p.is_floating_point() or p.is_complex():
+                raise ValueError(f"SASADMM steps real floating-point parameters, got {p.dtype}{where}")
 
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("backend", None)
-        self.state = TrackedState(self.state)  # load_state_dict hands back a plain dict
-        self._plans = {}
+    def _prepare(self, index: int, group: Dict[str, Any]):
+        """The group's plan (reused while its parameters, their storage and the
+        state tensors are the same) and its checked gradients."""
+        return prepare_group(self._plans, index, group["params"],
+                             lambda cached, ps: cached.fits(ps, self.state.clock.value, self.backend),
+                             lambda ps: _GroupPlan(self, group, ps))
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None):
-        """One inner iteration for every parameter with a gradient; returns the closure's loss, if any."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        # Check every group before touching anything: a rejected step is a no-op.
-        prepared = [self._prepare(i, group) for i, group in enumerate(self.param_groups)]
+    def _apply(self, prepared: List[Any], grad_scale: Optional[Tensor]) -> None:
         for group, (cached, grads) in zip(self.param_groups, prepared):
             if cached.params:
                 cached.plan.run(grads, cached.coefficients(self.state, group))
                 self._average(group, cached)
                 cached.commit(self.state)
-        return loss
-
-    def _prepare(self, index: int, group: Dict[str, Any]):
-        """The group's plan (reused while its parameters, their storage and the
-        state tensors are the same) and its checked gradients."""
-        _check_hyper(group)
-        return prepare_group(self._plans, index, group["params"],
-                             lambda cached, ps: cached.fits(ps, self.state.clock.value, self.backend),
-                             lambda ps: _GroupPlan(self, group, ps))
 
     @torch.no_grad()
     def _average(self, group: Dict[str, Any], cached: "_GroupPlan") -> None:
@@ -204,17 +182,8 @@ class SASADMM(torch.optim.Optimizer):
                 if st:
                     p.copy_(st.get("w_avg", st["w"]) if which == "average" else st[which])
 
-    def state_dict(self) -> Dict[str, Any]:
-        return plain_state(super().state_dict())
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        load_keeping_dtypes(self, state_dict, STATE_TENSORS, super().load_state_dict)
-        for group in self.param_groups:
-            group.setdefault("average_from", self.defaults["average_from"])  # saved before the option existed
-            _check_hyper(group)
-
-
-class _GroupPlan:
+class _GroupPlan(CachedPlan):
     """A param group's SASPlan with what it was built from: the parameters
     that had gradients, their storage and the state clock. The state of a
     parameter stepped for the first time (``W = W_breve = Z =`` the parameter,
@@ -222,7 +191,7 @@ class _GroupPlan:
     after the step ran."""
 
     def __init__(self, optimizer: SASADMM, group: Dict[str, Any], params) -> None:
-        self.params = list(params)
+        self._remember(optimizer, params)
         self.new_state: Dict[Tensor, Dict[str, Any]] = {}
         states = []
         for p in self.params:
@@ -242,25 +211,12 @@ class _GroupPlan:
                 value = st.get(name)
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise ValueError(f"parameter {i} of its group has SAS-ADMM counter {name}={value!r}; it must be an int >= 1")
-        self.sharded = any(is_dtensor(p) for p in self.params)
-        self.pointers = self._pointers(self.params)
-        self.clock = optimizer.state.clock.value
-        self.backend = optimizer.backend
         self.plan = SASPlan([local_tensor(p) for p in self.params],
                             *([local_tensor(st.get(name)) for st in states] for name in SAS_STATE),
                             backend=optimizer.backend)
 
-    def _pointers(self, params):
-        return [local_tensor(p).data_ptr() for p in params] if self.sharded else list(map(Tensor.data_ptr, params))
-
-    def checked_grads(self, grads):
-        """The gradients ready for the plan (what ``prepare_group`` asks of a cached plan)."""
-        return self.plan.checked_grads(grads)
-
     def fits(self, params, clock: int, backend) -> bool:
-        return (clock == self.clock and backend == self.backend and not self.new_state
-                and len(params) == len(self.params) and all(map(operator.is_, params, self.params))
-                and self._pointers(params) == self.pointers)
+        return not self.new_state and self.same_inputs(params, clock, backend)
 
     def coefficients(self, state, group: Dict[str, Any]) -> List[SASCoefficients]:
         """Each parameter's coefficients at its own (k, t), computed once per distinct pair."""
@@ -296,30 +252,30 @@ def _rho(group: Dict[str, Any]) -> float:
     return group["beta"] if group["rho"] is None else group["rho"]
 
 
-def _check_hyper(h: Dict[str, Any]) -> None:
+def _check_hyper(h: Dict[str, Any], where: str = "") -> None:
     def finite(name):
         value = h[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"SASADMM: {name} must be a finite number, got {value!r}")
+            raise ValueError(f"SASADMM: {name} must be a finite number, got {value!r}{where}")
         return value
 
     if not finite("beta") > 0:
-        raise ValueError(f"SASADMM: beta (the penalty) must be > 0, got {h['beta']}")
+        raise ValueError(f"SASADMM: beta (the penalty) must be > 0, got {h['beta']}{where}")
     if not finite("lam") >= 0:
-        raise ValueError(f"SASADMM: lam must be >= 0, got {h['lam']}")
+        raise ValueError(f"SASADMM: lam must be >= 0, got {h['lam']}{where}")
     finite("r")
     finite("s")
     if h["rho"] is not None and not finite("rho") >= 0:
-        raise ValueError(f"SASADMM: rho must be >= 0 (or None: rho = beta), got {h['rho']}")
+        raise ValueError(f"SASADMM: rho must be >= 0 (or None: rho = beta), got {h['rho']}{where}")
     for name in ("M", "k0"):
         value = h[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"SASADMM: {name} must be an int >= 1, got {value!r}")
+            raise ValueError(f"SASADMM: {name} must be an int >= 1, got {value!r}{where}")
     if not finite("q") > 0:
-        raise ValueError(f"SASADMM: q must be > 0, got {h['q']}")
+        raise ValueError(f"SASADMM: q must be > 0, got {h['q']}{where}")
     if not finite("v") > 0:
-        raise ValueError(f"SASADMM: v must be > 0, got {h['v']}")
+        raise ValueError(f"SASADMM: v must be > 0, got {h['v']}{where}")
     start = h["average_from"]
     if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 1):
         raise ValueError(f"SASADMM: average_from (the first outer iteration in the average of W) must be an int "
-                         f">= 1 or None (no average), got {start!r}")
+                         f">= 1 or None (no average), got {start!r}{where}")
