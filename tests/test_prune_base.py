@@ -162,3 +162,12 @@ def test_weight_mode_layers_of_one_weight_have_nothing_to_prune():
     with pytest.raises(ValueError, match=r"the layer\(s\) with a ratio above 0 \(0\) have no unit .*single weight"):
         OneShotL1(model, opt, ratios=0.5, mode="weight")
     assert_same(before, everything(model, opt))
+
+
+def test_slimming_with_nothing_to_prune_is_refused_before_writing():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 2))
+    opt = regkern.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"in \(0, 1\)"):
+        regkern.prune.Slimming(model, opt, torch.randn(2, 3, 8, 8), steps=10, percent=0)
+    assert not any("l1" in opt.state[p] for p in model.parameters() if p in opt.state)

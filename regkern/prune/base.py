@@ -86,15 +86,6 @@ READERS = {  # regkern.optim class name -> what its step acts on
     "RDA": frozenset({"rda", "mask"}),
     "SASADMM": frozenset({"sas_admm"}),
 }
-# The schedules of greg.py and bn.py, by ``method``: penalties in state['lam']
-# and state['l1'] and the Polarization group act only through regkern.SGD.
-# OneShotL1 removes rows from the model and the optimizer state at the end and
-# writes nothing a step must read, so any optimizer does (its weight mode
-# freezes masks: see ``Schedule._late_drives``).
-BUILTIN_DRIVES = {"GReg1": ("lam",), "GReg2": ("lam",), "Slimming": ("l1",), "PolarizationPruner": ("polar",),
-                  "OneShotL1": ()}
-
-
 def optimizer_reads(optimizer: torch.optim.Optimizer) -> frozenset:
     """The features (keys of :data:`FEATURES`) that ``optimizer``'s step acts on:
     none for an optimizer outside regkern (it ignores regkern's state)."""
@@ -157,16 +148,14 @@ class Schedule(abc.ABC, metaclass=_Checked):
     method = "schedule"
     #: The features (keys of ``FEATURES``) the schedule works through; the
     #: optimizer's step must act on at least one. ``()``: any optimizer.
-    #: None: the entry of ``BUILTIN_DRIVES`` for ``method``, or no check.
-    drives: Optional[Tuple[str, ...]] = None
+    drives: Tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer such as regkern.SGD, got {type(optimizer).__name__}")
-        drives = self.drives if self.drives is not None else BUILTIN_DRIVES.get(self.method, ())
-        require_reads(optimizer, drives, self.method)
+        require_reads(optimizer, self.drives, self.method)
         self.model = model
         self.optimizer = optimizer
         self.iteration = 0

@@ -222,14 +222,16 @@ class Slimming(_BNPruner):
     """
 
     method = "Slimming"
+    drives = ("l1",)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, example_inputs: Any, *,
                  lam: float = 1e-4, steps: int, percent: float = 0.5, scope: str = "global",
                  layers: Optional[Sequence] = None, skip: Sequence = (), ignore: Optional[Sequence] = None,
                  residual_rule: bool = True, residual: str = "keep") -> None:
         _check_pos(lam, "lam (the L1 strength on BatchNorm scales)", allow_zero=True)
-        if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 <= percent < 1:
-            raise ValueError(f"percent is the fraction of channels to prune, in [0, 1); got {percent!r}")
+        if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 < percent < 1:
+            raise ValueError(f"percent is the fraction of channels to prune, in (0, 1) (0 would train the L1 "
+                             f"penalty for nothing); got {percent!r}")
         if scope not in ("global", "layer"):
             raise ValueError(f"scope must be 'global' (one percentile over all layers) or 'layer', got {scope!r}")
         super().__init__(model, optimizer, example_inputs, steps=steps, layers=layers, skip=skip, ignore=ignore,
@@ -338,6 +340,7 @@ class PolarizationPruner(_BNPruner):
     """
 
     method = "PolarizationPruner"
+    drives = ("polar",)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, example_inputs: Any, *,
                  steps: int, lam: Optional[float] = None, t: Optional[float] = None, a: float = 1.0,

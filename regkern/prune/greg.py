@@ -221,6 +221,9 @@ class OneShotL1(_RowPruner):
     """
 
     method = "OneShotL1"
+    # removes rows from the model and the optimizer state at the end and writes
+    # nothing a step must read: any optimizer (weight mode freezes masks: _late_drives)
+    drives = ()
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, example_inputs: Any = None,
                  ratios: RatioSpec = 0.5, *, mode: str = "filter", skip: Sequence = (),
@@ -242,6 +245,8 @@ class OneShotL1(_RowPruner):
 
 class _GReg(_RowPruner):
     """The growing-penalty timetable shared by GReg-1 and GReg-2."""
+
+    drives = ("lam",)  # state["lam"], read by regkern.SGD
 
     def __init__(self, model, optimizer, example_inputs, ratios, *, mode, Ku, Ks, delta, tau, mag_ratio_limit,
                  skip, ignore, residual_rule, scope, heads) -> None:
