@@ -260,3 +260,15 @@ def test_bottleneck_ends_are_the_last_convs_not_the_downsample():
     x = image_batch(3, 8, seed=4)
     with torch.no_grad():
         torch.testing.assert_close(model(x), masked(x), rtol=1e-5, atol=1e-5)
+
+
+
+@pytest.mark.parametrize("bn_weight_decay,expected", [(0.0, 0.0), (None, 5e-4), (1e-4, 1e-4)])
+def test_polarized_and_clamped_scales_weight_decay(bn_weight_decay, expected):
+    """Official: no weight decay on BatchNorm scales unless asked for."""
+    torch.manual_seed(0)
+    model = resnet_basic()
+    opt = regkern.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    pruner = PolarizationPruner(model, opt, image_batch(), steps=2, bn_weight_decay=bn_weight_decay)
+    assert pruner.group["weight_decay"] == expected and pruner.clamp_group["weight_decay"] == expected
+    assert opt.param_groups[0]["weight_decay"] == 5e-4

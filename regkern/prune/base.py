@@ -365,12 +365,13 @@ def drop_regularizer(group: Dict[str, Any], kind: type) -> None:
 
 
 def ensure_group(optimizer: torch.optim.Optimizer, params: Sequence[Tuple[str, Tensor]], kind: type,
-                 make: Callable[[], Any], what: str) -> Dict[str, Any]:
+                 make: Callable[[], Any], what: str, **options: Any) -> Dict[str, Any]:
     """The param group whose regularizer is a ``kind`` holding every one of
     ``params``. When the optimizer has none: a group holding exactly
     ``params`` gets ``make()`` added to its regularizers; otherwise the params
     move out of their groups into a new group with ``make()`` as regularizer
-    and the hyper-parameters of the group of the first one. (Create LR
+    and the hyper-parameters of the group of the first one. ``options``
+    (e.g. ``weight_decay=0.0``) are set on the group it returns. (Create LR
     schedulers after this: a scheduler made before does not know a new group.)"""
     if not hasattr(optimizer, "param_groups") or "regularizer" not in optimizer.defaults:
         raise ValueError(f"{what} needs a regkern optimizer with regularizer param groups (regkern.SGD), "
@@ -382,6 +383,7 @@ def ensure_group(optimizer: torch.optim.Optimizer, params: Sequence[Tuple[str, T
         for g in holders:
             inside = set(map(id, g["params"]))
             if all(id(p) in inside for p in wanted):
+                g.update(options)
                 return g
         raise ValueError(f"the optimizer has a {kind.__name__} param group, but it does not hold every parameter "
                          f"{what} regularizes; put them all in one group (or leave the optimizer without one and "
@@ -395,10 +397,11 @@ def ensure_group(optimizer: torch.optim.Optimizer, params: Sequence[Tuple[str, T
         reg = make()
         source["regularizer"] = as_regularizer(regularizers_of(source) + [reg]) if regularizers_of(source) else reg
         reg.init_group(source["params"], [optimizer.state[p] for p in source["params"]])
+        source.update(options)
         return source
     for g in optimizer.param_groups:
         g["params"] = [p for p in g["params"] if id(p) not in ids]
     new = {k: v for k, v in source.items() if k not in ("params", "regularizer")}
-    new.update(params=list(wanted), regularizer=make())
+    new.update(params=list(wanted), regularizer=make(), **options)
     optimizer.add_param_group(new)
     return optimizer.param_groups[-1]

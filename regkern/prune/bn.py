@@ -83,14 +83,6 @@ def _apply_cut(model: nn.Module, removals: List[Tuple[_BNUnit, Tensor]], optimiz
     return summary
 
 
-def _plans_changed(optimizer) -> None:
-    """A param group's regularizers changed: make a regkern optimizer rebuild
-    its cached step plans (they hold the group's clamp and state)."""
-    clock = getattr(getattr(optimizer, "state", None), "clock", None)
-    if clock is not None:
-        clock.tick()
-
-
 class _BNPruner(Schedule):
     """Shared: the BatchNorm-scale units of the chosen layers, a step count, the cut."""
 
@@ -310,7 +302,10 @@ class PolarizationPruner(_BNPruner):
     is ``regkern.Clamp(0, a)`` (moved out like the set; an existing Clamp
     group that holds them all is used and must clamp to ``[0, a]``).
     ``bn_init``: fill every BatchNorm scale of the model with this value now
-    (official: 0.5, when training from scratch).
+    (official: 0.5, when training from scratch). ``bn_weight_decay``: the
+    weight decay of those param groups, 0 by default as in the official
+    code (its BatchNorm weight decay is off unless asked for); None keeps the
+    hyper-parameter of the group the scales came from.
 
     FLOPs control, two ways with two meanings of "target":
     ``target_flops`` here is the official gate: a fraction of the model's
@@ -347,7 +342,7 @@ class PolarizationPruner(_BNPruner):
                  layers: Optional[Sequence] = None, skip: Sequence = (), ignore: Optional[Sequence] = None,
                  residual_rule: bool = True, residual: str = "expand", clamp_all: bool = True,
                  no_valley: str = "keep", bn_init: Optional[float] = None, target_flops: Optional[float] = None,
-                 gate_every: int = 100) -> None:
+                 gate_every: int = 100, bn_weight_decay: Optional[float] = 0.0) -> None:
         from regkern.regularizers import Clamp, Polarization
 
         if lam is not None:
@@ -365,6 +360,9 @@ class PolarizationPruner(_BNPruner):
                 raise ValueError(f"target_flops is the fraction of the model's MACs that should remain, in (0, 1); "
                                  f"got {target_flops}")
         _check_int(gate_every, "gate_every (steps between FLOPs checks)", 1)
+        if bn_weight_decay is not None:
+            _check_pos(bn_weight_decay, "bn_weight_decay", allow_zero=True)
+        decay = {} if bn_weight_decay is None else {"weight_decay": float(bn_weight_decay)}
         if not isinstance(clamp_all, bool):
             raise ValueError(f"clamp_all must be True or False, got {clamp_all!r}")
         super().__init__(model, optimizer, example_inputs, steps=steps, layers=layers, skip=skip, ignore=ignore,
@@ -385,7 +383,7 @@ class PolarizationPruner(_BNPruner):
                                      f"but {name}={value} was given; give one or the other")
         make = lambda: Polarization(lam=5e-5 if lam is None else float(lam), t=1.4 if t is None else float(t),  # noqa: E731
                                     a=float(a))
-        ensure_group(optimizer, scales, Polarization, make, self.method)
+        ensure_group(optimizer, scales, Polarization, make, self.method, **decay)
         self._anchor = scales[0][1]
         self._clamp_anchor: Optional[Tensor] = None
         self._clamp_added = False
@@ -402,9 +400,8 @@ class PolarizationPruner(_BNPruner):
                                      f"scales outside the polarization set are clamped to [0, {float(a)}]; "
                                      "make them agree or pass clamp_all=False")
             ensure_group(optimizer, others, Clamp, lambda: Clamp(0.0, float(a)),
-                         f"{self.method} (the clamp of the other BatchNorm scales)")
+                         f"{self.method} (the clamp of the other BatchNorm scales)", **decay)
             self._clamp_anchor, self._clamp_added = others[0][1], not holders
-            _plans_changed(optimizer)
         if bn_init is not None:
             with torch.no_grad():
                 for _, p in norms:
@@ -501,7 +498,6 @@ class PolarizationPruner(_BNPruner):
         for r in regs:
             if isinstance(r, Polarization):
                 r.init_group(group["params"], [self.optimizer.state[p] for p in group["params"]])
-        _plans_changed(self.optimizer)
 
     def _extra_state(self) -> Dict[str, Any]:
         return {**super()._extra_state(), "gated_at": self.gated_at, "flops_ratio": self.flops_ratio}
@@ -522,7 +518,6 @@ class PolarizationPruner(_BNPruner):
                 del st["polar"]
         if self._clamp_added:
             drop_regularizer(self.clamp_group, Clamp)
-        _plans_changed(self.optimizer)
 
 
 @dataclasses.dataclass
