@@ -405,10 +405,12 @@ class TablePlan:
             return [False] * len(reasons)
         for i, why in enumerate(reasons):
             if why is not None:
-                if warn is None:
-                    _warn_fallback(self.device, f"tensor {i} {why}")
-                else:
+                if warn is not None:
                     warn(i, why)
+                elif why not in _warned_fallbacks:
+                    _warned_fallbacks.add(why)
+                    warnings.warn(f"regkern: tensor {i} of the step is stepped by the pure-torch reference "
+                                  f"(slower) because {why}.", stacklevel=3)
         return [why is None for why in reasons]
 
 

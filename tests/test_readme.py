@@ -19,20 +19,13 @@ def run(code: str, scope: dict) -> dict:
     return scope
 
 
-def test_greg1_loop_example_prunes_and_keeps_training():
+def test_greg1_loop_example_runs_as_pasted():
     code = python_blocks()[0]
-    # The README shows the official timetable, which needs thousands of steps;
-    # the same lines run here with a fast one.
-    assert "ratios=0.5)" in code
-    code = code.replace("ratios=0.5)", "ratios=0.5, Ku=1, delta=0.05, Ks=3)")
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-    batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))) for _ in range(2)]
-    scope = run(code, {"regkern": regkern, "model": model, "example_inputs": batches[0][0],
-                       "loader": batches * 20, "criterion": nn.functional.cross_entropy})
-    assert scope["pruner"].pruned and model[0].out_channels == 4
-    assert scope["optimizer"].state[model[0].weight]["momentum_buffer"].shape == (4, 3, 3, 3)
+    assert code.startswith("import torch, regkern")  # nothing to set up before it
+    scope = run(code, {})
+    model, pruner, optimizer = scope["model"], scope["pruner"], scope["optimizer"]
+    assert pruner.pruned and model[0].out_channels == 8 and model[3].out_channels == 8
+    assert optimizer.state[model[0].weight]["momentum_buffer"].shape == (8, 3, 3, 3)
 
 
 def test_usage_example_runs():
