@@ -93,7 +93,6 @@ void check_zu_row(const int64_t* row, int64_t index) {
   const bool elements = r[c::NUMEL] > 0;
   for (int col : {c::PARAM, c::Z, c::U}) r.present(col, elements, "a tensor with elements");
   const int64_t mode = r[c::MODE], numel = r[c::NUMEL], rows = r[c::ROWS];
-  const std::string in_mode = "MODE " + std::to_string(mode);
   const double threshold = r.as_double(c::THRESHOLD);
   if (mode == kModeSoft) {
     r.absent(c::SCORES, true, "MODE 2 (soft threshold) scores nothing");
@@ -104,12 +103,13 @@ void check_zu_row(const int64_t* row, int64_t index) {
   }
   const int64_t count = mode == kModeRows ? rows : numel;
   if (r[c::KEEP] < 0 || r[c::KEEP] > count)
-    r.refuse(c::KEEP, "but " + in_mode + " keeps between 0 and " + std::to_string(count) +
+    r.refuse(c::KEEP, "but MODE " + std::to_string(mode) + " keeps between 0 and " + std::to_string(count) +
                           (mode == kModeRows ? " rows" : " elements"));
   if (mode == kModeRows) {
-    r.present(c::ROW_KEEP, rows > 0, in_mode + " (top-k rows)");
-    r.present(c::SCORES, r[c::KEEP] > 0 && r[c::KEEP] < rows,
-              "selecting " + std::to_string(r[c::KEEP]) + " of " + std::to_string(rows) + " rows");
+    r.present(c::ROW_KEEP, rows > 0, "MODE 1 (top-k rows)");
+    if (r[c::KEEP] > 0 && r[c::KEEP] < rows && r[c::SCORES] == 0)
+      r.refuse(c::SCORES, "but selecting " + std::to_string(r[c::KEEP]) + " of " + std::to_string(rows) +
+                              " rows needs it");
     return;
   }
   r.absent(c::ROW_KEEP, true, "MODE 0 (top-k elements) keeps no rows");

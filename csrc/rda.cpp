@@ -113,7 +113,7 @@ void check_row(const int64_t* row, int64_t index) {
   const bool elements = r[c::NUMEL] > 0;
   for (int col : {c::PARAM, c::GRAD, c::GBAR, c::W0}) r.present(col, elements, "a tensor with elements");
   r.absent(c::MASK, r[c::MASK_KIND] == kRdaMaskNone, "MASK_KIND is 0 (none)");
-  r.present(c::MASK, elements && r[c::MASK_KIND] != kRdaMaskNone, "MASK_KIND " + std::to_string(r[c::MASK_KIND]));
+  r.present_for(c::MASK, elements && r[c::MASK_KIND] != kRdaMaskNone, c::MASK_KIND);
   const double t = r.as_double(c::T), lam = r.as_double(c::LAM), gamma = r.as_double(c::GAMMA);
   if (!(t >= 1.0))
     r.refuse(c::T, table_check::float_text(t), "but the step t counts from 1",

@@ -199,10 +199,10 @@ void check_row(const int64_t* row, int64_t index, bool momentum) {
   r.present(c::GRAD, elements, "a tensor with elements");
   r.present(c::BUF, elements && momentum, "a step with momentum");
   r.absent(c::MASK, r[c::MASK_KIND] == kMaskNone, "MASK_KIND is 0 (none)");
-  r.present(c::MASK, elements && r[c::MASK_KIND] != kMaskNone, "MASK_KIND " + std::to_string(r[c::MASK_KIND]));
+  r.present_for(c::MASK, elements && r[c::MASK_KIND] != kMaskNone, c::MASK_KIND);
   r.absent(c::LAM, r[c::LAM_KIND] == kLamNone, "LAM_KIND is 0 (none)");
-  r.present(c::LAM, elements && r[c::LAM_KIND] != kLamNone, "LAM_KIND " + std::to_string(r[c::LAM_KIND]));
-  r.present(c::PROX_LAM, elements && r[c::PROX] != 0, "PROX " + std::to_string(r[c::PROX]));
+  r.present_for(c::LAM, elements && r[c::LAM_KIND] != kLamNone, c::LAM_KIND);
+  r.present_for(c::PROX_LAM, elements && r[c::PROX] != 0, c::PROX);
   if (r[c::CLAMP] != 0) {
     const double lo = r.as_double(c::CLAMP_LO), hi = r.as_double(c::CLAMP_HI);
     if (std::isnan(lo)) r.refuse(c::CLAMP_LO, "nan", "but a clamp bound cannot be NaN");
@@ -220,7 +220,7 @@ void check_row(const int64_t* row, int64_t index, bool momentum) {
     const int64_t len = r[c::ROW_LEN], cols = r[c::COLS];
     if (r[c::COL_LEN] == 0 || len % cols != 0 || len / cols != r[c::COL_LEN])
       r.refuse(c::COL_LEN, "but ROW_LEN / COLS is " + std::to_string(len) + " / " + std::to_string(cols));
-    r.present(c::LAM_COLS, elements, "COLS " + std::to_string(cols));
+    r.present_for(c::LAM_COLS, elements, c::COLS);
   }
   if (!elements) return;
   // per-row coefficient vectors: finite (a few floats per tensor)

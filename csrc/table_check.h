@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <stdexcept>
@@ -34,16 +35,19 @@ class TableError : public std::invalid_argument {
 
 namespace table_check {
 
-// A float64 as text (shortest form that reads back the same value).
+// A float64 as text: the shortest form that reads back the same value,
+// with a ".0" on whole numbers (like Python's repr of a float).
 inline std::string float_text(double v) {
   if (std::isnan(v)) return "nan";
   if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
-  char buf[32];
+  char buf[40];
   for (int digits = 1; digits <= 17; ++digits) {
     std::snprintf(buf, sizeof buf, "%.*g", digits, v);
     if (std::strtod(buf, nullptr) == v) break;
   }
-  return buf;
+  std::string text = buf;
+  if (text.find_first_of(".e") == std::string::npos) text += ".0";
+  return text;
 }
 
 // A float64 stored bit for bit in an int64 column.
@@ -94,13 +98,19 @@ class Row {
   void non_negative(int col) const {
     if (row_[col] < 0) refuse(col, "but sizes cannot be negative");
   }
-  // A pointer that must be set when `needed` (`why`: what needs it).
-  void present(int col, bool needed, const std::string& why) const {
-    if (needed && row_[col] == 0) refuse(col, "0 (absent), but " + why + " needs it");
+  // A pointer that must be set when `needed` (`why`: what needs it). The
+  // checks run for every row of every call: text is built only on a refusal.
+  void present(int col, bool needed, const char* why) const {
+    if (needed && row_[col] == 0) refuse(col, std::string("but ") + why + " needs it");
+  }
+  // ... needed by the kind in column `kind` ("but MASK_KIND 1 needs it").
+  void present_for(int col, bool needed, int kind) const {
+    if (needed && row_[col] == 0)
+      refuse(col, std::string("but ") + names_[kind] + " " + std::to_string(row_[kind]) + " needs it");
   }
   // A pointer that must be absent when `unused` (it would be ignored).
-  void absent(int col, bool unused, const std::string& why) const {
-    if (unused && row_[col] != 0) refuse(col, "set, but " + why + ", so it would be ignored");
+  void absent(int col, bool unused, const char* why) const {
+    if (unused && row_[col] != 0) refuse(col, std::string("but ") + why + ", so it would be ignored");
   }
   // NUMEL == ROWS * ROW_LEN, all non-negative (ROWS == 0: no elements).
   void rows_cover(int numel, int rows, int row_len) const {

@@ -33,11 +33,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from regkern.backend import DTYPE_CODE
 from regkern.backend_admm import MODE_ELEMENT, MODE_ROWS, MODE_SOFT, SAS_COLUMN, SAS_FIELDS, ZU_COLUMN, ZU_FIELDS
 
 from .sgd import _TL_DTYPE
+from .table_checks import TableCheck
 
 DEFAULT_CHUNK = 16384  # elements per work unit
+
+# The table values these kernels implement (check_zu_table / check_sas_table
+# refuse any other before a launch; the kernels' branches would take it for
+# another).
+ZU_MODES = (MODE_ELEMENT, MODE_ROWS, MODE_SOFT)  # MODE: top-k elements, top-k rows, soft threshold
+SAS_OUTER = (0, 1)                               # OUTER: inner step only, outer update after it
 DEFAULT_BLOCK = 1024   # elements per piece
 UNIT_FIELDS = 3        # a unit: tensor index, first element, end element
 
@@ -249,10 +257,67 @@ def build_units(numel: Tensor, row_len: Optional[Tensor] = None, chunk: Optional
     return torch.stack([tensor, start, end], dim=1).contiguous()
 
 
+def check_zu_table(table: Tensor, dtype: Optional[torch.dtype] = None, pointers: bool = True) -> None:
+    """Refuse (``TableError``, a ``ValueError`` naming the row, the column and
+    the value) a Z/U table these kernels cannot step: a MODE outside
+    ``ZU_MODES``, an unknown DTYPE (or, given ``dtype``, one other than the
+    launch's), sizes that disagree, a missing pointer (SCORES wherever a
+    selection needs them: the torch selection reads them), a buffer its mode
+    would ignore (pointers unless ``pointers`` is False), a KEEP, CUT or
+    THRESHOLD its mode cannot mean. The C++ kernels' checks (csrc/admm.cpp),
+    on a CPU copy of the table."""
+    c = TableCheck(table, "zu", "regkern.backend_admm.build_zu_table", ZU_COLUMN, pointers)
+    c.rows_cover()
+    c.one_of("DTYPE", tuple(DTYPE_CODE.values()), "0 float32, 1 bfloat16, 2 float16")
+    if dtype is not None:
+        c.dtype_is(DTYPE_CODE[dtype], dtype)
+    c.one_of("MODE", ZU_MODES, "0 top-k elements, 1 top-k rows, 2 soft threshold")
+    elements = c["NUMEL"] > 0
+    for name in ("PARAM", "Z", "U"):
+        c.present(name, elements, "a tensor with elements")
+    mode, numel, rows, keep, cut = c["MODE"], c["NUMEL"], c["ROWS"], c["KEEP"], c["CUT"]
+    threshold = c.floats("THRESHOLD")
+    soft, by_rows, element = mode == MODE_SOFT, mode == MODE_ROWS, mode == MODE_ELEMENT
+    c.absent("SCORES", soft, "MODE 2 (soft threshold) scores nothing")
+    c.absent("ROW_KEEP", soft, "MODE 2 (soft threshold) keeps no rows")
+    c.refuse(soft & ~((threshold >= 0) & threshold.isfinite()), "THRESHOLD",
+             "but the soft-threshold level tau must be finite and >= 0", threshold)
+    count = torch.where(by_rows, rows, numel)
+    c.refuse(~soft & ((keep < 0) | (keep > count)), "KEEP",
+             lambda r: f"but MODE {int(mode[r])} keeps between 0 and {int(count[r])} "
+                       f"{'rows' if int(mode[r]) == MODE_ROWS else 'elements'}")
+    c.present("ROW_KEEP", by_rows & (rows > 0), "MODE 1 (top-k rows)")
+    selecting = ~soft & (keep > 0) & (keep < count)
+    c.present("SCORES", selecting,
+              lambda r: f"selecting {int(keep[r])} of {int(count[r])} {'rows' if int(mode[r]) == MODE_ROWS else 'elements'}")
+    c.absent("ROW_KEEP", element, "MODE 0 (top-k elements) keeps no rows")
+    c.refuse(element & threshold.isnan(), "THRESHOLD", "but a selection threshold cannot be NaN", threshold)
+    c.refuse(element & ((cut < -1) | (cut > numel)), "CUT",
+             lambda r: f"but a tie cut lies between -1 and NUMEL = {int(numel[r])}")
+
+
+def check_sas_table(table: Tensor, dtype: Optional[torch.dtype] = None) -> None:
+    """Refuse (``TableError``) a SAS table the step cannot take: an OUTER
+    outside ``SAS_OUTER``, an unknown DTYPE (or, given ``dtype``, one other
+    than the launch's), a negative NUMEL, a missing pointer."""
+    c = TableCheck(table, "sas", "regkern.backend_admm.build_sas_table", SAS_COLUMN)
+    c.non_negative("NUMEL")
+    c.one_of("DTYPE", tuple(DTYPE_CODE.values()), "0 float32, 1 bfloat16, 2 float16")
+    if dtype is not None:
+        c.dtype_is(DTYPE_CODE[dtype], dtype)
+    c.one_of("OUTER", SAS_OUTER, "0 or 1")
+    elements = c["NUMEL"] > 0
+    for name in ("PARAM", "GRAD", "W", "W_BREVE", "ANCHOR", "Z", "U"):
+        c.present(name, elements, "a tensor with elements")
+
+
 def zu_units(table: Tensor, chunk: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """``(score_units, update_units)`` of a Z/U table: the score pass covers
-    tensors with a SCORES buffer (row tensors in whole rows), the update pass every tensor."""
+    tensors with a SCORES buffer (row tensors in whole rows), the update pass
+    every tensor. The table's modes, sizes and values are checked first
+    (``check_zu_table``; its pointers are checked by the launches)."""
     table = table.cpu()
+    check_zu_table(table, pointers=False)
     numel = table[:, ZU_COLUMN["NUMEL"]]
     scored = table[:, ZU_COLUMN["SCORES"]] != 0
     by_rows = scored & (table[:, ZU_COLUMN["MODE"]] == MODE_ROWS)
@@ -273,7 +338,11 @@ def _launch(kernel, table: Tensor, dtype: torch.dtype, units: Tensor, block: Opt
 
 def admm_scores(table: Tensor, dtype: torch.dtype, *, units: Optional[Tensor] = None,
                 block: Optional[int] = None, num_warps: int = 4) -> None:
-    """Score pass of every tensor of a Z/U ``table`` (all of storage ``dtype``), one launch."""
+    """Score pass of every tensor of a Z/U ``table`` (all of storage ``dtype``), one launch.
+    The table is checked (``check_zu_table``, nothing written on a refusal)
+    when it is on the CPU or ``units`` are built here (else by ``zu_units``)."""
+    if units is None or table.device.type == "cpu":
+        check_zu_table(table, dtype)
     if units is None:
         units = zu_units(table)[0].to(table.device)
     _launch(_scores_kernel, table, dtype, units, block, num_warps)
@@ -282,7 +351,10 @@ def admm_scores(table: Tensor, dtype: torch.dtype, *, units: Optional[Tensor] = 
 def admm_zu(table: Tensor, dtype: torch.dtype, *, units: Optional[Tensor] = None,
             block: Optional[int] = None, num_warps: int = 4) -> None:
     """Update pass (Z, U, target) of every tensor of a Z/U ``table`` with its
-    thresholds, cuts and row flags filled in, one launch."""
+    thresholds, cuts and row flags filled in, one launch. The table is
+    checked like ``admm_scores`` checks it."""
+    if units is None or table.device.type == "cpu":
+        check_zu_table(table, dtype)
     if units is None:
         units = zu_units(table)[1].to(table.device)
     _launch(_zu_kernel, table, dtype, units, block, num_warps)
@@ -291,7 +363,11 @@ def admm_zu(table: Tensor, dtype: torch.dtype, *, units: Optional[Tensor] = None
 def sas_admm_step(table: Tensor, dtype: torch.dtype, *, units: Optional[Tensor] = None,
                   block: Optional[int] = None, num_warps: int = 4) -> None:
     """One SAS-ADMM step of every tensor of a SAS ``table`` (coefficients
-    patched in), one launch."""
+    patched in), one launch. The table is checked (``check_sas_table``,
+    nothing written on a refusal) when it is on the CPU or ``units`` are built
+    here; check a device table's CPU original where it is patched."""
+    if units is None or table.device.type == "cpu":
+        check_sas_table(table, dtype)
     if units is None:
         units = build_units(table.cpu()[:, SAS_COLUMN["NUMEL"]]).to(table.device)
     _launch(_sas_kernel, table, dtype, units, block, num_warps)

@@ -36,13 +36,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from regkern.backend import DTYPE_CODE, MASK_ELEMENT, MASK_NONE, MASK_ROW
 from regkern.backend_rda import RDA_COLUMN, RDA_FIELDS
 
 from .sgd import _TL_DTYPE, place_amp_scalars
+from .table_checks import TableCheck
 
 DEFAULT_CHUNK = 16384  # elements per work unit
 DEFAULT_BLOCK = 1024   # elements per piece
 UNIT_FIELDS = 3        # a unit: tensor index, first element, end element
+
+# The table values this kernel implements (check_table refuses any other
+# before a launch; the kernel's branches would step it as something else).
+MASK_KINDS = (MASK_NONE, MASK_ROW, MASK_ELEMENT)  # MASK_KIND: none, per row, per element
+GROUP_KINDS = (0, 1)                              # GROUP: element soft threshold, row (group) shrinkage
 
 
 _NUM_FIELDS = tl.constexpr(len(RDA_FIELDS))
@@ -59,7 +66,7 @@ _LAM = tl.constexpr(RDA_COLUMN["LAM"])
 _GAMMA = tl.constexpr(RDA_COLUMN["GAMMA"])
 _NORM_SQ = tl.constexpr(RDA_COLUMN["NORM_SQ"])
 _UNIT_FIELDS = tl.constexpr(UNIT_FIELDS)
-_MASK_ROW = tl.constexpr(1)
+_MASK_ROW = tl.constexpr(MASK_ROW)
 
 
 @triton.jit
@@ -167,16 +174,50 @@ def _rda_kernel(
             tl.store(w_ptr + i, w.to(DTYPE), mask=inb)
 
 
+def check_table(table: Tensor, dtype: Optional[torch.dtype] = None, pointers: bool = True) -> None:
+    """Refuse (``TableError``, a ``ValueError`` naming the row, the column and
+    the value) a table this kernel cannot step: a MASK_KIND outside
+    ``MASK_KINDS``, a GROUP outside ``GROUP_KINDS``, a STREAM flag other than
+    0/1, an unknown DTYPE (or, given ``dtype``, one other than the launch's),
+    sizes that disagree, a missing pointer (NORM_SQ for group tensors) or a
+    mask its kind would ignore (unless ``pointers`` is False), or a step t,
+    lam or gamma that ``reference.rda`` refuses. The C++ kernel's checks
+    (csrc/rda.cpp), plus the Triton scratch, on a CPU copy of the table."""
+    c = TableCheck(table, "rda", "regkern.backend_rda.build_rda_table", RDA_COLUMN, pointers)
+    c.rows_cover()
+    c.one_of("DTYPE", tuple(DTYPE_CODE.values()), "0 float32, 1 bfloat16, 2 float16")
+    if dtype is not None:
+        c.dtype_is(DTYPE_CODE[dtype], dtype)
+    c.one_of("MASK_KIND", MASK_KINDS, "0 none, 1 row mask, 2 element mask")
+    c.one_of("GROUP", GROUP_KINDS, "0 element soft threshold, 1 row shrinkage")
+    c.flag("STREAM")
+    elements = c["NUMEL"] > 0
+    for name in ("PARAM", "GRAD", "GBAR", "W0"):
+        c.present(name, elements, "a tensor with elements")
+    kinds = c["MASK_KIND"]
+    c.absent("MASK", kinds == MASK_NONE, "MASK_KIND is 0 (none)")
+    c.present("MASK", elements & (kinds != MASK_NONE), lambda r: f"MASK_KIND {int(kinds[r])}")
+    c.present("NORM_SQ", elements & (c["GROUP"] != 0), "GROUP 1 (its per-row sums)")
+    t, lam, gamma = c.floats("T"), c.floats("LAM"), c.floats("GAMMA")
+    write = "write the step with regkern.backend_rda.write_step"
+    c.refuse(~(t >= 1), "T", "but the step t counts from 1", t, remedy=write)
+    c.refuse(~((lam >= 0) & lam.isfinite()), "LAM", "but lam must be finite and non-negative", lam, remedy=write)
+    c.refuse(~(gamma > 0), "GAMMA", "but gamma (the inverse learning rate) must be positive", gamma, remedy=write)
+
+
 def build_units(table: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
     """The work list of a metadata table: int64 ``[U, 3]`` (tensor, start, end), on the CPU.
 
     Build it once per table (it depends only on sizes and which tensors are
     stepped by rows) and keep it on the device beside the table. Units are
-    ``chunk`` elements; tensors stepped by rows get units of whole rows.
+    ``chunk`` elements; tensors stepped by rows get units of whole rows. The
+    table's kinds, flags, sizes and step values are checked first
+    (``check_table``; its pointers are checked by the launch).
     """
     if chunk <= 0:
         raise ValueError(f"chunk must be positive, got {chunk}.")
     table = table.cpu()
+    check_table(table, pointers=False)
     numel = table[:, RDA_COLUMN["NUMEL"]]
     row_len = table[:, RDA_COLUMN["ROW_LEN"]]
     by_rows = (table[:, RDA_COLUMN["GROUP"]] != 0) & (row_len > 0)
@@ -206,9 +247,16 @@ def rda_step(
     tensors' device; without ``units`` they are built here (a device-to-host
     copy: pass cached ones in a training loop). ``grad_scale`` and
     ``found_inf`` may be device tensors; the kernel reads them.
+
+    The table is checked (``check_table``, nothing written on a refusal) when
+    it is on the CPU or ``units`` are built here; a device table with cached
+    units had its kinds, flags and sizes checked when ``build_units`` made
+    them from it.
     """
     if dtype not in _TL_DTYPE:
         raise TypeError(f"the rda kernel takes float32, bfloat16 or float16 tensors, not {dtype}.")
+    if units is None or table.device.type == "cpu":
+        check_table(table, dtype)
     if units is None:
         units = build_units(table).to(table.device)
     if units.numel() == 0:

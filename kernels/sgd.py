@@ -51,7 +51,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from regkern.backend import LAM_ELEMENT, MASK_ROW, SGD_COLUMN, SGD_FIELDS
+from regkern.backend import (DTYPE_CODE, LAM_ELEMENT, LAM_NONE, LAM_ROW, MASK_ELEMENT, MASK_NONE, MASK_ROW,
+                             SGD_COLUMN, SGD_FIELDS)
+
+from .table_checks import TableCheck, float_text
 
 # The regularizer terms of the contract this kernel computes (names as
 # regkern.backend.TERM_KEYWORDS); tensors with other terms go to the reference.
@@ -60,7 +63,13 @@ SGD_TERMS = ("l1", "polar", "admm", "prox", "clamp")
 DEFAULT_CHUNK = 16384  # elements per work unit (a multiple of the block)
 DEFAULT_BLOCK = 1024   # elements per piece
 UNIT_FIELDS = 3        # a unit: tensor index, first element, end element
-PROX_L1, PROX_GROUP = 1, 2  # the PROX column (regkern.reference.sgd)
+PROX_NONE, PROX_L1, PROX_GROUP = 0, 1, 2  # the PROX column (regkern.reference.sgd)
+
+# The table values this kernel implements (check_table refuses any other
+# before a launch; the kernel's branches would step it as something else).
+PROX_KINDS = (PROX_NONE, PROX_L1, PROX_GROUP)    # PROX: none, element L1 (soft threshold), group lasso
+MASK_KINDS = (MASK_NONE, MASK_ROW, MASK_ELEMENT)  # MASK_KIND: none, per row, per element
+LAM_KINDS = (LAM_NONE, LAM_ROW, LAM_ELEMENT)      # LAM_KIND: none, per row, per element
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -342,17 +351,69 @@ def place_amp_scalars(found_inf: Optional[Tensor], grad_scale: Optional[Tensor],
     return False, found_inf, grad_scale
 
 
+def check_table(table: Tensor, dtype: Optional[torch.dtype] = None, momentum: float = 0.0,
+                pointers: bool = True) -> None:
+    """Refuse (``TableError``, a ``ValueError`` naming the row, the column and
+    the value) a table this kernel cannot step: a kind outside ``PROX_KINDS``,
+    ``MASK_KINDS`` or ``LAM_KINDS``, a flag other than 0/1, an unknown DTYPE
+    (or, given ``dtype``, one other than the launch's), sizes that disagree,
+    a pointer that a kind (or ``momentum``) needs but lacks or that its kind
+    would ignore (unless ``pointers`` is False), NaN or crossed clamp bounds.
+    The same checks as the C++ kernel's (csrc/sgd.cpp, check_row), on a CPU
+    copy of the table."""
+    c = TableCheck(table, "sgd", "regkern.backend.build_sgd_table", SGD_COLUMN, pointers)
+    c.rows_cover()
+    c.one_of("DTYPE", tuple(DTYPE_CODE.values()), "0 float32, 1 bfloat16, 2 float16")
+    if dtype is not None:
+        c.dtype_is(DTYPE_CODE[dtype], dtype)
+    c.flag("FIRST")
+    c.one_of("MASK_KIND", MASK_KINDS, "0 none, 1 row mask, 2 element mask")
+    c.one_of("LAM_KIND", LAM_KINDS, "0 none, 1 per row, 2 per element")
+    c.one_of("PROX", PROX_KINDS, "0 none, 1 element L1, 2 group lasso")
+    c.flag("CLAMP")
+    c.non_negative("COLS")
+    c.non_negative("COL_LEN")
+    elements = c["NUMEL"] > 0
+    c.present("PARAM", elements, "a tensor with elements")
+    c.present("GRAD", elements, "a tensor with elements")
+    if momentum != 0:
+        c.present("BUF", elements, "a step with momentum")
+    for kind, ptr in (("MASK_KIND", "MASK"), ("LAM_KIND", "LAM")):
+        kinds = c[kind]
+        c.absent(ptr, kinds == 0, f"{kind} is 0 (none)")
+        c.present(ptr, elements & (kinds != 0), lambda r, kind=kind, kinds=kinds: f"{kind} {int(kinds[r])}")
+    prox = c["PROX"]
+    c.present("PROX_LAM", elements & (prox != PROX_NONE), lambda r: f"PROX {int(prox[r])}")
+    clamped = c["CLAMP"] != 0
+    lo, hi = c.floats("CLAMP_LO"), c.floats("CLAMP_HI")
+    c.refuse(clamped & lo.isnan(), "CLAMP_LO", "but a clamp bound cannot be NaN", lo)
+    c.refuse(clamped & hi.isnan(), "CLAMP_HI", "but a clamp bound cannot be NaN", hi)
+    c.refuse(clamped & (lo > hi), "CLAMP_LO",
+             lambda r: f"above CLAMP_HI = {float_text(float(hi[r]))}, so the clamp interval is empty", lo,
+             remedy="give the lower bound first")
+    # LAM_COLS (fp32 [COLS]) splits each row into COLS columns of COL_LEN elements
+    cols, col_len, row_len = c["COLS"], c["COL_LEN"], c["ROW_LEN"]
+    c.refuse((cols == 0) & (col_len != 0), "COL_LEN", "but COLS is 0 (no column lambdas)")
+    c.absent("LAM_COLS", cols == 0, "COLS is 0 (no columns)")
+    split = (cols > 0) & (elements | (col_len != 0))
+    c.refuse(split & ((col_len == 0) | (row_len != cols * col_len)), "COL_LEN",
+             lambda r: f"but ROW_LEN / COLS is {int(row_len[r])} / {int(cols[r])}")
+    c.present("LAM_COLS", (cols > 0) & elements, lambda r: f"COLS {int(cols[r])}")
+
+
 def build_units(table: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
     """The work list of a metadata table: int64 ``[U, 3]`` (tensor, start, end), on the CPU.
 
     Build it once per table (it depends only on sizes and which tensors have
     norms or a group-lasso proximal map) and keep it on the device beside the
     table. Units are ``chunk`` elements; tensors with norms or group lasso get
-    units of whole rows.
+    units of whole rows. The table's kinds, flags and sizes are checked first
+    (``check_table``; its pointers are checked by the launch).
     """
     if chunk <= 0:
         raise ValueError(f"chunk must be positive, got {chunk}.")
     table = table.cpu()
+    check_table(table, pointers=False)
     numel = table[:, SGD_COLUMN["NUMEL"]]
     row_len = table[:, SGD_COLUMN["ROW_LEN"]]
     rows = table[:, SGD_COLUMN["ROWS"]]
@@ -391,9 +452,16 @@ def sgd_step(
     are built here (a device-to-host copy: pass cached ones in a training
     loop). ``lr``, ``grad_scale`` and ``found_inf`` may be device tensors; the
     kernel reads them, so nothing waits on the device.
+
+    The table is checked (``check_table``, nothing written on a refusal) when
+    it is on the CPU or ``units`` are built here; a device table with cached
+    units had its kinds, flags and sizes checked when ``build_units`` made
+    them from it (reading it back every step would wait on the device).
     """
     if dtype not in _TL_DTYPE:
         raise TypeError(f"the sgd kernel takes float32, bfloat16 or float16 tensors, not {dtype}.")
+    if units is None or table.device.type == "cpu":
+        check_table(table, dtype, momentum)
     if units is None:
         units = build_units(table).to(table.device)
     if units.numel() == 0:
