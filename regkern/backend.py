@@ -453,6 +453,12 @@ class SGDPlan(TablePlan):
         supported = kernel_terms(self.backend)
         none = [None] * count
         term = lambda key: self.terms.get(key) or none  # noqa: E731
+        # the per-row coefficient vectors users and schedules write: checked finite before a step
+        self.coefficients = [(i, key, t) for i in range(count) for key, t in (
+            ("lam", lams[i] if lams[i] is not None and lams[i].shape != params[i].shape else None),
+            ("lam_cols", term("lam_cols")[i]), ("l1", term("l1s")[i]), ("prox_lam", term("prox_lams")[i]))
+            if t is not None]
+        self._checked_versions: Optional[List[int]] = None
 
         def reason(i):
             missing = _terms_used(self.terms, i) - supported
@@ -473,6 +479,22 @@ class SGDPlan(TablePlan):
                                    pick(norms), [False] * len(index),
                                    **{k: pick(v) for k, v in self.terms.items()})
         self._split(fast, table, lambda t: load_triton().build_units(t))
+
+    def check_coefficients(self) -> None:
+        """``ValueError`` if a per-row coefficient vector (``lam`` per row,
+        ``lam_cols``, ``l1``, ``prox_lam``) holds NaN or inf. Only vectors
+        written since the last check are read (their version counters tell),
+        so a steady step costs no pass and no device synchronisation."""
+        versions = [t._version for _, _, t in self.coefficients]
+        if versions == self._checked_versions:
+            return
+        old = self._checked_versions or [None] * len(versions)
+        for (i, key, t), version, seen in zip(self.coefficients, versions, old):
+            if version != seen and not bool(torch.isfinite(t).all()):
+                w = self.params[i]
+                raise ValueError(f"parameter {i} ({_describe(w)}) has a non-finite value in state['{key}'] "
+                                 f"(e.g. {t[~torch.isfinite(t)][0].item()}); write finite coefficients")
+        self._checked_versions = versions
 
     def run(self, grads: Sequence[Tensor], first_step=False, *, lr, momentum=0.0, dampening=0.0,
             nesterov=False, weight_decay=0.0, maximize=False,

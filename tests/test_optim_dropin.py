@@ -334,3 +334,39 @@ def test_sasadmm_steps_under_a_gradscaler_on_the_unscaled_gradient():
         (((expected[0].sum(1) @ torch.randn(4, generator=torch.Generator().manual_seed(t))) + expected[1] @ x) ** 2).backward()
         ref.step()
     assert_params_close(params, expected)
+
+
+NON_FINITE = [("lam", 2, math.nan), ("lam", 0, math.inf), ("lam_cols", 1, -math.inf), ("l1", 3, math.nan),
+              ("prox_lam", 0, math.nan)]
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("key,row,value", NON_FINITE, ids=[f"{k}-{v}" for k, _, v in NON_FINITE])
+def test_non_finite_coefficients_are_refused_before_any_group_is_written(backend_name, key, row, value):
+    params = make_params(shapes=[(5,), (6, 4), (6,)])
+    regs = [regkern.RowL2(columns=True), regkern.L1(1e-3), regkern.ProxL1(1e-3)]
+    # the first group steps before the broken one: it must not be written either
+    opt = regkern.SGD([{"params": params[:1]}, {"params": params[1:2], "regularizer": regs}, {"params": params[2:]}],
+                      lr=0.1, momentum=0.9, backend=backend_name)
+    for t in range(2):
+        fake_grads(params, t)
+        opt.step()
+    opt.state[params[1]][key][row] = value  # in place, as a schedule writes
+    fake_grads(params, 2)
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=rf"non-finite value in state\['{key}'\]"):
+        opt.step()
+    assert_unchanged(before, opt, params)
+    opt.state[params[1]][key][row] = 0.0  # mended: the next step goes through
+    opt.step()
+
+
+def test_non_finite_coefficients_on_the_torch_path_are_refused():
+    p = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex64))
+    opt = regkern.SGD([{"params": [p], "regularizer": regkern.RowL2()}], lr=0.1)
+    opt.state[p]["lam"][1] = math.nan
+    p.grad = torch.ones_like(p)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match=r"non-finite value in state\['lam'\]"):
+        opt.step()
+    assert torch.equal(before, p.detach())

@@ -93,6 +93,7 @@ class SGD(FusedOptimizer):
         cached, grads = prepare_group(self._plans, index, group["params"],
                                       lambda cached, ps: cached.fits(ps, group, self.state.clock.value, self.backend),
                                       lambda ps: _GroupPlan(self, group, ps))
+        cached.plan.check_coefficients()
         if cached.torch_params:
             check_sgd_with_torch_ops(cached.torch_params, group_states(self, cached.torch_params), group)
         return cached, grads

@@ -141,6 +141,12 @@ def _checked_step(params, states, group) -> List[_Terms]:
     grads = [p.grad for p in params]
     bufs = [st.get("momentum_buffer") if momentum != 0 else None for st in states]
     terms = [_checked_terms(group, p, g, b, st, options) for p, g, b, st in zip(params, grads, bufs, states)]
+    for p, t in zip(params, terms):  # the per-row coefficients, as the fused path checks them
+        for key in ("lam", "lam_cols", "l1", "prox_lam"):
+            value = getattr(t, key)
+            if value is not None and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{_describe(group, p)} has a non-finite value in state['{key}']; "
+                                 "write finite coefficients")
     _check_like_torch(group, params, grads, bufs, bool(group.get("differentiable", False)))
     return terms
 
