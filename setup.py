@@ -2,7 +2,7 @@
 
 Package metadata lives in pyproject.toml; this file only adds what it cannot
 say: the extension (pybind11 only, no torch headers, so torch is never a build
-requirement) and the top-level folder kernels/ installed as regkern.kernels.
+requirement).
 """
 import glob
 
@@ -26,8 +26,7 @@ ext = Pybind11Extension(
 )
 
 setup(
-    packages=find_packages(include=["regkern", "regkern.*"]) + ["regkern.kernels"],
-    package_dir={"regkern.kernels": "kernels"},
+    packages=find_packages(include=["regkern", "regkern.*"]),
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},
 )

@@ -22,10 +22,7 @@ from regkern.reference import sgd_step as reference_step
 from regkern.reference.sgd import as_rows
 from sgd_cases import DTYPES, SHAPES, TERMS, Case, assert_same, make_case, run
 
-try:
-    from regkern.kernels import sgd as triton_sgd
-except ImportError:  # not installed: the source tree's kernels/
-    from kernels import sgd as triton_sgd
+from regkern.kernels import sgd as triton_sgd
 
 INTERPRET = triton.knobs.runtime.interpret
 DEVICE = "cpu" if INTERPRET else "cuda"
