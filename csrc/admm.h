@@ -1,4 +1,4 @@
-// C++ CPU backend of the `admm` kernel family (SPEC 6; see
+// C++ CPU backend of the `admm` kernel family (docs/admm.md; see
 // regkern/reference/admm.py for the contract). Python validates the tensors;
 // each function first checks its table (table_check.h: TableError, nothing
 // written) and then computes. Each runs on up to `num_threads` OpenMP

@@ -1,5 +1,5 @@
 // Column layouts of the per-tensor metadata tables of the `admm` kernel family
-// (SPEC 6; contract in regkern/reference/admm.py).
+// (docs/admm.md; contract in regkern/reference/admm.py).
 //
 // These constants MIRROR `ZU_FIELDS` and `SAS_FIELDS` in
 // regkern/backend_admm.py (same names, same order): change both together. A

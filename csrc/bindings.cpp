@@ -112,7 +112,7 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"), py::arg("maximize"),
       py::arg("grad_scale"), py::arg("num_threads"),
-      "One fused RDA step (SPEC 4) over every tensor of the int64 metadata table at `table_ptr` "
+      "One fused RDA step (docs/rda.md) over every tensor of the int64 metadata table at `table_ptr` "
       "([num_tensors, num_fields], see regkern.backend_rda.build_rda_table). The table is "
       "checked before anything is written (TableError names a refused row and column).");
 
@@ -124,7 +124,7 @@ PYBIND11_MODULE(_C, m) {
         regkern::admm_scores(reinterpret_cast<const int64_t*>(table_ptr), num_tensors, num_threads);
       },
       py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"), py::arg("num_threads"),
-      "Score pass of the classic ADMM Z/U update (SPEC 6) over the int64 zu table at `table_ptr` "
+      "Score pass of the classic ADMM Z/U update (docs/admm.md) over the int64 zu table at `table_ptr` "
       "([num_tensors, num_fields], see regkern.backend_admm.build_zu_table): |W + U| of top-k "
       "element tensors, float64 row sums of (W + U)^2 of top-k row tensors. The table is "
       "checked before anything is written (TableError).");
@@ -149,7 +149,7 @@ PYBIND11_MODULE(_C, m) {
         regkern::admm_zu(reinterpret_cast<const int64_t*>(table_ptr), num_tensors, num_threads);
       },
       py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"), py::arg("num_threads"),
-      "Update pass of the classic ADMM Z/U update (SPEC 6) over the zu table: Z, U and Z - U in "
+      "Update pass of the classic ADMM Z/U update (docs/admm.md) over the zu table: Z, U and Z - U in "
       "one pass. The table is checked before anything is written (TableError).");
 
   m.def(
@@ -160,7 +160,7 @@ PYBIND11_MODULE(_C, m) {
         regkern::sas_admm_step(reinterpret_cast<const int64_t*>(table_ptr), num_tensors, num_threads);
       },
       py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"), py::arg("num_threads"),
-      "One SAS-ADMM step (SPEC 6) over the int64 sas table at `table_ptr` (see "
+      "One SAS-ADMM step (docs/admm.md) over the int64 sas table at `table_ptr` (see "
       "regkern.backend_admm.build_sas_table). The table is checked before anything is written (TableError).");
 
   m.attr("SGD_FIELDS") = names_tuple(regkern::sgd_col::NAMES, regkern::sgd_col::NUM_FIELDS);

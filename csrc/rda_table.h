@@ -1,5 +1,5 @@
 // Column layout of the per-tensor metadata table of the `rda` kernel family
-// (L1 regularized dual averaging, SPEC 4; contract in regkern/reference/rda.py).
+// (L1 regularized dual averaging, docs/rda.md; contract in regkern/reference/rda.py).
 //
 // These constants MIRROR `RDA_FIELDS` in regkern/backend_rda.py (same names,
 // same order): change both together. The table is a contiguous int64 CPU

@@ -63,7 +63,7 @@ struct TensorDesc {
   int64_t numel, rows, row_len;
   int mask_kind, lam_kind, dtype;
   bool first;
-  // Regularizer terms (SPEC 3, 5, 6); absent ones are null / 0.
+  // Regularizer terms (docs/regularizers.md); absent ones are null / 0.
   const float* l1;        // fp32 [rows]: d += l1[r] * sign(W)
   const float* polar;     // fp32 [4] (lam, t, m, s)
   const void* target;     // ADMM Z - U, W's dtype and shape: d += rho * (W - target)

@@ -1,4 +1,4 @@
-"""Triton kernels of the `admm` family (SPEC 6): classic ADMM's Z/U update
+"""Triton kernels of the `admm` family (docs/admm.md): classic ADMM's Z/U update
 (score pass and update pass) and the SAS-ADMM step.
 
 Each launch steps every tensor of one storage dtype. The caller gives the

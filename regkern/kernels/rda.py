@@ -1,4 +1,4 @@
-"""Triton kernel for the `rda` family (L1 regularized dual averaging, SPEC 4).
+"""Triton kernel for the `rda` family (L1 regularized dual averaging, docs/rda.md).
 
 One launch steps every tensor of a dtype group. The caller gives
 

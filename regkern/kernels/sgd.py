@@ -1,4 +1,4 @@
-"""Triton kernel for the `sgd` family (SPEC sections 1 to 3, 5 to 7).
+"""Triton kernel for the `sgd` family (docs/sgd.md, docs/regularizers.md).
 
 One launch steps every tensor of a dtype group. The caller gives
 
