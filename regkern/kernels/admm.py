@@ -257,16 +257,16 @@ def build_units(numel: Tensor, row_len: Optional[Tensor] = None, chunk: Optional
     return torch.stack([tensor, start, end], dim=1).contiguous()
 
 
-def check_zu_table(table: Tensor, dtype: Optional[torch.dtype] = None, pointers: bool = True) -> None:
+def check_zu_table(table: Tensor, dtype: Optional[torch.dtype] = None, full: bool = True) -> None:
     """Refuse (``TableError``, a ``ValueError`` naming the row, the column and
     the value) a Z/U table these kernels cannot step: a MODE outside
     ``ZU_MODES``, an unknown DTYPE (or, given ``dtype``, one other than the
     launch's), sizes that disagree, a missing pointer (SCORES wherever a
     selection needs them: the torch selection reads them), a buffer its mode
-    would ignore (pointers unless ``pointers`` is False), a KEEP, CUT or
-    THRESHOLD its mode cannot mean. The C++ kernels' checks (csrc/admm.cpp),
-    on a CPU copy of the table."""
-    c = TableCheck(table, "zu", "regkern.backend_admm.build_zu_table", ZU_COLUMN, pointers)
+    would ignore, a KEEP, CUT or THRESHOLD its mode cannot mean (these only
+    when ``full``: ``zu_units`` reads modes and sizes). The C++ kernels'
+    checks (csrc/admm.cpp), on a CPU copy of the table."""
+    c = TableCheck(table, "zu", "regkern.backend_admm.build_zu_table", ZU_COLUMN, full)
     c.rows_cover()
     c.one_of("DTYPE", tuple(DTYPE_CODE.values()), "0 float32, 1 bfloat16, 2 float16")
     if dtype is not None:
@@ -275,6 +275,8 @@ def check_zu_table(table: Tensor, dtype: Optional[torch.dtype] = None, pointers:
     elements = c["NUMEL"] > 0
     for name in ("PARAM", "Z", "U"):
         c.present(name, elements, "a tensor with elements")
+    if not full:
+        return
     mode, numel, rows, keep, cut = c["MODE"], c["NUMEL"], c["ROWS"], c["KEEP"], c["CUT"]
     threshold = c.floats("THRESHOLD")
     soft, by_rows, element = mode == MODE_SOFT, mode == MODE_ROWS, mode == MODE_ELEMENT
@@ -314,10 +316,10 @@ def check_sas_table(table: Tensor, dtype: Optional[torch.dtype] = None) -> None:
 def zu_units(table: Tensor, chunk: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """``(score_units, update_units)`` of a Z/U table: the score pass covers
     tensors with a SCORES buffer (row tensors in whole rows), the update pass
-    every tensor. The table's modes, sizes and values are checked first
-    (``check_zu_table``; its pointers are checked by the launches)."""
+    every tensor. The table's modes and sizes are checked first
+    (``check_zu_table``; its pointers and values are checked by the launches)."""
     table = table.cpu()
-    check_zu_table(table, pointers=False)
+    check_zu_table(table, full=False)
     numel = table[:, ZU_COLUMN["NUMEL"]]
     scored = table[:, ZU_COLUMN["SCORES"]] != 0
     by_rows = scored & (table[:, ZU_COLUMN["MODE"]] == MODE_ROWS)

@@ -174,16 +174,17 @@ def _rda_kernel(
             tl.store(w_ptr + i, w.to(DTYPE), mask=inb)
 
 
-def check_table(table: Tensor, dtype: Optional[torch.dtype] = None, pointers: bool = True) -> None:
+def check_table(table: Tensor, dtype: Optional[torch.dtype] = None, full: bool = True) -> None:
     """Refuse (``TableError``, a ``ValueError`` naming the row, the column and
     the value) a table this kernel cannot step: a MASK_KIND outside
     ``MASK_KINDS``, a GROUP outside ``GROUP_KINDS``, a STREAM flag other than
     0/1, an unknown DTYPE (or, given ``dtype``, one other than the launch's),
-    sizes that disagree, a missing pointer (NORM_SQ for group tensors) or a
-    mask its kind would ignore (unless ``pointers`` is False), or a step t,
-    lam or gamma that ``reference.rda`` refuses. The C++ kernel's checks
-    (csrc/rda.cpp), plus the Triton scratch, on a CPU copy of the table."""
-    c = TableCheck(table, "rda", "regkern.backend_rda.build_rda_table", RDA_COLUMN, pointers)
+    sizes that disagree; when ``full`` (not for ``build_units``, which reads
+    kinds, flags and sizes) also a missing pointer (NORM_SQ for group
+    tensors), a mask its kind would ignore, or a step t, lam or gamma that
+    ``reference.rda`` refuses. The C++ kernel's checks (csrc/rda.cpp), plus
+    the Triton scratch, on a CPU copy of the table."""
+    c = TableCheck(table, "rda", "regkern.backend_rda.build_rda_table", RDA_COLUMN, full)
     c.rows_cover()
     c.one_of("DTYPE", tuple(DTYPE_CODE.values()), "0 float32, 1 bfloat16, 2 float16")
     if dtype is not None:
@@ -198,6 +199,8 @@ def check_table(table: Tensor, dtype: Optional[torch.dtype] = None, pointers: bo
     c.absent("MASK", kinds == MASK_NONE, "MASK_KIND is 0 (none)")
     c.present("MASK", elements & (kinds != MASK_NONE), lambda r: f"MASK_KIND {int(kinds[r])}")
     c.present("NORM_SQ", elements & (c["GROUP"] != 0), "GROUP 1 (its per-row sums)")
+    if not full:
+        return
     t, lam, gamma = c.floats("T"), c.floats("LAM"), c.floats("GAMMA")
     write = "write the step with regkern.backend_rda.write_step"
     c.refuse(~(t >= 1), "T", "but the step t counts from 1", t, remedy=write)
@@ -211,13 +214,13 @@ def build_units(table: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
     Build it once per table (it depends only on sizes and which tensors are
     stepped by rows) and keep it on the device beside the table. Units are
     ``chunk`` elements; tensors stepped by rows get units of whole rows. The
-    table's kinds, flags, sizes and step values are checked first
-    (``check_table``; its pointers are checked by the launch).
+    table's kinds, flags and sizes are checked first (``check_table``; its
+    pointers and step values are checked by the launch).
     """
     if chunk <= 0:
         raise ValueError(f"chunk must be positive, got {chunk}.")
     table = table.cpu()
-    check_table(table, pointers=False)
+    check_table(table, full=False)
     numel = table[:, RDA_COLUMN["NUMEL"]]
     row_len = table[:, RDA_COLUMN["ROW_LEN"]]
     by_rows = (table[:, RDA_COLUMN["GROUP"]] != 0) & (row_len > 0)

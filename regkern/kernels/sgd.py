@@ -352,16 +352,16 @@ def place_amp_scalars(found_inf: Optional[Tensor], grad_scale: Optional[Tensor],
 
 
 def check_table(table: Tensor, dtype: Optional[torch.dtype] = None, momentum: float = 0.0,
-                pointers: bool = True) -> None:
+                full: bool = True) -> None:
     """Refuse (``TableError``, a ``ValueError`` naming the row, the column and
     the value) a table this kernel cannot step: a kind outside ``PROX_KINDS``,
     ``MASK_KINDS`` or ``LAM_KINDS``, a flag other than 0/1, an unknown DTYPE
     (or, given ``dtype``, one other than the launch's), sizes that disagree,
     a pointer that a kind (or ``momentum``) needs but lacks or that its kind
-    would ignore (unless ``pointers`` is False), NaN or crossed clamp bounds.
-    The same checks as the C++ kernel's (csrc/sgd.cpp, check_row), on a CPU
-    copy of the table."""
-    c = TableCheck(table, "sgd", "regkern.backend.build_sgd_table", SGD_COLUMN, pointers)
+    would ignore, NaN or crossed clamp bounds (these two only when ``full``:
+    ``build_units`` reads kinds, flags and sizes). The same checks as the C++
+    kernel's (csrc/sgd.cpp, check_row), on a CPU copy of the table."""
+    c = TableCheck(table, "sgd", "regkern.backend.build_sgd_table", SGD_COLUMN, full)
     c.rows_cover()
     c.one_of("DTYPE", tuple(DTYPE_CODE.values()), "0 float32, 1 bfloat16, 2 float16")
     if dtype is not None:
@@ -384,13 +384,14 @@ def check_table(table: Tensor, dtype: Optional[torch.dtype] = None, momentum: fl
         c.present(ptr, elements & (kinds != 0), lambda r, kind=kind, kinds=kinds: f"{kind} {int(kinds[r])}")
     prox = c["PROX"]
     c.present("PROX_LAM", elements & (prox != PROX_NONE), lambda r: f"PROX {int(prox[r])}")
-    clamped = c["CLAMP"] != 0
-    lo, hi = c.floats("CLAMP_LO"), c.floats("CLAMP_HI")
-    c.refuse(clamped & lo.isnan(), "CLAMP_LO", "but a clamp bound cannot be NaN", lo)
-    c.refuse(clamped & hi.isnan(), "CLAMP_HI", "but a clamp bound cannot be NaN", hi)
-    c.refuse(clamped & (lo > hi), "CLAMP_LO",
-             lambda r: f"above CLAMP_HI = {float_text(float(hi[r]))}, so the clamp interval is empty", lo,
-             remedy="give the lower bound first")
+    if full:
+        clamped = c["CLAMP"] != 0
+        lo, hi = c.floats("CLAMP_LO"), c.floats("CLAMP_HI")
+        c.refuse(clamped & lo.isnan(), "CLAMP_LO", "but a clamp bound cannot be NaN", lo)
+        c.refuse(clamped & hi.isnan(), "CLAMP_HI", "but a clamp bound cannot be NaN", hi)
+        c.refuse(clamped & (lo > hi), "CLAMP_LO",
+                 lambda r: f"above CLAMP_HI = {float_text(float(hi[r]))}, so the clamp interval is empty", lo,
+                 remedy="give the lower bound first")
     # LAM_COLS (fp32 [COLS]) splits each row into COLS columns of COL_LEN elements
     cols, col_len, row_len = c["COLS"], c["COL_LEN"], c["ROW_LEN"]
     c.refuse((cols == 0) & (col_len != 0), "COL_LEN", "but COLS is 0 (no column lambdas)")
@@ -408,12 +409,12 @@ def build_units(table: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
     norms or a group-lasso proximal map) and keep it on the device beside the
     table. Units are ``chunk`` elements; tensors with norms or group lasso get
     units of whole rows. The table's kinds, flags and sizes are checked first
-    (``check_table``; its pointers are checked by the launch).
+    (``check_table``; its pointers and bounds are checked by the launch).
     """
     if chunk <= 0:
         raise ValueError(f"chunk must be positive, got {chunk}.")
     table = table.cpu()
-    check_table(table, pointers=False)
+    check_table(table, full=False)
     numel = table[:, SGD_COLUMN["NUMEL"]]
     row_len = table[:, SGD_COLUMN["ROW_LEN"]]
     rows = table[:, SGD_COLUMN["ROWS"]]

@@ -47,17 +47,18 @@ class TableCheck:
 
     ``family``: "sgd", "rda", "zu" or "sas"; ``builder``: the function that
     builds such tables; ``column``: the layout's name -> index map.
-    ``pointers``: check which pointers are set (``present``, ``absent``); a
-    work list is built from a table's kinds and sizes alone (``build_units``),
-    so it may skip them: a launch checks them."""
+    ``full``: check the pointers (``present``, ``absent``) and the values a
+    kernel reads as numbers (bounds, counts, step coefficients) as well as
+    the kinds, flags and sizes. A work list is built from the kinds and sizes
+    alone (``build_units``), so it checks only those; a launch checks all."""
 
-    def __init__(self, table: Tensor, family: str, builder: str, column: Dict[str, int], pointers: bool = True):
+    def __init__(self, table: Tensor, family: str, builder: str, column: Dict[str, int], full: bool = True):
         if table.dim() != 2 or table.dtype != torch.int64 or table.shape[1] != len(column):
             raise ValueError(f"the {family} table must be int64 of shape [tensors, {len(column)}], got "
                              f"{str(table.dtype).replace('torch.', '')} {tuple(table.shape)}; "
                              f"build it with {builder}")
         self.table = table.cpu()
-        self.family, self.builder, self.column, self.pointers = family, builder, column, pointers
+        self.family, self.builder, self.column, self.full = family, builder, column, full
         self.names = {i: name for name, i in column.items()}
 
     def __getitem__(self, name: str) -> Tensor:
@@ -96,13 +97,13 @@ class TableCheck:
 
     def present(self, name: str, needed: Tensor, why: Problem) -> None:
         """Pointer column ``name`` must be set where ``needed``."""
-        if not self.pointers:
+        if not self.full:
             return
         self.refuse(needed & (self[name] == 0), name, lambda r: f"but {_text(why, r)} needs it")
 
     def absent(self, name: str, unused: Tensor, why: str) -> None:
         """Pointer column ``name`` must be 0 where ``unused`` (it would be ignored)."""
-        if not self.pointers:
+        if not self.full:
             return
         self.refuse(unused & (self[name] != 0), name, f"but {why}, so it would be ignored")
 
