@@ -1,5 +1,6 @@
 // Python bindings of regkern._C (pybind11 only: no torch headers; tensors
-// arrive as raw addresses, validated on the Python side).
+// arrive as raw addresses, validated on the Python side; each entry point
+// checks its metadata table itself, table_check.h).
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
