@@ -131,7 +131,7 @@ class Row {
     while (finite_f32(v[j])) ++j;
     throw TableError(std::string(family_) + " table row " + std::to_string(index_) + " has " +
                          float_text(v[j]) + " at entry " + std::to_string(j) + " of its " + names_[col] +
-                         " vector; the regularization coefficients of that tensor must be finite.",
+                         " vector; set that tensor's regularization coefficients to finite values.",
                      index_, names_[col]);
   }
 

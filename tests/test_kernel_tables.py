@@ -187,7 +187,8 @@ def test_cpp_sgd_refuses_non_finite_per_row_coefficients(vector, column, at, val
     table = case.table()
     text = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     refused(lambda: cpp_sgd(table), case.tensors() + [table],
-            f"sgd table row 1 has {text} at entry {at} of its {column} vector; .* must be finite", 1, column)
+            f"sgd table row 1 has {text} at entry {at} of its {column} vector; set that tensor's "
+            "regularization coefficients to finite values", 1, column)
 
 
 def test_cpp_sgd_checks_every_row_before_writing_any():
