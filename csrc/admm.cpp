@@ -324,6 +324,14 @@ void admm_select(int64_t* table, int64_t num_tensors, int num_threads) {
 }
 
 int admm_zu_num_fields() { return zu_col::NUM_FIELDS; }
+
+void admm_check_zu_table(const int64_t* table, int64_t num_tensors) {
+  admm_detail::check_zu_table(table, num_tensors);
+}
+
+void admm_check_sas_table(const int64_t* table, int64_t num_tensors) {
+  for (int64_t i = 0; i < num_tensors; ++i) admm_detail::check_sas_row(table + i * sas_col::NUM_FIELDS, i);
+}
 int sas_admm_num_fields() { return sas_col::NUM_FIELDS; }
 
 void admm_scores(const int64_t* table, int64_t num_tensors, int num_threads) {
@@ -339,8 +347,7 @@ void admm_zu(const int64_t* table, int64_t num_tensors, int num_threads) {
 void sas_admm_step(const int64_t* table, int64_t num_tensors, int num_threads) {
   using namespace admm_detail;
   if (num_tensors <= 0) return;
-  // the whole table is checked before anything is written
-  for (int64_t i = 0; i < num_tensors; ++i) check_sas_row(table + i * sas_col::NUM_FIELDS, i);
+  admm_check_sas_table(table, num_tensors);  // before anything is written
   std::vector<SasDesc> ds(static_cast<size_t>(num_tensors));
   work_split::Layout layout(ds.size());
   for (size_t t = 0; t < ds.size(); ++t) {

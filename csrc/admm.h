@@ -32,6 +32,11 @@ void admm_zu(const int64_t* table, int64_t num_tensors, int num_threads);
 // One SAS-ADMM step over the sas table: W_breve, W, (outer: Z, U, anchor), W_hat.
 void sas_admm_step(const int64_t* table, int64_t num_tensors, int num_threads);
 
+// The checks the passes above make before they write anything
+// (table_check.h): throw TableError on the first row they refuse.
+void admm_check_zu_table(const int64_t* table, int64_t num_tensors);
+void admm_check_sas_table(const int64_t* table, int64_t num_tensors);
+
 // Columns per table row this build expects (admm_table.h), so the bindings
 // can refuse a table built for another layout.
 int admm_zu_num_fields();

@@ -164,6 +164,44 @@ PYBIND11_MODULE(_C, m) {
       "One SAS-ADMM step (docs/admm.md) over the int64 sas table at `table_ptr` (see "
       "regkern.backend_admm.build_sas_table). The table is checked before anything is written (TableError).");
 
+  // The tables' checks alone, for callers that must refuse before writing
+  // anything else (the entry points above make them anyway).
+  m.def(
+      "check_sgd_table",
+      [](int64_t table_ptr, int64_t num_tensors, double momentum) {
+        regkern::sgd_check_table(reinterpret_cast<const int64_t*>(table_ptr), num_tensors, momentum);
+      },
+      py::arg("table_ptr"), py::arg("num_tensors"), py::arg("momentum"),
+      "Raise TableError (a ValueError naming the row, the column and the value) where sgd_step would "
+      "refuse the table for a step with this momentum; writes nothing.");
+  m.def(
+      "check_rda_table",
+      [](int64_t table_ptr, int64_t num_tensors, int num_fields) {
+        if (num_fields != regkern::rda_num_fields())
+          throw py::value_error("the rda table has " + std::to_string(num_fields) + " columns, this build of "
+                                "regkern._C expects " + std::to_string(regkern::rda_num_fields()) +
+                                "; rebuild with `pip install -e .`");
+        regkern::rda_check_table(reinterpret_cast<const int64_t*>(table_ptr), num_tensors);
+      },
+      py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"),
+      "Raise TableError where rda_step would refuse the table; writes nothing.");
+  m.def(
+      "check_zu_table",
+      [](int64_t table_ptr, int64_t num_tensors, int num_fields) {
+        check_admm_fields("zu", num_fields, regkern::admm_zu_num_fields());
+        regkern::admm_check_zu_table(reinterpret_cast<const int64_t*>(table_ptr), num_tensors);
+      },
+      py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"),
+      "Raise TableError where admm_scores, admm_select and admm_zu would refuse the table; writes nothing.");
+  m.def(
+      "check_sas_table",
+      [](int64_t table_ptr, int64_t num_tensors, int num_fields) {
+        check_admm_fields("sas", num_fields, regkern::sas_admm_num_fields());
+        regkern::admm_check_sas_table(reinterpret_cast<const int64_t*>(table_ptr), num_tensors);
+      },
+      py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"),
+      "Raise TableError where sas_admm_step would refuse the table; writes nothing.");
+
   m.attr("SGD_FIELDS") = names_tuple(regkern::sgd_col::NAMES, regkern::sgd_col::NUM_FIELDS);
   m.attr("RDA_FIELDS") = names_tuple(regkern::rda_col::NAMES, regkern::rda_col::NUM_FIELDS);
   m.attr("ZU_FIELDS") = names_tuple(regkern::zu_col::NAMES, regkern::zu_col::NUM_FIELDS);

@@ -162,6 +162,10 @@ Desc decode(const int64_t* row) {
 
 int rda_num_fields() { return rda_col::NUM_FIELDS; }
 
+void rda_check_table(const int64_t* table, int64_t num_tensors) {
+  for (int64_t i = 0; i < num_tensors; ++i) rda_detail::check_row(table + i * rda_col::NUM_FIELDS, i);
+}
+
 void rda_step(const int64_t* table, int64_t num_tensors, bool maximize, double grad_scale,
               int num_threads) {
   using namespace rda_detail;
@@ -171,8 +175,7 @@ void rda_step(const int64_t* table, int64_t num_tensors, bool maximize, double g
   o.has_scale = grad_scale != 1.0;
   o.maximize = maximize;
 
-  // the whole table is checked before anything is written
-  for (int64_t i = 0; i < num_tensors; ++i) check_row(table + i * rda_col::NUM_FIELDS, i);
+  rda_check_table(table, num_tensors);  // before anything is written
   const size_t count = static_cast<size_t>(num_tensors);
   std::vector<Desc> ds(count);
   work_split::Layout layout(count);

@@ -300,6 +300,10 @@ void run_share(const IsaKernels* k, const std::vector<int64_t>& off,
 }  // namespace
 }  // namespace detail
 
+void sgd_check_table(const int64_t* table, int64_t num_tensors, double momentum) {
+  for (int64_t i = 0; i < num_tensors; ++i) detail::check_row(table + i * sgd_col::NUM_FIELDS, i, momentum != 0.0);
+}
+
 void sgd_step(const int64_t* table, int64_t num_tensors, double lr, double momentum,
               double dampening, bool nesterov, double weight_decay, bool maximize,
               double grad_scale, int num_threads) {
@@ -317,8 +321,7 @@ void sgd_step(const int64_t* table, int64_t num_tensors, double lr, double momen
   h.has_wd = weight_decay != 0.0;
   h.has_momentum = momentum != 0.0;
 
-  // the whole table is checked before anything is written
-  for (int64_t i = 0; i < num_tensors; ++i) check_row(table + i * sgd_col::NUM_FIELDS, i, h.has_momentum);
+  sgd_check_table(table, num_tensors, momentum);  // before anything is written
   std::vector<TensorDesc> ts(static_cast<size_t>(num_tensors));
   std::vector<int64_t> off(static_cast<size_t>(num_tensors) + 1, 0);
   for (int64_t i = 0; i < num_tensors; ++i) {

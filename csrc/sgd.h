@@ -15,6 +15,12 @@ void sgd_step(const int64_t* table, int64_t num_tensors, double lr, double momen
               double dampening, bool nesterov, double weight_decay, bool maximize,
               double grad_scale, int num_threads);
 
+// The checks sgd_step makes before it writes anything (table_check.h): throws
+// TableError on the first row it refuses. `momentum`: the step's (a nonzero
+// momentum needs every BUF). For a caller that must refuse before it writes
+// elsewhere (tensors the reference steps).
+void sgd_check_table(const int64_t* table, int64_t num_tensors, double momentum);
+
 // Name of the instruction-set variant in use: "avx512f", "avx2" or "default".
 const char* active_isa();
 

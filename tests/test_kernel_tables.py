@@ -376,6 +376,44 @@ def test_cpp_sas_refuses_a_bad_table_value(column, value, pattern):
             case.tensors() + [table], "sas table row 1 has " + pattern, 1, column)
 
 
+def test_cpp_check_entry_points_refuse_like_the_steps_and_write_nothing():
+    """check_*_table make a step's checks alone (a caller refuses before it
+    writes tensors the reference steps); a good table passes them."""
+    C_ = _C()
+    sgd = SGDCase()
+    good = sgd.table()
+    before = snapshot(sgd.tensors() + [good])
+    C_.check_sgd_table(good.data_ptr(), good.shape[0], 0.9)
+    assert_unchanged(sgd.tensors() + [good], before)
+    table = _patch(sgd.table(), "PROX", 7)
+    refused(lambda: C_.check_sgd_table(table.data_ptr(), table.shape[0], 0.0), sgd.tensors() + [table],
+            "sgd table row 1 has PROX = 7, which", 1, "PROX")
+    table = _patch(sgd.table(), "BUF", 0)
+    C_.check_sgd_table(table.data_ptr(), table.shape[0], 0.0)  # no momentum: no buffer needed
+    refused(lambda: C_.check_sgd_table(table.data_ptr(), table.shape[0], 0.5), sgd.tensors() + [table],
+            "sgd table row 1 has BUF = 0, but a step with momentum needs it", 1, "BUF")
+    rda = RDACase()
+    table = rda.table()
+    C_.check_rda_table(table.data_ptr(), table.shape[0], table.shape[1])
+    table[0, R["MASK_KIND"]] = 3
+    refused(lambda: C_.check_rda_table(table.data_ptr(), table.shape[0], table.shape[1]), rda.tensors() + [table],
+            "rda table row 0 has MASK_KIND = 3, which", 0, "MASK_KIND")
+    zu = ZUCase()
+    table = zu.table()
+    C_.check_zu_table(table.data_ptr(), table.shape[0], table.shape[1])
+    table[2, Z["MODE"]] = 3
+    refused(lambda: C_.check_zu_table(table.data_ptr(), table.shape[0], table.shape[1]), zu.tensors() + [table],
+            "zu table row 2 has MODE = 3, which", 2, "MODE")
+    sas = SASCase()
+    table = sas.table()
+    C_.check_sas_table(table.data_ptr(), table.shape[0], table.shape[1])
+    table[0, S["OUTER"]] = 2
+    refused(lambda: C_.check_sas_table(table.data_ptr(), table.shape[0], table.shape[1]), sas.tensors() + [table],
+            "sas table row 0 has OUTER = 2, which", 0, "OUTER")
+    with pytest.raises(ValueError, match="the admm sas table has 5 columns"):
+        C_.check_sas_table(table.data_ptr(), table.shape[0], 5)
+
+
 def test_cpp_table_layouts_mirror_the_python_ones():
     from regkern.backend_admm import SAS_FIELDS, ZU_FIELDS
     from regkern.backend_rda import RDA_FIELDS
