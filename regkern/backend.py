@@ -255,6 +255,10 @@ def check_sgd_grads(params, grads) -> None:
     raise ValueError(f"parameter {i} ({_describe(w)}) has a gradient of {_describe(g)}; it must match the parameter's shape and dtype")
 
 
+# table columns of the per-row coefficient vectors -> their optimizer-state keys
+COEFFICIENT_KEYS = {"LAM": "lam", "LAM_COLS": "lam_cols", "L1": "l1", "PROX_LAM": "prox_lam", "POLAR": "polar"}
+
+
 def is_dense(t: Tensor) -> bool:
     """Whether ``t``'s elements fill one block of memory without gaps or
     overlaps, in some order of its dimensions (contiguous, channels_last, a
@@ -270,16 +274,22 @@ def is_dense(t: Tensor) -> bool:
 
 
 def checked_grads(params, shapes, dtypes, strides, grads: Sequence[Tensor]) -> List[Tensor]:
-    """``grads`` (one per parameter of the given shapes, dtypes and strides)
+    """``grads`` (one per parameter of the given shapes, dtypes and strides,
+    as the plan recorded them; ``strides`` None: every parameter contiguous)
     ready for a fused step; ``ValueError`` on gradients that cannot be
-    stepped. A gradient laid out unlike its dense parameter (or, for a
-    parameter that is not dense, not contiguous) is copied into that layout."""
+    stepped, or when a parameter no longer has the recorded shape or layout
+    (the caller then builds a new plan). A gradient laid out unlike its dense
+    parameter (or, for a parameter that is not dense, not contiguous) is
+    copied into that layout."""
     if len(grads) != len(params):
         raise ValueError(f"expected {len(params)} gradients, got {len(grads)}")
     # the common case in three C-level passes, the details only on a mismatch
-    if ([g.shape for g in grads] == shapes and [g.dtype for g in grads] == dtypes
-            and list(map(Tensor.stride, grads)) == strides):
+    if [g.shape for g in grads] == shapes and [g.dtype for g in grads] == dtypes and (
+            all(map(Tensor.is_contiguous, grads)) if strides is None else list(map(Tensor.stride, grads)) == strides):
         return grads
+    if [p.shape for p in params] != shapes or (
+            not all(p.is_contiguous() for p in params) if strides is None else [p.stride() for p in params] != strides):
+        raise ValueError("a parameter changed shape or layout since the step plan was built; build a new plan")
     check_sgd_grads(params, grads)
     return [g if _same_layout(g, w) else torch.empty_like(w, memory_format=torch.preserve_format).copy_(g)
             for w, g in zip(params, grads)]
@@ -371,7 +381,9 @@ class TablePlan:
         self.params = list(params)
         self.shapes = [p.shape for p in params]
         self.dtypes = [p.dtype for p in params]
-        self.strides = [p.stride() for p in params]
+        # None when every parameter is contiguous: the per-step check then
+        # asks is_contiguous, which also holds for strides of size-1 dimensions
+        self.strides = None if all(p.is_contiguous() for p in params) else [p.stride() for p in params]
         self.device = params[0].device if params else torch.device("cpu")
         self.backend = choose_backend(self.device, backend) if params else "reference"
 
@@ -480,21 +492,41 @@ class SGDPlan(TablePlan):
                                    **{k: pick(v) for k, v in self.terms.items()})
         self._split(fast, table, lambda t: load_triton().build_units(t))
 
-    def check_coefficients(self) -> None:
+    def check_coefficients(self, momentum: float = 0.0) -> None:
         """``ValueError`` if a per-row coefficient vector (``lam`` per row,
-        ``lam_cols``, ``l1``, ``prox_lam``) holds NaN or inf. Only vectors
-        written since the last check are read (their version counters tell),
-        so a steady step costs no pass and no device synchronisation."""
-        versions = [t._version for _, _, t in self.coefficients]
-        if versions == self._checked_versions:
+        ``lam_cols``, ``l1``, ``prox_lam``) holds NaN or inf, before anything
+        is written. The C++ backend checks its whole table (a few us); the
+        reference reads its vectors; the Triton backend reads only vectors
+        written since its last check (their version counters tell, so a
+        steady step makes no device synchronisation; a write that bypasses
+        them, through ``.data`` or numpy, is caught by the C++ and reference
+        checks only)."""
+        if self.backend == "cpp":
+            for launch in self.launches:
+                try:
+                    load_cpp().check_sgd_table(launch.table.data_ptr(), launch.table.shape[0], float(momentum))
+                except ValueError as err:
+                    i = launch.pick(range(len(self.params)))[err.row]
+                    key = COEFFICIENT_KEYS.get(err.column)
+                    if key is None:
+                        raise ValueError(f"parameter {i} ({_describe(self.params[i])}): {err}") from None
+                    self._refuse_coefficient(i, key)
+        vectors = self.coefficients
+        if self.backend == "cpp":
+            slow = set(self.slow_index)
+            vectors = [c for c in vectors if c[0] in slow]
+        versions = [t._version for _, _, t in vectors] if self.backend == "triton" else None
+        if versions is not None and versions == self._checked_versions:
             return
-        old = self._checked_versions or [None] * len(versions)
-        for (i, key, t), version, seen in zip(self.coefficients, versions, old):
-            if version != seen and not bool(torch.isfinite(t).all()):
-                w = self.params[i]
-                raise ValueError(f"parameter {i} ({_describe(w)}) has a non-finite value in state['{key}'] "
-                                 f"(e.g. {t[~torch.isfinite(t)][0].item()}); write finite coefficients")
+        old = self._checked_versions or [None] * len(vectors)
+        for (i, key, t), seen, version in zip(vectors, old, versions or old):
+            if (versions is None or version != seen) and not bool(torch.isfinite(t).all()):
+                self._refuse_coefficient(i, key)
         self._checked_versions = versions
+
+    def _refuse_coefficient(self, i: int, key: str) -> None:
+        raise ValueError(f"parameter {i} ({_describe(self.params[i])}) has a non-finite value in state['{key}']; "
+                         "write finite coefficients")
 
     def run(self, grads: Sequence[Tensor], first_step=False, *, lr, momentum=0.0, dampening=0.0,
             nesterov=False, weight_decay=0.0, maximize=False,

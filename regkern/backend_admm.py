@@ -398,7 +398,7 @@ class SASPlan:
         self.params = list(params)
         self.shapes = [p.shape for p in params]
         self.dtypes = [p.dtype for p in params]
-        self.strides = [p.stride() for p in params]
+        self.strides = None if all(p.is_contiguous() for p in params) else [p.stride() for p in params]
         self.columns = list(zip(params, ws, w_breves, anchors, zs, us))
         self.device = params[0].device if count else torch.device("cpu")
         self.backend = choose_backend(self.device, backend) if count else "reference"

@@ -370,3 +370,73 @@ def test_non_finite_coefficients_on_the_torch_path_are_refused():
     with pytest.raises(ValueError, match=r"non-finite value in state\['lam'\]"):
         opt.step()
     assert torch.equal(before, p.detach())
+
+
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+                                  lambda ps: regkern.SGD(ps, lr=0.1, momentum=0.9),
+                                  lambda ps: regkern.RDA(ps, lr=0.1), lambda ps: regkern.SASADMM(ps)],
+                         ids=["torch", "sgd", "rda", "sasadmm"])
+def test_a_backward_through_weights_the_step_changed_is_refused_as_torch_does(make):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))  # layer 2 saves its weight
+    opt = make(list(model.parameters()))
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    loss = model(torch.randn(4, 3)).square().sum()
+    loss.backward(retain_graph=True)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_a_parameter_reshaped_on_the_same_storage_gets_a_new_plan():
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = regkern.SGD([{"params": [w], "regularizer": regkern.RowL2()}], lr=0.1)
+    w.grad = torch.ones(4, 3)
+    opt.step()
+    w.data = w.data.view(3, 4)  # same storage, another shape: the old lam no longer fits
+    w.grad = torch.ones(3, 4)
+    with pytest.raises(ValueError, match="lambda"):
+        opt.step()
+
+
+def test_a_refused_load_state_dict_changes_nothing():
+    params = make_params(shapes=[(4, 3)])
+    opt = regkern.SGD(params, lr=0.1, momentum=0.9)
+    fake_grads(params, 0)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    saved["param_groups"][0]["lr"] = math.nan
+    saved["state"][0]["momentum_buffer"].fill_(7.0)
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match="learning rate"):
+        opt.load_state_dict(saved)
+    assert_unchanged(before, opt, params)
+    assert opt.param_groups[0]["lr"] == 0.1
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_a_regularizer_set_on_a_group_by_hand_gets_its_state(backend_name):
+    params = make_params(shapes=[(4, 3)])
+    opt = regkern.SGD(params, lr=0.1, backend=backend_name)
+    fake_grads(params, 0)
+    opt.step()
+    opt.param_groups[0]["regularizer"] = regkern.ProxL1(10.0)  # threshold lr * lam = 1: most weights go to 0
+    fake_grads(params, 1)
+    opt.step()
+    assert "prox_lam" in opt.state[params[0]] and (params[0] == 0).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("backend_name", [b for b in CPU_BACKENDS if b != "triton"])
+def test_a_non_finite_coefficient_written_through_data_is_refused(backend_name):
+    params = make_params(shapes=[(5,), (6, 4)])
+    opt = regkern.SGD([{"params": params[:1]}, {"params": params[1:], "regularizer": regkern.RowL2()}],
+                      lr=0.1, momentum=0.9, backend=backend_name)
+    fake_grads(params, 0)
+    opt.step()
+    opt.state[params[1]]["lam"].data[3] = math.nan  # no version counter sees this write
+    fake_grads(params, 1)
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=r"non-finite value in state\['lam'\]"):
+        opt.step()
+    assert_unchanged(before, opt, params)

@@ -57,6 +57,7 @@ class FusedOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         index = len(self.param_groups) - 1
         saved = {p: dict(self.state[p]) if p in self.state else None for p in group["params"]}
         try:
+            self._check_params(group, f" (param group {index})")
             self._check_group(group, f" (param group {index})")
             self._init_group(group)
         except Exception:
@@ -70,6 +71,9 @@ class FusedOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
 
     def _check_group(self, group: Dict[str, Any], where: str) -> None:
         """Raise ``ValueError`` (one sentence ending in ``where``) on options that cannot be stepped."""
+
+    def _check_params(self, group: Dict[str, Any], where: str) -> None:
+        """Raise ``ValueError`` on parameters the optimizer cannot step (checked when they are added)."""
 
     def _init_group(self, group: Dict[str, Any]) -> None:
         """Create the state a new (or reloaded) group asks for."""
@@ -96,12 +100,17 @@ class FusedOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             if found_inf is not None and bool(found_inf.item()):
                 return loss  # an overflow step: parameters and state stay as they are
             grad_scale = getattr(self, "grad_scale", None)
-            prepared = []
             for index, group in enumerate(self.param_groups):  # check everything, write nothing
                 self._check_group(group, f" (param group {index})")
-                prepared.append(self._prepare(index, group))
+            for group in self.param_groups:
+                self._sync_group(group)
+            prepared = [self._prepare(index, group) for index, group in enumerate(self.param_groups)]
             self._apply(prepared, grad_scale)
             return loss
+
+    def _sync_group(self, group: Dict[str, Any]) -> None:
+        """Bring a group's state up to options changed by hand since the last
+        step (e.g. create the state of a new regularizer); adds, never removes."""
 
     @abc.abstractmethod
     def _prepare(self, index: int, group: Dict[str, Any]) -> Any:
@@ -156,11 +165,12 @@ class FusedOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             if result is not None:
                 state_dict = result
         state_dict["param_groups"] = [self._loaded_group(dict(g)) for g in state_dict["param_groups"]]
+        for index, group in enumerate(state_dict["param_groups"]):  # refuse before anything is loaded
+            self._check_group({**self.legacy_options, **group}, f" (param group {index} of the state_dict)")
         with _hooks_held(self, "_optimizer_load_state_dict_pre_hooks"), \
                 _hooks_held(self, "_optimizer_load_state_dict_post_hooks") as post_hooks:
             load_keeping_dtypes(self, state_dict, self.fixed_dtype_state, super().load_state_dict, self._restore)
-        for index, group in enumerate(self.param_groups):
-            self._check_group(group, f" (param group {index} of the loaded state_dict)")
+        for group in self.param_groups:
             self._init_group(group)
         for hook in post_hooks.values():
             hook(self)
@@ -189,15 +199,15 @@ def _hooks_held(optimizer: torch.optim.Optimizer, name: str) -> Iterator["Ordere
         setattr(optimizer, name, hooks)
 
 
-def check_number(value: Any, name: str, where: str, *, minimum: float = 0.0, what: str = "") -> float:
+def check_number(value: Any, name: str, where: str, *, minimum: float = 0.0, what: str = "") -> Optional[float]:
     """``value`` as a float; ``ValueError`` unless it is finite and ``>= minimum``.
-    A 1-element tensor counts as its value; a CUDA tensor is not read (that
-    would synchronize the device) and passes."""
+    A 1-element tensor counts as its value; a tensor on an accelerator is not
+    read (that would synchronize the device): it passes and None is returned."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}{where}")
-        if value.device.type not in ("cpu",):
-            return math.nan
+        if value.device.type != "cpu":
+            return None
         number = float(value.detach())
     elif isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"Invalid {name} value: {value!r}{where}; it must be a number{what}")

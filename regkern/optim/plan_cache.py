@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import operator
 from itertools import repeat
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from regkern.sharding import is_dtensor, local_tensor
 
@@ -40,6 +41,14 @@ class CachedPlan:
     def checked_grads(self, grads: Sequence[Tensor]) -> List[Tensor]:
         """The gradients of ``self.params`` ready for the plan; ``ValueError`` if they cannot be stepped."""
         return self.plan.checked_grads(grads)
+
+    def mark_written(self, params: Optional[Sequence[Tensor]] = None) -> None:
+        """Advance the version counters of the parameters the kernels wrote
+        through raw pointers (default: all of ``self.params``), as an in-place
+        torch op would: autograd then refuses a backward through a graph that
+        saved the old weights, as it does after a torch.optim step."""
+        params = self.params if params is None else params
+        increment_version([local_tensor(p) for p in params] if self.sharded else params)
 
 
 def prepare_group(plans: Dict[int, Any], index: int, group_params: List[Tensor],

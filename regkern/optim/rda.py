@@ -98,6 +98,7 @@ class RDA(FusedOptimizer):
                 continue
             cached.plan.run(grads, cached.next_steps(), gamma=_gamma(group["lr"]), lams=float(group["lam"]),
                             maximize=group["maximize"], grad_scale=grad_scale)
+            cached.mark_written()
             cached.commit(self.state)
 
     def _restore(self, name: str, value, param):

@@ -118,8 +118,10 @@ class SASADMM(FusedOptimizer):
 
     def _check_group(self, group: Dict[str, Any], where: str) -> None:
         _check_hyper(group, where)
+
+    def _check_params(self, group: Dict[str, Any], where: str) -> None:
         for p in group["params"]:
-            if not p.is_floating_point() or p.is_complex():
+            if not p.is_floating_point():
                 raise ValueError(f"SASADMM steps real floating-point parameters, got {p.dtype}{where}")
 
     def _prepare(self, index: int, group: Dict[str, Any]):
@@ -133,6 +135,7 @@ class SASADMM(FusedOptimizer):
         for group, (cached, grads) in zip(self.param_groups, prepared):
             if cached.params:
                 cached.plan.run(grads, cached.coefficients(self.state, group))
+                cached.mark_written()
                 self._average(group, cached)
                 cached.commit(self.state)
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from regkern.backend import SGDPlan
-from regkern.regularizers import as_regularizer, regularizer_list, step_options, to_saved
+from regkern.regularizers import Regularizer, as_regularizer, regularizer_list, step_options, to_saved
 from regkern.optim.fused import FusedOptimizer, check_number, group_states, scalar_lr
 from regkern.optim.plan_cache import CachedPlan, prepare_group
 from regkern.optim.torch_path import check_sgd_with_torch_ops, sgd_with_torch_ops
@@ -71,13 +71,26 @@ class SGD(FusedOptimizer):
         momentum = check_number(group["momentum"], "momentum", where)
         dampening = check_number(group["dampening"], "dampening", where)
         check_number(group["weight_decay"], "weight_decay", where)
-        if group["nesterov"] and (momentum <= 0 or dampening != 0):
+        if group["nesterov"] and ((momentum is not None and momentum <= 0) or (dampening is not None and dampening != 0)):
             raise ValueError(f"Nesterov momentum requires a momentum and zero dampening{where}")
-        group["regularizer"] = as_regularizer(group["regularizer"])
+        if not _is_regularizer(group["regularizer"]):
+            group["regularizer"] = as_regularizer(group["regularizer"])
+        elif isinstance(group["regularizer"], list):
+            step_options(group["regularizer"])  # refuses a list whose members disagree
+
+    def _sync_group(self, group: Dict[str, Any]) -> None:
+        """A regularizer set on a group by hand since the last step gets its
+        state now (missing entries only). The state of a regularizer taken off
+        stays: per-parameter vectors (``lam``, ``lam_cols``, ``l1``, masks)
+        act whenever present, so delete them to stop them."""
+        if self.__dict__.get("_initialized", {}).get(id(group)) is not group["regularizer"]:
+            self._init_group(group)
 
     def _init_group(self, group: Dict[str, Any]) -> None:
         for reg in regularizer_list(group["regularizer"]):
             reg.init_group(group["params"], [self.state[p] for p in group["params"]])
+        # which regularizer each group's state was made for (by the group dict's identity)
+        self.__dict__.setdefault("_initialized", {})[id(group)] = group["regularizer"]
 
     def _saved_group(self, group: Dict[str, Any]) -> None:
         group["regularizer"] = to_saved(group.get("regularizer"))
@@ -93,7 +106,7 @@ class SGD(FusedOptimizer):
         cached, grads = prepare_group(self._plans, index, group["params"],
                                       lambda cached, ps: cached.fits(ps, group, self.state.clock.value, self.backend),
                                       lambda ps: _GroupPlan(self, group, ps))
-        cached.plan.check_coefficients()
+        cached.plan.check_coefficients(group["momentum"])
         if cached.torch_params:
             check_sgd_with_torch_ops(cached.torch_params, group_states(self, cached.torch_params), group)
         return cached, grads
@@ -110,6 +123,7 @@ class SGD(FusedOptimizer):
                             dampening=group["dampening"], nesterov=group["nesterov"],
                             weight_decay=group["weight_decay"], maximize=group["maximize"],
                             grad_scale=grad_scale)
+            cached.mark_written(cached.fast_params)
             for p, buf, first in zip(cached.fast_params, cached.bufs, cached.firsts):
                 if first:
                     self.state[p]["momentum_buffer"] = buf
@@ -123,7 +137,10 @@ class SGD(FusedOptimizer):
         """``state[param]["row_norms"]`` while it describes the current weights:
         the last step wrote them and nothing has written the parameter since
         (``model.load_state_dict``, an in-place edit, a new ``.data`` such as
-        a slice); else None, and scores must be computed from ``W``."""
+        a slice); else None, and scores must be computed from ``W``. Writes
+        are seen through the parameter's version counter, which torch ops on
+        the parameter advance; a write that bypasses it (in place on
+        ``param.data`` or through numpy) is not seen."""
         norms = self.state[param].get("row_norms") if param in self.state else None
         if norms is None:
             return None
@@ -141,6 +158,12 @@ class SGD(FusedOptimizer):
 
 
 _VERSION = attrgetter("_version")
+
+
+def _is_regularizer(value: Any) -> bool:
+    """Already in the form ``as_regularizer`` returns (no conversion needed)."""
+    return value is None or isinstance(value, Regularizer) or (
+        isinstance(value, list) and all(isinstance(r, Regularizer) for r in value))
 
 
 class _GroupPlan(CachedPlan):
