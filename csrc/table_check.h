@@ -124,9 +124,19 @@ class Row {
   }
   // Every fp32 of vector[0, n) (column `col`) is finite.
   void finite(int col, const float* v, int64_t n) const {
-    bool ok = true;
-    for (int64_t j = 0; j < n; ++j) ok &= finite_f32(v[j]);
-    if (ok) return;
+    // count the entries whose exponent is all ones (a branch-free sum of
+    // compares: vectorizes on the baseline ISA), locate one only on failure
+    // (in pieces of 2^20 entries: the count cannot wrap)
+    uint32_t bad = 0;
+    for (int64_t j0 = 0; j0 < n && bad == 0; j0 += int64_t{1} << 20) {
+      const int64_t j1 = n - j0 < (int64_t{1} << 20) ? n : j0 + (int64_t{1} << 20);
+      for (int64_t j = j0; j < j1; ++j) {
+        uint32_t u;
+        std::memcpy(&u, v + j, sizeof u);
+        bad += (u & 0x7F800000u) == 0x7F800000u;
+      }
+    }
+    if (bad == 0) return;
     int64_t j = 0;
     while (finite_f32(v[j])) ++j;
     throw TableError(std::string(family_) + " table row " + std::to_string(index_) + " has " +
