@@ -98,7 +98,8 @@ void check_zu_row(const int64_t* row, int64_t index) {
     r.absent(c::SCORES, true, "MODE 2 (soft threshold) scores nothing");
     r.absent(c::ROW_KEEP, true, "MODE 2 (soft threshold) keeps no rows");
     if (!(threshold >= 0.0 && std::isfinite(threshold)))
-      r.refuse(c::THRESHOLD, table_check::float_text(threshold), "but the soft-threshold level tau must be finite and >= 0");
+      r.refuse(c::THRESHOLD, table_check::float_text(threshold),
+               "but the soft-threshold level tau must be finite and >= 0");
     return;
   }
   const int64_t count = mode == kModeRows ? rows : numel;

@@ -23,6 +23,12 @@ The float coefficients are float64 columns of the table rounded once to fp32
 here (new hyper-parameters compile nothing). Compile-time constants are the
 storage dtype and ``BLOCK``. Math is fp32, rounded op by op like the
 reference (no fma contraction); stored values are rounded once to their dtype.
+
+The kernels implement the table values ``ZU_MODES`` and ``SAS_OUTER``;
+``check_zu_table`` and ``check_sas_table`` refuse a table holding any other
+(or sizes that disagree, a missing pointer, a KEEP, CUT or THRESHOLD its
+mode cannot mean) before a launch, like the C++ kernels do
+(``csrc/table_check.h``).
 """
 from __future__ import annotations
 
@@ -285,13 +291,15 @@ def check_zu_table(table: Tensor, dtype: Optional[torch.dtype] = None, full: boo
     c.refuse(soft & ~((threshold >= 0) & threshold.isfinite()), "THRESHOLD",
              "but the soft-threshold level tau must be finite and >= 0", threshold)
     count = torch.where(by_rows, rows, numel)
+
+    def entries(r):
+        return f"{int(count[r])} {'rows' if int(mode[r]) == MODE_ROWS else 'elements'}"
+
     c.refuse(~soft & ((keep < 0) | (keep > count)), "KEEP",
-             lambda r: f"but MODE {int(mode[r])} keeps between 0 and {int(count[r])} "
-                       f"{'rows' if int(mode[r]) == MODE_ROWS else 'elements'}")
+             lambda r: f"but MODE {int(mode[r])} keeps between 0 and {entries(r)}")
     c.present("ROW_KEEP", by_rows & (rows > 0), "MODE 1 (top-k rows)")
     selecting = ~soft & (keep > 0) & (keep < count)
-    c.present("SCORES", selecting,
-              lambda r: f"selecting {int(keep[r])} of {int(count[r])} {'rows' if int(mode[r]) == MODE_ROWS else 'elements'}")
+    c.present("SCORES", selecting, lambda r: f"selecting {int(keep[r])} of {entries(r)}")
     c.absent("ROW_KEEP", element, "MODE 0 (top-k elements) keeps no rows")
     c.refuse(element & threshold.isnan(), "THRESHOLD", "but a selection threshold cannot be NaN", threshold)
     c.refuse(element & ((cut < -1) | (cut > numel)), "CUT",

@@ -26,6 +26,11 @@ Compile-time constants are the storage dtype, ``maximize``, whether
 grad_scale / found_inf are given, and ``BLOCK``. Math is fp32 whatever
 the storage, rounded op by op like the reference (no fma contraction, IEEE
 division and square root); W is rounded once to its dtype, to nearest even.
+
+The kernel implements the table values ``MASK_KINDS`` and ``GROUP_KINDS``;
+``check_table`` refuses a table holding any other (or sizes that disagree, a
+missing pointer, a step t, lam or gamma the reference refuses) before a
+launch, like the C++ kernel does (``csrc/table_check.h``).
 """
 from __future__ import annotations
 

@@ -41,6 +41,11 @@ nesterov, maximize, lr / grad_scale / found_inf given) and ``BLOCK``. Math is
 fp32 whatever the storage, rounded op by op like the reference (no fma
 contraction, IEEE division and square root); W and the momentum buffer are
 rounded once to their dtype, to nearest even.
+
+The kernel implements the table values ``PROX_KINDS``, ``MASK_KINDS`` and
+``LAM_KINDS``; ``check_table`` refuses a table holding any other (or sizes
+that disagree, a pointer a kind needs but lacks, crossed clamp bounds)
+before a launch, like the C++ kernel does (``csrc/table_check.h``).
 """
 from __future__ import annotations
 
