@@ -491,6 +491,10 @@ class SGDPlan(TablePlan):
                                    pick(norms), [False] * len(index),
                                    **{k: pick(v) for k, v in self.terms.items()})
         self._split(fast, table, lambda t: load_triton().build_units(t))
+        if self.backend == "triton":  # once, on the CPU table: a device table is not read back per step
+            momentum = float(any(b is not None for b in bufs))
+            for launch in self.launches:
+                load_triton().check_table(launch.table, launch.dtype, momentum)
 
     def check_coefficients(self, momentum: float = 0.0) -> None:
         """``ValueError`` if a per-row coefficient vector (``lam`` per row,
@@ -537,14 +541,7 @@ class SGDPlan(TablePlan):
             return
         options = dict(momentum=float(momentum), dampening=float(dampening), nesterov=bool(nesterov),
                        weight_decay=float(weight_decay), maximize=bool(maximize))
-        if self.slow_index:
-            pick = lambda values: [values[i] for i in self.slow_index]  # noqa: E731
-            cols = pick(self.columns)
-            reference.sgd_step([c[0] for c in cols], pick(grads), [c[1] for c in cols],
-                               lams=[c[2] for c in cols], masks=[c[3] for c in cols], norms=[c[4] for c in cols],
-                               first_step=pick(firsts), lr=lr, grad_scale=grad_scale, found_inf=found_inf,
-                               **{k: pick(v) for k, v in self.terms.items()}, **options)
-        for launch in self.launches:
+        for launch in self.launches:  # first: a kernel refuses its table before writing anything
             launch.patch_grads(grads, SGD_COLUMN["GRAD"])
             flags = launch.pick(firsts)
             if flags != launch.firsts:
@@ -559,6 +556,13 @@ class SGDPlan(TablePlan):
             else:
                 load_triton().sgd_step(table.to(self.device), launch.dtype, lr=lr, grad_scale=grad_scale,
                                        found_inf=found_inf, units=launch.units, **options)
+        if self.slow_index:
+            pick = lambda values: [values[i] for i in self.slow_index]  # noqa: E731
+            cols = pick(self.columns)
+            reference.sgd_step([c[0] for c in cols], pick(grads), [c[1] for c in cols],
+                               lams=[c[2] for c in cols], masks=[c[3] for c in cols], norms=[c[4] for c in cols],
+                               first_step=pick(firsts), lr=lr, grad_scale=grad_scale, found_inf=found_inf,
+                               **{k: pick(v) for k, v in self.terms.items()}, **options)
 
 
 def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers, *,

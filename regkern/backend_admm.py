@@ -416,6 +416,8 @@ class SASPlan:
             units = None
             if self.backend == "triton":
                 units = load_triton_admm().build_units(table[:, SAS_COLUMN["NUMEL"]]).to(self.device)
+            if self.backend == "triton":  # once, on the CPU table: a device table is not read back per step
+                load_triton_admm().check_sas_table(table, dtype)
             self.launches.append(_SASLaunch(dtype, None if len(index) == count else index, table, units))
 
     def checked_grads(self, grads: Sequence[Tensor]) -> List[Tensor]:

@@ -196,6 +196,9 @@ class RDAPlan(TablePlan):
                                    [c[2] for c in cols], [c[3] for c in cols], [groups[i] for i in index],
                                    scratch, stream)
         self._split(fast, table, lambda t: load_triton_rda().build_units(t))
+        if self.backend == "triton":  # once, on the CPU table: a device table is not read back per step
+            for launch in self.launches:
+                load_triton_rda().check_table(launch.table, launch.dtype)
         for launch in self.launches:
             launch.rows = None if launch.index is None else np.asarray(launch.index, dtype=np.int64)
             launch.lam = launch.gamma = None  # the values now in the table
