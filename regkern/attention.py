@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from regkern.groups import Group, Member
+from regkern.model_calls import call_model, modes_kept
 
 ModuleRef = Union[str, nn.Module, None]
 
@@ -317,14 +318,6 @@ def _check_graph(r: _Resolved, graph, names: Dict[int, str], param_names: Dict[i
                          f"channels; head groups cannot slice them (trace_check=False skips this check)")
 
 
-def _call(model: nn.Module, example_inputs):
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
-
-
 @torch.no_grad()
 def _check_layout(model: nn.Module, resolved: List[_Resolved], example_inputs) -> None:
     """Numerically: changing one unit's q/k/v rows must change o's input in that unit's columns only.
@@ -343,47 +336,45 @@ def _check_layout(model: nn.Module, resolved: List[_Resolved], example_inputs) -
             captured[key] = x.detach().reshape(-1, x.shape[-1]).float().clone()
         return save
 
-    modes = [(m, m.training) for m in model.modules()]
     handles = [r.projections["o"][1].register_forward_pre_hook(hook(i), with_kwargs=True)
                for i, r in enumerate(resolved)]
     gen = torch.Generator().manual_seed(0)
-    try:
-        model.eval()
-        _call(model, example_inputs)
-        base = dict(captured)
-        for i, r in enumerate(resolved):
-            if i not in base:
-                raise ValueError(f"{r.label}: {r.projections['o'][0]!r} is not called by the model's forward")
-            unit = r.num_kv_heads // 2
-            saved = []
-            for role, (_, mod) in ((k, v) for k, v in r.projections.items() if k != "o"):
-                w = mod.weight
-                rows = r.row_index(role)[unit].to(w.device)
-                saved.append((w, rows, w[rows].clone()))
-                noise = torch.randn(len(rows), w.shape[1], generator=gen).to(w.device, w.dtype)
-                w[rows] = w[rows] + noise * (w.float().std() + 1e-3).to(w.dtype)
-            try:
-                _call(model, example_inputs)
-            finally:
-                for w, rows, old in saved:
-                    w[rows] = old
-            delta = (captured[i] - base[i]).abs()
-            inside = torch.zeros(delta.shape[1], dtype=torch.bool)
-            inside[r.row_index("o")[unit]] = True
-            inside = inside.to(delta.device)
-            moved, leaked = delta[:, inside].max(), delta[:, ~inside].max()
-            if not moved > 0 or leaked > 1e-3 * moved:
-                kind = "head" if r.n_rep == 1 else "kv group"
-                raise ValueError(
-                    f"{r.label}: changing the q/k/v rows of {kind} {unit} changed {r.projections['o'][0]!r}'s input "
-                    f"{'outside' if moved > 0 else 'nowhere in'} that {kind}'s columns; the projections do not follow "
-                    f"the assumed layout (query head h reads kv head h // (num_heads / num_kv_heads), a fused qkv "
-                    f"is [q; k; v]) or num_heads/num_kv_heads are wrong (trace_check=False skips this check)")
-    finally:
-        for handle in handles:
-            handle.remove()
-        for m, mode in modes:
-            m.training = mode
+    with modes_kept(model):
+        try:
+            model.eval()
+            call_model(model, example_inputs)
+            base = dict(captured)
+            for i, r in enumerate(resolved):
+                if i not in base:
+                    raise ValueError(f"{r.label}: {r.projections['o'][0]!r} is not called by the model's forward")
+                unit = r.num_kv_heads // 2
+                saved = []
+                for role, (_, mod) in ((k, v) for k, v in r.projections.items() if k != "o"):
+                    w = mod.weight
+                    rows = r.row_index(role)[unit].to(w.device)
+                    saved.append((w, rows, w[rows].clone()))
+                    noise = torch.randn(len(rows), w.shape[1], generator=gen).to(w.device, w.dtype)
+                    w[rows] = w[rows] + noise * (w.float().std() + 1e-3).to(w.dtype)
+                try:
+                    call_model(model, example_inputs)
+                finally:
+                    for w, rows, old in saved:
+                        w[rows] = old
+                delta = (captured[i] - base[i]).abs()
+                inside = torch.zeros(delta.shape[1], dtype=torch.bool)
+                inside[r.row_index("o")[unit]] = True
+                inside = inside.to(delta.device)
+                moved, leaked = delta[:, inside].max(), delta[:, ~inside].max()
+                if not moved > 0 or leaked > 1e-3 * moved:
+                    kind = "head" if r.n_rep == 1 else "kv group"
+                    raise ValueError(
+                        f"{r.label}: changing the q/k/v rows of {kind} {unit} changed {r.projections['o'][0]!r}'s input "
+                        f"{'outside' if moved > 0 else 'nowhere in'} that {kind}'s columns; the projections do not follow "
+                        f"the assumed layout (query head h reads kv head h // (num_heads / num_kv_heads), a fused qkv "
+                        f"is [q; k; v]) or num_heads/num_kv_heads are wrong (trace_check=False skips this check)")
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def claimed_modules(model: nn.Module, heads) -> List[nn.Module]:

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from regkern.model_calls import run_in_eval
+
 
 def _numel(shape) -> int:
     return math.prod(int(s) for s in shape)
@@ -105,20 +107,9 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"count_flops needs an nn.Module, got {type(model).__name__}")
-    modes = [(m, m.training) for m in model.modules()]
     counter = _Counter()
-    try:
-        model.eval()
-        with torch.no_grad(), counter:
-            if isinstance(example_inputs, dict):
-                model(**example_inputs)
-            elif isinstance(example_inputs, (tuple, list)):
-                model(*example_inputs)
-            else:
-                model(example_inputs)
-    finally:
-        for m, training in modes:
-            m.training = training
+    with counter:
+        run_in_eval(model, example_inputs)
     return counter.macs
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from regkern.model_calls import modes_kept
 from regkern.sharding import is_dtensor
 
 ROLES = ("producer", "row", "column")
@@ -224,18 +225,14 @@ def _trace(model: nn.Module, example_inputs):
     restored (the tracer leaves it in eval mode)."""
     import torch_pruning as tp
 
-    modes = [(m, m.training) for m in model.modules()]
     recorder = _TraceRecorder(example_inputs)
     try:
-        with torch.enable_grad(), recorder, warnings.catch_warnings():
+        with modes_kept(model), torch.enable_grad(), recorder, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dg = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
     except Exception as err:  # the tracer's failures are of every type
         raise ValueError(f"torch-pruning could not trace the model ({type(err).__name__}: {err}); "
                          "check example_inputs, or rewrite the operation it cannot follow") from err
-    finally:
-        for m, training in modes:
-            m.training = training
     _fix_concat_offsets(dg, recorder.cats)
     recorder.cats.clear()
     return dg, recorder.joins

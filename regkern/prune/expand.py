@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from regkern.groups import Group
+from regkern.model_calls import run_in_eval
 from regkern.prune.base import module_of
 
 EXPAND_NAME = "channel_expand"
@@ -103,25 +104,15 @@ def _pair_norms(model: nn.Module, example_inputs: Any, producers: Sequence[str],
                     pairs.setdefault(hit[1], name)
         return hook
 
-    modes = [(m, m.training) for m in model.modules()]
     try:
         for name in producers:
             handles.append(modules[name].register_forward_hook(record(name)))
         for name in norms:
             handles.append(modules[name].register_forward_pre_hook(match(name)))
-        model.eval()
-        with torch.no_grad():
-            if isinstance(example_inputs, dict):
-                model(**example_inputs)
-            elif isinstance(example_inputs, (tuple, list)):
-                model(*example_inputs)
-            else:
-                model(example_inputs)
+        run_in_eval(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes:
-            m.training = training
     return pairs
 
 
