@@ -387,10 +387,11 @@ class SASPlan:
     metadata built once; each step then checks the gradients, patches their
     pointers, the coefficients and the outer flags into the table and makes
     one C++ call or one launch per dtype. Tensors the fast kernels cannot take
-    (float64, state in another layout than the parameter) go to the reference.
+    (float64, a layout with gaps, state in another layout than the parameter)
+    go to the reference, and ``warn(i, reason)`` is told.
     """
 
-    def __init__(self, params, ws, w_breves, anchors, zs, us, backend=None):
+    def __init__(self, params, ws, w_breves, anchors, zs, us, backend=None, warn=None):
         count = len(params)
         if not all(len(x) == count for x in (ws, w_breves, anchors, zs, us)):
             raise ValueError("params and every SAS-ADMM state list must have one entry per parameter")
@@ -404,6 +405,11 @@ class SASPlan:
         self.backend = choose_backend(self.device, backend) if count else "reference"
         fast = [self.backend != "reference" and c[0].dtype in FAST_DTYPES
                 and all(_dense_like(t, c[0]) for t in c[1:]) for c in self.columns]
+        for i, (f, c) in enumerate(zip(fast, self.columns)):
+            if not f and self.backend != "reference" and warn is not None:
+                warn(i, f"its dtype {str(c[0].dtype).replace('torch.', '')} has no fused kernel"
+                     if c[0].dtype not in FAST_DTYPES else
+                     "it or its SAS-ADMM state is not one dense block of memory laid out alike")
         self.slow_index = [i for i, f in enumerate(fast) if not f]
         self.launches: List[_SASLaunch] = []
         groups = {None: [i for i, f in enumerate(fast) if f]} if self.backend == "cpp" else {

@@ -440,3 +440,13 @@ def test_a_non_finite_coefficient_written_through_data_is_refused(backend_name):
     with pytest.raises(ValueError, match=r"non-finite value in state\['lam'\]"):
         opt.step()
     assert_unchanged(before, opt, params)
+
+
+@pytest.mark.parametrize("make", [lambda ps: regkern.RDA(ps, lr=0.1), lambda ps: regkern.SASADMM(ps)],
+                         ids=["rda", "sasadmm"])
+def test_the_other_optimizers_name_a_parameter_on_a_slower_path(make):
+    model = torch.nn.Linear(3, 4).double()
+    opt = make(model.named_parameters())
+    model(torch.randn(2, 3, dtype=torch.float64)).sum().backward()
+    with pytest.warns(UserWarning, match=r"parameter 'weight' is stepped by the pure-torch reference .*float64"):
+        opt.step()

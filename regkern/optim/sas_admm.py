@@ -216,7 +216,8 @@ class _GroupPlan(CachedPlan):
                     raise ValueError(f"parameter {i} of its group has SAS-ADMM counter {name}={value!r}; it must be an int >= 1")
         self.plan = SASPlan([local_tensor(p) for p in self.params],
                             *([local_tensor(st.get(name)) for st in states] for name in SAS_STATE),
-                            backend=optimizer.backend)
+                            backend=optimizer.backend,
+                            warn=lambda i, why: optimizer.warn_once(self.params[i], why))
 
     def fits(self, params, clock: int, backend) -> bool:
         return not self.new_state and self.same_inputs(params, clock, backend)
