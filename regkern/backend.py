@@ -491,6 +491,9 @@ class SGDPlan(TablePlan):
                                    pick(norms), [False] * len(index),
                                    **{k: pick(v) for k, v in self.terms.items()})
         self._split(fast, table, lambda t: load_triton().build_units(t))
+        # what check_coefficients reads itself: all but the C++ launches' vectors (their table check reads those)
+        slow = set(self.slow_index)
+        self._read_coefficients = [c for c in self.coefficients if self.backend != "cpp" or c[0] in slow]
         if self.backend == "triton":  # once, on the CPU table: a device table is not read back per step
             momentum = float(any(b is not None for b in bufs))
             for launch in self.launches:
@@ -515,10 +518,7 @@ class SGDPlan(TablePlan):
                     if key is None:
                         raise ValueError(f"parameter {i} ({_describe(self.params[i])}): {err}") from None
                     self._refuse_coefficient(i, key)
-        vectors = self.coefficients
-        if self.backend == "cpp":
-            slow = set(self.slow_index)
-            vectors = [c for c in vectors if c[0] in slow]
+        vectors = self._read_coefficients
         versions = [t._version for _, _, t in vectors] if self.backend == "triton" else None
         if versions is not None and versions == self._checked_versions:
             return
