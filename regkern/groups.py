@@ -161,12 +161,13 @@ class _TraceRecorder(TorchFunctionMode):
 
     ``joins``: every tensor add or subtract's output grad_fn -> whether it is
     a residual join: both operands are computed from the example inputs
-    through parameters (they require grad) and they differ in the parameters
-    they went through (``x + block(x)``, ``branch_a(h) + branch_b(h)``). An
+    (through parameters, or the inputs themselves at the other operand's full
+    shape) and they differ in the parameters they went through (``x +
+    block(x)``, also on the raw input, ``branch_a(h) + branch_b(h)``). An
     operand that is a parameter, buffer, constant or scalar (a bias add, a
     positional table, an offset), or a tensor the inputs give without a
-    parameter (a mask), never joins, nor does ``x + f(x)`` where ``f`` has
-    no parameters. Each tensor the forward computes carries whether it
+    parameter and broadcast against the other (a mask), never joins, nor
+    does ``x + f(x)`` where ``f`` has no parameters. Each tensor the forward computes carries whether it
     depends on the inputs and the parameters it went through.
     """
 
@@ -190,7 +191,13 @@ class _TraceRecorder(TorchFunctionMode):
         operands = _tensors_in((args, kwargs))
         origins = [self._of(t) for t in operands]  # before the call: an in-place op rewrites its operand
         name = getattr(func, "__name__", "")
-        computed = [d and t.requires_grad for t, (d, _) in zip(operands, origins)] if name in _ADD_NAMES else []
+        computed = []
+        if name in _ADD_NAMES:
+            # an operand computed through parameters (it requires grad), or one the inputs give
+            # without a parameter but of the other operand's full shape (x + block(x) on the raw
+            # input: the input's channels are coupled to the block's; a broadcast mask is not)
+            same_shape = len(operands) == 2 and operands[0].shape == operands[1].shape
+            computed = [d and (t.requires_grad or same_shape) for t, (d, _) in zip(operands, origins)]
         out = func(*args, **kwargs)
         if origins:
             data = any(d for d, _ in origins)
@@ -367,7 +374,8 @@ def _convert(model: nn.Module, dg, tp_group, module_names, param_names, unwrappe
     for item in tp_group.items:
         node, handler = item.dep.target, item.dep.handler
         module = node.module
-        if node.type == tp.ops.OPTYPE.ELEMENTWISE and node.grad_fn is not None:
+        # an add is an elementwise node, or the output node when it makes the model's output
+        if node.type in (tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.OUTPUT) and node.grad_fn is not None:
             joined |= _is_join(node, joins)
         if node.type == tp.ops.OPTYPE.CONCAT and getattr(module, "unmapped", False):
             raise _Unsupported(f"a concatenation whose channel offsets torch-pruning could not map ({node.name})")

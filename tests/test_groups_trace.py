@@ -218,3 +218,20 @@ def test_fully_traced_models_do_not_warn():
     # its out_proj is called inside nn.MultiheadAttention, which the trace reaches
     # (regkern cannot slice nn.MultiheadAttention and says so in another warning)
     assert unreached_warnings(mha.eval(), SEQ, ignore=["2"]) == []
+
+
+def test_a_residual_add_onto_the_raw_input_is_a_join():
+    """y = x + c2(relu(c1(x))): c2's output channels are x's channels, which cannot be cut."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(4, 8, 3, padding=1)
+            self.c2 = torch.nn.Conv2d(8, 4, 3, padding=1)
+
+        def forward(self, x):
+            return x + self.c2(torch.relu(self.c1(x)))
+
+    x = torch.randn(2, 4, 6, 6)
+    names = set(producers(find_groups(Block(), x, residual_rule=True)))
+    assert names == {"c1"}
