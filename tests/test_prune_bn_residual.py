@@ -272,3 +272,17 @@ def test_polarized_and_clamped_scales_weight_decay(bn_weight_decay, expected):
     pruner = PolarizationPruner(model, opt, image_batch(), steps=2, bn_weight_decay=bn_weight_decay)
     assert pruner.group["weight_decay"] == expected and pruner.clamp_group["weight_decay"] == expected
     assert opt.param_groups[0]["weight_decay"] == 5e-4
+
+
+def test_a_refused_polarization_pruner_leaves_the_param_groups_as_they_were():
+    torch.manual_seed(0)
+    model = resnet_basic()
+    bn = model.bn1.weight  # a BatchNorm outside the polarization set, in a Clamp group that disagrees
+    opt = regkern.SGD([{"params": [p for p in model.parameters() if p is not bn], "weight_decay": 1e-4},
+                       {"params": [bn], "regularizer": regkern.Clamp(0.0, 2.0)}], lr=0.1)
+    before = [(list(map(id, g["params"])), g["regularizer"], g["weight_decay"]) for g in opt.param_groups]
+    keys = {p: set(opt.state[p]) for p in model.parameters() if p in opt.state}
+    with pytest.raises(ValueError, match="Clamp group clamps to"):
+        PolarizationPruner(model, opt, image_batch(), steps=2, a=1.0)
+    assert [(list(map(id, g["params"])), g["regularizer"], g["weight_decay"]) for g in opt.param_groups] == before
+    assert {p: set(opt.state[p]) for p in model.parameters() if p in opt.state} == keys

@@ -12,9 +12,10 @@ the same optimizer keeps training) or freezes masks (unstructured).
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import gc
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -362,6 +363,31 @@ def drop_regularizer(group: Dict[str, Any], kind: type) -> None:
     """Take the regularizers of type ``kind`` off a param group (for fine-tuning)."""
     regs = [r for r in regularizers_of(group) if not isinstance(r, kind)]
     group["regularizer"] = None if not regs else regs[0] if len(regs) == 1 else regs
+
+
+@contextlib.contextmanager
+def groups_restored_on_error(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """On an exception inside, put the optimizer's param groups (which
+    parameters, regularizers and options each holds) and its state keys
+    back as they were: several ``ensure_group`` calls refuse as one."""
+    groups = list(optimizer.param_groups)
+    contents = [dict(g) for g in groups]
+    keys = {p: set(optimizer.state[p]) for g in groups for p in g["params"] if p in optimizer.state}
+    try:
+        yield
+    except BaseException:
+        for g, content in zip(groups, contents):
+            g.clear()
+            g.update(content)
+        optimizer.param_groups[:] = groups
+        for g in groups:
+            for p in g["params"]:
+                if p in optimizer.state and p not in keys:
+                    del optimizer.state[p]
+                elif p in optimizer.state:
+                    for key in set(optimizer.state[p]) - keys[p]:
+                        del optimizer.state[p][key]
+        raise
 
 
 def ensure_group(optimizer: torch.optim.Optimizer, params: Sequence[Tuple[str, Tensor]], kind: type,

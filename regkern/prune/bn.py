@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from regkern.flops import count_flops
 from regkern.prune.base import (PruneSummary, Schedule, check_in_optimizer, cut, drop_regularizer, ensure_group,
-                                group_of, module_of, named_params, optimizer_params, regularizers_of)
+                                group_of, groups_restored_on_error, module_of, named_params, optimizer_params,
+                                regularizers_of)
 from regkern.prune.expand import attach_expand, branch_ends
 from regkern.slicing import kept_indices
 from regkern.prune.greg import _check_int, _check_pos, smallest
@@ -383,25 +384,26 @@ class PolarizationPruner(_BNPruner):
                                      f"but {name}={value} was given; give one or the other")
         make = lambda: Polarization(lam=5e-5 if lam is None else float(lam), t=1.4 if t is None else float(t),  # noqa: E731
                                     a=float(a))
-        ensure_group(optimizer, scales, Polarization, make, self.method, **decay)
-        self._anchor = scales[0][1]
-        self._clamp_anchor: Optional[Tensor] = None
-        self._clamp_added = False
-        owned = optimizer_params(optimizer)
-        in_set = {id(p) for _, p in scales}
-        norms = [(f"{n}.weight" if n else "weight", m.weight) for n, m in model.named_modules()
-                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and isinstance(m.weight, Tensor)]
-        others = [(n, p) for n, p in norms if id(p) not in in_set and p in owned]
-        if clamp_all and others:
-            holders = [r for g in optimizer.param_groups for r in regularizers_of(g) if isinstance(r, Clamp)]
-            for r in holders:
-                if (r.lo, r.hi) != (0.0, float(a)):
-                    raise ValueError(f"the optimizer's Clamp group clamps to [{r.lo}, {r.hi}], but the BatchNorm "
-                                     f"scales outside the polarization set are clamped to [0, {float(a)}]; "
-                                     "make them agree or pass clamp_all=False")
-            ensure_group(optimizer, others, Clamp, lambda: Clamp(0.0, float(a)),
-                         f"{self.method} (the clamp of the other BatchNorm scales)", **decay)
-            self._clamp_anchor, self._clamp_added = others[0][1], not holders
+        with groups_restored_on_error(optimizer):  # the two groups are made together or not at all
+            ensure_group(optimizer, scales, Polarization, make, self.method, **decay)
+            self._anchor = scales[0][1]
+            self._clamp_anchor: Optional[Tensor] = None
+            self._clamp_added = False
+            owned = optimizer_params(optimizer)
+            in_set = {id(p) for _, p in scales}
+            norms = [(f"{n}.weight" if n else "weight", m.weight) for n, m in model.named_modules()
+                     if isinstance(m, nn.modules.batchnorm._BatchNorm) and isinstance(m.weight, Tensor)]
+            others = [(n, p) for n, p in norms if id(p) not in in_set and p in owned]
+            if clamp_all and others:
+                holders = [r for g in optimizer.param_groups for r in regularizers_of(g) if isinstance(r, Clamp)]
+                for r in holders:
+                    if (r.lo, r.hi) != (0.0, float(a)):
+                        raise ValueError(f"the optimizer's Clamp group clamps to [{r.lo}, {r.hi}], but the BatchNorm "
+                                         f"scales outside the polarization set are clamped to [0, {float(a)}]; "
+                                         "make them agree or pass clamp_all=False")
+                ensure_group(optimizer, others, Clamp, lambda: Clamp(0.0, float(a)),
+                             f"{self.method} (the clamp of the other BatchNorm scales)", **decay)
+                self._clamp_anchor, self._clamp_added = others[0][1], not holders
         if bn_init is not None:
             with torch.no_grad():
                 for _, p in norms:
