@@ -17,23 +17,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
-def _sgd_routes_here() -> bool:
-    """Whether regkern.SGD steps complex parameters and differentiable groups
-    (it refused both before routing them to the torch-op path)."""
-    w = torch.zeros(2, dtype=torch.complex64, requires_grad=True)
-    w.grad = torch.ones(2, dtype=torch.complex64)
-    v = torch.zeros(2, requires_grad=True).clone()
-    v.grad = torch.ones(2)
-    try:
-        regkern.SGD([w], lr=0.5).step()
-        regkern.SGD([v], lr=0.5, differentiable=True).step()
-    except (ValueError, TypeError, RuntimeError, NotImplementedError):
-        return False
-    return True
-
-
-# End-to-end tests go through regkern.SGD once its step routes here.
-routed = pytest.mark.skipif(not _sgd_routes_here(), reason="regkern.SGD does not route to the torch-op path yet")
 
 TORCH_CASES = [
     dict(),
@@ -509,7 +492,6 @@ def test_proximal_map_without_lambda_refused():
 
 # --- end to end through regkern.SGD (needs its routing) -------------------
 
-@routed
 @pytest.mark.parametrize("case", TORCH_CASES, ids=str)
 def test_regkern_sgd_complex_model_matches_torch(case):
     torch.manual_seed(0)
@@ -527,7 +509,6 @@ def test_regkern_sgd_complex_model_matches_torch(case):
         assert_same(a, b)
 
 
-@routed
 @pytest.mark.parametrize("case", [c for c in TORCH_CASES if not c.get("weight_decay")], ids=str)
 def test_regkern_sgd_sparse_embedding_matches_torch(case):
     torch.manual_seed(0)
@@ -551,7 +532,6 @@ def test_regkern_sgd_sparse_embedding_matches_torch(case):
         torch.testing.assert_close(a, b)  # fused kernel against torch: rounding only
 
 
-@routed
 def test_regkern_sgd_refusal_on_the_torch_path_changes_nothing():
     """A refused torch-op parameter stops the whole step: the dense
     parameters (fused kernels, stepped in the same call) stay as they were."""
@@ -570,7 +550,6 @@ def test_regkern_sgd_refusal_on_the_torch_path_changes_nothing():
     assert all("momentum_buffer" not in opt.state[p] for p in (*linear.parameters(), emb.weight))
 
 
-@routed
 @pytest.mark.parametrize("case", TORCH_CASES, ids=str)
 def test_regkern_sgd_differentiable_matches_torch(case):
     x = hyper_inputs()
@@ -590,7 +569,6 @@ def test_regkern_sgd_differentiable_matches_torch(case):
         assert_same(a, e)
 
 
-@routed
 def test_regkern_sgd_complex_row_l2_mask_and_norms():
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex64))

@@ -305,8 +305,9 @@ class PolarizationPruner(_BNPruner):
     ``bn_init``: fill every BatchNorm scale of the model with this value now
     (official: 0.5, when training from scratch). ``bn_weight_decay``: the
     weight decay of those param groups, 0 by default as in the official
-    code (its BatchNorm weight decay is off unless asked for); None keeps the
-    hyper-parameter of the group the scales came from.
+    code (its BatchNorm weight decay is off unless asked for), set also on a
+    Polarization or Clamp group the optimizer already had; None keeps each
+    group's own.
 
     FLOPs control, two ways with two meanings of "target":
     ``target_flops`` here is the official gate: a fraction of the model's
