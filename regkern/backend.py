@@ -22,6 +22,7 @@ from torch import Tensor
 
 from regkern import reference
 from regkern.reference.sgd import PROX_NONE, num_rows
+from regkern.terms import COEFFICIENT_KEYS, CORE_ABSENT, FINITE_STATE, STATE_BY_KEY, TERM_ABSENT, TERM_KEYWORDS
 
 BACKENDS = ("cpp", "triton", "reference")
 NATIVE_BACKEND = {"cpu": "cpp", "cuda": "triton"}
@@ -255,10 +256,6 @@ def check_sgd_grads(params, grads) -> None:
     raise ValueError(f"parameter {i} ({_describe(w)}) has a gradient of {_describe(g)}; it must match the parameter's shape and dtype")
 
 
-# table columns of the per-row coefficient vectors -> their optimizer-state keys
-COEFFICIENT_KEYS = {"LAM": "lam", "LAM_COLS": "lam_cols", "L1": "l1", "PROX_LAM": "prox_lam", "POLAR": "polar"}
-
-
 def is_dense(t: Tensor) -> bool:
     """Whether ``t``'s elements fill one block of memory without gaps or
     overlaps, in some order of its dimensions (contiguous, channels_last, a
@@ -328,15 +325,10 @@ def slow_reason(w: Tensor, elementwise: Sequence[Optional[Tensor]], per_row: Seq
     return None
 
 
-# The regularizer terms of the sgd contract, by reference keyword; each name
-# is what a kernel module lists in its SGD_TERMS when it computes that term.
-TERM_KEYWORDS = {"l1": ("l1s",), "polar": ("polars",), "admm": ("admm_targets", "admm_rhos"),
-                 "prox": ("prox_kinds", "prox_lams"), "clamp": ("clamps",)}
-TERM_ABSENT = {"l1s": None, "polars": None, "admm_targets": None, "admm_rhos": 0.0,
-               "prox_kinds": PROX_NONE, "prox_lams": None, "clamps": None}
-# Keyword lists of the contract that every fast backend computes (no routing):
-# the per-column lambdas.
-CORE_ABSENT = {"lam_cols": None}
+# The regularizer terms of the sgd contract (TERM_KEYWORDS: term name -> its
+# reference keywords; a kernel module lists the names it computes in
+# SGD_TERMS), the keywords' absent values, and the keyword lists every fast
+# backend computes (CORE_ABSENT) come from regkern.terms.
 
 
 def _terms_used(terms: Dict[str, list], i: int) -> set:
@@ -465,11 +457,16 @@ class SGDPlan(TablePlan):
         supported = kernel_terms(self.backend)
         none = [None] * count
         term = lambda key: self.terms.get(key) or none  # noqa: E731
-        # the per-row coefficient vectors users and schedules write: checked finite before a step
-        self.coefficients = [(i, key, t) for i in range(count) for key, t in (
-            ("lam", lams[i] if lams[i] is not None and lams[i].shape != params[i].shape else None),
-            ("lam_cols", term("lam_cols")[i]), ("l1", term("l1s")[i]), ("prox_lam", term("prox_lams")[i]))
-            if t is not None]
+        # the per-row coefficient vectors users and schedules write: checked finite before a
+        # step (an entry that may have W's shape is W-sized there and not read)
+        given = {"lams": lams, "masks": masks, "norms": norms}
+
+        def coefficient(i, key):
+            entry = STATE_BY_KEY[key]
+            t = (given.get(entry.keyword) or term(entry.keyword))[i]
+            return None if t is None or ("element" in entry.layouts and t.shape == params[i].shape) else t
+        self.coefficients = [(i, key, t) for i in range(count) for key, t in
+                             ((key, coefficient(i, key)) for key in FINITE_STATE) if t is not None]
         self._checked_versions: Optional[List[int]] = None
 
         def reason(i):

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from regkern.reference.sgd import PROX_GROUP, PROX_L1
 from regkern.sharding import is_dtensor, local_tensor, row_state
+from regkern.terms import STATE_BY_KEY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +56,21 @@ class Regularizer:
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{type(self).__name__}({name}={value!r}): {name} must be finite and >= 0")
 
+    def state_layouts(self, param: Tensor) -> Dict[str, str]:
+        """The state entries ``init_state`` creates for ``param``: key -> layout
+        (each key and layout declared in ``regkern.terms``)."""
+        return {}
+
     def init_state(self, param: Tensor, state: Dict[str, Any]) -> None:
-        """Add this regularizer's tensors to a parameter's optimizer state."""
+        """Add this regularizer's tensors to a parameter's optimizer state
+        (missing entries only)."""
+        for key, layout in self.state_layouts(param).items():
+            if key not in state:
+                state[key] = self._new_state(key, layout, param)
+
+    def _new_state(self, key: str, layout: str, param: Tensor) -> Tensor:
+        """A fresh ``key`` entry for ``param``: fp32 zeros in ``layout``."""
+        return new_state(key, layout, param)
 
     def init_group(self, params: Sequence[Tensor], states: Sequence[Dict[str, Any]]) -> None:
         """Add this regularizer's state for a whole param group (at construction
@@ -102,13 +116,31 @@ class RowL2(Regularizer):
     track_norms: bool = False
     columns: bool = False
 
-    def init_state(self, param: Tensor, state: Dict[str, Any]) -> None:
-        if "lam" not in state:
-            state["lam"] = row_state(param)
-        if self.track_norms and "row_norms" not in state:
-            state["row_norms"] = row_state(param, (3,))
-        if self.columns and param.dim() >= 2 and "lam_cols" not in state:
-            state["lam_cols"] = _column_state(param)
+    def state_layouts(self, param: Tensor) -> Dict[str, str]:
+        layouts = {"lam": "row"}
+        if self.track_norms:
+            layouts["row_norms"] = "row3"
+        if self.columns and param.dim() >= 2:
+            layouts["lam_cols"] = "column"
+        return layouts
+
+
+def new_state(key: str, layout: str, param: Tensor) -> Tensor:
+    """Zeros for state entry ``key`` of ``param`` in one of its declared
+    layouts (regkern.terms), on the parameter's device; a DTensor parameter
+    gets a DTensor laid out like it."""
+    entry = STATE_BY_KEY[key]
+    if layout not in entry.layouts or entry.dtype != torch.float32:
+        raise ValueError(f"state[{key!r}] is not declared as a float32 {layout!r} entry")
+    if layout == "row":
+        return row_state(param)
+    if layout == "row3":
+        return row_state(param, (3,))
+    if layout == "column":
+        return _column_state(param)
+    if layout == "element":
+        return torch.zeros_like(param.detach(), dtype=torch.float32, memory_format=torch.contiguous_format)
+    raise ValueError(f"state[{key!r}]: no zeros are made for layout {layout!r}")
 
 
 def _is_number(value: Any) -> bool:
@@ -140,10 +172,8 @@ class ElementL2(Regularizer):
 
     kind: ClassVar[str] = "element_l2"
 
-    def init_state(self, param: Tensor, state: Dict[str, Any]) -> None:
-        if "lam" not in state:
-            state["lam"] = torch.zeros_like(param.detach(), dtype=torch.float32,
-                                            memory_format=torch.contiguous_format)
+    def state_layouts(self, param: Tensor) -> Dict[str, str]:
+        return {"lam": "element"}
 
 
 def _per_row(param: Tensor, lam: Union[float, Tensor]) -> Tensor:
@@ -168,9 +198,11 @@ class L1(Regularizer):
     def _check(self) -> None:
         self._finite_nonnegative("lam")
 
-    def init_state(self, param: Tensor, state: Dict[str, Any]) -> None:
-        if "l1" not in state:
-            state["l1"] = _per_row(param, self.lam)
+    def state_layouts(self, param: Tensor) -> Dict[str, str]:
+        return {"l1": "row"}
+
+    def _new_state(self, key: str, layout: str, param: Tensor) -> Tensor:
+        return _per_row(param, self.lam)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,9 +219,11 @@ class ProxL1(Regularizer):
     def _check(self) -> None:
         self._finite_nonnegative("lam")
 
-    def init_state(self, param: Tensor, state: Dict[str, Any]) -> None:
-        if "prox_lam" not in state:
-            state["prox_lam"] = _per_row(param, self.lam)
+    def state_layouts(self, param: Tensor) -> Dict[str, str]:
+        return {"prox_lam": "row"}
+
+    def _new_state(self, key: str, layout: str, param: Tensor) -> Tensor:
+        return _per_row(param, self.lam)
 
     def step_options(self) -> Dict[str, Any]:
         return {"prox_kind": PROX_L1}
@@ -245,6 +279,12 @@ class Polarization(Regularizer):
         if not (math.isfinite(self.a) and self.a > 0):
             raise ValueError(f"Polarization(a={self.a!r}): a, the upper clamp of the scales, must be finite and > 0")
 
+    def state_layouts(self, param: Tensor) -> Dict[str, str]:
+        return {"polar": "shared"}
+
+    def init_state(self, param: Tensor, state: Dict[str, Any]) -> None:
+        """Nothing per parameter: ``init_group`` shares one ``polar`` over the set."""
+
     def init_group(self, params: Sequence[Tensor], states: Sequence[Dict[str, Any]]) -> None:
         # also after load_state_dict, which loads one copy per parameter: share one again
         if not params:
@@ -296,7 +336,11 @@ class ADMM(Regularizer):
     def _check(self) -> None:
         self._finite_nonnegative("rho")
 
+    def state_layouts(self, param: Tensor) -> Dict[str, str]:
+        return {"admm_z": "element", "admm_u": "element", "admm_target": "element"}
+
     def init_state(self, param: Tensor, state: Dict[str, Any]) -> None:
+        # all three together: Z = W, U = 0, target = Z - U in W's dtype
         if "admm_z" not in state:
             state["admm_z"] = param.detach().float().clone()
             state["admm_u"] = torch.zeros_like(state["admm_z"])

@@ -16,14 +16,13 @@ from torch import Tensor, nn
 from regkern.flops import count_flops, count_params
 from regkern.groups import Group, check_group, named_tensors
 from regkern.sharding import is_dtensor
+from regkern.terms import COLUMN_STATE, ROW_STATE, SHARED_STATE
 
-# Optimizer-state entries with one value per row W[r] (first dimension) and
-# the one with one value per column W[:, c]; every other tensor entry must
-# have the parameter's shape (momentum, element masks and lambdas, ADMM,
-# RDA and SAS-ADMM state, Adam's moments ...) or be a scalar.
-ROW_STATE = ("lam", "l1", "prox_lam", "mask", "row_norms")
-COLUMN_STATE = ("lam_cols",)
-SHARED_STATE = ("polar",)  # one tensor shared by a whole param group: not per parameter
+# Optimizer-state entries with one value per row W[r] (first dimension), per
+# column W[:, c], or shared by a whole param group come from regkern.terms;
+# every other tensor entry must have the parameter's shape (momentum, element
+# masks and lambdas, ADMM, RDA and SAS-ADMM state, Adam's moments ...) or be
+# a scalar.
 
 Removals = Union[Mapping[Group, Any], Sequence[Tuple[Group, Any]]]
 

@@ -13,11 +13,11 @@ from regkern.optim.fused import FusedOptimizer, check_number, group_states, scal
 from regkern.optim.plan_cache import CachedPlan, prepare_group
 from regkern.optim.torch_path import check_sgd_with_torch_ops, sgd_with_torch_ops
 from regkern.sharding import local_tensor
+from regkern.terms import FIXED_DTYPE_STATE, STEP_OPTIONS, STEP_STATE
 
 # Optimizer-state entries whose dtype does not follow the parameter's: torch's
 # load_state_dict would cast them to the parameter dtype (a bool mask to
-# float, an fp32 lambda to bf16), so they are restored as saved.
-FIXED_DTYPE_STATE = ("lam", "lam_cols", "mask", "row_norms", "l1", "prox_lam", "polar", "admm_z", "admm_u")
+# float, an fp32 lambda to bf16), so they are restored as saved (regkern.terms).
 
 
 class SGD(FusedOptimizer):
@@ -191,18 +191,14 @@ class _GroupPlan(CachedPlan):
         self.bufs = [torch.empty_like(p) if first else b for p, b, first in zip(params, bufs, self.firsts)]
         self.differentiable = differentiable
         self.regularizer = group["regularizer"]
-        state_of = lambda key: [local_tensor(st.get(key)) for st in states]  # noqa: E731
         options = step_options(group["regularizer"])
+        # every state entry and group option the step reads, by its keyword (regkern.terms)
+        inputs = {keyword: [local_tensor(st.get(key)) for st in states] for key, keyword in STEP_STATE.items()}
+        inputs.update({keyword: [options.get(option, absent)] * len(params)
+                       for option, (keyword, absent) in STEP_OPTIONS.items()})
         self.plan = SGDPlan([local_tensor(p) for p in params], [local_tensor(b) for b in self.bufs],
-                            state_of("lam"), state_of("mask"), state_of("row_norms"), optimizer.backend,
-                            l1s=state_of("l1"), polars=state_of("polar"),
-                            admm_targets=state_of("admm_target"),
-                            admm_rhos=[options.get("admm_rho", 0.0)] * len(params),
-                            prox_kinds=[options.get("prox_kind", 0)] * len(params),
-                            prox_lams=state_of("prox_lam"),
-                            clamps=[options.get("clamp")] * len(params),
-                            lam_cols=state_of("lam_cols"),
-                            warn=lambda i, why: optimizer.warn_once(params[i], why))
+                            backend=optimizer.backend, warn=lambda i, why: optimizer.warn_once(params[i], why),
+                            **inputs)
 
     def fits(self, params, group: Dict[str, Any], clock: int, backend) -> bool:
         return (not any(self.firsts) and self.momentum == (group["momentum"] != 0)

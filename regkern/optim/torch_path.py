@@ -39,8 +39,7 @@ What cannot apply is refused before anything is written:
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -48,32 +47,31 @@ from torch.optim.sgd import sgd as torch_functional_sgd
 
 from regkern.reference.sgd import PROX_NONE, _broadcast_mask, _prox, as_rows, num_rows
 from regkern.regularizers import step_options
+from regkern.terms import FINITE_STATE, GRADIENT_STATE, STEP_OPTIONS, STEP_STATE, UPDATE_OPTIONS, UPDATE_STATE
 
 
-@dataclasses.dataclass
 class _Terms:
-    """The regularizer state that applies to one parameter's step."""
+    """The regularizer state and group options that apply to one parameter's
+    step: one attribute per state entry the step reads and per group option
+    (regkern.terms)."""
 
-    lam: Optional[Tensor] = None
-    lam_cols: Optional[Tensor] = None
-    l1: Optional[Tensor] = None
-    polar: Optional[Tensor] = None
-    admm_target: Optional[Tensor] = None
-    admm_rho: float = 0.0
-    prox_kind: int = PROX_NONE
-    prox_lam: Optional[Tensor] = None
-    clamp: Optional[Tuple[float, float]] = None
-    mask: Optional[Tensor] = None
-    row_norms: Optional[Tensor] = None
+    __slots__ = tuple(STEP_STATE) + tuple(STEP_OPTIONS)
+
+    def __init__(self, state: Dict[str, Any], options: Dict[str, Any]) -> None:
+        for key in STEP_STATE:
+            setattr(self, key, state.get(key))
+        for option, (_, absent) in STEP_OPTIONS.items():
+            setattr(self, option, options.get(option, absent))
+        if self.admm_target is None or self.admm_rho == 0:  # ADMM's pull needs both
+            self.admm_target, self.admm_rho = None, 0.0
 
     def gradient_terms(self) -> List[str]:
         """The state keys of the terms added to the gradient."""
-        present = [("lam", self.lam), ("lam_cols", self.lam_cols), ("l1", self.l1), ("polar", self.polar),
-                   ("admm_target", self.admm_target)]
-        return [name for name, value in present if value is not None]
+        return [key for key in GRADIENT_STATE if getattr(self, key) is not None]
 
     def after_update(self) -> bool:
-        return self.mask is not None or self.prox_kind != PROX_NONE or self.clamp is not None
+        return (any(getattr(self, key) is not None for key in UPDATE_STATE)
+                or any(getattr(self, option) != absent for option, absent in UPDATE_OPTIONS.items()))
 
 
 def sgd_with_torch_ops(params: List[Tensor], states: List[Dict[str, Any]], group: Dict[str, Any],
@@ -142,7 +140,7 @@ def _checked_step(params, states, group) -> List[_Terms]:
     bufs = [st.get("momentum_buffer") if momentum != 0 else None for st in states]
     terms = [_checked_terms(group, p, g, b, st, options) for p, g, b, st in zip(params, grads, bufs, states)]
     for p, t in zip(params, terms):  # the per-row coefficients, as the fused path checks them
-        for key in ("lam", "lam_cols", "l1", "prox_lam"):
+        for key in FINITE_STATE:
             value = getattr(t, key)
             if value is not None and not bool(torch.isfinite(value).all()):
                 raise ValueError(f"{_describe(group, p)} has a non-finite value in state['{key}']; "
@@ -249,13 +247,7 @@ def _checked_terms(group, w: Tensor, grad: Tensor, buf: Optional[Tensor], state:
     """The terms that apply to ``w``; ``ValueError`` on state that does not fit
     it and on terms that cannot apply to it (complex W, sparse gradient)."""
     where = lambda: _describe(group, w)  # noqa: E731  (built only on error)
-    terms = _Terms(lam=state.get("lam"), lam_cols=state.get("lam_cols"), l1=state.get("l1"),
-                   polar=state.get("polar"), prox_lam=state.get("prox_lam"), mask=state.get("mask"),
-                   row_norms=state.get("row_norms"), prox_kind=options.get("prox_kind", PROX_NONE),
-                   clamp=options.get("clamp"))
-    target, rho = state.get("admm_target"), options.get("admm_rho", 0.0)
-    if target is not None and rho != 0:
-        terms.admm_target, terms.admm_rho = target, rho
+    terms = _Terms(state, options)
     device, rows, fp32 = w.device, num_rows(w), torch.float32
 
     def fits(t: Optional[Tensor], shapes, dtype=fp32) -> bool:
