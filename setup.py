@@ -14,8 +14,12 @@ ext = Pybind11Extension(
     sorted(glob.glob("csrc/*.cpp")),
     cxx_std=17,
     include_dirs=["csrc"],
-    # No -march=native: csrc/sgd.cpp compiles its hot loops for AVX-512, AVX2
-    # and baseline x86-64 and picks one at run time. -ffp-contract=off keeps
+    # Headers (csrc/common/ too): a change to one rebuilds the extension, and
+    # an sdist carries them.
+    depends=sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.inc", recursive=True)),
+    # No -march=native: every kernel family compiles its hot loops for AVX-512,
+    # AVX2 and baseline x86-64 (csrc/common/isa_variants.inc) and one is picked
+    # at run time. -ffp-contract=off keeps
     # fp32 results identical to torch's (no fused multiply-add contraction).
     # -fno-trapping-math (no FP traps: results unchanged) lets the vectorizer
     # if-convert the branch-free dtype conversions; -fno-math-errno inlines sqrt.

@@ -1,17 +1,13 @@
-// C++ CPU backend of the `admm` kernel family: ISA variants and threading.
+// C++ CPU backend of the `admm` kernel family: table checks, decoding, the
+// top-k selection, and the calls into the kernel variant that runs.
 //
-// Same shape as rda.cpp: the kernel body (admm_kernel.h) is compiled for
-// AVX-512, AVX2 and baseline x86-64, each inside its own `#pragma GCC target`
-// region, and the variant that runs is the one the sgd family runs
-// (regkern::active_isa()), so every family switches together. The work split
-// over threads is work_split.h: cuts on multiples of 64 elements, or on row
-// boundaries in tensors scored by rows (a row's sum belongs to one thread).
-// Results do not depend on the split or on the variant.
+// The kernel body (admm_kernel.h) is compiled once per instruction-set
+// variant (common/isa_variants.inc); the one that runs is the process-wide
+// choice of common/isa.h, so every family switches together. The work split
+// over threads is common/work_split.h: cuts on multiples of 64 elements, or
+// on row boundaries in tensors scored by rows (a row's sum belongs to one
+// thread). Results do not depend on the split or on the variant.
 #include "admm.h"
-
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <cmath>
@@ -21,64 +17,28 @@
 #include <vector>
 
 #include "admm_table.h"
-#include "sgd.h"
+#include "common/dtype.h"
+#include "common/isa.h"
+#include "common/work_split.h"
 #include "table_check.h"
-#include "work_split.h"
 
 namespace regkern {
 namespace admm_detail {
 
-constexpr int64_t kPiece = 512;           // elements per piece (fp32 temporaries fit L1)
-constexpr int64_t kMinPerThread = 16384;  // below this a thread costs more than it saves
+constexpr int64_t kPiece = 512;  // elements per piece (fp32 temporaries fit L1)
 constexpr int kModeElement = 0, kModeRows = 1, kModeSoft = 2;
-
-static inline int64_t rk_min(int64_t a, int64_t b) { return a < b ? a : b; }
 
 }  // namespace admm_detail
 }  // namespace regkern
 
-#define RK_AI static inline __attribute__((always_inline))
-
-#if defined(__x86_64__) || defined(__i386__)
-#define RK_X86 1
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,f16c,prefer-vector-width=512")
-#define RK_NS isa_avx512f
-#define RK_ISA_NAME "avx512f"
-#include "admm_kernel.h"
-#undef RK_NS
-#undef RK_ISA_NAME
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,f16c")
-#define RK_NS isa_avx2
-#define RK_ISA_NAME "avx2"
-#include "admm_kernel.h"
-#undef RK_NS
-#undef RK_ISA_NAME
-#pragma GCC pop_options
-#endif
-
-#define RK_NS isa_default
-#define RK_ISA_NAME "default"
-#include "admm_kernel.h"
-#undef RK_NS
-#undef RK_ISA_NAME
+#define RK_KERNEL_BODY "admm_kernel.h"
+#include "common/isa_variants.inc"
 
 namespace regkern {
 namespace admm_detail {
 namespace {
 
-const Kernels* active() {
-#ifdef RK_X86
-  return variant_for_active_isa({&isa_avx512f::kernels, &isa_avx2::kernels}, &isa_default::kernels);
-#else
-  return &isa_default::kernels;
-#endif
-}
-
-float as_float(int64_t bits) { return static_cast<float>(float_column(bits)); }
+const Kernels* const kByVariant[isa::kCount] = RK_VARIANT_KERNELS;
 
 // Refuse (TableError, table_check.h) a zu row the passes do not know how to
 // step, before any of them writes: unknown modes and dtype codes, sizes that
@@ -88,7 +48,7 @@ void check_zu_row(const int64_t* row, int64_t index) {
   namespace c = zu_col;
   const table_check::Row r("zu", "regkern.backend_admm.build_zu_table", c::NAMES, row, index);
   r.rows_cover(c::NUMEL, c::ROWS, c::ROW_LEN);
-  r.one_of(c::DTYPE, {0, 1, 2}, "0 float32, 1 bfloat16, 2 float16");
+  r.dtype(c::DTYPE);
   r.one_of(c::MODE, {kModeElement, kModeRows, kModeSoft}, "0 top-k elements, 1 top-k rows, 2 soft threshold");
   const bool elements = r[c::NUMEL] > 0;
   for (int col : {c::PARAM, c::Z, c::U}) r.present(col, elements, "a tensor with elements");
@@ -124,7 +84,7 @@ void check_sas_row(const int64_t* row, int64_t index) {
   namespace c = sas_col;
   const table_check::Row r("sas", "regkern.backend_admm.build_sas_table", c::NAMES, row, index);
   r.non_negative(c::NUMEL);
-  r.one_of(c::DTYPE, {0, 1, 2}, "0 float32, 1 bfloat16, 2 float16");
+  r.dtype(c::DTYPE);
   r.flag(c::OUTER);
   for (int col : {c::PARAM, c::GRAD, c::W, c::W_BREVE, c::ANCHOR, c::Z, c::U})
     r.present(col, r[c::NUMEL] > 0, "a tensor with elements");
@@ -148,7 +108,7 @@ ZuDesc decode_zu(const int64_t* row) {
   d.mode = static_cast<int>(row[c::MODE]);
   d.scores = reinterpret_cast<void*>(row[c::SCORES]);
   d.row_keep = reinterpret_cast<const uint8_t*>(row[c::ROW_KEEP]);
-  d.threshold = as_float(row[c::THRESHOLD]);
+  d.threshold = float_column_f32(row[c::THRESHOLD]);
   d.cut = row[c::CUT];
   return d;
 }
@@ -166,18 +126,18 @@ SasDesc decode_sas(const int64_t* row) {
   d.numel = row[c::NUMEL];
   d.dtype = static_cast<int>(row[c::DTYPE]);
   d.outer = row[c::OUTER] != 0;
-  d.c = as_float(row[c::C]);
-  d.inv_cr = as_float(row[c::INV_CR]);
-  d.b = as_float(row[c::B]);
-  d.b1 = as_float(row[c::B1]);
-  d.bn = as_float(row[c::BN]);
-  d.bn1 = as_float(row[c::BN1]);
-  d.rb = as_float(row[c::RB]);
-  d.inv_beta = as_float(row[c::INV_BETA]);
-  d.tau = as_float(row[c::TAU]);
-  d.sb = as_float(row[c::SB]);
-  d.beta = as_float(row[c::BETA]);
-  d.rho = as_float(row[c::RHO]);
+  d.c = float_column_f32(row[c::C]);
+  d.inv_cr = float_column_f32(row[c::INV_CR]);
+  d.b = float_column_f32(row[c::B]);
+  d.b1 = float_column_f32(row[c::B1]);
+  d.bn = float_column_f32(row[c::BN]);
+  d.bn1 = float_column_f32(row[c::BN1]);
+  d.rb = float_column_f32(row[c::RB]);
+  d.inv_beta = float_column_f32(row[c::INV_BETA]);
+  d.tau = float_column_f32(row[c::TAU]);
+  d.sb = float_column_f32(row[c::SB]);
+  d.beta = float_column_f32(row[c::BETA]);
+  d.rho = float_column_f32(row[c::RHO]);
   return d;
 }
 
@@ -195,13 +155,11 @@ void run_zu(const int64_t* table, int64_t num_tensors, int num_threads, bool sco
     layout.off[t + 1] = layout.off[t] + ds[t].numel;
     if (scoring && ds[t].mode == kModeRows) layout.unit[t] = ds[t].row_len > 0 ? ds[t].row_len : 1;
   }
-  const Kernels* k = active();
+  const Kernels* k = kByVariant[isa::active()];
   if (scoring) {
-    work_split::parallel_for(layout, num_threads, kMinPerThread,
-                             [&](size_t t, int64_t lo, int64_t hi) { k->scores(ds[t], lo, hi); });
+    work_split::parallel_for(layout, num_threads, [&](size_t t, int64_t lo, int64_t hi) { k->scores(ds[t], lo, hi); });
   } else {
-    work_split::parallel_for(layout, num_threads, kMinPerThread,
-                             [&](size_t t, int64_t lo, int64_t hi) { k->zu(ds[t], lo, hi); });
+    work_split::parallel_for(layout, num_threads, [&](size_t t, int64_t lo, int64_t hi) { k->zu(ds[t], lo, hi); });
   }
 }
 
@@ -300,7 +258,7 @@ void admm_select(int64_t* table, int64_t num_tensors, int num_threads) {
   std::sort(work.begin(), work.end(), [table](int64_t a, int64_t b) {
     return table[a * c::NUM_FIELDS + c::NUMEL] > table[b * c::NUM_FIELDS + c::NUMEL];
   });
-  const Kernels* k = active();
+  const Kernels* k = kByVariant[isa::active()];
   const int64_t count = static_cast<int64_t>(work.size());
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, count)));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
@@ -355,9 +313,8 @@ void sas_admm_step(const int64_t* table, int64_t num_tensors, int num_threads) {
     ds[t] = decode_sas(table + static_cast<int64_t>(t) * sas_col::NUM_FIELDS);
     layout.off[t + 1] = layout.off[t] + ds[t].numel;
   }
-  const Kernels* k = active();
-  work_split::parallel_for(layout, num_threads, kMinPerThread,
-                           [&](size_t t, int64_t lo, int64_t hi) { k->sas(ds[t], lo, hi); });
+  const Kernels* k = kByVariant[isa::active()];
+  work_split::parallel_for(layout, num_threads, [&](size_t t, int64_t lo, int64_t hi) { k->sas(ds[t], lo, hi); });
 }
 
 }  // namespace regkern

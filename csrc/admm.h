@@ -2,8 +2,8 @@
 // regkern/reference/admm.py for the contract). Python validates the tensors;
 // each function first checks its table (table_check.h: TableError, nothing
 // written) and then computes. Each runs on up to `num_threads` OpenMP
-// threads (call them without the GIL) and uses the instruction-set variant
-// of the sgd family (regkern::active_isa, forced with regkern::set_isa).
+// threads (call them without the GIL) and uses the process-wide
+// instruction-set variant (common/isa.h).
 #pragma once
 
 #include <cstdint>
@@ -72,7 +72,6 @@ struct SasDesc {
 // Per-ISA entry points (admm_kernel.h, compiled once per variant in admm.cpp):
 // each steps elements [lo, hi) of one tensor (row-aligned for row scores).
 struct Kernels {
-  const char* name;
   void (*scores)(const ZuDesc&, int64_t lo, int64_t hi);
   // Radix keys (bits of |W + U|, NaN -> +inf) of elements [i, i + n), n <= 512.
   void (*keys)(const ZuDesc&, int64_t i, int64_t n, uint32_t* out);

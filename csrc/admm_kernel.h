@@ -1,9 +1,9 @@
 // Body of the `admm` kernel family for ONE instruction-set variant.
 //
-// No include guard on purpose: admm.cpp includes this file once per variant,
-// inside a `#pragma GCC target(...)` region, with RK_NS naming a namespace of
-// its own and RK_ISA_NAME the variant's name (the pattern of sgd_kernel.h and
-// rda_kernel.h). Keep standard headers out of this file.
+// No include guard on purpose: admm.cpp compiles this file once per variant
+// through common/isa_variants.inc, inside the variant's `#pragma GCC target`
+// region, with RK_NS naming a namespace of its own. Keep standard headers out
+// of this file.
 //
 // Math (regkern/reference/admm.py), fp32, one rounding per operation, no FMA
 // contraction (-ffp-contract=off), so fp32 results match the reference bit
@@ -18,22 +18,13 @@
 //   SAS: W_breve = (c W_breve + anchor - g) * inv_cr; W = b W_breve + b1 W;
 //        outer step (Z, U, anchor) where due; W_hat = bn W_breve + bn1 W
 // bf16 / fp16 are widened to fp32 and rounded back (to nearest even) with
-// the sgd family's conversions of the active variant.
+// the variant's storage conversions (common/dtype_kernel.h).
 
 namespace regkern {
 namespace admm_detail {
 namespace RK_NS {
 
-// W (or a gradient) piece [i, i + n) as fp32: the storage itself, or widened into tmp.
-template <int DT>
-RK_AI const float* as_f32(const void* src, int64_t i, int64_t n, float* tmp) {
-  if constexpr (DT == 0) {
-    return static_cast<const float*>(src) + i;
-  } else {
-    convert_to_f32(DT, static_cast<const uint16_t*>(src) + i, tmp, n);
-    return tmp;
-  }
-}
+using namespace ::regkern::dtype::RK_NS;  // storage conversions (common/dtype_kernel.h)
 
 // ------------------------------------------------------------------ scores
 
@@ -187,7 +178,7 @@ static void zu_range(const ZuDesc& d, int64_t lo, int64_t hi) {
     } else {
       update<kSoft, TARGET>(z, u, t, wp, nullptr, n, d.threshold, false);
     }
-    if constexpr (DT != 0 && TARGET) convert_from_f32(DT, tf, static_cast<uint16_t*>(d.target) + i0, n);
+    if constexpr (DT != 0 && TARGET) narrow_n<DT>(tf, static_cast<uint16_t*>(d.target) + i0, n);
     i0 = i1;
   }
 }
@@ -242,7 +233,7 @@ static void sas_range(const SasDesc& d, int64_t lo, int64_t hi) {
     } else {
       sas_piece<false>(out, gp, d.w + i0, d.wb + i0, d.anchor + i0, d.z + i0, d.u + i0, n, d);
     }
-    if constexpr (DT != 0) convert_from_f32(DT, pf, static_cast<uint16_t*>(d.p) + i0, n);
+    if constexpr (DT != 0) narrow_n<DT>(pf, static_cast<uint16_t*>(d.p) + i0, n);
     i0 = i1;
   }
 }
@@ -255,7 +246,7 @@ static void sas(const SasDesc& d, int64_t lo, int64_t hi) {
   }
 }
 
-static const Kernels kernels = {RK_ISA_NAME, &scores, &keys, &zu, &sas};
+static const Kernels kernels = {&scores, &keys, &zu, &sas};
 
 }  // namespace RK_NS
 }  // namespace admm_detail

@@ -7,6 +7,8 @@
 #include <iterator>
 
 #include "admm.h"
+#include "common/dtype.h"
+#include "common/isa.h"
 #include "rda.h"
 #include "sgd.h"
 #include "admm_table.h"

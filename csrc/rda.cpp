@@ -1,20 +1,17 @@
-// C++ CPU backend of the `rda` kernel family: ISA variants and threading.
+// C++ CPU backend of the `rda` kernel family: table checks, decoding and
+// the call into the kernel variant that runs.
 //
-// Same shape as sgd.cpp: the kernel body (rda_kernel.h) is compiled three
-// times, for AVX-512, AVX2 and baseline x86-64, each inside its own
-// `#pragma GCC target` region. The variant that runs is the one the sgd
-// family runs (regkern::active_isa(): the best the CPU supports, or the one a
-// test forced with regkern::set_isa), so both families switch together; the
-// 16-bit conversions are the sgd family's (regkern::convert_to_f32 /
-// convert_from_f32, public in sgd.h).
+// The kernel body (rda_kernel.h) is compiled once per instruction-set
+// variant (common/isa_variants.inc); the one that runs is the process-wide
+// choice of common/isa.h, so every family switches together.
 //
 // The step's coefficients are derived here from each tensor's T, LAM and
 // GAMMA columns, in float64 with the operations of
 // reference.rda.rda_coefficients (IEEE, no contraction: the same doubles),
 // then rounded once to fp32.
 //
-// Work split (work_split.h): the elements of all tensors are laid end to end
-// and cut into one share per thread with equal element counts, each cut
+// Work split (common/work_split.h): the elements of all tensors are laid end
+// to end and cut into one share per thread with equal element counts, each cut
 // snapped to a multiple of 64 elements, or to a row boundary in a tensor
 // stepped by rows (group shrinkage needs the whole row's norm: a row is
 // stepped by one thread). A call is one OpenMP region on torch's OpenMP
@@ -22,81 +19,34 @@
 // by the row's start).
 #include "rda.h"
 
-#include <omp.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
-
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include "common/dtype.h"
+#include "common/isa.h"
+#include "common/work_split.h"
 #include "rda_table.h"
-#include "sgd.h"
 #include "table_check.h"
-#include "work_split.h"
 
 namespace regkern {
 namespace rda_detail {
 
-constexpr int64_t kPiece = 512;           // elements per piece (fp32 temporaries fit L1)
-constexpr int64_t kAlign = 64;            // thread cuts in element-wise tensors
-constexpr int64_t kMinPerThread = 16384;  // below this a thread costs more than it saves
+constexpr int64_t kPiece = 512;  // elements per piece (fp32 temporaries fit L1)
 constexpr int64_t kRdaMaskNone = 0, kRdaMaskRow = 1, kRdaMaskElement = 2;
-
-static inline int64_t rk_min(int64_t a, int64_t b) { return a < b ? a : b; }
 
 }  // namespace rda_detail
 }  // namespace regkern
 
-#define RK_AI static inline __attribute__((always_inline))
-
-#if defined(__x86_64__) || defined(__i386__)
-#define RK_X86 1
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,f16c,prefer-vector-width=512")
-#define RK_NS isa_avx512f
-#define RK_ISA_NAME "avx512f"
-#define RK_LANES 16
-#include "rda_kernel.h"
-#undef RK_NS
-#undef RK_ISA_NAME
-#undef RK_LANES
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,f16c")
-#define RK_NS isa_avx2
-#define RK_ISA_NAME "avx2"
-#define RK_LANES 8
-#include "rda_kernel.h"
-#undef RK_NS
-#undef RK_ISA_NAME
-#undef RK_LANES
-#pragma GCC pop_options
-#endif
-
-#define RK_NS isa_default
-#define RK_ISA_NAME "default"
-#define RK_LANES 4
-#include "rda_kernel.h"
-#undef RK_NS
-#undef RK_ISA_NAME
-#undef RK_LANES
+#define RK_KERNEL_BODY "rda_kernel.h"
+#include "common/isa_variants.inc"
 
 namespace regkern {
 namespace rda_detail {
 namespace {
 
-// The variant named like the sgd family's active one.
-const Kernels* active() {
-#ifdef RK_X86
-  return variant_for_active_isa({&isa_avx512f::kernels, &isa_avx2::kernels}, &isa_default::kernels);
-#else
-  return &isa_default::kernels;
-#endif
-}
+const Kernels* const kByVariant[isa::kCount] = RK_VARIANT_KERNELS;
 
 // Refuse (TableError, table_check.h) a row the kernel does not know how to
 // step, before anything is written: unknown mask kinds, flags and dtype
@@ -106,7 +56,7 @@ void check_row(const int64_t* row, int64_t index) {
   namespace c = rda_col;
   const table_check::Row r("rda", "regkern.backend_rda.build_rda_table", c::NAMES, row, index);
   r.rows_cover(c::NUMEL, c::ROWS, c::ROW_LEN);
-  r.one_of(c::DTYPE, {0, 1, 2}, "0 float32, 1 bfloat16, 2 float16");
+  r.dtype(c::DTYPE);
   r.one_of(c::MASK_KIND, {kRdaMaskNone, kRdaMaskRow, kRdaMaskElement}, "0 none, 1 row mask, 2 element mask");
   r.flag(c::GROUP);
   r.flag(c::STREAM);
@@ -182,10 +132,10 @@ void rda_step(const int64_t* table, int64_t num_tensors, bool maximize, double g
   for (size_t i = 0; i < count; ++i) {
     ds[i] = decode(table + static_cast<int64_t>(i) * rda_col::NUM_FIELDS);
     layout.off[i + 1] = layout.off[i] + ds[i].numel;
-    layout.unit[i] = ds[i].group && ds[i].row_len > 0 ? ds[i].row_len : kAlign;
+    if (ds[i].group && ds[i].row_len > 0) layout.unit[i] = ds[i].row_len;
   }
-  const Kernels* k = active();
-  work_split::parallel_for(layout, num_threads, kMinPerThread, [&](size_t t, int64_t lo, int64_t hi) {
+  const Kernels* k = kByVariant[isa::active()];
+  work_split::parallel_for(layout, num_threads, [&](size_t t, int64_t lo, int64_t hi) {
     k->range(ds[t], o, lo, hi);
 #ifdef RK_X86
     // non-temporal stores are weakly ordered: the thread that issued them

@@ -9,8 +9,7 @@ namespace regkern {
 
 // One fused RDA step over every tensor of the metadata table (rda_table.h).
 // Runs on up to `num_threads` OpenMP threads; call it without the GIL. The
-// instruction-set variant is the one the sgd family uses (regkern::active_isa,
-// forced with regkern::set_isa), so one switch drives both families.
+// instruction-set variant is the process-wide one (common/isa.h).
 void rda_step(const int64_t* table, int64_t num_tensors, bool maximize, double grad_scale,
               int num_threads);
 
@@ -50,7 +49,6 @@ struct Desc {
 
 // Per-ISA entry points (rda_kernel.h, compiled once per variant in rda.cpp).
 struct Kernels {
-  const char* name;
   // Step elements [lo, hi) of one tensor; row-aligned for group tensors.
   void (*range)(const Desc&, const Opt&, int64_t lo, int64_t hi);
 };

@@ -1,10 +1,10 @@
 // Body of the `rda` kernel family for ONE instruction-set variant.
 //
-// No include guard on purpose: rda.cpp includes this file once per variant,
-// inside a `#pragma GCC target` region, with RK_NS naming a namespace of its
-// own, RK_ISA_NAME the variant's name and RK_LANES its fp32 register width
-// (the pattern of sgd_kernel.h). Everything defined here is compiled for that
-// ISA; keep standard headers out of this file (rda.cpp includes them first).
+// No include guard on purpose: rda.cpp compiles this file once per variant
+// through common/isa_variants.inc, inside the variant's `#pragma GCC target`
+// region, with RK_NS naming a namespace of its own and RK_LANES its fp32
+// register width. Everything defined here is compiled for that ISA; keep
+// standard headers out of this file (rda.cpp includes them first).
 //
 // Math (regkern/reference/rda.py), in fp32, one rounding per operation, no FMA
 // contraction (-ffp-contract=off), so fp32 results match torch bit for bit
@@ -14,8 +14,8 @@
 //   gbar *= keep; W0 *= keep; v *= keep                         (under a mask)
 //   element: W = sign(v) * max(|v| - tau, 0) + 0
 //   group:   W_r = ||v_r|| > 0 ? v_r * max(1 - kappa / ||v_r||, 0) + 0 : 0
-// bf16 / fp16 are widened to fp32 and rounded back with the sgd family's
-// conversions of the active variant (regkern::convert_to_f32 / _from_f32).
+// bf16 / fp16 are widened to fp32 and rounded back with the variant's
+// storage conversions (common/dtype_kernel.h).
 //
 // The loops are written on RK_LANES-wide vectors (GCC vector extensions) with
 // a scalar head and tail doing the same operations, so every lane rounds like
@@ -26,6 +26,8 @@
 namespace regkern {
 namespace rda_detail {
 namespace RK_NS {
+
+using namespace ::regkern::dtype::RK_NS;  // storage conversions (common/dtype_kernel.h)
 
 typedef float vf __attribute__((vector_size(4 * RK_LANES)));
 typedef uint32_t vu __attribute__((vector_size(4 * RK_LANES)));
@@ -211,17 +213,6 @@ RK_AI float sum_squares(const float* __restrict x, int64_t n) {
   return r[0];
 }
 
-// Gradient piece [i, i + n) as fp32: the storage itself, or widened into tmp.
-template <int DT>
-RK_AI const float* grad_f32(const Desc& d, int64_t i, int64_t n, float* tmp) {
-  if constexpr (DT == 0) {
-    return static_cast<const float*>(d.g) + i;
-  } else {
-    convert_to_f32(DT, static_cast<const uint16_t*>(d.g) + i, tmp, n);
-    return tmp;
-  }
-}
-
 // out[j] = row mask of element i + j, j < n
 RK_AI void expand_row_mask(const Desc& d, int64_t i, int64_t n, uint8_t* __restrict out) {
   int64_t r = i / d.row_len, o = i - r * d.row_len, j = 0;
@@ -258,7 +249,7 @@ static void range_element(const Desc& d, const Opt& o, int64_t lo, int64_t hi) {
   for (int64_t i0 = lo; i0 < hi;) {
     const int64_t i1 = rk_min(hi, (i0 / kPiece + 1) * kPiece);
     const int64_t n = i1 - i0;
-    const float* gp = grad_f32<DT>(d, i0, n, gf);
+    const float* gp = as_f32<DT>(d.g, i0, n, gf);
     const uint8_t* kp = nullptr;
     if (row_mask) {
       expand_row_mask(d, i0, n, keepx);
@@ -268,7 +259,7 @@ static void range_element(const Desc& d, const Opt& o, int64_t lo, int64_t hi) {
     }
     float* out = DT == 0 ? static_cast<float*>(d.w) + i0 : wf;
     fn(out, gp, d.gbar + i0, d.w0 + i0, kp, n, k);
-    if constexpr (DT != 0) convert_from_f32(DT, wf, static_cast<uint16_t*>(d.w) + i0, n);
+    if constexpr (DT != 0) narrow_n<DT>(wf, static_cast<uint16_t*>(d.w) + i0, n);
     i0 = i1;
   }
 }
@@ -294,7 +285,7 @@ static void range_group(const Desc& d, const Opt& o, int64_t lo, int64_t hi) {
     double acc = 0.0;
     for (int64_t p = 0; p < len_row; p += kPiece) {
       const int64_t n = rk_min(kPiece, len_row - p), i = base + p;
-      const float* gp = grad_f32<DT>(d, i, n, gf);
+      const float* gp = as_f32<DT>(d.g, i, n, gf);
       const uint8_t* kp = !mask ? nullptr : row_mask ? keepx : d.mask + i;
       fn(vf_, gp, d.gbar + i, d.w0 + i, kp, n, k);
       acc += static_cast<double>(sum_squares(vf_, n));
@@ -304,13 +295,13 @@ static void range_group(const Desc& d, const Opt& o, int64_t lo, int64_t hi) {
     const bool nonzero = norm > 0.0f;
     for (int64_t p = 0; p < len_row; p += kPiece) {
       const int64_t n = rk_min(kPiece, len_row - p), i = base + p;
-      if (DT == 0) {
+      if constexpr (DT == 0) {
         float* out = static_cast<float*>(d.w) + i;
         if (stream) shrink<true>(out, d.gbar + i, d.w0 + i, n, d.c, s, nonzero);
         else shrink<false>(out, d.gbar + i, d.w0 + i, n, d.c, s, nonzero);
       } else {
         shrink<false>(vf_, d.gbar + i, d.w0 + i, n, d.c, s, nonzero);
-        convert_from_f32(DT, vf_, static_cast<uint16_t*>(d.w) + i, n);
+        narrow_n<DT>(vf_, static_cast<uint16_t*>(d.w) + i, n);
       }
     }
   }
@@ -332,7 +323,7 @@ static void range(const Desc& d, const Opt& o, int64_t lo, int64_t hi) {
   }
 }
 
-static const Kernels kernels = {RK_ISA_NAME, &range};
+static const Kernels kernels = {&range};
 
 }  // namespace RK_NS
 }  // namespace rda_detail

@@ -1,34 +1,29 @@
-// C++ CPU backend of the `sgd` kernel family: ISA dispatch and threading.
+// C++ CPU backend of the `sgd` kernel family: table checks, decoding and
+// the call into the kernel variant that runs.
 //
-// The kernel body (sgd_kernel.h) is compiled three times, for AVX-512, AVX2
-// and baseline x86-64, each inside its own `#pragma GCC target` region (the
-// explicit equivalent of target_clones: it also lets the tests force a
-// variant). The best variant the CPU supports is picked once, at load time.
+// The kernel body (sgd_kernel.h) is compiled once per instruction-set variant
+// (common/isa_variants.inc); the one that runs is the process-wide choice of
+// common/isa.h, shared with the other families.
 //
-// Work split: the elements of all tensors are laid end to end and cut into
-// one share per thread with equal element counts (a share may cover many
-// small tensors and parts of big ones), each cut snapped to a multiple of 64
-// elements, or to a row boundary when the tensor writes row norms or takes
+// Work split (common/work_split.h): the elements of all tensors are laid end
+// to end and cut into one share per thread, each cut snapped to a multiple of
+// 64 elements, or to a row boundary when the tensor writes row norms or takes
 // the group-lasso prox (a row is then stepped by one thread; a row longer
-// than a share simply makes that share longer). Many small tensors thus cost
-// about as much per element as one big one, and a call is one OpenMP region.
-// Results do not depend on the split: row norms (and group-lasso row norms)
-// are summed in blocks whose boundaries are fixed per tensor (sgd_kernel.h).
+// than a share simply makes that share longer). Results do not depend on the
+// split: row norms (and group-lasso row norms) are summed in blocks whose
+// boundaries are fixed per tensor (sgd_kernel.h).
 #include "sgd.h"
 
-#include <omp.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
-
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <utility>
 #include <vector>
 
+#include "common/dtype.h"
+#include "common/isa.h"
+#include "common/work_split.h"
 #include "sgd_table.h"
 #include "table_check.h"
 
@@ -39,8 +34,6 @@ constexpr int64_t kBlock = 1024;          // elements per inner block (fits L1)
 constexpr int64_t kPiece16 = 128;         // elements per piece: bf16/fp16 conversions, two-pass terms
 constexpr int64_t kShortRow = 16;         // rows shorter than this: scalar norm sums
 constexpr int64_t kLongRow = 64;          // rows this long: per-row values passed per row piece
-constexpr int64_t kAlign = 64;            // thread cuts in tensors without norms
-constexpr int64_t kMinPerThread = 16384;  // below this a thread costs more than it saves
 // Group lasso (PROX 2) needs a whole updated row before it can scale it. Rows
 // up to kRowBuf elements are updated into a per-thread fp32 buffer (fp32
 // storage: into W itself, still in cache), reduced, scaled, then stored once;
@@ -48,8 +41,6 @@ constexpr int64_t kMinPerThread = 16384;  // below this a thread costs more than
 // second pass over memory (sgd_kernel.h, TermsStep::run).
 constexpr int64_t kRowBuf = 65536;
 constexpr int64_t kChunk = 4096;
-
-static inline int64_t rk_min(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Read-only stand-ins for absent per-element streams of the general path.
 alignas(64) static const float kZeros[kBlock] = {};
@@ -78,88 +69,17 @@ TermScratch* term_scratch();
 }  // namespace detail
 }  // namespace regkern
 
-#define RK_AI static inline __attribute__((always_inline))
-
 // The piece temporaries of fused16 are filled by loops GCC cannot bound.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-#if defined(__x86_64__) || defined(__i386__)
-#define RK_X86 1
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,f16c,prefer-vector-width=512")
-#define RK_NS isa_avx512f
-#define RK_ISA_NAME "avx512f"
-#define RK_F16C 2
-#define RK_VEC_LANES 16
-#include "sgd_kernel.h"
-#undef RK_NS
-#undef RK_ISA_NAME
-#undef RK_F16C
-#undef RK_VEC_LANES
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,f16c")
-#define RK_NS isa_avx2
-#define RK_ISA_NAME "avx2"
-#define RK_F16C 1
-#define RK_VEC_LANES 8
-#include "sgd_kernel.h"
-#undef RK_NS
-#undef RK_ISA_NAME
-#undef RK_F16C
-#undef RK_VEC_LANES
-#pragma GCC pop_options
-#endif
-
-#define RK_NS isa_default
-#define RK_ISA_NAME "default"
-#define RK_F16C 0
-#define RK_VEC_LANES 4
-#include "sgd_kernel.h"
-#undef RK_NS
-#undef RK_ISA_NAME
-#undef RK_F16C
-#undef RK_VEC_LANES
+#define RK_KERNEL_BODY "sgd_kernel.h"
+#include "common/isa_variants.inc"
 
 namespace regkern {
 namespace detail {
 namespace {
 
-struct Variant {
-  const IsaKernels* kernels;
-  bool supported;
-};
-
-// Best first.
-Variant* variants() {
-#ifdef RK_X86
-  static Variant table[3] = {
-      {&isa_avx512f::kernels, false}, {&isa_avx2::kernels, false}, {&isa_default::kernels, true}};
-  static bool probed = [] {
-    __builtin_cpu_init();
-    table[0].supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("f16c");
-    table[1].supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-    return true;
-  }();
-#else
-  static Variant table[3] = {
-      {&isa_default::kernels, true}, {&isa_default::kernels, false}, {&isa_default::kernels, false}};
-  static bool probed = true;
-#endif
-  (void)probed;
-  return table;
-}
-
-const IsaKernels* best_variant() {
-  for (int i = 0; i < 3; ++i)
-    if (variants()[i].supported) return variants()[i].kernels;
-  return &isa_default::kernels;
-}
-
-std::atomic<const IsaKernels*> g_active{best_variant()};
+const IsaKernels* const kByVariant[isa::kCount] = RK_VARIANT_KERNELS;
 
 struct ScratchHolder {
   TermScratch* p = nullptr;
@@ -186,7 +106,7 @@ void check_row(const int64_t* row, int64_t index, bool momentum) {
   namespace c = sgd_col;
   const table_check::Row r("sgd", "regkern.backend.build_sgd_table", c::NAMES, row, index);
   r.rows_cover(c::NUMEL, c::ROWS, c::ROW_LEN);
-  r.one_of(c::DTYPE, {kDtypeF32, kDtypeBF16, kDtypeF16}, "0 float32, 1 bfloat16, 2 float16");
+  r.dtype(c::DTYPE);
   r.flag(c::FIRST);
   r.one_of(c::MASK_KIND, {kMaskNone, kMaskRow, kMaskElement}, "0 none, 1 row mask, 2 element mask");
   r.one_of(c::LAM_KIND, {kLamNone, kLamRow, kLamElement}, "0 none, 1 per row, 2 per element");
@@ -260,41 +180,13 @@ TensorDesc decode(const int64_t* row) {
   t.clamp = row[c::CLAMP] != 0;
   // float64 bits; rounded to fp32 like torch rounds a Python float that
   // multiplies (rho) or clamps (lo, hi) an fp32 tensor
-  t.rho = static_cast<float>(float_column(row[c::ADMM_RHO]));
-  t.clamp_lo = static_cast<float>(float_column(row[c::CLAMP_LO]));
-  t.clamp_hi = static_cast<float>(float_column(row[c::CLAMP_HI]));
+  t.rho = float_column_f32(row[c::ADMM_RHO]);
+  t.clamp_lo = float_column_f32(row[c::CLAMP_LO]);
+  t.clamp_hi = float_column_f32(row[c::CLAMP_HI]);
   t.terms = t.l1 != nullptr || t.polar != nullptr || t.target != nullptr || t.prox != 0 || t.clamp ||
             t.lam_cols != nullptr;
   t.row_cuts = t.norms != nullptr || t.prox == 2;
   return t;
-}
-
-// Snap a global element position to a legal cut (see the file comment).
-int64_t snap(const std::vector<int64_t>& off, const std::vector<TensorDesc>& ts, int64_t p) {
-  const int64_t total = off.back();
-  if (p <= 0 || p >= total) return p <= 0 ? 0 : total;
-  // tensor t with off[t] <= p < off[t + 1] (empty tensors are skipped)
-  const size_t t = static_cast<size_t>(std::upper_bound(off.begin(), off.end(), p) - off.begin()) - 1;
-  const TensorDesc& d = ts[t];
-  int64_t o = p - off[t];
-  if (d.row_cuts) {
-    o = (o + d.row_len / 2) / d.row_len * d.row_len;
-  } else {
-    o = (o + kAlign / 2) / kAlign * kAlign;
-  }
-  return off[t] + rk_min(o, d.numel);
-}
-
-// Step global elements [lo, hi) (a share).
-void run_share(const IsaKernels* k, const std::vector<int64_t>& off,
-               const std::vector<TensorDesc>& ts, const Hyper& h, int64_t lo, int64_t hi) {
-  if (lo >= hi) return;
-  size_t t = static_cast<size_t>(std::upper_bound(off.begin(), off.end(), lo) - off.begin()) - 1;
-  for (; t < ts.size() && off[t] < hi; ++t) {
-    const int64_t a = std::max(lo, off[t]) - off[t];
-    const int64_t b = rk_min(hi, off[t + 1]) - off[t];
-    if (a < b) k->range(ts[t], h, a, b);
-  }
 }
 
 }  // namespace
@@ -322,65 +214,21 @@ void sgd_step(const int64_t* table, int64_t num_tensors, double lr, double momen
   h.has_momentum = momentum != 0.0;
 
   sgd_check_table(table, num_tensors, momentum);  // before anything is written
-  std::vector<TensorDesc> ts(static_cast<size_t>(num_tensors));
-  std::vector<int64_t> off(static_cast<size_t>(num_tensors) + 1, 0);
-  for (int64_t i = 0; i < num_tensors; ++i) {
-    TensorDesc& t = ts[static_cast<size_t>(i)];
-    t = decode(table + i * sgd_col::NUM_FIELDS);
-    off[static_cast<size_t>(i) + 1] = off[static_cast<size_t>(i)] + t.numel;
+  const size_t count = static_cast<size_t>(num_tensors);
+  std::vector<TensorDesc> ts(count);
+  work_split::Layout layout(count);
+  for (size_t i = 0; i < count; ++i) {
+    TensorDesc& t = ts[i];
+    t = decode(table + static_cast<int64_t>(i) * sgd_col::NUM_FIELDS);
+    layout.off[i + 1] = layout.off[i] + t.numel;
+    if (t.row_cuts && t.row_len > 0) layout.unit[i] = t.row_len;
     if (t.numel == 0 && t.norms != nullptr) {
       // rows of zero elements: L1 = L2 = mean = 0, like the reference
       std::memset(t.norms, 0, static_cast<size_t>(t.rows) * 3 * sizeof(float));
     }
   }
-  const int64_t total = off.back();
-  if (total == 0) return;
-
-  const IsaKernels* k = g_active.load(std::memory_order_relaxed);
-  int64_t want = num_threads < 1 ? 1 : num_threads;
-  want = std::min(want, std::max<int64_t>(1, total / kMinPerThread));
-  if (want == 1) {
-    run_share(k, off, ts, h, 0, total);
-    return;
-  }
-  // One contiguous share per thread (each thread streams its own region, like
-  // at::parallel_for; measured faster than handing out small units).
-#pragma omp parallel num_threads(static_cast<int>(want))
-  {
-    const int64_t n = omp_get_num_threads();
-    const int64_t i = omp_get_thread_num();
-    // cut j of n: floor(total * j / n) without overflow
-    auto cut = [&](int64_t j) { return (total / n) * j + (total % n) * j / n; };
-    run_share(k, off, ts, h, snap(off, ts, cut(i)), snap(off, ts, cut(i + 1)));
-  }
-}
-
-const char* active_isa() { return detail::g_active.load()->name; }
-
-int available_isas(const char** names, int capacity) {
-  int count = 0;
-  for (int i = 0; i < 3; ++i)
-    if (detail::variants()[i].supported && count < capacity) names[count++] = detail::variants()[i].kernels->name;
-  return count;
-}
-
-bool set_isa(const char* name) {
-  for (int i = 0; i < 3; ++i) {
-    const detail::Variant& v = detail::variants()[i];
-    if (v.supported && std::strcmp(v.kernels->name, name) == 0) {
-      detail::g_active.store(v.kernels);
-      return true;
-    }
-  }
-  return false;
-}
-
-void convert_to_f32(int dtype, const uint16_t* src, float* dst, int64_t n) {
-  detail::g_active.load()->to_f32(dtype, src, dst, n);
-}
-
-void convert_from_f32(int dtype, const float* src, uint16_t* dst, int64_t n) {
-  detail::g_active.load()->from_f32(dtype, src, dst, n);
+  const IsaKernels* k = kByVariant[isa::active()];
+  work_split::parallel_for(layout, num_threads, [&](size_t t, int64_t lo, int64_t hi) { k->range(ts[t], h, lo, hi); });
 }
 
 }  // namespace regkern

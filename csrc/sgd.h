@@ -4,8 +4,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
-#include <initializer_list>
 
 namespace regkern {
 
@@ -20,34 +18,6 @@ void sgd_step(const int64_t* table, int64_t num_tensors, double lr, double momen
 // momentum needs every BUF). For a caller that must refuse before it writes
 // elsewhere (tensors the reference steps).
 void sgd_check_table(const int64_t* table, int64_t num_tensors, double momentum);
-
-// Name of the instruction-set variant in use: "avx512f", "avx2" or "default".
-const char* active_isa();
-
-// Shared by the kernel families (sgd, rda, admm):
-// a float64 stored bit for bit in an int64 table column (regkern.backend.float_bits);
-inline double float_column(int64_t bits) {
-  double v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
-}
-
-// the family's kernel variant named like the active ISA, else `fallback`.
-template <class Kernels>
-const Kernels* variant_for_active_isa(std::initializer_list<const Kernels*> variants, const Kernels* fallback) {
-  const char* name = active_isa();
-  for (const Kernels* k : variants)
-    if (std::strcmp(name, k->name) == 0) return k;
-  return fallback;
-}
-// Variants this CPU can run, best first.
-int available_isas(const char** names, int capacity);
-// Force a variant (testing); returns false if unknown or unsupported here.
-bool set_isa(const char* name);
-
-// Storage conversions of the active variant (testing): dtype code 1 bf16, 2 f16.
-void convert_to_f32(int dtype, const uint16_t* src, float* dst, int64_t n);
-void convert_from_f32(int dtype, const float* src, uint16_t* dst, int64_t n);
 
 namespace detail {
 
@@ -85,11 +55,8 @@ struct TensorDesc {
 
 // Per-ISA entry points (sgd_kernel.h, compiled once per variant in sgd.cpp).
 struct IsaKernels {
-  const char* name;
   // Step elements [lo, hi) of one tensor; row-aligned when the tensor has norms.
   void (*range)(const TensorDesc&, const Hyper&, int64_t lo, int64_t hi);
-  void (*to_f32)(int dtype, const uint16_t* src, float* dst, int64_t n);
-  void (*from_f32)(int dtype, const float* src, uint16_t* dst, int64_t n);
 };
 
 }  // namespace detail

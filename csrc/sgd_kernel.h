@@ -1,11 +1,11 @@
 // Body of the `sgd` kernel family for ONE instruction-set variant.
 //
-// No include guard on purpose: sgd.cpp includes this file once per variant,
-// inside a `#pragma GCC target(...)` region, with RK_NS naming a namespace of
-// its own, RK_ISA_NAME the variant's name, RK_F16C its fp16 conversions and
-// RK_VEC_LANES its fp32 register width. Everything defined here is
-// therefore compiled (and auto-vectorized) for that ISA; keep standard
-// headers out of this file (sgd.cpp includes them before the regions).
+// No include guard on purpose: sgd.cpp compiles this file once per variant
+// through common/isa_variants.inc, inside the variant's `#pragma GCC target`
+// region, with RK_NS naming a namespace of its own and RK_LANES its fp32
+// register width. Everything defined here is therefore compiled (and
+// auto-vectorized) for that ISA; keep standard headers out of this file
+// (sgd.cpp includes them before the regions).
 //
 // Math (regkern/reference/sgd.py), in fp32, one rounding per operation, no FMA
 // contraction (-ffp-contract=off), so fp32 results match torch bit for bit:
@@ -27,126 +27,11 @@ namespace regkern {
 namespace detail {
 namespace RK_NS {
 
-// ---------------------------------------------------------------------------
-// Storage conversions, branch-free bit manipulation so they vectorize.
-
-RK_AI float f32_from_bits(uint32_t u) {
-  float f;
-  __builtin_memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-RK_AI uint32_t bits_of(float f) {
-  uint32_t u;
-  __builtin_memcpy(&u, &f, sizeof u);
-  return u;
-}
+using namespace ::regkern::dtype::RK_NS;  // storage conversions (common/dtype_kernel.h)
 
 // m ? a : b for a mask m of all ones or all zeros
 RK_AI float select(uint32_t m, float a, float b) {
   return f32_from_bits((bits_of(a) & m) | (bits_of(b) & ~m));
-}
-
-RK_AI float bf16_to_f32(uint16_t h) { return f32_from_bits(static_cast<uint32_t>(h) << 16); }
-
-// Round to nearest even. NaN -> 0xFFFF, as torch's vectorized `.to()` writes;
-// infinities and subnormals come out of the same rounding.
-RK_AI uint16_t f32_to_bf16(float f) {
-  const uint32_t u = bits_of(f);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0xFFFFu : rounded);
-}
-
-// Exact; NaNs are quieted like vcvtph2ps does.
-RK_AI float f16_to_f32(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t em = static_cast<uint32_t>(h & 0x7FFFu) << 13;  // exponent+mantissa, fp32 positions
-  const uint32_t exp = em & 0x0F800000u;
-  const uint32_t normal = em + 0x38000000u;  // rebias 15 -> 127
-  const uint32_t infnan = em | 0x7F800000u | ((em & 0x007FE000u) ? 0x00400000u : 0u);
-  // subnormal m * 2^-24: (2^-14 + m * 2^-24) - 2^-14, exact
-  const float sub = f32_from_bits(em + 0x38800000u) - f32_from_bits(0x38800000u);
-  uint32_t out = exp == 0x0F800000u ? infnan : normal;
-  out = exp == 0 ? bits_of(sub) : out;
-  return f32_from_bits(out | sign);
-}
-
-// Round to nearest even; overflow to inf; NaN -> quiet NaN keeping sign and
-// the top payload bits (what vcvtps2ph, and so torch's `.to()`, writes).
-RK_AI uint16_t f32_to_f16(float f) {
-  const uint32_t u = bits_of(f);
-  const uint32_t sign = (u >> 16) & 0x8000u;
-  const uint32_t a = u & 0x7FFFFFFFu;
-  // normal results: round 23 -> 10 mantissa bits, rebias 127 -> 15 (the
-  // subtraction wraps for small |f|, whose lanes take `sub` below)
-  uint32_t normal = (a + 0x0FFFu + ((a >> 13) & 1u) - 0x38000000u) >> 13;
-  normal = normal > 0x7C00u ? 0x7C00u : normal;
-  // subnormal results (|f| < 2^-14): in |f| + 0.5 the ulp is 2^-24, the
-  // half-precision subnormal step, so the FPU's own rounding is the answer
-  const uint32_t sub = bits_of(f32_from_bits(a) + 0.5f) - 0x3F000000u;
-  const uint32_t nan = 0x7E00u | ((a >> 13) & 0x3FFu);
-  uint32_t out = a < 0x38800000u ? sub : normal;
-  out = a > 0x7F800000u ? nan : out;
-  return static_cast<uint16_t>(out | sign);
-}
-
-template <int DT> struct Storage { typedef uint16_t type; };
-template <> struct Storage<0> { typedef float type; };
-
-// Array conversions. fp16 uses the F16C instructions where the variant has
-// them (RK_F16C: 2 with AVX-512, 1 with AVX2+F16C, 0 bit manipulation).
-
-RK_AI void bf16_to_f32_n(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = bf16_to_f32(src[j]);
-}
-
-RK_AI void f32_to_bf16_n(const float* __restrict src, uint16_t* __restrict dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = f32_to_bf16(src[j]);
-}
-
-RK_AI void f16_to_f32_n(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
-#if RK_F16C
-  int64_t j = 0;
-#if RK_F16C >= 2
-  for (; j + 16 <= n; j += 16)
-    _mm512_storeu_ps(dst + j, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j))));
-#endif
-  for (; j + 8 <= n; j += 8)
-    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
-  for (; j < n; ++j) dst[j] = _cvtsh_ss(src[j]);
-#else
-  for (int64_t j = 0; j < n; ++j) dst[j] = f16_to_f32(src[j]);
-#endif
-}
-
-RK_AI void f32_to_f16_n(const float* __restrict src, uint16_t* __restrict dst, int64_t n) {
-#if RK_F16C
-  int64_t j = 0;
-#if RK_F16C >= 2
-  for (; j + 16 <= n; j += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
-                        _mm512_cvtps_ph(_mm512_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
-#endif
-  for (; j + 8 <= n; j += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
-  for (; j < n; ++j) dst[j] = _cvtss_sh(src[j], _MM_FROUND_TO_NEAREST_INT);
-#else
-  for (int64_t j = 0; j < n; ++j) dst[j] = f32_to_f16(src[j]);
-#endif
-}
-
-// Stored 16-bit values <-> fp32 (DT 1 bf16 or 2 fp16).
-template <int DT>
-RK_AI void widen_n(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
-  if constexpr (DT == 1) bf16_to_f32_n(src, dst, n);
-  else f16_to_f32_n(src, dst, n);
-}
-
-template <int DT>
-RK_AI void narrow_n(const float* __restrict src, uint16_t* __restrict dst, int64_t n) {
-  if constexpr (DT == 1) f32_to_bf16_n(src, dst, n);
-  else f32_to_f16_n(src, dst, n);
 }
 
 // ---------------------------------------------------------------------------
@@ -236,10 +121,10 @@ static FusedFn<DT> pick_fused(int lam, bool mask, bool scale) {
 // Sum of |x| and x^2 over n values in 16 fixed lanes (lane k takes the
 // elements j with j % 16 == k), added up in a fixed order at the end: the
 // result depends on n only, never on the address, the ISA or the thread. The
-// lanes live in RK_VEC_LANES-wide registers (one zmm, two ymm or four xmm).
-typedef float vacc __attribute__((vector_size(4 * RK_VEC_LANES)));
-typedef uint32_t vaccu __attribute__((vector_size(4 * RK_VEC_LANES)));
-constexpr int kAccRegs = 16 / RK_VEC_LANES;
+// lanes live in RK_LANES-wide registers (one zmm, two ymm or four xmm).
+typedef float vacc __attribute__((vector_size(4 * RK_LANES)));
+typedef uint32_t vaccu __attribute__((vector_size(4 * RK_LANES)));
+constexpr int kAccRegs = 16 / RK_LANES;
 
 RK_AI void abs_sums(const float* __restrict x, int64_t n, float& s1, float& s2) {
   vacc a1[kAccRegs] = {}, a2[kAccRegs] = {};
@@ -247,7 +132,7 @@ RK_AI void abs_sums(const float* __restrict x, int64_t n, float& s1, float& s2) 
   for (; j + 16 <= n; j += 16) {
     for (int q = 0; q < kAccRegs; ++q) {
       vacc v;
-      __builtin_memcpy(&v, x + j + q * RK_VEC_LANES, sizeof v);
+      __builtin_memcpy(&v, x + j + q * RK_LANES, sizeof v);
       v = reinterpret_cast<vacc>(reinterpret_cast<vaccu>(v) & 0x7FFFFFFFu);
       a1[q] += v;
       a2[q] += v * v;
@@ -279,7 +164,7 @@ RK_AI float sq_sums(const float* __restrict x, int64_t n) {
   for (; j + 16 <= n; j += 16) {
     for (int q = 0; q < kAccRegs; ++q) {
       vacc v;
-      __builtin_memcpy(&v, x + j + q * RK_VEC_LANES, sizeof v);
+      __builtin_memcpy(&v, x + j + q * RK_LANES, sizeof v);
       a2[q] += v * v;
     }
   }
@@ -1028,20 +913,7 @@ static void range(const TensorDesc& t, const Hyper& h, int64_t lo, int64_t hi) {
   }
 }
 
-// ---------------------------------------------------------------------------
-// Conversion entry points (for the exhaustive tests).
-
-static void to_f32(int dtype, const uint16_t* src, float* dst, int64_t n) {
-  if (dtype == kDtypeBF16) bf16_to_f32_n(src, dst, n);
-  else f16_to_f32_n(src, dst, n);
-}
-
-static void from_f32(int dtype, const float* src, uint16_t* dst, int64_t n) {
-  if (dtype == kDtypeBF16) f32_to_bf16_n(src, dst, n);
-  else f32_to_f16_n(src, dst, n);
-}
-
-static const IsaKernels kernels = {RK_ISA_NAME, &range, &to_f32, &from_f32};
+static const IsaKernels kernels = {&range};
 
 }  // namespace RK_NS
 }  // namespace detail

@@ -49,7 +49,6 @@ constexpr const char* NAMES[NUM_FIELDS] = {
 
 }  // namespace sgd_col
 
-constexpr int64_t kDtypeF32 = 0, kDtypeBF16 = 1, kDtypeF16 = 2;
 constexpr int64_t kMaskNone = 0, kMaskRow = 1, kMaskElement = 2;
 constexpr int64_t kLamNone = 0, kLamRow = 1, kLamElement = 2;
 

@@ -19,6 +19,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/dtype.h"
+
 namespace regkern {
 
 class TableError : public std::invalid_argument {
@@ -50,13 +52,6 @@ inline std::string float_text(double v) {
   return text;
 }
 
-// A float64 stored bit for bit in an int64 column.
-inline double bits_to_double(int64_t bits) {
-  double v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
-}
-
 // An fp32 that is neither NaN nor infinite (by its bits: safe under any
 // floating-point flags).
 inline bool finite_f32(float x) {
@@ -74,7 +69,7 @@ class Row {
       : family_(family), builder_(builder), names_(names), row_(row), index_(index) {}
 
   int64_t operator[](int col) const { return row_[col]; }
-  double as_double(int col) const { return bits_to_double(row_[col]); }
+  double as_double(int col) const { return float_column(row_[col]); }
 
   // Throw: "<family> table row <i> has <COLUMN> = <value>, <problem>; <remedy>."
   [[noreturn]] void refuse(int col, const std::string& value, const std::string& problem,
@@ -95,6 +90,9 @@ class Row {
     refuse(col, std::string("which this build of regkern._C does not know (it takes ") + meaning + ")");
   }
   void flag(int col) const { one_of(col, {0, 1}, "0 or 1"); }
+  void dtype(int col) const {
+    one_of(col, {kDtypeF32, kDtypeBF16, kDtypeF16}, "0 float32, 1 bfloat16, 2 float16");
+  }
   void non_negative(int col) const {
     if (row_[col] < 0) refuse(col, "but sizes cannot be negative");
   }

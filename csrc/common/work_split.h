@@ -1,6 +1,5 @@
-// Work split of a multi-tensor pass over OpenMP threads, shared by kernel
-// families (used by admm.cpp; rda.cpp and sgd.cpp carry the same scheme in
-// their own code).
+// Work split of a multi-tensor pass over OpenMP threads, shared by every
+// kernel family (sgd, rda, admm).
 //
 // The elements of all tensors are laid end to end and cut into one share per
 // thread with equal element counts; each cut is snapped to a multiple of the
@@ -19,11 +18,16 @@
 namespace regkern {
 namespace work_split {
 
+// Default cut granularity: whole cache lines in every stream, byte masks too.
+constexpr int64_t kAlign = 64;
+// Fewer elements per thread cost more in the region's start than they save.
+constexpr int64_t kMinPerThread = 16384;
+
 struct Layout {
   std::vector<int64_t> off;   // off[t]: first global element of tensor t; off.back(): total
   std::vector<int64_t> unit;  // cut granularity of tensor t (>= 1)
 
-  explicit Layout(size_t count) : off(count + 1, 0), unit(count, 64) {}
+  explicit Layout(size_t count) : off(count + 1, 0), unit(count, kAlign) {}
   int64_t total() const { return off.back(); }
 };
 
@@ -53,7 +57,7 @@ void run_range(const Layout& l, int64_t lo, int64_t hi, Fn&& fn) {
 // Run fn over every element of every tensor on up to num_threads threads,
 // each at least min_per_thread elements. Call it without the GIL.
 template <class Fn>
-void parallel_for(const Layout& l, int num_threads, int64_t min_per_thread, Fn&& fn) {
+void parallel_for(const Layout& l, int num_threads, Fn&& fn, int64_t min_per_thread = kMinPerThread) {
   const int64_t total = l.total();
   if (total <= 0) return;
   int64_t want = num_threads < 1 ? 1 : num_threads;
@@ -62,10 +66,13 @@ void parallel_for(const Layout& l, int num_threads, int64_t min_per_thread, Fn&&
     run_range(l, 0, total, fn);
     return;
   }
+  // One contiguous share per thread (each thread streams its own region, like
+  // at::parallel_for; measured faster than handing out small units).
 #pragma omp parallel num_threads(static_cast<int>(want))
   {
     const int64_t n = omp_get_num_threads();
     const int64_t i = omp_get_thread_num();
+    // cut j of n: floor(total * j / n) without overflow
     auto cut = [&](int64_t j) { return (total / n) * j + (total % n) * j / n; };
     run_range(l, snap(l, cut(i)), snap(l, cut(i + 1)), fn);
   }
