@@ -140,7 +140,7 @@ def _admm_state(shape=(6, 4), dtype=torch.float32):
     w = torch.randn(shape, generator=gen).to(dtype)
     z = torch.randn(shape, generator=gen)
     u = torch.randn(shape, generator=gen) * 0.1
-    target = torch.empty(shape, dtype=dtype)
+    target = torch.zeros(shape, dtype=dtype)  # an output; zeros so that "unchanged" compares (empty memory may hold NaN)
     return w, z, u, target
 
 
