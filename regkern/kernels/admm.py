@@ -42,7 +42,8 @@ from torch import Tensor
 from regkern.backend import DTYPE_CODE
 from regkern.backend_admm import MODE_ELEMENT, MODE_ROWS, MODE_SOFT, SAS_COLUMN, SAS_FIELDS, ZU_COLUMN, ZU_FIELDS
 
-from .sgd import _TL_DTYPE
+from .common import (UNIT_FIELDS, column_f32, last_lane, program_unit, row_origin, row_running_sum, tl_dtype,
+                     units_of)
 from .table_checks import TableCheck
 
 DEFAULT_CHUNK = 16384  # elements per work unit
@@ -53,9 +54,7 @@ DEFAULT_CHUNK = 16384  # elements per work unit
 ZU_MODES = (MODE_ELEMENT, MODE_ROWS, MODE_SOFT)  # MODE: top-k elements, top-k rows, soft threshold
 SAS_OUTER = (0, 1)                               # OUTER: inner step only, outer update after it
 DEFAULT_BLOCK = 1024   # elements per piece
-UNIT_FIELDS = 3        # a unit: tensor index, first element, end element
 
-_UNIT_FIELDS = tl.constexpr(UNIT_FIELDS)
 _ZU_NUM_FIELDS = tl.constexpr(len(ZU_FIELDS))
 _ZU_PARAM = tl.constexpr(ZU_COLUMN["PARAM"])
 _ZU_Z = tl.constexpr(ZU_COLUMN["Z"])
@@ -94,24 +93,6 @@ _SAS_RHO = tl.constexpr(SAS_COLUMN["RHO"])
 
 
 @triton.jit
-def _coefficient(meta, column):
-    """A float column of the table (float64 bits) rounded to fp32."""
-    return tl.load(meta + column).to(tl.float64, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _segmented_sum(head_a, x_a, head_b, x_b):
-    # (head, sum) pairs: a segment restarts at every element flagged head
-    return head_a | head_b, tl.where(head_b != 0, x_b, x_a + x_b)
-
-
-@triton.jit
-def _unit(table, units, NUM_FIELDS: tl.constexpr):
-    unit = units + tl.program_id(0) * _UNIT_FIELDS
-    return table + tl.load(unit) * NUM_FIELDS, tl.load(unit + 1), tl.load(unit + 2)
-
-
-@triton.jit
 def _no_nan(x):
     return tl.where(x != x, float("inf"), x)
 
@@ -124,7 +105,7 @@ def _clamp_tau(x, tau):
 
 @triton.jit
 def _scores_kernel(table, units, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    meta, start, end = _unit(table, units, _ZU_NUM_FIELDS)
+    meta, start, end = program_unit(table, units, _ZU_NUM_FIELDS)
     w_ptr = tl.load(meta + _ZU_PARAM).to(tl.pointer_type(DTYPE)) + start
     u_ptr = tl.load(meta + _ZU_U).to(tl.pointer_type(tl.float32)) + start
     scores = tl.load(meta + _ZU_SCORES)
@@ -149,15 +130,14 @@ def _scores_kernel(table, units, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
             v = (tl.load(w_ptr + i, mask=inb).to(tl.float32) + tl.load(u_ptr + i, mask=inb)).to(tl.float64)
             col = i % row_len
             sq = tl.where(inb, v * v, 0.0)  # exact: an fp32 value squared fits a float64
-            sq = tl.where((idx == 0) & (col != 0), sq + carry, sq)
-            _, sq = tl.associative_scan(((col == 0).to(tl.int32), sq), 0, _segmented_sum)
+            sq = row_running_sum(sq, col, carry, idx)
             tl.store(s_ptr + i // row_len, _no_nan(sq), mask=inb & (col == row_len - 1))
-            carry = tl.sum(tl.where(idx == BLOCK - 1, sq, 0.0))
+            carry = last_lane(sq, idx, BLOCK)
 
 
 @triton.jit
 def _zu_kernel(table, units, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    meta, start, end = _unit(table, units, _ZU_NUM_FIELDS)
+    meta, start, end = program_unit(table, units, _ZU_NUM_FIELDS)
     w_ptr = tl.load(meta + _ZU_PARAM).to(tl.pointer_type(DTYPE)) + start
     z_ptr = tl.load(meta + _ZU_Z).to(tl.pointer_type(tl.float32)) + start
     u_ptr = tl.load(meta + _ZU_U).to(tl.pointer_type(tl.float32)) + start
@@ -165,13 +145,10 @@ def _zu_kernel(table, units, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     t_ptr = target.to(tl.pointer_type(DTYPE)) + start
     keep_ptr = tl.load(meta + _ZU_ROW_KEEP).to(tl.pointer_type(tl.int8))  # torch.bool: one byte
     mode = tl.load(meta + _ZU_MODE)
-    threshold = _coefficient(meta, _ZU_THRESHOLD)
+    threshold = column_f32(meta, _ZU_THRESHOLD)
     cut = tl.load(meta + _ZU_CUT)
     # element start + i lies in row r0 + (c0 + i) // row_len
-    row_len = tl.maximum(tl.load(meta + _ZU_ROW_LEN), 1)
-    r0 = start // row_len
-    c0 = (start - r0 * row_len).to(tl.int32)
-    row_len = row_len.to(tl.int32)
+    r0, c0, row_len = row_origin(start, tl.load(meta + _ZU_ROW_LEN))
     size = (end - start).to(tl.int32)
     idx = tl.arange(0, BLOCK)
     for piece in range(0, size, BLOCK):
@@ -198,7 +175,7 @@ def _zu_kernel(table, units, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _sas_kernel(table, units, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    meta, start, end = _unit(table, units, _SAS_NUM_FIELDS)
+    meta, start, end = program_unit(table, units, _SAS_NUM_FIELDS)
     p_ptr = tl.load(meta + _SAS_PARAM).to(tl.pointer_type(DTYPE)) + start
     g_ptr = tl.load(meta + _SAS_GRAD).to(tl.pointer_type(DTYPE)) + start
     w_ptr = tl.load(meta + _SAS_W).to(tl.pointer_type(tl.float32)) + start
@@ -207,12 +184,12 @@ def _sas_kernel(table, units, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     z_ptr = tl.load(meta + _SAS_Z).to(tl.pointer_type(tl.float32)) + start
     u_ptr = tl.load(meta + _SAS_U).to(tl.pointer_type(tl.float32)) + start
     outer = tl.load(meta + _SAS_OUTER) != 0
-    c = _coefficient(meta, _SAS_C)
-    inv_cr = _coefficient(meta, _SAS_INV_CR)
-    b = _coefficient(meta, _SAS_B)
-    b1 = _coefficient(meta, _SAS_B1)
-    bn = _coefficient(meta, _SAS_BN)
-    bn1 = _coefficient(meta, _SAS_BN1)
+    c = column_f32(meta, _SAS_C)
+    inv_cr = column_f32(meta, _SAS_INV_CR)
+    b = column_f32(meta, _SAS_B)
+    b1 = column_f32(meta, _SAS_B1)
+    bn = column_f32(meta, _SAS_BN)
+    bn1 = column_f32(meta, _SAS_BN1)
     size = (end - start).to(tl.int32)
     idx = tl.arange(0, BLOCK)
     for piece in range(0, size, BLOCK):
@@ -222,12 +199,12 @@ def _sas_kernel(table, units, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
         wb = ((c * tl.load(wb_ptr + i, mask=inb) + tl.load(a_ptr + i, mask=inb)) - g) * inv_cr
         w = b * wb + b1 * tl.load(w_ptr + i, mask=inb)
         if outer:
-            rb = _coefficient(meta, _SAS_RB)
-            inv_beta = _coefficient(meta, _SAS_INV_BETA)
-            tau = _coefficient(meta, _SAS_TAU)
-            sb = _coefficient(meta, _SAS_SB)
-            beta = _coefficient(meta, _SAS_BETA)
-            rho = _coefficient(meta, _SAS_RHO)
+            rb = column_f32(meta, _SAS_RB)
+            inv_beta = column_f32(meta, _SAS_INV_BETA)
+            tau = column_f32(meta, _SAS_TAU)
+            sb = column_f32(meta, _SAS_SB)
+            beta = column_f32(meta, _SAS_BETA)
+            rho = column_f32(meta, _SAS_RHO)
             u = tl.load(u_ptr + i, mask=inb) - rb * (w - tl.load(z_ptr + i, mask=inb))
             x = w - u * inv_beta
             z = x - _clamp_tau(x, tau)
@@ -255,12 +232,7 @@ def build_units(numel: Tensor, row_len: Optional[Tensor] = None, chunk: Optional
     if row_len is not None:
         row_len = torch.as_tensor(row_len, dtype=torch.int64).cpu()
         length = torch.where(row_len > 0, (chunk // row_len.clamp(min=1)).clamp(min=1) * row_len, length)
-    count = (numel + length - 1) // length
-    tensor = torch.repeat_interleave(torch.arange(len(numel)), count)
-    first_unit = torch.cumsum(count, 0) - count
-    start = (torch.arange(len(tensor)) - first_unit[tensor]) * length[tensor]
-    end = torch.minimum(start + length[tensor], numel[tensor])
-    return torch.stack([tensor, start, end], dim=1).contiguous()
+    return units_of(numel, length)
 
 
 def check_zu_table(table: Tensor, dtype: Optional[torch.dtype] = None, full: bool = True) -> None:
@@ -338,11 +310,10 @@ def zu_units(table: Tensor, chunk: Optional[int] = None) -> Tuple[Tensor, Tensor
 
 def _launch(kernel, table: Tensor, dtype: torch.dtype, units: Tensor, block: Optional[int], num_warps: int) -> None:
     block = DEFAULT_BLOCK if block is None else block
-    if dtype not in _TL_DTYPE:
-        raise TypeError(f"the admm kernels take float32, bfloat16 or float16 tensors, not {dtype}.")
+    tl_type = tl_dtype(dtype, "the admm kernels take")
     if units.numel() == 0:
         return
-    kernel[(units.shape[0],)](table, units, DTYPE=_TL_DTYPE[dtype], BLOCK=block, num_warps=num_warps,
+    kernel[(units.shape[0],)](table, units, DTYPE=tl_type, BLOCK=block, num_warps=num_warps,
                               enable_fp_fusion=False)  # no mul+add -> fma: rounds op by op like the reference
 
 

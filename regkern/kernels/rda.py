@@ -44,12 +44,12 @@ from torch import Tensor
 from regkern.backend import DTYPE_CODE, MASK_ELEMENT, MASK_NONE, MASK_ROW
 from regkern.backend_rda import RDA_COLUMN, RDA_FIELDS
 
-from .sgd import _TL_DTYPE, place_amp_scalars
+from .common import (UNIT_FIELDS, column_f64, descent_grad, last_lane, load_grad_scale, place_amp_scalars,
+                     program_unit, row_origin, row_running_sum, skip_step, tl_dtype, units_of)
 from .table_checks import TableCheck
 
 DEFAULT_CHUNK = 16384  # elements per work unit
 DEFAULT_BLOCK = 1024   # elements per piece
-UNIT_FIELDS = 3        # a unit: tensor index, first element, end element
 
 # The table values this kernel implements (check_table refuses any other
 # before a launch; the kernel's branches would step it as something else).
@@ -70,19 +70,7 @@ _T = tl.constexpr(RDA_COLUMN["T"])
 _LAM = tl.constexpr(RDA_COLUMN["LAM"])
 _GAMMA = tl.constexpr(RDA_COLUMN["GAMMA"])
 _NORM_SQ = tl.constexpr(RDA_COLUMN["NORM_SQ"])
-_UNIT_FIELDS = tl.constexpr(UNIT_FIELDS)
 _MASK_ROW = tl.constexpr(MASK_ROW)
-
-
-@triton.jit
-def _segmented_sum(head_a, x_a, head_b, x_b):
-    # (head, sum) pairs: a segment restarts at every element flagged head.
-    return head_a | head_b, tl.where(head_b != 0, x_b, x_a + x_b)
-
-
-@triton.jit
-def _float64(meta, column):
-    return tl.load(meta + column).to(tl.float64, bitcast=True)
 
 
 @triton.jit
@@ -91,17 +79,10 @@ def _rda_kernel(
     DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    if HAS_FOUND_INF:
-        if tl.load(found_inf_ptr) != 0:
-            return
-    grad_scale = 1.0
-    if HAS_GRAD_SCALE:
-        grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
-
-    unit = units + tl.program_id(0) * _UNIT_FIELDS
-    meta = table + tl.load(unit) * _NUM_FIELDS
-    start = tl.load(unit + 1)
-    end = tl.load(unit + 2)
+    if skip_step(found_inf_ptr, HAS_FOUND_INF):
+        return
+    grad_scale = load_grad_scale(grad_scale_ptr, HAS_GRAD_SCALE)
+    meta, start, end = program_unit(table, units, _NUM_FIELDS)
 
     w_ptr = tl.load(meta + _PARAM).to(tl.pointer_type(DTYPE)) + start
     g_ptr = tl.load(meta + _GRAD).to(tl.pointer_type(DTYPE)) + start
@@ -112,10 +93,10 @@ def _rda_kernel(
     grouped = tl.load(meta + _GROUP) != 0
     # reference.rda.rda_coefficients in float64 (float64 division and square
     # root are IEEE: div.rn.f64, sqrt.rn.f64), rounded once to fp32
-    t64 = _float64(meta, _T)
-    gamma64 = _float64(meta, _GAMMA)
+    t64 = column_f64(meta, _T)
+    gamma64 = column_f64(meta, _GAMMA)
     root = tl.sqrt(t64)
-    tau64 = _float64(meta, _LAM) * root / gamma64
+    tau64 = column_f64(meta, _LAM) * root / gamma64
     t = t64.to(tl.float32)
     a = ((t64 - 1.0) / t64).to(tl.float32)
     c = (root / gamma64).to(tl.float32)
@@ -125,20 +106,13 @@ def _rda_kernel(
     idx = tl.arange(0, BLOCK)
 
     # Element start + i lies in row r0 + (c0 + i) // row_len (int32 math per element).
-    row_len = tl.maximum(tl.load(meta + _ROW_LEN), 1)
-    r0 = start // row_len
-    c0 = (start - r0 * row_len).to(tl.int32)
-    row_len = row_len.to(tl.int32)
+    r0, c0, row_len = row_origin(start, tl.load(meta + _ROW_LEN))
     size = (end - start).to(tl.int32)
     carry = 0.0  # the sum of squares of the row the previous piece left unfinished
     for piece in range(0, size, BLOCK):
         i = piece + idx
         inb = i < size
-        g = tl.load(g_ptr + i, mask=inb).to(tl.float32)
-        if HAS_GRAD_SCALE:
-            g = tl.div_rn(g, grad_scale)
-        if MAXIMIZE:
-            g = -g
+        g = descent_grad(g_ptr, i, inb, grad_scale, HAS_GRAD_SCALE, MAXIMIZE)
         gb = tl.load(gbar_ptr + i, mask=inb) * a + tl.div_rn(g, t)
         w0 = tl.load(w0_ptr + i, mask=inb)
         v = w0 - c * gb
@@ -155,11 +129,9 @@ def _rda_kernel(
         if grouped:
             # units of these tensors start on a row: c0 == 0
             col = i % row_len
-            sq = tl.where(inb, v * v, 0.0)
-            sq = tl.where((idx == 0) & (col != 0), sq + carry, sq)
-            _, sq = tl.associative_scan(((col == 0).to(tl.int32), sq), 0, _segmented_sum)
+            sq = row_running_sum(tl.where(inb, v * v, 0.0), col, carry, idx)
             tl.store(norm_sq_ptr + r0 + i // row_len, sq, mask=inb & (col == row_len - 1))
-            carry = tl.sum(tl.where(idx == BLOCK - 1, sq, 0.0))
+            carry = last_lane(sq, idx, BLOCK)
         else:
             x = tl.abs(v) - tau
             x = tl.where(x < 0.0, 0.0, x)  # keeps a NaN, like clamp_min
@@ -230,12 +202,7 @@ def build_units(table: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
     row_len = table[:, RDA_COLUMN["ROW_LEN"]]
     by_rows = (table[:, RDA_COLUMN["GROUP"]] != 0) & (row_len > 0)
     length = torch.where(by_rows, (chunk // row_len.clamp(min=1)).clamp(min=1) * row_len, chunk)
-    count = (numel + length - 1) // length
-    tensor = torch.repeat_interleave(torch.arange(len(table)), count)
-    first_unit = torch.cumsum(count, 0) - count
-    start = (torch.arange(len(tensor)) - first_unit[tensor]) * length[tensor]
-    end = torch.minimum(start + length[tensor], numel[tensor])
-    return torch.stack([tensor, start, end], dim=1).contiguous()
+    return units_of(numel, length)
 
 
 def rda_step(
@@ -261,8 +228,7 @@ def rda_step(
     units had its kinds, flags and sizes checked when ``build_units`` made
     them from it.
     """
-    if dtype not in _TL_DTYPE:
-        raise TypeError(f"the rda kernel takes float32, bfloat16 or float16 tensors, not {dtype}.")
+    tl_type = tl_dtype(dtype, "the rda kernel takes")
     if units is None or table.device.type == "cpu":
         check_table(table, dtype)
     if units is None:
@@ -276,7 +242,7 @@ def rda_step(
         table, units,
         table if grad_scale is None else grad_scale,
         table if found_inf is None else found_inf,
-        DTYPE=_TL_DTYPE[dtype], MAXIMIZE=bool(maximize),
+        DTYPE=tl_type, MAXIMIZE=bool(maximize),
         HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
         BLOCK=block, num_warps=num_warps,
         enable_fp_fusion=False,  # no mul+add -> fma: rounds op by op like the reference

@@ -59,6 +59,8 @@ from torch import Tensor
 from regkern.backend import (DTYPE_CODE, LAM_ELEMENT, LAM_NONE, LAM_ROW, MASK_ELEMENT, MASK_NONE, MASK_ROW,
                              SGD_COLUMN, SGD_FIELDS)
 
+from .common import (UNIT_FIELDS, column_f32, descent_grad, last_lane, load_grad_scale, place_amp_scalars,
+                     program_unit, row_origin, row_running_sums, segmented_sum, skip_step, tl_dtype, units_of)
 from .table_checks import TableCheck, float_text
 
 # The regularizer terms of the contract this kernel computes (names as
@@ -67,7 +69,6 @@ SGD_TERMS = ("l1", "polar", "admm", "prox", "clamp")
 
 DEFAULT_CHUNK = 16384  # elements per work unit (a multiple of the block)
 DEFAULT_BLOCK = 1024   # elements per piece
-UNIT_FIELDS = 3        # a unit: tensor index, first element, end element
 PROX_NONE, PROX_L1, PROX_GROUP = 0, 1, 2  # the PROX column (regkern.reference.sgd)
 
 # The table values this kernel implements (check_table refuses any other
@@ -75,8 +76,6 @@ PROX_NONE, PROX_L1, PROX_GROUP = 0, 1, 2  # the PROX column (regkern.reference.s
 PROX_KINDS = (PROX_NONE, PROX_L1, PROX_GROUP)    # PROX: none, element L1 (soft threshold), group lasso
 MASK_KINDS = (MASK_NONE, MASK_ROW, MASK_ELEMENT)  # MASK_KIND: none, per row, per element
 LAM_KINDS = (LAM_NONE, LAM_ROW, LAM_ELEMENT)      # LAM_KIND: none, per row, per element
-
-_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 # Columns of the metadata table, as compile-time constants for the kernel.
 _NUM_FIELDS = tl.constexpr(len(SGD_FIELDS))
@@ -103,33 +102,15 @@ _LAM_KIND = tl.constexpr(SGD_COLUMN["LAM_KIND"])
 _LAM_COLS = tl.constexpr(SGD_COLUMN["LAM_COLS"])
 _COL_LEN = tl.constexpr(SGD_COLUMN["COL_LEN"])
 _LAM_ELEMENT = tl.constexpr(LAM_ELEMENT)
-_UNIT_FIELDS = tl.constexpr(UNIT_FIELDS)
 _MASK_ROW = tl.constexpr(MASK_ROW)
 _PROX_L1 = tl.constexpr(PROX_L1)
 _PROX_GROUP = tl.constexpr(PROX_GROUP)
 
 
 @triton.jit
-def _segmented_add(head_a, l1_a, sq_a, head_b, l1_b, sq_b):
-    # (head, sums) pairs: a segment restarts at every element flagged head.
-    return head_a | head_b, tl.where(head_b != 0, l1_b, l1_a + l1_b), tl.where(head_b != 0, sq_b, sq_a + sq_b)
-
-
-@triton.jit
-def _segmented_sum(head_a, a, head_b, b):
-    return head_a | head_b, tl.where(head_b != 0, b, a + b)
-
-
-@triton.jit
 def _sign(x):
     # torch.sign: -1, 0 or 1 (a zero keeps its sign bit, NaN stays NaN)
     return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x))
-
-
-@triton.jit
-def _float(meta, column: tl.constexpr):
-    """A "float" column of the table (float64 bits) as fp32."""
-    return tl.load(meta + column).to(tl.float64, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -157,12 +138,7 @@ def _updated(meta, w_ptr, g_ptr, b_ptr, i, inb, start, r0, c0, row_len,
     """The contract up to the first mask for elements start + i (w_ptr, g_ptr,
     b_ptr point at element start): fp32 (W, buf), nothing written."""
     w = tl.load(w_ptr + i, mask=inb).to(tl.float32)
-    g = tl.load(g_ptr + i, mask=inb).to(tl.float32)
-    if HAS_GRAD_SCALE:
-        g = tl.div_rn(g, grad_scale)
-    if MAXIMIZE:
-        g = -g
-    d = g
+    d = descent_grad(g_ptr, i, inb, grad_scale, HAS_GRAD_SCALE, MAXIMIZE)
     if weight_decay != 0:
         d = d + weight_decay * w
     lam = tl.load(meta + _LAM)
@@ -187,7 +163,7 @@ def _updated(meta, w_ptr, g_ptr, b_ptr, i, inb, start, r0, c0, row_len,
     target = tl.load(meta + _ADMM_TARGET)
     if target != 0:
         z = tl.load(target.to(tl.pointer_type(DTYPE)) + start + i, mask=inb).to(tl.float32)
-        d = d + _float(meta, _ADMM_RHO) * (w - z)
+        d = d + column_f32(meta, _ADMM_RHO) * (w - z)
     if MOMENTUM:
         if first:
             b = d
@@ -221,8 +197,8 @@ def _group_shrink(w, norm, threshold, row_len):
 def _clamped(meta, w, i, inb, start, r0, c0, row_len):
     """The clamp, then the mask again (a clamp must not revive a pruned weight)."""
     if tl.load(meta + _CLAMP) != 0:
-        w = tl.minimum(tl.maximum(w, _float(meta, _CLAMP_LO), propagate_nan=tl.PropagateNan.ALL),
-                       _float(meta, _CLAMP_HI), propagate_nan=tl.PropagateNan.ALL)
+        w = tl.minimum(tl.maximum(w, column_f32(meta, _CLAMP_LO), propagate_nan=tl.PropagateNan.ALL),
+                       column_f32(meta, _CLAMP_HI), propagate_nan=tl.PropagateNan.ALL)
         if tl.load(meta + _MASK_KIND) != 0:
             w = w * _keep(meta, i, inb, start, r0, c0, row_len)
     return w
@@ -236,19 +212,12 @@ def _sgd_kernel(
     NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    if HAS_FOUND_INF:
-        if tl.load(found_inf_ptr) != 0:
-            return
+    if skip_step(found_inf_ptr, HAS_FOUND_INF):
+        return
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float32)
-    grad_scale = 1.0
-    if HAS_GRAD_SCALE:
-        grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
-
-    unit = units + tl.program_id(0) * _UNIT_FIELDS
-    meta = table + tl.load(unit) * _NUM_FIELDS
-    start = tl.load(unit + 1)
-    end = tl.load(unit + 2)
+    grad_scale = load_grad_scale(grad_scale_ptr, HAS_GRAD_SCALE)
+    meta, start, end = program_unit(table, units, _NUM_FIELDS)
 
     w_ptr = tl.load(meta + _PARAM).to(tl.pointer_type(DTYPE)) + start
     g_ptr = tl.load(meta + _GRAD).to(tl.pointer_type(DTYPE)) + start
@@ -268,10 +237,7 @@ def _sgd_kernel(
             tl.store(norms_ptr + piece + idx, 0.0, mask=piece + idx < n_norms)
 
     # Element start + i lies in row r0 + (c0 + i) // row_len (int32 math per element).
-    row_len = tl.maximum(row_len, 1)
-    r0 = start // row_len
-    c0 = (start - r0 * row_len).to(tl.int32)
-    row_len = row_len.to(tl.int32)
+    r0, c0, row_len = row_origin(start, row_len)
     size = (end - start).to(tl.int32)
 
     # Pieces of BLOCK elements. With group lasso (units start on a row: c0 == 0),
@@ -312,7 +278,7 @@ def _sgd_kernel(
                     # ||W_r||: the segmented scan's total at the row's last lane, gathered to the row
                     col = idx % row_len
                     _, sq = tl.associative_scan(((col == 0).to(tl.int32), tl.where(inb, w * w, 0.0)), 0,
-                                                _segmented_sum)
+                                                segmented_sum)
                     sq = tl.gather(sq, tl.minimum(idx - col + row_len - 1, BLOCK - 1), 0)
                     w = _group_shrink(w, tl.sqrt_rn(sq), threshold, row_len)
             w = _clamped(meta, w, i, inb, start, r0, c0, row_len)
@@ -324,36 +290,15 @@ def _sgd_kernel(
             if norms != 0:
                 # units of these tensors start on a row: c0 == 0
                 col = i % row_len
-                head = col == 0
                 l1 = tl.where(inb, tl.abs(stored.to(tl.float32)), 0.0)
-                sq = l1 * l1
-                continued = (idx == 0) & (col != 0)
-                l1 = tl.where(continued, l1 + carry_l1, l1)
-                sq = tl.where(continued, sq + carry_sq, sq)
-                _, l1, sq = tl.associative_scan((head.to(tl.int32), l1, sq), 0, _segmented_add)
+                l1, sq = row_running_sums(l1, l1 * l1, col, carry_l1, carry_sq, idx)
                 out = norms_ptr + (r0 + i // row_len) * 3
                 tail = inb & (col == row_len - 1)
                 tl.store(out, l1, mask=tail)
                 tl.store(out + 1, tl.sqrt_rn(sq), mask=tail)
                 tl.store(out + 2, tl.div_rn(l1, row_len.to(tl.float32)), mask=tail)
-                carry_l1 = tl.sum(tl.where(idx == BLOCK - 1, l1, 0.0))
-                carry_sq = tl.sum(tl.where(idx == BLOCK - 1, sq, 0.0))
-
-
-def place_amp_scalars(found_inf: Optional[Tensor], grad_scale: Optional[Tensor], device):
-    """GradScaler's ``found_inf`` and ``grad_scale`` where a kernel can read
-    them: ``(skip, found_inf, grad_scale)``. A CPU ``found_inf`` is read here
-    (no device sync): set, the whole step is skipped; clear, it is dropped."""
-    if found_inf is not None and found_inf.device != device:
-        if found_inf.device.type != "cpu":
-            found_inf = found_inf.to(device)
-        elif bool(found_inf):
-            return True, None, None
-        else:
-            found_inf = None
-    if grad_scale is not None and grad_scale.device != device:
-        grad_scale = grad_scale.to(device)
-    return False, found_inf, grad_scale
+                carry_l1 = last_lane(l1, idx, BLOCK)
+                carry_sq = last_lane(sq, idx, BLOCK)
 
 
 def check_table(table: Tensor, dtype: Optional[torch.dtype] = None, momentum: float = 0.0,
@@ -429,11 +374,7 @@ def build_units(table: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
     count = (numel + length - 1) // length
     # a tensor of empty rows still has norms (zeros) to write: one empty unit
     count = torch.where(with_norms & (numel == 0) & (rows > 0), 1, count)
-    tensor = torch.repeat_interleave(torch.arange(len(table)), count)
-    first_unit = torch.cumsum(count, 0) - count
-    start = (torch.arange(len(tensor)) - first_unit[tensor]) * length[tensor]
-    end = torch.minimum(start + length[tensor], numel[tensor])
-    return torch.stack([tensor, start, end], dim=1).contiguous()
+    return units_of(numel, length, count)
 
 
 def sgd_step(
@@ -464,8 +405,7 @@ def sgd_step(
     units had its kinds, flags and sizes checked when ``build_units`` made
     them from it (reading it back every step would wait on the device).
     """
-    if dtype not in _TL_DTYPE:
-        raise TypeError(f"the sgd kernel takes float32, bfloat16 or float16 tensors, not {dtype}.")
+    tl_type = tl_dtype(dtype, "the sgd kernel takes")
     if units is None or table.device.type == "cpu":
         check_table(table, dtype, momentum)
     if units is None:
@@ -485,7 +425,7 @@ def sgd_step(
         float(momentum), float(1.0 - dampening), float(weight_decay),
         table if grad_scale is None else grad_scale,
         table if found_inf is None else found_inf,
-        DTYPE=_TL_DTYPE[dtype], LR_ON_DEVICE=lr_on_device, MOMENTUM=momentum != 0,
+        DTYPE=tl_type, LR_ON_DEVICE=lr_on_device, MOMENTUM=momentum != 0,
         NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
         HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
         BLOCK=block, num_warps=num_warps,
