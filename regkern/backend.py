@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import array
 import os
-import struct
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -22,56 +21,14 @@ from torch import Tensor
 
 from regkern import reference
 from regkern.reference.sgd import PROX_NONE, num_rows
+from regkern.layouts import (DTYPE_CODE, LAM_ELEMENT, LAM_NONE, LAM_ROW, MASK_ELEMENT, MASK_NONE, MASK_ROW,  # noqa: F401
+                             ADAM_FIELDS, SGD_COLUMN, SGD_FIELDS, float_bits)
 from regkern.terms import COEFFICIENT_KEYS, CORE_ABSENT, FINITE_STATE, STATE_BY_KEY, TERM_ABSENT, TERM_KEYWORDS
 
 BACKENDS = ("cpp", "triton", "reference")
 NATIVE_BACKEND = {"cpu": "cpp", "cuda": "triton"}
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _warned_fallbacks = set()
-
-# Columns of the per-tensor metadata table shared by the C++ and Triton
-# backends. Pointers are raw addresses (0 = absent); every tensor is
-# contiguous. A row is W[r] (first dimension); ROW_LEN = numel // ROWS. A
-# column is W[:, c] (second dimension): element i lies in row i // ROW_LEN and
-# column (i % ROW_LEN) // COL_LEN. Columns marked "float" hold the bits of a
-# float64 (see float_bits).
-SGD_FIELDS = (
-    "PARAM",        # W, storage dtype DTYPE
-    "GRAD",         # gradient, same dtype and shape as W
-    "BUF",          # momentum buffer, same dtype and shape as W (0: momentum == 0)
-    "LAM",          # fp32 L2 coefficient, [ROWS] or W's shape (LAM_KIND; 0: none)
-    "MASK",         # bool mask (0: none)
-    "MASK_KIND",    # 0 none, 1 row mask [ROWS], 2 element mask (W's shape)
-    "NORMS",        # fp32 [ROWS, 3] out: L1, L2, mean |W| of the updated rows (0: none)
-    "NUMEL",
-    "ROWS",
-    "ROW_LEN",
-    "DTYPE",        # 0 float32, 1 bfloat16, 2 float16
-    "FIRST",        # 1: first momentum step, buf = d
-    "L1",           # fp32 [ROWS] L1 subgradient coefficient: d += l1[r] * sign(W) (0: none)
-    "POLAR",        # fp32 [4] (lam, t, m, s): d += lam * (t sign(W) - sign(W - m) + s) (0: none)
-    "ADMM_TARGET",  # Z - U, same dtype and shape as W: d += rho * (W - target) (0: none)
-    "ADMM_RHO",     # float: rho
-    "PROX",         # 0 none, 1 element L1, 2 group lasso (threshold lr * PROX_LAM[r])
-    "PROX_LAM",     # fp32 [ROWS] proximal coefficient (0: none)
-    "CLAMP",        # 1: W = min(max(W, CLAMP_LO), CLAMP_HI) after the prox
-    "CLAMP_LO",     # float
-    "CLAMP_HI",     # float
-    "LAM_KIND",     # 0 none, 1 per row [ROWS]: d += lam[r] * W, 2 per element (W's shape): d += lam * W
-    "LAM_COLS",     # fp32 [COLS] per-column L2 coefficient: d += lam_cols[c] * W (0: none)
-    "COLS",         # W.shape[1] (0 for tensors with fewer than 2 dimensions)
-    "COL_LEN",      # ROW_LEN // COLS: elements per (row, column) (0 when COLS == 0)
-)
-SGD_COLUMN = {name: i for i, name in enumerate(SGD_FIELDS)}
-DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-MASK_NONE, MASK_ROW, MASK_ELEMENT = 0, 1, 2
-LAM_NONE, LAM_ROW, LAM_ELEMENT = 0, 1, 2
-
-
-def float_bits(x: float) -> int:
-    """A float64 as the int64 with the same bits (for the "float" columns)."""
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
-
 
 def _ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
@@ -140,6 +97,20 @@ def build_sgd_table(
     if not flat:
         return torch.empty(0, len(SGD_FIELDS), dtype=torch.int64)
     return torch.frombuffer(flat, dtype=torch.int64).reshape(-1, len(SGD_FIELDS)).clone()
+
+
+def build_adam_table(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lams, masks, norms,
+                     **terms) -> Tensor:
+    """The int64 ``[T, len(ADAM_FIELDS)]`` table of the `adam` family (on the
+    CPU): the sgd table of the same tensors and terms (no momentum buffer) with
+    the moment and step pointers after it (``max_exp_avg_sqs`` entries None
+    without amsgrad)."""
+    count = len(params)
+    head = build_sgd_table(params, grads, [None] * count, lams, masks, norms, [False] * count, **terms)
+    tail = torch.tensor([[_ptr(m), _ptr(v), _ptr(vmax), _ptr(step)]
+                         for m, v, vmax, step in zip(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)],
+                        dtype=torch.int64).reshape(count, len(ADAM_FIELDS) - len(SGD_FIELDS))
+    return torch.cat([head, tail], dim=1)
 
 
 def load_cpp():
@@ -454,7 +425,7 @@ class SGDPlan(TablePlan):
         check_sgd_state(params, bufs, lams, masks, norms, self.terms)
         self._place(params, backend)
         self.columns = list(zip(params, bufs, lams, masks, norms))
-        supported = kernel_terms(self.backend)
+        supported = self._kernel_terms()
         none = [None] * count
         term = lambda key: self.terms.get(key) or none  # noqa: E731
         # the per-row coefficient vectors users and schedules write: checked finite before a
@@ -476,25 +447,43 @@ class SGDPlan(TablePlan):
             w, buf, lam, mask, norm = self.columns[i]
             element_lam = lam if lam is not None and lam.shape == w.shape else None
             element_mask = mask if mask is not None and mask.shape == w.shape else None
-            return slow_reason(w, (buf, element_lam, element_mask, term("admm_targets")[i]),
+            return slow_reason(w, (buf, element_lam, element_mask, term("admm_targets")[i]) + self._state_tensors(i),
                                (lam if element_lam is None else None, mask if element_mask is None else None,
                                 norm, term("l1s")[i], term("prox_lams")[i], term("polars")[i], term("lam_cols")[i]),
                                term("lam_cols")[i] is not None)
         fast = self._route([reason(i) for i in range(count)], warn)
 
-        def table(index):
-            pick = lambda values: [values[i] for i in index]  # noqa: E731
-            return build_sgd_table(pick(params), pick(params), pick(bufs), pick(lams), pick(masks),
-                                   pick(norms), [False] * len(index),
-                                   **{k: pick(v) for k, v in self.terms.items()})
-        self._split(fast, table, lambda t: load_triton().build_units(t))
+        self._split(fast, self._table, lambda t: self._triton().build_units(t))
         # what check_coefficients reads itself: all but the C++ launches' vectors (their table check reads those)
         slow = set(self.slow_index)
         self._read_coefficients = [c for c in self.coefficients if self.backend != "cpp" or c[0] in slow]
         if self.backend == "triton":  # once, on the CPU table: a device table is not read back per step
-            momentum = float(any(b is not None for b in bufs))
             for launch in self.launches:
-                load_triton().check_table(launch.table, launch.dtype, momentum)
+                self._check_triton_table(launch)
+
+    # -- what differs between the families built on this plan (AdamPlan overrides) --
+    def _kernel_terms(self) -> set:
+        return kernel_terms(self.backend)
+
+    def _state_tensors(self, i: int) -> tuple:
+        """Tensor ``i``'s element-wise state besides the sgd columns (its layout must be W's)."""
+        return ()
+
+    def _table(self, index: List[int]) -> Tensor:
+        pick = lambda values: [values[i] for i in index]  # noqa: E731
+        params, bufs, lams, masks, norms = (list(c) for c in zip(*pick(self.columns))) if index else ([],) * 5
+        return build_sgd_table(params, params, bufs, lams, masks, norms, [False] * len(index),
+                               **{k: pick(v) for k, v in self.terms.items()})
+
+    def _triton(self):
+        return load_triton()
+
+    def _check_triton_table(self, launch: "_Launch") -> None:
+        momentum = float(any(c[1] is not None for c in self.columns))
+        load_triton().check_table(launch.table, launch.dtype, momentum)
+
+    def _check_cpp_table(self, launch: "_Launch", momentum: float) -> None:
+        load_cpp().check_sgd_table(launch.table.data_ptr(), launch.table.shape[0], float(momentum))
 
     def check_coefficients(self, momentum: float = 0.0) -> None:
         """``ValueError`` if a per-row coefficient vector (``lam`` per row,
@@ -508,7 +497,7 @@ class SGDPlan(TablePlan):
         if self.backend == "cpp":
             for launch in self.launches:
                 try:
-                    load_cpp().check_sgd_table(launch.table.data_ptr(), launch.table.shape[0], float(momentum))
+                    self._check_cpp_table(launch, momentum)
                 except ValueError as err:
                     i = launch.pick(range(len(self.params)))[err.row]
                     key = COEFFICIENT_KEYS.get(err.column)

@@ -33,43 +33,12 @@ import torch
 from torch import Tensor
 
 from regkern import backend as _backend
-from regkern.backend import DTYPE_CODE, FAST_DTYPES, choose_backend, float_bits, load_cpp
+from regkern.backend import FAST_DTYPES, choose_backend, load_cpp
+from regkern.layouts import (DTYPE_CODE, MODE_ELEMENT, MODE_ROWS, MODE_SOFT, SAS_COLUMN, SAS_FIELDS,  # noqa: F401
+                             SAS_FLOATS, ZU_COLUMN, ZU_FIELDS, float_bits)
 from regkern.reference import admm as _reference
 from regkern.reference.sgd import num_rows
 
-# Columns of the Z/U table (mirrored by csrc/admm_table.h, namespace zu_col).
-ZU_FIELDS = (
-    "PARAM",      # W, storage dtype DTYPE (read only)
-    "Z",          # fp32, W's shape (written)
-    "U",          # fp32, W's shape (read, written)
-    "TARGET",     # Z - U, W's dtype (written; 0: none)
-    "NUMEL",
-    "ROWS",
-    "ROW_LEN",
-    "DTYPE",      # 0 float32, 1 bfloat16, 2 float16
-    "MODE",       # MODE_ELEMENT, MODE_ROWS or MODE_SOFT
-    "SCORES",     # scratch: fp32 [NUMEL] (elements) or float64 [ROWS] (rows); 0: no score pass
-    "ROW_KEEP",   # bool [ROWS]: the rows kept (MODE_ROWS)
-    "THRESHOLD",  # float: the keep-th largest score (MODE_ELEMENT) or tau (MODE_SOFT)
-    "CUT",        # MODE_ELEMENT: a score equal to THRESHOLD is kept at flat indices <= CUT
-    "KEEP",       # MODE_ELEMENT, MODE_ROWS: how many entries (rows) to keep
-)
-ZU_COLUMN = {name: i for i, name in enumerate(ZU_FIELDS)}
-MODE_ELEMENT, MODE_ROWS, MODE_SOFT = 0, 1, 2
-
-# Columns of the SAS-ADMM table (mirrored by csrc/admm_table.h, namespace sas_col).
-SAS_FIELDS = (
-    "PARAM",      # W_hat out, storage dtype DTYPE
-    "GRAD",       # gradient, W's dtype and layout
-    "W", "W_BREVE", "ANCHOR", "Z", "U",  # fp32 state, the parameter's layout
-    "NUMEL",
-    "DTYPE",
-    "OUTER",      # 1: the outer update is due after this inner step
-    # floats (SASCoefficients of regkern.reference.admm, in this order):
-    "C", "INV_CR", "B", "B1", "BN", "BN1", "RB", "INV_BETA", "TAU", "SB", "BETA", "RHO",
-)
-SAS_COLUMN = {name: i for i, name in enumerate(SAS_FIELDS)}
-SAS_FLOATS = ("c", "inv_cr", "b", "b1", "bn", "bn1", "rb", "inv_beta", "tau", "sb", "beta", "rho")
 _INF_BITS = float_bits(math.inf)
 _MINUS_ONE_BITS = float_bits(-1.0)
 

@@ -28,32 +28,14 @@ import torch
 from torch import Tensor
 
 from regkern import backend as _backend
-from regkern.backend import DTYPE_CODE, TablePlan, float_bits, load_cpp, mask_kind, slow_reason
+from regkern.backend import TablePlan, load_cpp, mask_kind, slow_reason
+from regkern.layouts import DTYPE_CODE, RDA_COLUMN, RDA_FIELDS, float_bits  # noqa: F401
 from regkern.reference import rda as _reference
 from regkern.reference.sgd import num_rows
 
 # Columns of the per-tensor metadata table (mirrored by csrc/rda_table.h).
 # Pointers are raw addresses (0 = absent); every tensor is contiguous.
 # Columns marked "float" hold the bits of a float64.
-RDA_FIELDS = (
-    "PARAM",      # W, storage dtype DTYPE (written, never read)
-    "GRAD",       # gradient, same dtype and shape as W
-    "GBAR",       # fp32, W's shape: running mean of the gradients
-    "W0",         # fp32, W's shape: W at the first step (written only under a mask)
-    "MASK",       # bool mask (0: none)
-    "MASK_KIND",  # 0 none, 1 row mask [ROWS], 2 element mask (W's shape)
-    "NUMEL",
-    "ROWS",
-    "ROW_LEN",
-    "DTYPE",      # 0 float32, 1 bfloat16, 2 float16
-    "GROUP",      # 0 element soft threshold, 1 row (group) shrinkage
-    "STREAM",     # 1: the C++ kernel writes fp32 W with non-temporal stores (same results)
-    "T",          # float: the step t (1 at the first step)
-    "LAM",        # float: the L1 strength lam
-    "GAMMA",      # float: gamma = 1 / lr (may be inf)
-    "NORM_SQ",    # fp32 [ROWS] scratch of the Triton kernel for group tensors (0: none)
-)
-RDA_COLUMN = {name: i for i, name in enumerate(RDA_FIELDS)}
 _T, _LAM, _GAMMA, _GRAD = (RDA_COLUMN[k] for k in ("T", "LAM", "GAMMA", "GRAD"))
 _FALLBACK_L2 = 1 << 20
 

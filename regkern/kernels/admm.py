@@ -39,8 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from regkern.backend import DTYPE_CODE
-from regkern.backend_admm import MODE_ELEMENT, MODE_ROWS, MODE_SOFT, SAS_COLUMN, SAS_FIELDS, ZU_COLUMN, ZU_FIELDS
+from regkern.layouts import DTYPE_CODE, MODE_ELEMENT, MODE_ROWS, MODE_SOFT, SAS_COLUMN, SAS_FIELDS, ZU_COLUMN, ZU_FIELDS
 
 from .common import (UNIT_FIELDS, column_f32, last_lane, program_unit, row_origin, row_running_sum, tl_dtype,
                      units_of)

@@ -41,8 +41,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from regkern.backend import DTYPE_CODE, MASK_ELEMENT, MASK_NONE, MASK_ROW
-from regkern.backend_rda import RDA_COLUMN, RDA_FIELDS
+from regkern.layouts import DTYPE_CODE, MASK_ELEMENT, MASK_NONE, MASK_ROW, RDA_COLUMN, RDA_FIELDS
 
 from .common import (UNIT_FIELDS, column_f64, descent_grad, last_lane, load_grad_scale, place_amp_scalars,
                      program_unit, row_origin, row_running_sum, skip_step, tl_dtype, units_of)

@@ -1,15 +1,15 @@
 """``regkern.SGD``: ``torch.optim.SGD`` with regularizers fused into its step."""
 from __future__ import annotations
 
-from operator import attrgetter
 from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor
 
 from regkern.backend import SGDPlan
-from regkern.regularizers import Regularizer, as_regularizer, regularizer_list, step_options, to_saved
-from regkern.optim.fused import FusedOptimizer, check_number, group_states, scalar_lr
+from regkern.regularizers import step_options
+from regkern.optim.fused import check_number, group_states, scalar_lr
+from regkern.optim.regularized import VERSION, RegularizedOptimizer
 from regkern.optim.plan_cache import CachedPlan, prepare_group
 from regkern.optim.torch_path import check_sgd_with_torch_ops, sgd_with_torch_ops
 from regkern.sharding import local_tensor
@@ -20,7 +20,7 @@ from regkern.terms import FIXED_DTYPE_STATE, STEP_OPTIONS, STEP_STATE
 # float, an fp32 lambda to bf16), so they are restored as saved (regkern.terms).
 
 
-class SGD(FusedOptimizer):
+class SGD(RegularizedOptimizer):
     r"""Stochastic gradient descent with fused regularization.
 
     Same arguments and behaviour as :class:`torch.optim.SGD` (momentum,
@@ -73,31 +73,7 @@ class SGD(FusedOptimizer):
         check_number(group["weight_decay"], "weight_decay", where)
         if group["nesterov"] and ((momentum is not None and momentum <= 0) or (dampening is not None and dampening != 0)):
             raise ValueError(f"Nesterov momentum requires a momentum and zero dampening{where}")
-        if not _is_regularizer(group["regularizer"]):
-            group["regularizer"] = as_regularizer(group["regularizer"])
-        elif isinstance(group["regularizer"], list):
-            step_options(group["regularizer"])  # refuses a list whose members disagree
-
-    def _sync_group(self, group: Dict[str, Any]) -> None:
-        """A regularizer set on a group by hand since the last step gets its
-        state now (missing entries only). The state of a regularizer taken off
-        stays: per-parameter vectors (``lam``, ``lam_cols``, ``l1``, masks)
-        act whenever present, so delete them to stop them."""
-        if self.__dict__.get("_initialized", {}).get(id(group)) is not group["regularizer"]:
-            self._init_group(group)
-
-    def _init_group(self, group: Dict[str, Any]) -> None:
-        for reg in regularizer_list(group["regularizer"]):
-            reg.init_group(group["params"], [self.state[p] for p in group["params"]])
-        # which regularizer each group's state was made for (by the group dict's identity)
-        self.__dict__.setdefault("_initialized", {})[id(group)] = group["regularizer"]
-
-    def _saved_group(self, group: Dict[str, Any]) -> None:
-        group["regularizer"] = to_saved(group.get("regularizer"))
-
-    def _loaded_group(self, group: Dict[str, Any]) -> Dict[str, Any]:
-        group["regularizer"] = as_regularizer(group.get("regularizer"))
-        return group
+        self._check_regularizer(group)
 
     def _prepare(self, index: int, group: Dict[str, Any]):
         """The group's plan and checked local gradients; the plan is reused
@@ -112,12 +88,7 @@ class SGD(FusedOptimizer):
         return cached, grads
 
     def _apply(self, prepared: List[Any], grad_scale: Optional[Tensor]) -> None:
-        for group in self.param_groups:
-            regs = regularizer_list(group["regularizer"])
-            if regs:
-                states = group_states(self, group["params"])
-                for reg in regs:
-                    reg.before_step(group["params"], states)
+        self._before_step()
         for group, (cached, grads) in zip(self.param_groups, prepared):
             cached.plan.run(grads, cached.firsts, lr=scalar_lr(group["lr"]), momentum=group["momentum"],
                             dampening=group["dampening"], nesterov=group["nesterov"],
@@ -131,39 +102,7 @@ class SGD(FusedOptimizer):
                 sgd_with_torch_ops(cached.torch_params, [self.state[p] for p in cached.torch_params], group,
                                    grad_scale)
             if cached.norm_params:
-                cached.norm_versions = list(map(_VERSION, cached.norm_params))
-
-    def current_row_norms(self, param: Tensor) -> Optional[Tensor]:
-        """``state[param]["row_norms"]`` while it describes the current weights:
-        the last step wrote them and nothing has written the parameter since
-        (``model.load_state_dict``, an in-place edit, a new ``.data`` such as
-        a slice); else None, and scores must be computed from ``W``. Writes
-        are seen through the parameter's version counter, which torch ops on
-        the parameter advance; a write that bypasses it (in place on
-        ``param.data`` or through numpy) is not seen."""
-        norms = self.state[param].get("row_norms") if param in self.state else None
-        if norms is None:
-            return None
-        for cached in self._plans.values():
-            if cached.norm_versions is None:
-                continue
-            for i, p in enumerate(cached.params):
-                if p is param:
-                    local = local_tensor(param)
-                    versions = dict(zip(map(id, cached.norm_params), cached.norm_versions))
-                    fresh = (versions.get(id(local)) == local._version
-                             and cached._pointers([param]) == [cached.pointers[i]])
-                    return norms if fresh else None
-        return None
-
-
-_VERSION = attrgetter("_version")
-
-
-def _is_regularizer(value: Any) -> bool:
-    """Already in the form ``as_regularizer`` returns (no conversion needed)."""
-    return value is None or isinstance(value, Regularizer) or (
-        isinstance(value, list) and all(isinstance(r, Regularizer) for r in value))
+                cached.norm_versions = list(map(VERSION, cached.norm_params))
 
 
 class _GroupPlan(CachedPlan):

@@ -84,6 +84,7 @@ FEATURES = {
 }
 READERS = {  # regkern.optim class name -> what its step acts on
     "SGD": frozenset({"lam", "l1", "polar", "prox", "admm", "mask"}),
+    "Adam": frozenset({"lam", "l1", "polar", "prox", "admm", "mask"}),  # AdamW too (a subclass)
     "RDA": frozenset({"rda", "mask"}),
     "SASADMM": frozenset({"sas_admm"}),
 }
@@ -400,7 +401,7 @@ def ensure_group(optimizer: torch.optim.Optimizer, params: Sequence[Tuple[str, T
     (e.g. ``weight_decay=0.0``) are set on the group it returns. (Create LR
     schedulers after this: a scheduler made before does not know a new group.)"""
     if not hasattr(optimizer, "param_groups") or "regularizer" not in optimizer.defaults:
-        raise ValueError(f"{what} needs a regkern optimizer with regularizer param groups (regkern.SGD), "
+        raise ValueError(f"{what} needs a regkern optimizer with regularizer param groups (regkern.SGD, regkern.Adam, regkern.AdamW), "
                          f"got {type(optimizer).__name__}")
     check_in_optimizer(optimizer, params)
     holders = [g for g in optimizer.param_groups if any(isinstance(r, kind) for r in regularizers_of(g))]

@@ -98,30 +98,12 @@ def sgd_step(
                   clamps or none)
     for (w, grad, buf, first, lam, lam_col, mask, norm, l1, polar, target, rho, prox_kind, prox_lam,
          clamp) in columns:
-        # fp32 math for fp32/bf16/fp16 storage; float64 parameters keep float64
-        compute = torch.float64 if w.dtype == torch.float64 else torch.float32
+        compute = compute_dtype(w)
         lr32 = lr.to(device=w.device, dtype=compute) if isinstance(lr, Tensor) else lr
         w32 = w.detach().to(compute)
-        g = grad.to(compute)
-        if grad_scale is not None:
-            g = g / grad_scale.to(device=g.device, dtype=compute)
-        if maximize:
-            g = -g
+        g = descent_grad(grad, compute, grad_scale, maximize)
         d = g + weight_decay * w32 if weight_decay != 0 else g
-        if lam is not None:
-            if lam.shape == w.shape:  # per element (for a vector W the two kinds agree)
-                d = d + w32 * lam.to(torch.float32)
-            else:
-                d = d + (as_rows(w32) * lam.to(torch.float32)[:, None]).reshape(w.shape)
-        if lam_col is not None:
-            d = d + w32 * lam_col.to(torch.float32).reshape((1, -1) + (1,) * (w.dim() - 2))
-        if l1 is not None:
-            d = d + (as_rows(w32.sign()) * l1.to(torch.float32)[:, None]).reshape(w.shape)
-        if polar is not None:
-            p_lam, p_t, p_m, p_s = polar.to(compute).unbind()
-            d = d + p_lam * (p_t * w32.sign() - (w32 - p_m).sign() + p_s)
-        if target is not None:
-            d = d + rho * (w32 - target.to(compute))
+        d = add_terms(d, w32, lam, lam_col, l1, polar, target, rho)
         if momentum != 0:
             if first:
                 b = d
@@ -130,29 +112,78 @@ def sgd_step(
             s = d + momentum * b if nesterov else b
         else:
             b, s = None, d
-        new_w = w32 - lr32 * s
-        keep = _broadcast_mask(mask, w).to(compute) if mask is not None else None
-        if keep is not None:
-            new_w = new_w * keep
-            if b is not None:
-                b = b * keep
-        if prox_kind != PROX_NONE:
-            new_w = _prox(new_w, prox_kind, lr32 * as_rows(prox_lam.to(compute).reshape(-1, 1)))
-        if clamp is not None:
-            new_w = new_w.clamp(clamp[0], clamp[1])
-            if keep is not None:
-                new_w = new_w * keep
+        new_w, (b,) = finish_update(w32 - lr32 * s, [b], w, mask, prox_kind, prox_lam, clamp, lr32)
         with torch.no_grad():
             w.copy_(new_w)
             if b is not None:
                 buf.copy_(b)
         if norm is not None:
-            stored = as_rows(w.detach().to(torch.float32)).abs()
-            n_r = stored.shape[1]
-            l1 = stored.sum(dim=1)
-            norm[:, 0] = l1
-            norm[:, 1] = stored.square().sum(dim=1).sqrt()
-            norm[:, 2] = l1 / n_r if n_r else 0.0
+            write_norms(w, norm)
+
+
+def compute_dtype(w: Tensor) -> torch.dtype:
+    """fp32 math for fp32/bf16/fp16 storage; float64 parameters keep float64."""
+    return torch.float64 if w.dtype == torch.float64 else torch.float32
+
+
+def descent_grad(grad: Tensor, compute: torch.dtype, grad_scale: Optional[Tensor], maximize: bool) -> Tensor:
+    """The gradient as the step sees it: unscaled by ``grad_scale``, negated when maximizing."""
+    g = grad.to(compute)
+    if grad_scale is not None:
+        g = g / grad_scale.to(device=g.device, dtype=compute)
+    return -g if maximize else g
+
+
+def add_terms(d: Tensor, w32: Tensor, lam: Optional[Tensor], lam_col: Optional[Tensor], l1: Optional[Tensor],
+              polar: Optional[Tensor], target: Optional[Tensor], rho: float) -> Tensor:
+    """``d`` plus every regularizer gradient term of ``W`` (``w32``, the
+    computed value of W), each one fp32 rounding, in the contract's order."""
+    compute = w32.dtype
+    if lam is not None:
+        if lam.shape == w32.shape:  # per element (for a vector W the two kinds agree)
+            d = d + w32 * lam.to(torch.float32)
+        else:
+            d = d + (as_rows(w32) * lam.to(torch.float32)[:, None]).reshape(w32.shape)
+    if lam_col is not None:
+        d = d + w32 * lam_col.to(torch.float32).reshape((1, -1) + (1,) * (w32.dim() - 2))
+    if l1 is not None:
+        d = d + (as_rows(w32.sign()) * l1.to(torch.float32)[:, None]).reshape(w32.shape)
+    if polar is not None:
+        p_lam, p_t, p_m, p_s = polar.to(compute).unbind()
+        d = d + p_lam * (p_t * w32.sign() - (w32 - p_m).sign() + p_s)
+    if target is not None:
+        d = d + rho * (w32 - target.to(compute))
+    return d
+
+
+def finish_update(new_w: Tensor, states: Sequence[Optional[Tensor]], w: Tensor, mask: Optional[Tensor],
+                  prox_kind: int, prox_lam: Optional[Tensor], clamp, lr32: Number):
+    """What follows the update of every family: W and its state tensors
+    (``states``, None where absent) times the mask, W's proximal map
+    (threshold ``lr * prox_lam[r]``), the clamp and the mask again. Returns
+    the new W and the states."""
+    compute = new_w.dtype
+    keep = _broadcast_mask(mask, w).to(compute) if mask is not None else None
+    if keep is not None:
+        new_w = new_w * keep
+        states = [None if s is None else s * keep for s in states]
+    if prox_kind != PROX_NONE:
+        new_w = _prox(new_w, prox_kind, lr32 * as_rows(prox_lam.to(compute).reshape(-1, 1)))
+    if clamp is not None:
+        new_w = new_w.clamp(clamp[0], clamp[1])
+        if keep is not None:
+            new_w = new_w * keep
+    return new_w, list(states)
+
+
+def write_norms(w: Tensor, norm: Tensor) -> None:
+    """``norm[r]`` = (sum |W_r|, ||W_r||_2, mean |W_r|) of the stored W."""
+    stored = as_rows(w.detach().to(torch.float32)).abs()
+    n_r = stored.shape[1]
+    l1 = stored.sum(dim=1)
+    norm[:, 0] = l1
+    norm[:, 1] = stored.square().sum(dim=1).sqrt()
+    norm[:, 2] = l1 / n_r if n_r else 0.0
 
 
 def _broadcast_mask(mask: Tensor, w: Tensor) -> Tensor:

@@ -1,0 +1,91 @@
+"""What regkern's optimizers with regularizer param groups share (``regkern.SGD``,
+``regkern.Adam``, ``regkern.AdamW``): the ``regularizer`` group option, the
+state each regularizer creates, its per-step hook, its checkpoint form, and
+the row norms the step writes for the schedules."""
+from __future__ import annotations
+
+from operator import attrgetter
+from typing import Any, Dict, Optional
+
+from torch import Tensor
+
+from regkern.optim.fused import FusedOptimizer, group_states
+from regkern.regularizers import Regularizer, as_regularizer, regularizer_list, step_options, to_saved
+from regkern.sharding import local_tensor
+
+VERSION = attrgetter("_version")
+
+
+class RegularizedOptimizer(FusedOptimizer):
+    """A fused optimizer whose param groups carry a ``regularizer`` key.
+
+    The group plans of a subclass keep ``norm_params`` (the local tensors
+    whose ``row_norms`` the step writes) and, after a step, ``norm_versions``
+    (their version counters then), which ``current_row_norms`` compares.
+    """
+
+    def _check_regularizer(self, group: Dict[str, Any]) -> None:
+        """Convert a group's ``regularizer`` to its object form; ``ValueError`` on one that cannot be."""
+        if not _is_regularizer(group["regularizer"]):
+            group["regularizer"] = as_regularizer(group["regularizer"])
+        elif isinstance(group["regularizer"], list):
+            step_options(group["regularizer"])  # refuses a list whose members disagree
+
+    def _sync_group(self, group: Dict[str, Any]) -> None:
+        """A regularizer set on a group by hand since the last step gets its
+        state now (missing entries only). The state of a regularizer taken off
+        stays: per-parameter vectors (``lam``, ``lam_cols``, ``l1``, masks)
+        act whenever present, so delete them to stop them."""
+        if self.__dict__.get("_initialized", {}).get(id(group)) is not group["regularizer"]:
+            self._init_group(group)
+
+    def _init_group(self, group: Dict[str, Any]) -> None:
+        for reg in regularizer_list(group["regularizer"]):
+            reg.init_group(group["params"], [self.state[p] for p in group["params"]])
+        # which regularizer each group's state was made for (by the group dict's identity)
+        self.__dict__.setdefault("_initialized", {})[id(group)] = group["regularizer"]
+
+    def _saved_group(self, group: Dict[str, Any]) -> None:
+        group["regularizer"] = to_saved(group.get("regularizer"))
+
+    def _loaded_group(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        group["regularizer"] = as_regularizer(group.get("regularizer"))
+        return group
+
+    def _before_step(self) -> None:
+        """Each regularizer's per-step hook (e.g. polarization's set mean), before any group is stepped."""
+        for group in self.param_groups:
+            regs = regularizer_list(group["regularizer"])
+            if regs:
+                states = group_states(self, group["params"])
+                for reg in regs:
+                    reg.before_step(group["params"], states)
+
+    def current_row_norms(self, param: Tensor) -> Optional[Tensor]:
+        """``state[param]["row_norms"]`` while it describes the current weights:
+        the last step wrote them and nothing has written the parameter since
+        (``model.load_state_dict``, an in-place edit, a new ``.data`` such as
+        a slice); else None, and scores must be computed from ``W``. Writes
+        are seen through the parameter's version counter, which torch ops on
+        the parameter advance; a write that bypasses it (in place on
+        ``param.data`` or through numpy) is not seen."""
+        norms = self.state[param].get("row_norms") if param in self.state else None
+        if norms is None:
+            return None
+        for cached in self._plans.values():
+            if cached.norm_versions is None:
+                continue
+            for i, p in enumerate(cached.params):
+                if p is param:
+                    local = local_tensor(param)
+                    versions = dict(zip(map(id, cached.norm_params), cached.norm_versions))
+                    fresh = (versions.get(id(local)) == local._version
+                             and cached._pointers([param]) == [cached.pointers[i]])
+                    return norms if fresh else None
+        return None
+
+
+def _is_regularizer(value: Any) -> bool:
+    """Already in the form ``as_regularizer`` returns (no conversion needed)."""
+    return value is None or isinstance(value, Regularizer) or (
+        isinstance(value, list) and all(isinstance(r, Regularizer) for r in value))
