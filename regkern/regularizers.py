@@ -176,6 +176,20 @@ class ElementL2(Regularizer):
         return {"lam": "element"}
 
 
+@dataclasses.dataclass(frozen=True)
+class ColumnL2(Regularizer):
+    """Per-input-column L2 penalty ``d += lam_cols[c] * W[:, c, ...]`` alone
+    (pruning input features or input channels: grow the entries of the
+    columns to remove). Each parameter with at least 2 dimensions gets
+    ``state["lam_cols"]``, fp32 zeros ``[W.shape[1]]``; others get nothing.
+    """
+
+    kind: ClassVar[str] = "column_l2"
+
+    def state_layouts(self, param: Tensor) -> Dict[str, str]:
+        return {"lam_cols": "column"} if param.dim() >= 2 else {}
+
+
 def _per_row(param: Tensor, lam: Union[float, Tensor]) -> Tensor:
     """An fp32 per-row vector from a scalar or a per-row tensor."""
     value = row_state(param)

@@ -150,6 +150,28 @@ def test_clamp_alone_and_with_masks(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_column_l2_shrinks_the_input_columns_it_names(backend):
+    params = make_params(shapes=[(6, 5), (4, 5, 3, 3), (7,)])
+    plain = twin(params)
+    opt = sgd_then(params, regkern.ColumnL2(), backend, steps=0)
+    assert "lam_cols" not in opt.state[params[2]] and opt.state[params[1]]["lam_cols"].shape == (5,)
+    for p in params[:2]:
+        opt.state[p]["lam_cols"][[1, 3]] = 2.0
+    ref = regkern.SGD(plain, lr=LR, backend=backend)
+    for t in range(3):
+        fake_grads(params, t)
+        fake_grads(plain, t)
+        opt.step()
+        with torch.no_grad():  # d += lam_cols[c] * W[:, c] is W[:, c] *= 1 - lr * 2 beside the plain step
+            before = [q.detach().clone() for q in plain]
+        ref.step()
+        with torch.no_grad():
+            for q, b in zip(plain[:2], before[:2]):
+                q[:, [1, 3]] -= LR * 2.0 * b[:, [1, 3]]
+    assert_params_close(params, plain)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_admm_term_pulls_toward_z_minus_u(backend):
     params = make_params(shapes=[(5, 4), (7,)])
     expected = twin(params)
