@@ -63,18 +63,18 @@ def sas(model):
 
 X = example_inputs()
 REFUSED = [  # (schedule, optimizer, what the message names)
-    (lambda m, o: GReg1(m, o, X, ratios=0.5), torch_sgd, r"GReg1 works through the penalty state\['lam'\].*torch\.optim\.sgd\.SGD.*regkern\.SGD$"),
-    (lambda m, o: GReg2(m, o, X, ratios=0.5), rda, r"GReg2 .*regkern\.optim\.rda\.RDA.*regkern\.SGD$"),
-    (lambda m, o: GReg1(m, o, ratios=0.5, mode="weight"), sas, r"GReg1 .*SASADMM.*regkern\.SGD$"),
+    (lambda m, o: GReg1(m, o, X, ratios=0.5), torch_sgd, r"GReg1 works through the penalty state\['lam'\].*torch\.optim\.sgd\.SGD.*regkern\.SGD, regkern\.Adam or regkern\.AdamW$"),
+    (lambda m, o: GReg2(m, o, X, ratios=0.5), rda, r"GReg2 .*regkern\.optim\.rda\.RDA.*regkern\.SGD, regkern\.Adam or regkern\.AdamW$"),
+    (lambda m, o: GReg1(m, o, ratios=0.5, mode="weight"), sas, r"GReg1 .*SASADMM.*regkern\.SGD, regkern\.Adam or regkern\.AdamW$"),
     (lambda m, o: OneShotL1(m, o, ratios=0.5, mode="weight"), torch_sgd, r"OneShotL1 works through the masks"),
-    (lambda m, o: OneShotL1(m, o, ratios=0.5, mode="weight"), sas, r"masks.*regkern\.SGD or regkern\.RDA$"),
+    (lambda m, o: OneShotL1(m, o, ratios=0.5, mode="weight"), sas, r"masks.*regkern\.SGD, regkern\.Adam, regkern\.AdamW or regkern\.RDA$"),
     (lambda m, o: Slimming(m, o, X, steps=3), torch_sgd, r"Slimming works through the L1 coefficients"),
     (lambda m, o: Slimming(m, o, X, steps=3), rda, r"Slimming .*RDA"),
     (lambda m, o: PolarizationPruner(m, o, X, steps=3, bn_init=0.5), torch_sgd, r"regkern\.Polarization param group"),
     (lambda m, o: PolarizationPruner(m, o, X, steps=3), sas, r"PolarizationPruner works through .*SASADMM"),
-    (lambda m, o: SparseTraining(m, o, steps=3), torch_sgd, r"ProxL1 or regkern\.GroupLasso.*regkern\.SGD or regkern\.RDA$"),
+    (lambda m, o: SparseTraining(m, o, steps=3), torch_sgd, r"ProxL1 or regkern\.GroupLasso.*regkern\.SGD, regkern\.Adam, regkern\.AdamW or regkern\.RDA$"),
     (lambda m, o: SparseTraining(m, o, steps=3), sas, r"SparseTraining works through .*SASADMM"),
-    (lambda m, o: ADMMPruner(m, o, ratios=0.5, steps=4), torch_sgd, r"ADMMPruner .*regkern\.SGD or regkern\.SASADMM$"),
+    (lambda m, o: ADMMPruner(m, o, ratios=0.5, steps=4), torch_sgd, r"ADMMPruner .*regkern\.SGD, regkern\.Adam, regkern\.AdamW or regkern\.SASADMM$"),
     (lambda m, o: ADMMPruner(m, o, ratios=0.5, steps=4), rda, r"regkern\.ADMM param group or the ADMM iteration"),
 ]
 

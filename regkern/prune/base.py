@@ -106,7 +106,9 @@ def require_reads(optimizer: torch.optim.Optimizer, drives: Sequence[str], metho
         return
     kind = type(optimizer)
     what = " or ".join(FEATURES[d] for d in drives)
-    use = " or ".join(f"regkern.{name}" for name, reads in READERS.items() if reads & set(drives))
+    names = [f"regkern.{n}" for name, reads in READERS.items() if reads & set(drives)
+             for n in ((name, "AdamW") if name == "Adam" else (name,))]
+    use = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
     raise ValueError(f"{method} works through {what}, which the step of {kind.__module__}.{kind.__qualname__} "
                      f"does not read (it would have no effect); build the optimizer as {use}")
 
