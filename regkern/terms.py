@@ -11,7 +11,12 @@ path use are derived below; nothing else spells them.
 
 Layouts: ``"row"`` ``[R]`` (R = W.shape[0], 1 for a scalar), ``"row3"``
 ``[R, 3]``, ``"column"`` ``[W.shape[1]]``, ``"element"`` W's shape, ``"shared"``
-one fixed-shape tensor shared by a whole param group (``shape``).
+one fixed-shape tensor shared by a whole param group (``shape``), ``"scalar"``
+one 0-d tensor per parameter (a step count).
+
+The optimizers' own state (Adam's moments, RDA's running mean, SAS-ADMM's
+iterates) is declared here too, family by family (``FAMILY_STATE``), with
+the same fields; their checkpoint rules derive from it.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import torch
 
 from regkern.reference.sgd import PROX_NONE
 
-LAYOUTS = ("row", "row3", "column", "element", "shared")
+LAYOUTS = ("row", "row3", "column", "element", "shared", "scalar")
 
 # when a step uses an entry: added to the gradient, applied to W after the
 # update, written after the step, or read only through another entry or option
@@ -78,12 +83,33 @@ SGD_OPTIONS = (
     StepOption("clamp", "clamps", "clamp", None, UPDATE),
 )
 
+# The optimizers' own per-parameter state, by family (dtype None: the parameter's;
+# float32: fp32 for fp32/bf16/fp16 parameters, float64 for float64 ones).
+_STEP = StateEntry("step", ("scalar",), torch.float32)
+FAMILY_STATE: Dict[str, Tuple[StateEntry, ...]] = {
+    "sgd": (StateEntry("momentum_buffer", ("element",), None),),
+    "adam": (StateEntry("exp_avg", ("element",), None), StateEntry("exp_avg_sq", ("element",), None),
+             StateEntry("max_exp_avg_sq", ("element",), None), _STEP),
+    "rda": (StateEntry("gbar", ("element",), torch.float32), StateEntry("w0", ("element",), torch.float32), _STEP),
+    "sas_admm": tuple(StateEntry(key, ("element",), torch.float32)
+                      for key in ("w", "w_breve", "z", "u", "anchor", "w_avg"))
+    # the outer and inner iteration counters, Python ints
+    + (StateEntry("k", ("scalar",), None), StateEntry("t", ("scalar",), None)),
+}
+
 STATE_BY_KEY: Dict[str, StateEntry] = {e.key: e for e in SGD_STATE}
 
 # --- derived ---------------------------------------------------------------------
 
 # entries loaded with their saved dtype (torch would cast them to the parameter's)
 FIXED_DTYPE_STATE = tuple(e.key for e in SGD_STATE if e.dtype is not None)
+
+
+def fixed_dtype_state(family: str, regularized: bool = True) -> Tuple[str, ...]:
+    """The state keys a family's optimizer loads with their saved dtype: its
+    own fixed-dtype entries, and the regularizer terms' when it takes them."""
+    own = tuple(e.key for e in FAMILY_STATE[family] if e.dtype is not None)
+    return (FIXED_DTYPE_STATE if regularized else ()) + tuple(k for k in own if k not in FIXED_DTYPE_STATE)
 
 # slicing: per-row entries are cut along W's rows, per-column along dim 1, shared ones never
 ROW_STATE = tuple(e.key for e in SGD_STATE if {"row", "row3"} & set(e.layouts))
@@ -131,6 +157,8 @@ def layout_shape(layout: str, shape: Tuple[int, ...], entry: Optional[StateEntry
         return tuple(shape)
     if layout == "shared":
         return tuple(entry.shape) if entry is not None else ()
+    if layout == "scalar":
+        return ()
     raise ValueError(f"unknown layout {layout!r}; known: {LAYOUTS}")
 
 

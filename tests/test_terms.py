@@ -197,3 +197,34 @@ def test_torch_path_terms_are_the_declared_ones():
         assert torch_path._Terms({key: torch.zeros(1)}, {}).after_update()
     for option in terms.UPDATE_OPTIONS:
         assert torch_path._Terms({}, {option: (0.0, 1.0) if option == "clamp" else 1}).after_update()
+
+
+@pytest.mark.parametrize("family,build", [
+    ("sgd", lambda ps: regkern.SGD(ps, lr=0.1, momentum=0.9, backend="reference")),
+    ("adam", lambda ps: regkern.AdamW(ps, amsgrad=True, backend="reference")),
+    ("rda", lambda ps: regkern.RDA(ps, lr=0.1, lam=1e-3, backend="reference")),
+    ("sas_admm", lambda ps: regkern.SASADMM(ps, M=2)),
+])
+def test_family_state_declares_what_each_optimizer_keeps(family, build):
+    """Every per-parameter entry an optimizer's step creates is declared in
+    FAMILY_STATE with its layout and dtype (the checkpoint rules derive from it)."""
+    from regkern.terms import FAMILY_STATE, layout_shape
+
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    opt = build(params)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    declared = {e.key: e for e in FAMILY_STATE[family]}
+    for p in params:
+        for key, value in opt.state[p].items():
+            if key in terms.STATE_BY_KEY:
+                continue  # a regularizer term's entry (SGD_STATE)
+            assert key in declared, f"{family} keeps state[{key!r}] without declaring it in regkern.terms"
+            entry = declared[key]
+            if not isinstance(value, torch.Tensor):
+                assert entry.layouts == ("scalar",) and isinstance(value, int), key  # a counter
+                continue
+            assert value.shape in {layout_shape(layout, tuple(p.shape), entry) for layout in entry.layouts}
+            assert value.dtype == (entry.dtype or p.dtype), key

@@ -13,7 +13,7 @@ from regkern.optim.plan_cache import CachedPlan, prepare_group
 from regkern.optim.regularized import VERSION, RegularizedOptimizer
 from regkern.regularizers import step_options
 from regkern.sharding import local_tensor
-from regkern.terms import FIXED_DTYPE_STATE, STEP_OPTIONS, STEP_STATE
+from regkern.terms import STEP_OPTIONS, STEP_STATE, fixed_dtype_state
 
 COUPLINGS = ("decoupled", "coupled")
 
@@ -57,7 +57,7 @@ class Adam(RegularizedOptimizer):
     the ``REGKERN_BACKEND`` variable) forces a kernel backend.
     """
 
-    fixed_dtype_state = FIXED_DTYPE_STATE
+    fixed_dtype_state = fixed_dtype_state("adam")  # the terms' entries and the fp32 step, moved to W's device
     # what torch.optim.Adam assumes for options an older checkpoint lacks
     legacy_options = dict(amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False,
                           fused=None, decoupled_weight_decay=False, regularizer=None, coupling="decoupled")

@@ -12,12 +12,12 @@ from regkern.backend_rda import RDAPlan
 from regkern.optim.fused import FusedOptimizer, check_number, group_states
 from regkern.optim.plan_cache import CachedPlan, prepare_group
 from regkern.sharding import local_tensor
+from regkern.terms import fixed_dtype_state
 
-# Optimizer-state entries whose dtype does not follow the parameter's: torch's
-# load_state_dict would cast them to the parameter dtype (fp32 gbar / w0 of a
-# bf16 parameter to bf16, a bool mask to float), so they are restored as saved.
-# "step" stays a float32 CPU tensor, copied so the loaded dict is not shared.
-FIXED_DTYPE_STATE = ("gbar", "w0", "mask", "step")
+# Optimizer-state entries whose dtype does not follow the parameter's (fp32
+# gbar / w0 of a bf16 parameter, the bool mask, the fp32 step; regkern.terms):
+# torch's load_state_dict would cast them, so they are restored as saved.
+FIXED_DTYPE_STATE = ("mask",) + fixed_dtype_state("rda", regularized=False)
 
 
 def _gamma(lr) -> float:

@@ -16,11 +16,12 @@ from regkern.optim.fused import FusedOptimizer
 from regkern.optim.plan_cache import CachedPlan, prepare_group
 from regkern.reference.admm import SASCoefficients, sas_coefficients
 from regkern.sharding import local_tensor
+from regkern.terms import fixed_dtype_state
 
 # Per-parameter state tensors kept in fp32 for fp32/bf16/fp16 parameters (float64
 # parameters keep float64): torch's load_state_dict would cast them to the
 # parameter's dtype, so they are restored as saved.
-STATE_TENSORS = ("w", "w_breve", "z", "u", "anchor", "w_avg")
+STATE_TENSORS = fixed_dtype_state("sas_admm", regularized=False)  # declared in regkern.terms
 
 
 def sas_schedule(k: int, M: int, k0: int, q: float, v: float) -> Tuple[int, float]:
