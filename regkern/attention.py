@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from regkern.groups import Group, Member
+from regkern.group import Group, Member
 from regkern.model_calls import call_model, modes_kept
 
 ModuleRef = Union[str, nn.Module, None]

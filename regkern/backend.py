@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from regkern import reference
+from regkern.reference.sgd import sgd_step as reference_sgd_step
 from regkern.reference.sgd import PROX_NONE, num_rows
 from regkern.layouts import (DTYPE_CODE, LAM_ELEMENT, LAM_NONE, LAM_ROW, MASK_ELEMENT, MASK_NONE, MASK_ROW,  # noqa: F401
                              ADAM_FIELDS, SGD_COLUMN, SGD_FIELDS, float_bits)
@@ -116,7 +116,7 @@ def build_adam_table(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step
 def load_cpp():
     """The C++ extension, or None when it was not built."""
     try:
-        from regkern import _C
+        import regkern._C as _C
     except ImportError:
         return None
     return _C
@@ -545,7 +545,7 @@ class SGDPlan(TablePlan):
         if self.slow_index:
             pick = lambda values: [values[i] for i in self.slow_index]  # noqa: E731
             cols = pick(self.columns)
-            reference.sgd_step([c[0] for c in cols], pick(grads), [c[1] for c in cols],
+            reference_sgd_step([c[0] for c in cols], pick(grads), [c[1] for c in cols],
                                lams=[c[2] for c in cols], masks=[c[3] for c in cols], norms=[c[4] for c in cols],
                                first_step=pick(firsts), lr=lr, grad_scale=grad_scale, found_inf=found_inf,
                                **{k: pick(v) for k, v in self.terms.items()}, **options)

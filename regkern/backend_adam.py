@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from regkern import reference
+from regkern.reference.adam import adam_step as reference_adam_step
 from regkern.backend import SGDPlan, _describe, build_adam_table, load_cpp, load_triton, _Launch
 from regkern.layouts import SGD_COLUMN
 
@@ -113,7 +113,7 @@ class AdamPlan(SGDPlan):
             pick = lambda values: [values[i] for i in self.slow_index]  # noqa: E731
             cols = pick(self.columns)
             moments = pick(self.moments)
-            reference.adam_step([c[0] for c in cols], pick(grads), [m[0] for m in moments], [m[1] for m in moments],
+            reference_adam_step([c[0] for c in cols], pick(grads), [m[0] for m in moments], [m[1] for m in moments],
                                 [m[2] for m in moments], [m[3] for m in moments], lr=lr,
                                 lams=[c[2] for c in cols], masks=[c[3] for c in cols], norms=[c[4] for c in cols],
                                 grad_scale=grad_scale, found_inf=found_inf,

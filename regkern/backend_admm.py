@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from regkern import backend as _backend
+import regkern.backend as _backend
 from regkern.backend import FAST_DTYPES, choose_backend, load_cpp
 from regkern.layouts import (DTYPE_CODE, MODE_ELEMENT, MODE_ROWS, MODE_SOFT, SAS_COLUMN, SAS_FIELDS,  # noqa: F401
                              SAS_FLOATS, ZU_COLUMN, ZU_FIELDS, float_bits)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from regkern import backend as _backend
+import regkern.backend as _backend
 from regkern.backend import TablePlan, load_cpp, mask_kind, slow_reason
 from regkern.layouts import DTYPE_CODE, RDA_COLUMN, RDA_FIELDS, float_bits  # noqa: F401
 from regkern.reference import rda as _reference

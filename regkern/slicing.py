@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from regkern.flops import count_flops, count_params
-from regkern.groups import Group, check_group, named_tensors
+from regkern.group import Group, check_group, named_tensors
 from regkern.sharding import is_dtensor
 from regkern.terms import COLUMN_STATE, ROW_STATE, SHARED_STATE
 

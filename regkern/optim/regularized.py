@@ -55,7 +55,9 @@ class RegularizedOptimizer(FusedOptimizer):
     def _before_step(self) -> None:
         """Each regularizer's per-step hook (e.g. polarization's set mean), before any group is stepped."""
         for group in self.param_groups:
-            regs = regularizer_list(group["regularizer"])
+            # most regularizers have no hook: skip building the group's state list for them
+            regs = [r for r in regularizer_list(group["regularizer"])
+                    if type(r).before_step is not Regularizer.before_step]
             if regs:
                 states = group_states(self, group["params"])
                 for reg in regs:

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from regkern.groups import Group
+from regkern.group import Group
 from regkern.model_calls import run_in_eval
 from regkern.prune.base import module_of
 
