@@ -91,19 +91,19 @@ def test_checkpoints_load_both_ways_and_continue_identically(pair):
     base = make_params(shapes=SHAPES)
     # torch -> regkern
     theirs, ours = twin(base), twin(base)
-    a = torch_cls(theirs, lr=0.01, amsgrad=True, weight_decay=0.1)
+    a = torch_cls(theirs, lr=0.01, amsgrad=True, weight_decay=0.1, foreach=False)
     _run(a, theirs, 5)
     with torch.no_grad():
         for p, q in zip(theirs, ours):
             q.copy_(p)
     b = cls(ours, lr=0.01, amsgrad=True, weight_decay=0.1)
-    b.load_state_dict(a.state_dict())
+    b.load_state_dict(copy.deepcopy(a.state_dict()))  # a live state_dict shares its tensors
     _run(a, theirs, 5, start=5)
     _run(b, ours, 5, start=5)
     assert all(torch.equal(p, q) for p, q in zip(theirs, ours))
     # regkern -> torch
-    c = torch_cls(theirs, lr=0.01, amsgrad=True, weight_decay=0.1)
-    c.load_state_dict(b.state_dict())
+    c = torch_cls(theirs, lr=0.01, amsgrad=True, weight_decay=0.1, foreach=False)
+    c.load_state_dict(copy.deepcopy(b.state_dict()))
     _run(c, theirs, 5, start=10)
     _run(b, ours, 5, start=10)
     assert all(torch.equal(p, q) for p, q in zip(theirs, ours))
@@ -126,8 +126,9 @@ def test_closure_hooks_and_grad_scaler():
     ref.step()
     assert all(torch.equal(p, q) for p, q in zip(params, plain))
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.zeros(()))  # the scale is created by the first scale() call
     for t in range(1, 4):
-        fake_grads(params, t, scale=1024.0 if t != 2 else float("inf"))
+        fake_grads(params, t, scale=scaler.get_scale() if t != 2 else float("inf"))
         scaler.step(opt)
         scaler.update()
         if t != 2:  # the overflow step changes nothing, the step count included
