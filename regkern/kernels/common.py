@@ -24,8 +24,22 @@ Kernel side (``@triton.jit``, inlined into the caller):
   over one piece that continue a row's unfinished sum from the previous
   piece (:func:`last_lane` gives the carry).
 
-This module imports nothing from regkern: the kernel modules bring their
-table layouts.
+The regularizer terms of the sgd-style tables (``regkern.layouts.SGD_FIELDS``;
+the ``adam`` table starts with the same columns, so the same code reads
+both), in one home for the ``sgd`` and ``adam`` kernels:
+
+- :func:`sign`, :func:`rows_of` (an element's row);
+- :func:`add_terms`: the gradient terms (L2 ``lam`` per row or element,
+  ``lam_cols``, L1 subgradient, polarization, ADMM pull) added to ``d`` in
+  the contract's order;
+- :func:`keep_mask`: the row or element mask as fp32 0 / 1;
+- the post-update part: :func:`piece_plan` (how a unit is cut into pieces
+  and rows for group lasso), :func:`prox_map` (soft threshold or group-lasso
+  shrink, :func:`soft_threshold`, :func:`group_shrink`), :func:`clamped`
+  (the clamp and the mask again), :func:`zero_empty_row_norms` and
+  :func:`store_row_norms` (the row norms of the stored W).
+
+This module imports only the table layouts (``regkern.layouts``) of regkern.
 """
 from __future__ import annotations
 
@@ -35,6 +49,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from regkern.layouts import MASK_ROW, LAM_ELEMENT, SGD_COLUMN
 
 UNIT_FIELDS = 3  # a unit: tensor index, first element, end element
 _UNIT_FIELDS = tl.constexpr(UNIT_FIELDS)
@@ -179,3 +195,180 @@ def row_running_sums(x, y, col, carry_x, carry_y, idx):
 def last_lane(x, idx, BLOCK: tl.constexpr):
     """The value in the piece's last lane (a running sum's carry into the next piece)."""
     return tl.sum(tl.where(idx == BLOCK - 1, x, 0.0))
+
+
+# ---------------------------------------------------------------------------
+# Regularizer terms and the post-update part of the sgd-style tables (the
+# sgd columns; the adam table starts with them, so the indices are the same).
+
+_LAM = tl.constexpr(SGD_COLUMN["LAM"])
+_LAM_KIND = tl.constexpr(SGD_COLUMN["LAM_KIND"])
+_LAM_COLS = tl.constexpr(SGD_COLUMN["LAM_COLS"])
+_COL_LEN = tl.constexpr(SGD_COLUMN["COL_LEN"])
+_MASK = tl.constexpr(SGD_COLUMN["MASK"])
+_MASK_KIND = tl.constexpr(SGD_COLUMN["MASK_KIND"])
+_L1 = tl.constexpr(SGD_COLUMN["L1"])
+_POLAR = tl.constexpr(SGD_COLUMN["POLAR"])
+_ADMM_TARGET = tl.constexpr(SGD_COLUMN["ADMM_TARGET"])
+_ADMM_RHO = tl.constexpr(SGD_COLUMN["ADMM_RHO"])
+_ROWS = tl.constexpr(SGD_COLUMN["ROWS"])
+_CLAMP = tl.constexpr(SGD_COLUMN["CLAMP"])
+_CLAMP_LO = tl.constexpr(SGD_COLUMN["CLAMP_LO"])
+_CLAMP_HI = tl.constexpr(SGD_COLUMN["CLAMP_HI"])
+_LAM_ELEMENT_KIND = tl.constexpr(LAM_ELEMENT)
+_MASK_ROW_KIND = tl.constexpr(MASK_ROW)
+_PROX_L1_KIND = tl.constexpr(1)     # the PROX column: 1 element L1 (soft threshold)
+_PROX_GROUP_KIND = tl.constexpr(2)  # 2 group lasso
+
+
+@triton.jit
+def sign(x):
+    """torch.sign: -1, 0 or 1 (a zero keeps its sign bit, NaN stays NaN)."""
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x))
+
+
+@triton.jit
+def rows_of(i, r0, c0, row_len):
+    """Row of element start + i: r0 + (c0 + i) // row_len (int32 math per element)."""
+    return r0 + (c0 + i) // row_len
+
+
+@triton.jit
+def keep_mask(meta, i, inb, start, r0, c0, row_len):
+    """The mask (row or element) of elements start + i, as fp32 0 or 1."""
+    mask_ptr = tl.load(meta + _MASK).to(tl.pointer_type(tl.int8))  # torch.bool: one byte, 0 or 1
+    if tl.load(meta + _MASK_KIND) == _MASK_ROW_KIND:
+        at = rows_of(i, r0, c0, row_len)
+    else:
+        at = start + i
+    return tl.load(mask_ptr + at, mask=inb).to(tl.float32)
+
+
+@triton.jit
+def add_terms(meta, d, w, i, inb, start, r0, c0, row_len, DTYPE: tl.constexpr):
+    """``d`` plus the regularizer gradient terms of W (``w``, fp32, elements
+    start + i) that the table row ``meta`` holds, each one fp32 rounding in the
+    contract's order: lam[r] * W (or per element), lam_cols[c] * W,
+    l1[r] * sign(W), polarization, rho * (W - target). An absent term is
+    skipped by a branch on its table entry."""
+    lam = tl.load(meta + _LAM)
+    if lam != 0:
+        if tl.load(meta + _LAM_KIND) == _LAM_ELEMENT_KIND:
+            at = start + i
+        else:
+            at = rows_of(i, r0, c0, row_len)
+        d = d + tl.load(lam.to(tl.pointer_type(tl.float32)) + at, mask=inb) * w
+    lam_cols = tl.load(meta + _LAM_COLS)
+    if lam_cols != 0:
+        # column (i % row_len) // col_len of element start + i (int32 math per element)
+        col = ((c0 + i) % row_len) // tl.load(meta + _COL_LEN).to(tl.int32)
+        d = d + tl.load(lam_cols.to(tl.pointer_type(tl.float32)) + col, mask=inb) * w
+    l1 = tl.load(meta + _L1)
+    if l1 != 0:
+        d = d + tl.load(l1.to(tl.pointer_type(tl.float32)) + rows_of(i, r0, c0, row_len), mask=inb) * sign(w)
+    polar = tl.load(meta + _POLAR)
+    if polar != 0:
+        p = polar.to(tl.pointer_type(tl.float32))  # (lam, t, m, s), written on the device
+        d = d + tl.load(p) * (tl.load(p + 1) * sign(w) - sign(w - tl.load(p + 2)) + tl.load(p + 3))
+    target = tl.load(meta + _ADMM_TARGET)
+    if target != 0:
+        z = tl.load(target.to(tl.pointer_type(DTYPE)) + start + i, mask=inb).to(tl.float32)
+        d = d + column_f32(meta, _ADMM_RHO) * (w - z)
+    return d
+
+
+@triton.jit
+def has_terms(meta):
+    """Whether the table row holds any gradient term of :func:`add_terms`."""
+    return ((tl.load(meta + _LAM) != 0) | (tl.load(meta + _LAM_COLS) != 0) | (tl.load(meta + _L1) != 0)
+            | (tl.load(meta + _POLAR) != 0) | (tl.load(meta + _ADMM_TARGET) != 0))
+
+
+@triton.jit
+def soft_threshold(w, threshold):
+    """Element L1 proximal map: sign(W) * max(|W| - threshold, 0) (NaN stays NaN)."""
+    return sign(w) * tl.maximum(tl.abs(w) - threshold, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def group_shrink(w, norm, threshold, row_len):
+    """Group lasso: W_r * max(0, 1 - threshold * sqrt(n_r) / ||W_r||); a row of norm 0 stays 0."""
+    nonzero = norm > 0
+    shrink = tl.div_rn(threshold * tl.sqrt_rn(row_len.to(tl.float32)), tl.where(nonzero, norm, 1.0))
+    return tl.where(nonzero, w * tl.maximum(1.0 - shrink, 0.0), 0.0)
+
+
+@triton.jit
+def piece_plan(prox, row_len, size, BLOCK: tl.constexpr):
+    """How a unit of ``size`` elements is stepped: ``(long_rows, step, span)``.
+
+    Pieces of ``step`` elements (BLOCK, or whole rows with group lasso when a
+    row fits a block: ``BLOCK // row_len`` of them), within spans of ``span``
+    elements (the whole unit, or one row when group-lasso rows are longer than
+    a block: ``long_rows``, each stepped after a first pass that only computes
+    ``||W_r||``)."""
+    group = prox == _PROX_GROUP_KIND
+    long_rows = group & (row_len > BLOCK)
+    step = tl.where(group & (row_len <= BLOCK), (BLOCK // row_len) * row_len, BLOCK)
+    span = tl.where(long_rows, row_len, tl.maximum(size, 1))
+    return long_rows, step, span
+
+
+@triton.jit
+def prox_map(w, prox, prox_lam_ptr, lr, norm, long_rows, i, inb, idx, r0, c0, row_len, BLOCK: tl.constexpr):
+    """The proximal map (threshold lr * prox_lam[r]) of one piece's updated,
+    masked W: kind 1 the soft threshold, kind 2 the group-lasso shrink, with
+    ``norm`` = ||W_r|| from the first pass for long rows, or, for pieces of
+    whole rows, each row's norm from a segmented scan gathered to the row."""
+    if prox == _PROX_L1_KIND:
+        threshold = lr * tl.load(prox_lam_ptr + rows_of(i, r0, c0, row_len), mask=inb)
+        w = soft_threshold(w, threshold)
+    elif prox == _PROX_GROUP_KIND:
+        # units of these tensors start on a row: c0 == 0
+        threshold = lr * tl.load(prox_lam_ptr + r0 + i // row_len, mask=inb)
+        if long_rows:
+            w = group_shrink(w, norm, threshold, row_len)
+        else:
+            # ||W_r||: the segmented scan's total at the row's last lane, gathered to the row
+            col = idx % row_len
+            _, sq = tl.associative_scan(((col == 0).to(tl.int32), tl.where(inb, w * w, 0.0)), 0,
+                                        segmented_sum)
+            sq = tl.gather(sq, tl.minimum(idx - col + row_len - 1, BLOCK - 1), 0)
+            w = group_shrink(w, tl.sqrt_rn(sq), threshold, row_len)
+    return w
+
+
+@triton.jit
+def clamped(meta, w, i, inb, start, r0, c0, row_len):
+    """The clamp, then the mask again (a clamp must not revive a pruned weight)."""
+    if tl.load(meta + _CLAMP) != 0:
+        w = tl.minimum(tl.maximum(w, column_f32(meta, _CLAMP_LO), propagate_nan=tl.PropagateNan.ALL),
+                       column_f32(meta, _CLAMP_HI), propagate_nan=tl.PropagateNan.ALL)
+        if tl.load(meta + _MASK_KIND) != 0:
+            w = w * keep_mask(meta, i, inb, start, r0, c0, row_len)
+    return w
+
+
+@triton.jit
+def zero_empty_row_norms(meta, norms_ptr, idx, BLOCK: tl.constexpr):
+    """Rows without elements (shape (R, 0)): their norms are 0."""
+    n_norms = tl.load(meta + _ROWS) * 3
+    for piece in range(0, n_norms, BLOCK):
+        tl.store(norms_ptr + piece + idx, 0.0, mask=piece + idx < n_norms)
+
+
+@triton.jit
+def store_row_norms(norms_ptr, stored, i, inb, idx, r0, row_len, carry_l1, carry_sq, BLOCK: tl.constexpr):
+    """(sum |W_r|, ||W_r||, mean |W_r|) of the stored W of one piece, written
+    at each row's last element; a row running past the piece continues from
+    ``(carry_l1, carry_sq)``. Units of these tensors start on a row (c0 == 0).
+    Returns the carries into the next piece."""
+    col = i % row_len
+    l1 = tl.where(inb, tl.abs(stored.to(tl.float32)), 0.0)
+    l1, sq = row_running_sums(l1, l1 * l1, col, carry_l1, carry_sq, idx)
+    out = norms_ptr + (r0 + i // row_len) * 3
+    tail = inb & (col == row_len - 1)
+    tl.store(out, l1, mask=tail)
+    tl.store(out + 1, tl.sqrt_rn(sq), mask=tail)
+    tl.store(out + 2, tl.div_rn(l1, row_len.to(tl.float32)), mask=tail)
+    return last_lane(l1, idx, BLOCK), last_lane(sq, idx, BLOCK)

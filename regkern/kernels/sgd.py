@@ -35,7 +35,9 @@ Hyper-parameters are runtime arguments (a new lr does not compile a new
 kernel); ``lr`` may be a 0-d tensor on the device, read by the kernel (no host
 sync). The regularizer terms are read from the table (the polarization
 coefficients from device memory, so they may change every step without a
-sync); an absent term is skipped by a branch on its table entry. Compile-time
+sync); an absent term is skipped by a branch on its table entry. The term
+math and the post-update part (gradient terms, mask, proximal maps, clamp,
+row norms) live in ``.common``, shared with the ``adam`` kernel. Compile-time
 constants are the storage dtype, the flags that change the code (momentum on,
 nesterov, maximize, lr / grad_scale / found_inf given) and ``BLOCK``. Math is
 fp32 whatever the storage, rounded op by op like the reference (no fma
@@ -56,11 +58,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from regkern.backend import (DTYPE_CODE, LAM_ELEMENT, LAM_NONE, LAM_ROW, MASK_ELEMENT, MASK_NONE, MASK_ROW,
+from regkern.layouts import (DTYPE_CODE, LAM_ELEMENT, LAM_NONE, LAM_ROW, MASK_ELEMENT, MASK_NONE, MASK_ROW,
                              SGD_COLUMN, SGD_FIELDS)
 
-from .common import (UNIT_FIELDS, column_f32, descent_grad, last_lane, load_grad_scale, place_amp_scalars,
-                     program_unit, row_origin, row_running_sums, segmented_sum, skip_step, tl_dtype, units_of)
+from .common import (UNIT_FIELDS, add_terms, clamped, descent_grad, keep_mask, load_grad_scale, piece_plan,
+                     place_amp_scalars, program_unit, prox_map, row_origin, skip_step, store_row_norms, tl_dtype,
+                     units_of, zero_empty_row_norms)
 from .table_checks import TableCheck, float_text
 
 # The regularizer terms of the contract this kernel computes (names as
@@ -77,57 +80,18 @@ PROX_KINDS = (PROX_NONE, PROX_L1, PROX_GROUP)    # PROX: none, element L1 (soft 
 MASK_KINDS = (MASK_NONE, MASK_ROW, MASK_ELEMENT)  # MASK_KIND: none, per row, per element
 LAM_KINDS = (LAM_NONE, LAM_ROW, LAM_ELEMENT)      # LAM_KIND: none, per row, per element
 
-# Columns of the metadata table, as compile-time constants for the kernel.
+# Columns of the metadata table, as compile-time constants for the kernel
+# (the regularizer terms' columns are read by the helpers of .common).
 _NUM_FIELDS = tl.constexpr(len(SGD_FIELDS))
 _PARAM = tl.constexpr(SGD_COLUMN["PARAM"])
 _GRAD = tl.constexpr(SGD_COLUMN["GRAD"])
 _BUF = tl.constexpr(SGD_COLUMN["BUF"])
-_LAM = tl.constexpr(SGD_COLUMN["LAM"])
-_MASK = tl.constexpr(SGD_COLUMN["MASK"])
 _MASK_KIND = tl.constexpr(SGD_COLUMN["MASK_KIND"])
 _NORMS = tl.constexpr(SGD_COLUMN["NORMS"])
 _ROW_LEN = tl.constexpr(SGD_COLUMN["ROW_LEN"])
-_ROWS = tl.constexpr(SGD_COLUMN["ROWS"])
 _FIRST = tl.constexpr(SGD_COLUMN["FIRST"])
-_L1 = tl.constexpr(SGD_COLUMN["L1"])
-_POLAR = tl.constexpr(SGD_COLUMN["POLAR"])
-_ADMM_TARGET = tl.constexpr(SGD_COLUMN["ADMM_TARGET"])
-_ADMM_RHO = tl.constexpr(SGD_COLUMN["ADMM_RHO"])
 _PROX = tl.constexpr(SGD_COLUMN["PROX"])
 _PROX_LAM = tl.constexpr(SGD_COLUMN["PROX_LAM"])
-_CLAMP = tl.constexpr(SGD_COLUMN["CLAMP"])
-_CLAMP_LO = tl.constexpr(SGD_COLUMN["CLAMP_LO"])
-_CLAMP_HI = tl.constexpr(SGD_COLUMN["CLAMP_HI"])
-_LAM_KIND = tl.constexpr(SGD_COLUMN["LAM_KIND"])
-_LAM_COLS = tl.constexpr(SGD_COLUMN["LAM_COLS"])
-_COL_LEN = tl.constexpr(SGD_COLUMN["COL_LEN"])
-_LAM_ELEMENT = tl.constexpr(LAM_ELEMENT)
-_MASK_ROW = tl.constexpr(MASK_ROW)
-_PROX_L1 = tl.constexpr(PROX_L1)
-_PROX_GROUP = tl.constexpr(PROX_GROUP)
-
-
-@triton.jit
-def _sign(x):
-    # torch.sign: -1, 0 or 1 (a zero keeps its sign bit, NaN stays NaN)
-    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x))
-
-
-@triton.jit
-def _rows_of(i, r0, c0, row_len):
-    """Row of element start + i: r0 + (c0 + i) // row_len (int32 math per element)."""
-    return r0 + (c0 + i) // row_len
-
-
-@triton.jit
-def _keep(meta, i, inb, start, r0, c0, row_len):
-    """The mask (row or element) of elements start + i, as fp32 0 or 1."""
-    mask_ptr = tl.load(meta + _MASK).to(tl.pointer_type(tl.int8))  # torch.bool: one byte, 0 or 1
-    if tl.load(meta + _MASK_KIND) == _MASK_ROW:
-        at = _rows_of(i, r0, c0, row_len)
-    else:
-        at = start + i
-    return tl.load(mask_ptr + at, mask=inb).to(tl.float32)
 
 
 @triton.jit
@@ -141,29 +105,7 @@ def _updated(meta, w_ptr, g_ptr, b_ptr, i, inb, start, r0, c0, row_len,
     d = descent_grad(g_ptr, i, inb, grad_scale, HAS_GRAD_SCALE, MAXIMIZE)
     if weight_decay != 0:
         d = d + weight_decay * w
-    lam = tl.load(meta + _LAM)
-    if lam != 0:
-        if tl.load(meta + _LAM_KIND) == _LAM_ELEMENT:
-            at = start + i
-        else:
-            at = _rows_of(i, r0, c0, row_len)
-        d = d + tl.load(lam.to(tl.pointer_type(tl.float32)) + at, mask=inb) * w
-    lam_cols = tl.load(meta + _LAM_COLS)
-    if lam_cols != 0:
-        # column (i % row_len) // col_len of element start + i (int32 math per element)
-        col = ((c0 + i) % row_len) // tl.load(meta + _COL_LEN).to(tl.int32)
-        d = d + tl.load(lam_cols.to(tl.pointer_type(tl.float32)) + col, mask=inb) * w
-    l1 = tl.load(meta + _L1)
-    if l1 != 0:
-        d = d + tl.load(l1.to(tl.pointer_type(tl.float32)) + _rows_of(i, r0, c0, row_len), mask=inb) * _sign(w)
-    polar = tl.load(meta + _POLAR)
-    if polar != 0:
-        p = polar.to(tl.pointer_type(tl.float32))  # (lam, t, m, s), written on the device
-        d = d + tl.load(p) * (tl.load(p + 1) * _sign(w) - _sign(w - tl.load(p + 2)) + tl.load(p + 3))
-    target = tl.load(meta + _ADMM_TARGET)
-    if target != 0:
-        z = tl.load(target.to(tl.pointer_type(DTYPE)) + start + i, mask=inb).to(tl.float32)
-        d = d + column_f32(meta, _ADMM_RHO) * (w - z)
+    d = add_terms(meta, d, w, i, inb, start, r0, c0, row_len, DTYPE)
     if MOMENTUM:
         if first:
             b = d
@@ -178,30 +120,11 @@ def _updated(meta, w_ptr, g_ptr, b_ptr, i, inb, start, r0, c0, row_len,
         s = d
     w = w - lr * s
     if tl.load(meta + _MASK_KIND) != 0:
-        keep = _keep(meta, i, inb, start, r0, c0, row_len)
+        keep = keep_mask(meta, i, inb, start, r0, c0, row_len)
         w = w * keep
         if MOMENTUM:
             b = b * keep
     return w, b
-
-
-@triton.jit
-def _group_shrink(w, norm, threshold, row_len):
-    """Group lasso: W_r * max(0, 1 - threshold * sqrt(n_r) / ||W_r||); a row of norm 0 stays 0."""
-    nonzero = norm > 0
-    shrink = tl.div_rn(threshold * tl.sqrt_rn(row_len.to(tl.float32)), tl.where(nonzero, norm, 1.0))
-    return tl.where(nonzero, w * tl.maximum(1.0 - shrink, 0.0), 0.0)
-
-
-@triton.jit
-def _clamped(meta, w, i, inb, start, r0, c0, row_len):
-    """The clamp, then the mask again (a clamp must not revive a pruned weight)."""
-    if tl.load(meta + _CLAMP) != 0:
-        w = tl.minimum(tl.maximum(w, column_f32(meta, _CLAMP_LO), propagate_nan=tl.PropagateNan.ALL),
-                       column_f32(meta, _CLAMP_HI), propagate_nan=tl.PropagateNan.ALL)
-        if tl.load(meta + _MASK_KIND) != 0:
-            w = w * _keep(meta, i, inb, start, r0, c0, row_len)
-    return w
 
 
 @triton.jit
@@ -231,10 +154,7 @@ def _sgd_kernel(
     idx = tl.arange(0, BLOCK)
 
     if (norms != 0) & (row_len == 0):
-        # rows without elements (shape (R, 0)): their norms are 0
-        n_norms = tl.load(meta + _ROWS) * 3
-        for piece in range(0, n_norms, BLOCK):
-            tl.store(norms_ptr + piece + idx, 0.0, mask=piece + idx < n_norms)
+        zero_empty_row_norms(meta, norms_ptr, idx, BLOCK)
 
     # Element start + i lies in row r0 + (c0 + i) // row_len (int32 math per element).
     r0, c0, row_len = row_origin(start, row_len)
@@ -243,9 +163,7 @@ def _sgd_kernel(
     # Pieces of BLOCK elements. With group lasso (units start on a row: c0 == 0),
     # rows up to BLOCK long are stepped whole rows per piece, and longer rows one
     # row at a time (span), each after a first pass that only computes ||W_r||.
-    long_rows = (prox == _PROX_GROUP) & (row_len > BLOCK)
-    step = tl.where((prox == _PROX_GROUP) & (row_len <= BLOCK), (BLOCK // row_len) * row_len, BLOCK)
-    span = tl.where(long_rows, row_len, tl.maximum(size, 1))
+    long_rows, step, span = piece_plan(prox, row_len, size, BLOCK)
     carry_l1 = 0.0  # norms: sums of the row that the previous piece left unfinished
     carry_sq = 0.0
     for row_start in range(0, size, span):
@@ -267,38 +185,15 @@ def _sgd_kernel(
             w, b = _updated(meta, w_ptr, g_ptr, b_ptr, i, inb, start, r0, c0, row_len,
                             lr, momentum, keep_d, weight_decay, grad_scale, first,
                             DTYPE, MOMENTUM, NESTEROV, MAXIMIZE, HAS_GRAD_SCALE)
-            if prox == _PROX_L1:
-                threshold = lr * tl.load(prox_lam_ptr + _rows_of(i, r0, c0, row_len), mask=inb)
-                w = _sign(w) * tl.maximum(tl.abs(w) - threshold, 0.0, propagate_nan=tl.PropagateNan.ALL)
-            elif prox == _PROX_GROUP:
-                threshold = lr * tl.load(prox_lam_ptr + r0 + i // row_len, mask=inb)
-                if long_rows:
-                    w = _group_shrink(w, norm, threshold, row_len)
-                else:
-                    # ||W_r||: the segmented scan's total at the row's last lane, gathered to the row
-                    col = idx % row_len
-                    _, sq = tl.associative_scan(((col == 0).to(tl.int32), tl.where(inb, w * w, 0.0)), 0,
-                                                segmented_sum)
-                    sq = tl.gather(sq, tl.minimum(idx - col + row_len - 1, BLOCK - 1), 0)
-                    w = _group_shrink(w, tl.sqrt_rn(sq), threshold, row_len)
-            w = _clamped(meta, w, i, inb, start, r0, c0, row_len)
+            w = prox_map(w, prox, prox_lam_ptr, lr, norm, long_rows, i, inb, idx, r0, c0, row_len, BLOCK)
+            w = clamped(meta, w, i, inb, start, r0, c0, row_len)
             stored = w.to(DTYPE)
             tl.store(w_ptr + i, stored, mask=inb)
             if MOMENTUM:
                 tl.store(b_ptr + i, b.to(DTYPE), mask=inb)
-
             if norms != 0:
-                # units of these tensors start on a row: c0 == 0
-                col = i % row_len
-                l1 = tl.where(inb, tl.abs(stored.to(tl.float32)), 0.0)
-                l1, sq = row_running_sums(l1, l1 * l1, col, carry_l1, carry_sq, idx)
-                out = norms_ptr + (r0 + i // row_len) * 3
-                tail = inb & (col == row_len - 1)
-                tl.store(out, l1, mask=tail)
-                tl.store(out + 1, tl.sqrt_rn(sq), mask=tail)
-                tl.store(out + 2, tl.div_rn(l1, row_len.to(tl.float32)), mask=tail)
-                carry_l1 = last_lane(l1, idx, BLOCK)
-                carry_sq = last_lane(sq, idx, BLOCK)
+                carry_l1, carry_sq = store_row_norms(norms_ptr, stored, i, inb, idx, r0, row_len,
+                                                     carry_l1, carry_sq, BLOCK)
 
 
 def check_table(table: Tensor, dtype: Optional[torch.dtype] = None, momentum: float = 0.0,
@@ -311,7 +206,13 @@ def check_table(table: Tensor, dtype: Optional[torch.dtype] = None, momentum: fl
     would ignore, NaN or crossed clamp bounds (these two only when ``full``:
     ``build_units`` reads kinds, flags and sizes). The same checks as the C++
     kernel's (csrc/sgd.cpp, check_row), on a CPU copy of the table."""
-    c = TableCheck(table, "sgd", "regkern.backend.build_sgd_table", SGD_COLUMN, full)
+    check_columns(TableCheck(table, "sgd", "regkern.backend.build_sgd_table", SGD_COLUMN, full), dtype, momentum)
+
+
+def check_columns(c: TableCheck, dtype: Optional[torch.dtype] = None, momentum: float = 0.0) -> None:
+    """The checks of :func:`check_table` on a table under check ``c``: its sgd
+    columns (SGD_FIELDS; the adam table starts with the same columns, and the
+    adam kernel checks them here)."""
     c.rows_cover()
     c.one_of("DTYPE", tuple(DTYPE_CODE.values()), "0 float32, 1 bfloat16, 2 float16")
     if dtype is not None:
@@ -334,7 +235,7 @@ def check_table(table: Tensor, dtype: Optional[torch.dtype] = None, momentum: fl
         c.present(ptr, elements & (kinds != 0), lambda r, kind=kind, kinds=kinds: f"{kind} {int(kinds[r])}")
     prox = c["PROX"]
     c.present("PROX_LAM", elements & (prox != PROX_NONE), lambda r: f"PROX {int(prox[r])}")
-    if full:
+    if c.full:
         clamped = c["CLAMP"] != 0
         lo, hi = c.floats("CLAMP_LO"), c.floats("CLAMP_HI")
         c.refuse(clamped & lo.isnan(), "CLAMP_LO", "but a clamp bound cannot be NaN", lo)
@@ -365,6 +266,15 @@ def build_units(table: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
         raise ValueError(f"chunk must be positive, got {chunk}.")
     table = table.cpu()
     check_table(table, full=False)
+    return work_units(table, chunk)
+
+
+def work_units(table: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """:func:`build_units` of a CPU table already checked: it reads only the
+    sgd columns NUMEL, ROW_LEN, ROWS, NORMS and PROX (the adam kernel's work
+    list comes from here too)."""
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, got {chunk}.")
     numel = table[:, SGD_COLUMN["NUMEL"]]
     row_len = table[:, SGD_COLUMN["ROW_LEN"]]
     rows = table[:, SGD_COLUMN["ROWS"]]
