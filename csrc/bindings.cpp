@@ -6,11 +6,13 @@
 #include <cstdint>
 #include <iterator>
 
+#include "adam.h"
 #include "admm.h"
 #include "common/dtype.h"
 #include "common/isa.h"
 #include "rda.h"
 #include "sgd.h"
+#include "adam_table.h"
 #include "admm_table.h"
 #include "rda_table.h"
 #include "sgd_table.h"
@@ -21,6 +23,15 @@ namespace py = pybind11;
 namespace {
 // SUPPORTED_TERMS of the sgd kernel (sgd_kernel.h, each tested in tests/test_sgd_cpp.py).
 constexpr const char* kSgdSupportedTerms[] = {"l1", "polar", "admm", "prox", "clamp"};
+// ADAM_TERMS: the same terms in the adam kernel (adam_kernel.h, tests/test_adam_cpp.py).
+constexpr const char* kAdamSupportedTerms[] = {"l1", "polar", "admm", "prox", "clamp"};
+
+template <std::size_t N>
+py::tuple str_tuple(const char* const (&items)[N]) {
+  py::tuple out(N);
+  for (std::size_t i = 0; i < N; ++i) out[i] = py::str(items[i]);
+  return out;
+}
 
 // Refuse a table built for another column layout than this build's.
 void check_admm_fields(const char* which, int got, int expected) {
@@ -74,6 +85,27 @@ PYBIND11_MODULE(_C, m) {
       "One fused SGD step over every tensor of the int64 metadata table at `table_ptr` "
       "([num_tensors, len(SGD_FIELDS)], see regkern.backend.build_sgd_table). The table is "
       "checked before anything is written (TableError names a refused row and column).");
+
+  m.def(
+      "adam_step",
+      [](int64_t table_ptr, int64_t num_tensors, double lr, double beta1, double beta2, double eps,
+         double weight_decay, double decay, bool amsgrad, bool maximize, bool coupled, double grad_scale,
+         int num_threads) {
+        py::gil_scoped_release release;
+        regkern::adam_step(reinterpret_cast<const int64_t*>(table_ptr), num_tensors, lr, beta1, beta2, eps,
+                           weight_decay, decay, amsgrad, maximize, coupled, grad_scale, num_threads);
+      },
+      py::arg("table_ptr"), py::arg("num_tensors"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
+      py::arg("eps"), py::arg("weight_decay"), py::arg("decay"), py::arg("amsgrad"), py::arg("maximize"),
+      py::arg("coupled"), py::arg("grad_scale"), py::arg("num_threads"),
+      "One fused Adam / AdamW step (regkern.reference.adam_step) over every tensor of the int64 "
+      "metadata table at `table_ptr` ([num_tensors, len(ADAM_FIELDS)], see "
+      "regkern.backend.build_adam_table); increments every STEP. The table is checked before "
+      "anything is written (TableError names a refused row and column).");
+
+  m.def("_adam_sqrt", [] { return regkern::detail::torch_vml_sqrt() != nullptr ? "mkl" : "ieee"; },
+        "The fp32 sqrt adam_step uses, torch's own (testing): 'mkl' (MKL's vmsSqrt found in the "
+        "loaded libtorch_cpu, as torch's CPU sqrt uses it) or 'ieee' (correctly rounded).");
 
   m.def("isa", &regkern::active_isa,
         "Instruction-set variant the kernels run: 'avx512f', 'avx2' or 'default'.");
@@ -177,6 +209,14 @@ PYBIND11_MODULE(_C, m) {
       "Raise TableError (a ValueError naming the row, the column and the value) where sgd_step would "
       "refuse the table for a step with this momentum; writes nothing.");
   m.def(
+      "check_adam_table",
+      [](int64_t table_ptr, int64_t num_tensors, bool amsgrad) {
+        regkern::adam_check_table(reinterpret_cast<const int64_t*>(table_ptr), num_tensors, amsgrad);
+      },
+      py::arg("table_ptr"), py::arg("num_tensors"), py::arg("amsgrad"),
+      "Raise TableError (a ValueError naming the row, the column and the value) where adam_step would "
+      "refuse the table for a step with this amsgrad; writes nothing.");
+  m.def(
       "check_rda_table",
       [](int64_t table_ptr, int64_t num_tensors, int num_fields) {
         if (num_fields != regkern::rda_num_fields())
@@ -205,6 +245,7 @@ PYBIND11_MODULE(_C, m) {
       "Raise TableError where sas_admm_step would refuse the table; writes nothing.");
 
   m.attr("SGD_FIELDS") = names_tuple(regkern::sgd_col::NAMES, regkern::sgd_col::NUM_FIELDS);
+  m.attr("ADAM_FIELDS") = names_tuple(regkern::adam_col::NAMES, regkern::adam_col::NUM_FIELDS);
   m.attr("RDA_FIELDS") = names_tuple(regkern::rda_col::NAMES, regkern::rda_col::NUM_FIELDS);
   m.attr("ZU_FIELDS") = names_tuple(regkern::zu_col::NAMES, regkern::zu_col::NUM_FIELDS);
   m.attr("SAS_FIELDS") = names_tuple(regkern::sas_col::NAMES, regkern::sas_col::NUM_FIELDS);
@@ -214,4 +255,6 @@ PYBIND11_MODULE(_C, m) {
   py::tuple terms(std::size(kSgdSupportedTerms));
   for (std::size_t i = 0; i < std::size(kSgdSupportedTerms); ++i) terms[i] = py::str(kSgdSupportedTerms[i]);
   m.attr("SGD_TERMS") = terms;
+  // Regularizer terms adam_step computes (same names).
+  m.attr("ADAM_TERMS") = str_tuple(kAdamSupportedTerms);
 }

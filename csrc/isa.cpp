@@ -44,7 +44,8 @@ const bool* supported() {
     table[kAvx512f] = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                       __builtin_cpu_supports("f16c");
-    table[kAvx2] = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    table[kAvx2] = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
     return true;
   }();
   (void)probed;

@@ -11,7 +11,7 @@
 // the group-lasso prox (a row is then stepped by one thread; a row longer
 // than a share simply makes that share longer). Results do not depend on the
 // split: row norms (and group-lasso row norms) are summed in blocks whose
-// boundaries are fixed per tensor (sgd_kernel.h).
+// boundaries are fixed per tensor (common/term_math.h).
 #include "sgd.h"
 
 #include <algorithm>
@@ -26,48 +26,6 @@
 #include "common/work_split.h"
 #include "sgd_table.h"
 #include "table_check.h"
-
-namespace regkern {
-namespace detail {
-
-constexpr int64_t kBlock = 1024;          // elements per inner block (fits L1)
-constexpr int64_t kPiece16 = 128;         // elements per piece: bf16/fp16 conversions, two-pass terms
-constexpr int64_t kShortRow = 16;         // rows shorter than this: scalar norm sums
-constexpr int64_t kLongRow = 64;          // rows this long: per-row values passed per row piece
-// Group lasso (PROX 2) needs a whole updated row before it can scale it. Rows
-// up to kRowBuf elements are updated into a per-thread fp32 buffer (fp32
-// storage: into W itself, still in cache), reduced, scaled, then stored once;
-// short rows are taken kChunk elements' worth at a time. Longer rows take a
-// second pass over memory (sgd_kernel.h, TermsStep::run).
-constexpr int64_t kRowBuf = 65536;
-constexpr int64_t kChunk = 4096;
-
-// Read-only stand-ins for absent per-element streams of the general path.
-alignas(64) static const float kZeros[kBlock] = {};
-alignas(64) static const uint8_t kZeroBytes[kBlock] = {};
-
-// Per-thread work space of the general path (TermsStep), allocated on a
-// thread's first use of it (~330 KB) and kept for the thread's lifetime.
-struct TermScratch {
-  alignas(64) float lam[kBlock];
-  alignas(64) float l1[kBlock];
-  alignas(64) float lamc[kBlock];
-  alignas(64) float plam[kBlock];
-  alignas(64) float d[kBlock];
-  alignas(64) float gs[kBlock];
-  alignas(64) float x[kBlock];
-  alignas(64) float rsx[kBlock];
-  alignas(64) uint32_t rkx[kBlock];
-  alignas(64) uint8_t keep[kBlock];
-  alignas(64) float rs[kChunk];
-  alignas(64) uint32_t rk[kChunk];
-  alignas(64) float row[kRowBuf];
-};
-
-TermScratch* term_scratch();
-
-}  // namespace detail
-}  // namespace regkern
 
 // The piece temporaries of fused16 are filled by loops GCC cannot bound.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -103,8 +61,17 @@ namespace {
 // LAM_COLS, L1, PROX_LAM, POLAR's lam and t; the per-element LAM is W-sized
 // and not read here). Only per-row vectors of tensors with elements are read.
 void check_row(const int64_t* row, int64_t index, bool momentum) {
+  check_sgd_columns(table_check::Row("sgd", "regkern.backend.build_sgd_table", sgd_col::NAMES, row, index),
+                    momentum);
+}
+
+// A row that check_row accepted.
+TensorDesc decode(const int64_t* row) { return decode_sgd_columns(row); }
+
+}  // namespace
+
+void check_sgd_columns(const table_check::Row& r, bool momentum) {
   namespace c = sgd_col;
-  const table_check::Row r("sgd", "regkern.backend.build_sgd_table", c::NAMES, row, index);
   r.rows_cover(c::NUMEL, c::ROWS, c::ROW_LEN);
   r.dtype(c::DTYPE);
   r.flag(c::FIRST);
@@ -151,8 +118,7 @@ void check_row(const int64_t* row, int64_t index, bool momentum) {
   if (r[c::POLAR] != 0) r.finite(c::POLAR, reinterpret_cast<const float*>(r[c::POLAR]), 2);  // lam, t
 }
 
-// A row that check_row accepted.
-TensorDesc decode(const int64_t* row) {
+TensorDesc decode_sgd_columns(const int64_t* row) {
   namespace c = sgd_col;
   TensorDesc t;
   t.w = reinterpret_cast<void*>(row[c::PARAM]);
@@ -189,7 +155,6 @@ TensorDesc decode(const int64_t* row) {
   return t;
 }
 
-}  // namespace
 }  // namespace detail
 
 void sgd_check_table(const int64_t* table, int64_t num_tensors, double momentum) {

@@ -7,6 +7,10 @@
 
 namespace regkern {
 
+namespace table_check {
+class Row;
+}
+
 // One fused SGD step over every tensor of the metadata table (sgd_table.h).
 // Runs on up to `num_threads` OpenMP threads; call it without the GIL.
 void sgd_step(const int64_t* table, int64_t num_tensors, double lr, double momentum,
@@ -52,6 +56,52 @@ struct TensorDesc {
   bool terms;             // any of the above: the general path (sgd_kernel.h, TermsStep)
   bool row_cuts;          // thread cuts must fall on row boundaries (norms or group lasso)
 };
+
+// The sgd table's own columns, shared with the families whose tables start
+// with them (adam: adam_table.h): the checks of sgd.cpp's check_row on row
+// `r` (whose family, builder and names are the caller's), and the decode of
+// a row those checks accepted.
+void check_sgd_columns(const table_check::Row& r, bool momentum);
+TensorDesc decode_sgd_columns(const int64_t* row);
+
+// Sizes of the general path's blocks and pieces (term_math.h, TermRunner),
+// shared by every family that steps regularizer terms (sgd, adam).
+constexpr int64_t kBlock = 1024;          // elements per inner block (fits L1)
+constexpr int64_t kPiece16 = 128;         // elements per piece: bf16/fp16 conversions, two-pass terms
+constexpr int64_t kShortRow = 16;         // rows shorter than this: scalar norm sums
+constexpr int64_t kLongRow = 64;          // rows this long: per-row values passed per row piece
+// Group lasso (PROX 2) needs a whole updated row before it can scale it. Rows
+// up to kRowBuf elements are updated into a per-thread fp32 buffer (fp32
+// storage: into W itself, still in cache), reduced, scaled, then stored once;
+// short rows are taken kChunk elements' worth at a time. Longer rows take a
+// second pass over memory (term_math.h, TermRunner::run).
+constexpr int64_t kRowBuf = 65536;
+constexpr int64_t kChunk = 4096;
+
+// Read-only stand-ins for absent per-element streams of the general path.
+alignas(64) inline const float kZeros[kBlock] = {};
+alignas(64) inline const uint8_t kZeroBytes[kBlock] = {};
+
+// Per-thread work space of the general path (TermRunner), allocated on a
+// thread's first use of it (~330 KB) and kept for the thread's lifetime;
+// shared by the families (one call runs one family at a time per thread).
+struct TermScratch {
+  alignas(64) float lam[kBlock];
+  alignas(64) float l1[kBlock];
+  alignas(64) float lamc[kBlock];
+  alignas(64) float plam[kBlock];
+  alignas(64) float d[kBlock];
+  alignas(64) float gs[kBlock];
+  alignas(64) float x[kBlock];
+  alignas(64) float rsx[kBlock];
+  alignas(64) uint32_t rkx[kBlock];
+  alignas(64) uint8_t keep[kBlock];
+  alignas(64) float rs[kChunk];
+  alignas(64) uint32_t rk[kChunk];
+  alignas(64) float row[kRowBuf];
+};
+
+TermScratch* term_scratch();
 
 // Per-ISA entry points (sgd_kernel.h, compiled once per variant in sgd.cpp).
 struct IsaKernels {
