@@ -12,9 +12,10 @@ from typing import Optional, Sequence
 
 def _add_bench(commands) -> None:
     from regkern.bench import sgd
+    from regkern.bench import adam  # noqa: F401  (registers the adam table before the options are built)
 
     parser = commands.add_parser(
-        "bench", help="time the fused regularized SGD steps against PyTorch",
+        "bench", help="time the fused regularized SGD and AdamW steps against PyTorch",
         description=(
             "Time one optimizer step on the parameter shapes of real networks "
             "(ResNet-56/CIFAR, ResNet-50/ImageNet, ViT-B/16, single 16M and 64M tensors) "
@@ -29,7 +30,12 @@ def _add_bench(commands) -> None:
             "against (a) what users run today (the proximal map as torch ops after the step, the official "
             "network-slimming loop, the polarization loss term with backward and clamp loop, the ADMM "
             "loop) with torch.optim.SGD(foreach=True), (c) torch.compile of the same math (prox-l1, "
-            "group-lasso), (d) and the floors at that regularizer's bytes. Prints the median step time, its interquartile range "
+            "group-lasso), (d) and the floors at that regularizer's bytes. The adam table (--regularizers adam; "
+            "default shapes resnet56, resnet50, tensor16m) times regkern.AdamW with RowL2 (decoupled; also "
+            "coupled, and without a regularizer) against (a) the loop grad += lam*W then "
+            "torch.optim.AdamW(foreach=True), (b) the same with fused=True, (c) torch.compile of the loop and "
+            "the AdamW update, (d) torch.optim.AdamW(fused=True) without the penalty, and the floors at an "
+            "Adam step's bytes (read W, grad, m, v, lam; write W, m, v). Prints the median step time, its interquartile range "
             "and minimum, and each row's ratio to regkern."))
     sgd.add_arguments(parser)
     parser.set_defaults(func=sgd.main)

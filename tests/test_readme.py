@@ -14,6 +14,13 @@ def python_blocks():
     return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 
+def block_with(text: str) -> str:
+    """The one README python block that contains ``text``."""
+    found = [b for b in python_blocks() if text in b]
+    assert len(found) == 1, f"{len(found)} README blocks contain {text!r}"
+    return found[0]
+
+
 def run(code: str, scope: dict) -> dict:
     exec(compile(code, str(README), "exec"), scope)
     return scope
@@ -37,7 +44,15 @@ def test_usage_example_runs():
 
 
 def test_groups_and_slicing_example_runs():
-    scope = run(python_blocks()[2], {})
+    scope = run(block_with("slice_model"), {})
     model, summary = scope["model"], scope["summary"]
     assert (model[0].out_channels, model[3].out_channels, model[8].in_features) == (8, 16, 16)
     assert summary.params_after < summary.params_before
+
+
+def test_adamw_example_runs():
+    scope = run(block_with("regkern.AdamW"), {})
+    opt, layer = scope["opt"], scope["layer"]
+    norms = opt.state[layer.weight]["row_norms"][:, 1]
+    assert norms[:8].max() < 0.5 * norms[8:].min()  # the penalized rows shrank at lr * lam per step
+    assert opt.state[layer.weight]["exp_avg"].shape == (32, 64)
