@@ -95,9 +95,8 @@ class SGD(RegularizedOptimizer):
                             weight_decay=group["weight_decay"], maximize=group["maximize"],
                             grad_scale=grad_scale)
             cached.mark_written(cached.fast_params)
-            for p, buf, first in zip(cached.fast_params, cached.bufs, cached.firsts):
-                if first:
-                    self.state[p]["momentum_buffer"] = buf
+            for p, buf in cached.new_bufs:
+                self.state[p]["momentum_buffer"] = buf
             if cached.torch_params:
                 sgd_with_torch_ops(cached.torch_params, [self.state[p] for p in cached.torch_params], group,
                                    grad_scale)
@@ -128,6 +127,7 @@ class _GroupPlan(CachedPlan):
         bufs = [st.get("momentum_buffer") for st in states] if self.momentum else [None] * len(params)
         self.firsts = [self.momentum and b is None for b in bufs]
         self.bufs = [torch.empty_like(p) if first else b for p, b, first in zip(params, bufs, self.firsts)]
+        self.new_bufs = [(p, b) for p, b, first in zip(params, self.bufs, self.firsts) if first]  # saved after the step
         self.differentiable = differentiable
         self.regularizer = group["regularizer"]
         options = step_options(group["regularizer"])
