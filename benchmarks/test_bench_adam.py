@@ -6,7 +6,7 @@ same weights after a step. They never assert a time. Run::
     pytest benchmarks/test_bench_adam.py
 
 (the micro-benchmarks of ``test_bench_sgd.py`` include the adam table's
-regkern and loop rows on resnet56 and resnet50, via ``bench.SUITES``).
+regkern and loop rows on resnet56 and resnet50, via ``harness.SUITES``).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from regkern.bench import adam
-from regkern.bench import sgd as bench
+from regkern.bench import harness as bench
 from regkern.bench.shapes import ParamShape
 
 TINY = [ParamShape("conv.weight", (8, 4, 3, 3), True),

@@ -18,7 +18,9 @@ import functools
 import pytest
 import torch
 
-from regkern.bench import sgd as bench
+from regkern.bench import cli  # noqa: F401  (imports every suite module: bench.SUITES lists all tables)
+from regkern.bench import harness as bench
+from regkern.bench import sgd
 from regkern.bench.shapes import shape_set
 
 SHAPES = ["resnet56", "resnet50", "tensor16m"]
@@ -36,9 +38,9 @@ def _torch_sgd(flag: str):
 
 
 ROWS = {
-    "regkern": bench.regkern_sgd,                        # fused step with RowL2
-    "loop+foreach": bench.loop_foreach,                  # official grad += lam*W, then foreach
-    "loop+fused": bench.loop_fused,                      # official grad += lam*W, then fused
+    "regkern": sgd.regkern_sgd,                          # fused step with RowL2
+    "loop+foreach": sgd.loop_foreach,                    # official grad += lam*W, then foreach
+    "loop+fused": sgd.loop_fused,                        # official grad += lam*W, then fused
     "torch-foreach": _torch_sgd("foreach"),              # no penalty
     "torch-fused": _torch_sgd("fused"),                  # no penalty
 }

@@ -11,8 +11,7 @@ from typing import Optional, Sequence
 
 
 def _add_bench(commands) -> None:
-    from regkern.bench import sgd
-    from regkern.bench import adam  # noqa: F401  (registers the adam table before the options are built)
+    from regkern.bench import cli  # imports every suite, so that the options list them all
 
     parser = commands.add_parser(
         "bench", help="time the fused regularized SGD and AdamW steps against PyTorch",
@@ -37,8 +36,8 @@ def _add_bench(commands) -> None:
             "the AdamW update, (d) torch.optim.AdamW(fused=True) without the penalty, and the floors at an "
             "Adam step's bytes (read W, grad, m, v, lam; write W, m, v). Prints the median step time, its interquartile range "
             "and minimum, and each row's ratio to regkern."))
-    sgd.add_arguments(parser)
-    parser.set_defaults(func=sgd.main)
+    cli.add_arguments(parser)
+    parser.set_defaults(func=cli.main)
 
 
 def _add_demo(commands) -> None:

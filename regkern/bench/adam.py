@@ -33,9 +33,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from regkern.bench import sgd
-from regkern.bench.regularizers import RegularizerCase, _backend_note
-from regkern.bench.sgd import Case, Context, Prepared, Unavailable, row
+from regkern.bench.harness import (Case, Context, Prepared, RegularizerCase, Unavailable, backend_note, greg_loop,
+                                   memory_floor, memory_floor_in_place, prepare_compiled, row, suite)
 
 ADAM_LR = 1e-3
 BETAS = (0.9, 0.999)
@@ -69,7 +68,7 @@ def _case(case: Case) -> Optional[Case]:
     return AdamCase(case, "adam", what, list(case.reg), "conv/linear weights", lam_bytes)
 
 
-sgd.suite("adam", "AdamW with per-row L2 (RowL2, decoupled) on conv/linear weights", _case, DEFAULT_SHAPES)
+suite("adam", "AdamW with per-row L2 (RowL2, decoupled) on conv/linear weights", _case, DEFAULT_SHAPES)
 
 
 # --------------------------------------------------------------------------- regkern rows
@@ -96,7 +95,7 @@ def _regkern_adamw(regularized: bool, coupling: str = "decoupled"):
             opt.step()  # creates the moments; the note can then say where the tensors went
         except AttributeError as e:  # regkern._C built without the adam family
             raise Unavailable(f"C++ Adam kernel missing ({e}); try --backend reference") from None
-        return Prepared(step=opt.step, note=_backend_note(case, ctx, opt, []), keep=(params, opt))
+        return Prepared(step=opt.step, note=backend_note(case, ctx, opt, []), keep=(params, opt))
     return prepare
 
 
@@ -115,7 +114,7 @@ def _loop_then(fused: bool):
         params = case.fresh_params()
         flag = {"fused": True} if fused else {"foreach": True}
         opt = torch.optim.AdamW(params, **HYPER, **flag)
-        add_penalty = sgd._greg_loop(case, params)
+        add_penalty = greg_loop(case, params)
 
         def step() -> None:
             add_penalty()
@@ -160,7 +159,7 @@ def adamw_step_math(params: List[Tensor], grads: List[Tensor], bufs: List[Tensor
 def compiled_adamw(case: Case, ctx: Context) -> Prepared:
     exp_avg_sqs = [torch.zeros_like(w) for w in case.weights]
     t = torch.zeros((), dtype=torch.float32, device=case.device)
-    return sgd.prepare_compiled(case, ctx, adamw_step_math, (exp_avg_sqs, case.lam_views(), t))
+    return prepare_compiled(case, ctx, adamw_step_math, (exp_avg_sqs, case.lam_views(), t))
 
 
 @row("d", "(d) AdamW fused, no regularizer", regularizer="adam")
@@ -171,5 +170,5 @@ def torch_fused(case: Case, ctx: Context) -> Prepared:
     return Prepared(step=opt.step, keep=(params, opt))
 
 
-row("floor", "(e) memory floor, copy", regularizer="adam")(sgd.memory_floor)
-row("floor-rmw", "(e2) memory floor, x += y", regularizer="adam")(sgd.memory_floor_in_place)
+row("floor", "(e) memory floor, copy", regularizer="adam")(memory_floor)
+row("floor-rmw", "(e2) memory floor, x += y", regularizer="adam")(memory_floor_in_place)

@@ -26,12 +26,12 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from regkern.bench import sgd
-from regkern.bench.regularizers import DEFAULT_SHAPES, RegularizerCase, _backend_note
-from regkern.bench.sgd import Case, Context, Prepared, Unavailable, row
+from regkern.bench.harness import (Case, Context, Prepared, RegularizerCase, Unavailable, backend_note, memory_floor,
+                                   memory_floor_in_place, prepare_compiled, row, suite)
 
 RDA_LR = 0.1      # lr = 1 / gamma
 RDA_LAM = 1e-4    # L1 strength on the conv/linear weights (0 on the rest)
+DEFAULT_SHAPES = ("resnet56", "resnet50")  # as the other regularizers' tables
 
 
 class RDACase(RegularizerCase):
@@ -58,8 +58,8 @@ def _case(case: Case) -> Optional[Case]:
                    list(case.reg), "conv/linear weights", 0)
 
 
-sgd.suite("rda", "L1 regularized dual averaging (RDA, element) on conv/linear weights, lam=0 on the rest",
-          _case, DEFAULT_SHAPES)
+suite("rda", "L1 regularized dual averaging (RDA, element) on conv/linear weights, lam=0 on the rest",
+      _case, DEFAULT_SHAPES)
 
 
 def _lams(case: Case) -> List[float]:
@@ -80,7 +80,7 @@ def regkern_rda(case: Case, ctx: Context) -> Prepared:
         groups.append({"params": [params[i] for i in case.plain], "lam": 0.0})
     opt = rda_class(groups, lr=RDA_LR, group=False, backend=ctx.backend)
     opt.step()  # first step creates the state (W0 = W); the note can then say where tensors went
-    return Prepared(step=opt.step, note=_backend_note(case, ctx, opt, []), keep=(params, opt))
+    return Prepared(step=opt.step, note=backend_note(case, ctx, opt, []), keep=(params, opt))
 
 
 def _rda_state(params: List[Tensor]):
@@ -134,8 +134,8 @@ def compiled_rda(case: Case, ctx: Context) -> Prepared:
     gbars = [torch.zeros_like(w, dtype=torch.float32) for w in case.weights]
     w0s = [w.float().clone() for w in case.weights]
     t = torch.zeros((), dtype=torch.float32, device=case.device)
-    return sgd.prepare_compiled(case, ctx, rda_step_math, (gbars, w0s, _lams(case), t))
+    return prepare_compiled(case, ctx, rda_step_math, (gbars, w0s, _lams(case), t))
 
 
-row("floor", "(e) memory floor, copy", regularizer="rda")(sgd.memory_floor)
-row("floor-rmw", "(e2) memory floor, x += y", regularizer="rda")(sgd.memory_floor_in_place)
+row("floor", "(e) memory floor, copy", regularizer="rda")(memory_floor)
+row("floor-rmw", "(e2) memory floor, x += y", regularizer="rda")(memory_floor_in_place)

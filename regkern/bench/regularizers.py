@@ -2,7 +2,7 @@
 --regularizers ...``).
 
 One table per regularizer and shape set, timed by the same runner as the GReg
-table (``sgd.run_case``). Every row starts from copies of the same master
+table (``harness.run_case``). Every row starts from copies of the same master
 tensors and does the same work: the regularized set below gets the
 regularizer, every other parameter is in a plain group (plain SGD with
 momentum and weight decay) in every row.
@@ -44,8 +44,9 @@ import torch
 from torch import Tensor
 
 import regkern
-from regkern.bench import sgd
-from regkern.bench.sgd import LR, MOMENTUM, WEIGHT_DECAY, Case, Context, Prepared, Unavailable, row
+from regkern.bench.harness import (LR, MOMENTUM, WEIGHT_DECAY, Alarm, Case, Context, Prepared, RegularizerCase,
+                                   Unavailable, backend_note, memory_floor, memory_floor_in_place, prepare_compiled,
+                                   row, sgd_fused, suite, synchronize)
 from regkern.bench.shapes import bn_scales
 
 # Settings (official defaults where there are some).
@@ -54,42 +55,6 @@ L1_LAM = 1e-4                      # network slimming s (CIFAR and ImageNet)
 POLAR = {"resnet50": (8e-5, 1.2)}  # (lam, t) per shape set; ResNet-56/CIFAR otherwise
 POLAR_CIFAR, POLAR_A = (5e-5, 1.4), 1.0
 ADMM_RHO = 1e-3
-BN_INIT = 0.5                      # BN scales start at 0.5 (slimming and polarization recipes)
-
-
-class RegularizerCase(Case):
-    """A shape set's ``Case`` as one regularizer's table sees it: the same
-    master tensors (BN scales reset to about 0.5 for the BN regularizers),
-    ``reg`` the indices of the regularized set, ``plain`` the rest, and
-    ``floor_bytes`` the traffic of its fused step."""
-
-    def __init__(self, base: Case, regularizer: str, what: str, reg: List[int], set_name: str,
-                 extra_bytes: int, bn: bool = False) -> None:
-        self.__dict__.update(base.__dict__)  # shares the masters, allocates nothing
-        self.regularizer, self.what, self.set_name = regularizer, what, set_name
-        self.reg = reg
-        chosen = set(reg)
-        self.plain = [i for i in range(len(self.shapes)) if i not in chosen]
-        self.extra_bytes = extra_bytes
-        if bn:
-            gen = torch.Generator().manual_seed(1)
-            self.weights = list(self.weights)
-            for i in reg:
-                w = self.weights[i]
-                self.weights[i] = (BN_INIT + 0.1 * torch.randn(w.shape, generator=gen)).to(w)
-
-    @property
-    def floor_bytes(self) -> int:
-        """Read W, grad, buf; write W, buf; plus the regularizer's own reads."""
-        return 5 * sum(w.numel() * w.element_size() for w in self.weights) + self.extra_bytes
-
-    def describe(self) -> str:
-        dt = str(self.dtype).replace("torch.", "")
-        values = sum(self.weights[i].numel() for i in self.reg)
-        return (f"{self.name}, {self.what} ({self.device.type}, {dt}): {len(self.weights)} tensors, "
-                f"{self.numel / 1e6:.2f}M params; regularized: {len(self.reg)} {self.set_name} "
-                f"({values:,} values), {len(self.plain)} tensors plain; "
-                f"a fused step moves {self.floor_bytes / 1e6:.1f} MB")
 
 
 def _rows_bytes(case: Case, index: Sequence[int]) -> int:
@@ -124,54 +89,26 @@ def polar_settings(case: Case) -> Tuple[float, float, float]:
 
 
 DEFAULT_SHAPES = ("resnet56", "resnet50")
-sgd.suite("prox-l1", "proximal L1 on conv/linear weights",
-          _conv_linear("prox-l1", lambda c: f"ProxL1(lam={PROX_LAM:g})", lambda c: _rows_bytes(c, c.reg)),
-          DEFAULT_SHAPES)
-sgd.suite("group-lasso", "group lasso (rows) on conv/linear weights",
-          _conv_linear("group-lasso", lambda c: f"GroupLasso(lam={PROX_LAM:g})", lambda c: _rows_bytes(c, c.reg)),
-          DEFAULT_SHAPES)
-sgd.suite("l1", "L1 subgradient on BatchNorm scales (network slimming)",
-          _batchnorm("l1", lambda c: f"L1(lam={L1_LAM:g})", lambda c: _rows_bytes(c, bn_scales(c.shapes))),
-          DEFAULT_SHAPES)
-sgd.suite("polarization", "polarization on BatchNorm scales, clamp [0, a]",
-          # the mean and sign-mean reduction reads the set once more before the step
-          _batchnorm("polarization", lambda c: "Polarization(lam={:g}, t={:g}, a={:g})".format(*polar_settings(c)),
-                     lambda c: _bytes(c, bn_scales(c.shapes)) + 16),
-          DEFAULT_SHAPES)
-sgd.suite("admm", "ADMM W-step pull rho * (W - Z + U) on conv/linear weights",
-          _conv_linear("admm", lambda c: f"ADMM(rho={ADMM_RHO:g})", lambda c: _bytes(c, c.reg)),  # reads Z - U
-          DEFAULT_SHAPES)
+suite("prox-l1", "proximal L1 on conv/linear weights",
+      _conv_linear("prox-l1", lambda c: f"ProxL1(lam={PROX_LAM:g})", lambda c: _rows_bytes(c, c.reg)),
+      DEFAULT_SHAPES)
+suite("group-lasso", "group lasso (rows) on conv/linear weights",
+      _conv_linear("group-lasso", lambda c: f"GroupLasso(lam={PROX_LAM:g})", lambda c: _rows_bytes(c, c.reg)),
+      DEFAULT_SHAPES)
+suite("l1", "L1 subgradient on BatchNorm scales (network slimming)",
+      _batchnorm("l1", lambda c: f"L1(lam={L1_LAM:g})", lambda c: _rows_bytes(c, bn_scales(c.shapes))),
+      DEFAULT_SHAPES)
+suite("polarization", "polarization on BatchNorm scales, clamp [0, a]",
+      # the mean and sign-mean reduction reads the set once more before the step
+      _batchnorm("polarization", lambda c: "Polarization(lam={:g}, t={:g}, a={:g})".format(*polar_settings(c)),
+                 lambda c: _bytes(c, bn_scales(c.shapes)) + 16),
+      DEFAULT_SHAPES)
+suite("admm", "ADMM W-step pull rho * (W - Z + U) on conv/linear weights",
+      _conv_linear("admm", lambda c: f"ADMM(rho={ADMM_RHO:g})", lambda c: _bytes(c, c.reg)),  # reads Z - U
+      DEFAULT_SHAPES)
 
 
 # --------------------------------------------------------------------------- regkern rows
-
-def _routing(opt) -> Optional[str]:
-    """Which backend stepped how many tensors, from the optimizer's plans
-    (after a step; None when regkern's internals differ from what this expects)."""
-    try:
-        counts = {}
-        for cached in opt._plans.values():
-            plan = cached.plan
-            slow = len(plan.slow_index)
-            if slow:
-                counts["reference"] = counts.get("reference", 0) + slow
-            if len(plan.params) > slow:
-                counts[plan.backend] = counts.get(plan.backend, 0) + len(plan.params) - slow
-        return ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _backend_note(case: Case, ctx: Context, opt, terms: Sequence[str]) -> str:
-    from regkern.backend import choose_backend, kernel_terms
-    chosen = choose_backend(case.device, ctx.backend)
-    missing = sorted(set(terms) - kernel_terms(chosen)) if chosen != "reference" else []
-    note = f"backend {chosen}"
-    if missing:
-        note += f" (lacks {', '.join(missing)}: {case.set_name} on reference)"
-    routed = _routing(opt)
-    return f"{note}; tensors: {routed}" if routed else note
-
 
 def _regkern(regularizer: Callable[[Case], object], terms: Sequence[str],
              setup: Callable[[Case, object, List[Tensor]], None] = lambda case, opt, params: None):
@@ -190,7 +127,7 @@ def _regkern(regularizer: Callable[[Case], object], terms: Sequence[str],
         opt = sgd_class(groups, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, backend=ctx.backend)
         setup(case, opt, params)
         opt.step()  # one extra warm-up step, so that the note can say where the tensors went
-        return Prepared(step=opt.step, note=_backend_note(case, ctx, opt, terms), keep=(params, opt))
+        return Prepared(step=opt.step, note=backend_note(case, ctx, opt, terms), keep=(params, opt))
     return prepare
 
 
@@ -353,7 +290,7 @@ def _compiled(math_fn):
     def prepare(case: Case, ctx: Context) -> Prepared:
         chosen = set(case.reg)
         thresholds = [LR * PROX_LAM if i in chosen else None for i in range(len(case.weights))]
-        return sgd.prepare_compiled(case, ctx, math_fn, thresholds)
+        return prepare_compiled(case, ctx, math_fn, thresholds)
     return prepare
 
 
@@ -364,9 +301,9 @@ row("c", "(c) torch.compile SGD + group lasso", regularizer="group-lasso")(_comp
 # --------------------------------------------------------------------------- shared rows
 
 for _key in ("prox-l1", "group-lasso", "l1", "polarization", "admm"):
-    row("d", "(d) SGD fused, no regularizer", regularizer=_key)(sgd.torch_fused)
-    row("floor", "(e) memory floor, copy", regularizer=_key)(sgd.memory_floor)
-    row("floor-rmw", "(e2) memory floor, x += y", regularizer=_key)(sgd.memory_floor_in_place)
+    row("d", "(d) SGD fused, no regularizer", regularizer=_key)(sgd_fused)
+    row("floor", "(e) memory floor, copy", regularizer=_key)(memory_floor)
+    row("floor-rmw", "(e2) memory floor, x += y", regularizer=_key)(memory_floor_in_place)
 
 
 # =========================================================================== ADMM Z/U update and SAS-ADMM
@@ -445,10 +382,10 @@ def _sas_case(case: Case) -> Optional[Case]:
                    list(range(len(case.shapes))), "all parameters", 0)
 
 
-sgd.suite("admm-zu", "ADMM Z/U update (top-k projection of W + U per layer, U and Z - U) on conv/linear weights",
-          _zu_case, DEFAULT_SHAPES)
-sgd.suite("sas-admm", "one SAS-ADMM step (W_breve, W, W_hat; outer update every M steps) on every parameter",
-          _sas_case, DEFAULT_SHAPES)
+suite("admm-zu", "ADMM Z/U update (top-k projection of W + U per layer, U and Z - U) on conv/linear weights",
+      _zu_case, DEFAULT_SHAPES)
+suite("sas-admm", "one SAS-ADMM step (W_breve, W, W_hat; outer update every M steps) on every parameter",
+      _sas_case, DEFAULT_SHAPES)
 
 
 # --------------------------------------------------------------------------- ADMM Z/U rows
@@ -525,11 +462,11 @@ def _compiled_call(case: Case, ctx: Context, fn, args, extra: Callable[[], None]
     within the compile timeout; ``extra()`` compiles whatever else the row calls."""
     t0 = time.perf_counter()
     try:
-        with sgd._Alarm(ctx.compile_timeout_s):
+        with Alarm(ctx.compile_timeout_s):
             with torch.no_grad():
                 fn(*args)
                 extra()
-            sgd.synchronize(case.device)
+            synchronize(case.device)
     except TimeoutError as e:
         torch._dynamo.reset()
         raise Unavailable(str(e)) from None
@@ -543,8 +480,8 @@ def _compiled_call(case: Case, ctx: Context, fn, args, extra: Callable[[], None]
     return Prepared(step=step, note=f"compile {time.perf_counter() - t0:.1f} s", keep=(args, fn))
 
 
-row("floor", "(e) memory floor, copy", regularizer="admm-zu")(sgd.memory_floor)
-row("floor-rmw", "(e2) memory floor, x += y", regularizer="admm-zu")(sgd.memory_floor_in_place)
+row("floor", "(e) memory floor, copy", regularizer="admm-zu")(memory_floor)
+row("floor-rmw", "(e2) memory floor, x += y", regularizer="admm-zu")(memory_floor_in_place)
 
 
 # --------------------------------------------------------------------------- SAS-ADMM rows
@@ -558,7 +495,7 @@ def regkern_sas(case: Case, ctx: Context) -> Prepared:
     params = case.fresh_params()
     opt = sas_class(params, backend=ctx.backend, **SAS_HYPER)
     opt.step()  # creates the state; the note can then say where the tensors went
-    return Prepared(step=opt.step, note=_backend_note(case, ctx, opt, []), keep=(params, opt))
+    return Prepared(step=opt.step, note=backend_note(case, ctx, opt, []), keep=(params, opt))
 
 
 class _SASLoop:
@@ -696,5 +633,5 @@ def compiled_sas(case: Case, ctx: Context) -> Prepared:
     return Prepared(step=step, note=prepared.note, keep=(prepared, s, coef))
 
 
-row("floor", "(e) memory floor, copy", regularizer="sas-admm")(sgd.memory_floor)
-row("floor-rmw", "(e2) memory floor, x += y", regularizer="sas-admm")(sgd.memory_floor_in_place)
+row("floor", "(e) memory floor, copy", regularizer="sas-admm")(memory_floor)
+row("floor-rmw", "(e2) memory floor, x += y", regularizer="sas-admm")(memory_floor_in_place)
