@@ -46,7 +46,7 @@ const AdamIsaKernels* const kByVariant[isa::kCount] = RK_VARIANT_KERNELS;
 // missing MAX_EXP_AVG_SQ under amsgrad (without amsgrad it is not read).
 void check_row(const int64_t* row, int64_t index, bool amsgrad) {
   namespace c = adam_col;
-  const table_check::Row r("adam", "regkern.backend.build_adam_table", c::NAMES, row, index);
+  const table_check::Row r("adam", "regkern.backends.adam.build_adam_table", c::NAMES, row, index);
   check_sgd_columns(r, false);
   r.absent(c::BUF, true, "the adam family keeps no momentum buffer");
   if (r[c::FIRST] != 0) r.refuse(c::FIRST, "but the adam family has no first momentum step (FIRST must be 0)");

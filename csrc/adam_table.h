@@ -5,7 +5,7 @@
 // These constants MIRROR `ADAM_FIELDS` in regkern/layouts.py (same names,
 // same order): change both together. The table is a contiguous int64 CPU
 // tensor of shape [num_tensors, NUM_FIELDS] built by
-// regkern.backend.build_adam_table; pointers are raw addresses (0 = absent)
+// regkern.backends.adam.build_adam_table; pointers are raw addresses (0 = absent)
 // of contiguous tensors.
 #pragma once
 

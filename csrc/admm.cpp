@@ -46,7 +46,7 @@ const Kernels* const kByVariant[isa::kCount] = RK_VARIANT_KERNELS;
 // KEEP, CUT or THRESHOLD outside what its mode can mean.
 void check_zu_row(const int64_t* row, int64_t index) {
   namespace c = zu_col;
-  const table_check::Row r("zu", "regkern.backend_admm.build_zu_table", c::NAMES, row, index);
+  const table_check::Row r("zu", "regkern.backends.admm.build_zu_table", c::NAMES, row, index);
   r.rows_cover(c::NUMEL, c::ROWS, c::ROW_LEN);
   r.dtype(c::DTYPE);
   r.one_of(c::MODE, {kModeElement, kModeRows, kModeSoft}, "0 top-k elements, 1 top-k rows, 2 soft threshold");
@@ -82,7 +82,7 @@ void check_zu_row(const int64_t* row, int64_t index) {
 // Refuse a sas row the step does not know how to take, before it writes.
 void check_sas_row(const int64_t* row, int64_t index) {
   namespace c = sas_col;
-  const table_check::Row r("sas", "regkern.backend_admm.build_sas_table", c::NAMES, row, index);
+  const table_check::Row r("sas", "regkern.backends.admm.build_sas_table", c::NAMES, row, index);
   r.non_negative(c::NUMEL);
   r.dtype(c::DTYPE);
   r.flag(c::OUTER);

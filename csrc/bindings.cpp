@@ -83,7 +83,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dampening"), py::arg("nesterov"), py::arg("weight_decay"), py::arg("maximize"),
       py::arg("grad_scale"), py::arg("num_threads"),
       "One fused SGD step over every tensor of the int64 metadata table at `table_ptr` "
-      "([num_tensors, len(SGD_FIELDS)], see regkern.backend.build_sgd_table). The table is "
+      "([num_tensors, len(SGD_FIELDS)], see regkern.backends.sgd.build_sgd_table). The table is "
       "checked before anything is written (TableError names a refused row and column).");
 
   m.def(
@@ -100,7 +100,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("coupled"), py::arg("grad_scale"), py::arg("num_threads"),
       "One fused Adam / AdamW step (regkern.reference.adam_step) over every tensor of the int64 "
       "metadata table at `table_ptr` ([num_tensors, len(ADAM_FIELDS)], see "
-      "regkern.backend.build_adam_table); increments every STEP. The table is checked before "
+      "regkern.backends.adam.build_adam_table); increments every STEP. The table is checked before "
       "anything is written (TableError names a refused row and column).");
 
   m.def("_adam_sqrt", [] { return regkern::detail::torch_vml_sqrt() != nullptr ? "mkl" : "ieee"; },
@@ -148,7 +148,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"), py::arg("maximize"),
       py::arg("grad_scale"), py::arg("num_threads"),
       "One fused RDA step (docs/rda.md) over every tensor of the int64 metadata table at `table_ptr` "
-      "([num_tensors, num_fields], see regkern.backend_rda.build_rda_table). The table is "
+      "([num_tensors, num_fields], see regkern.backends.rda.build_rda_table). The table is "
       "checked before anything is written (TableError names a refused row and column).");
 
   m.def(
@@ -160,7 +160,7 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"), py::arg("num_threads"),
       "Score pass of the classic ADMM Z/U update (docs/admm.md) over the int64 zu table at `table_ptr` "
-      "([num_tensors, num_fields], see regkern.backend_admm.build_zu_table): |W + U| of top-k "
+      "([num_tensors, num_fields], see regkern.backends.admm.build_zu_table): |W + U| of top-k "
       "element tensors, float64 row sums of (W + U)^2 of top-k row tensors. The table is "
       "checked before anything is written (TableError).");
 
@@ -196,7 +196,7 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"), py::arg("num_threads"),
       "One SAS-ADMM step (docs/admm.md) over the int64 sas table at `table_ptr` (see "
-      "regkern.backend_admm.build_sas_table). The table is checked before anything is written (TableError).");
+      "regkern.backends.admm.build_sas_table). The table is checked before anything is written (TableError).");
 
   // The tables' checks alone, for callers that must refuse before writing
   // anything else (the entry points above make them anyway).
@@ -250,8 +250,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("ZU_FIELDS") = names_tuple(regkern::zu_col::NAMES, regkern::zu_col::NUM_FIELDS);
   m.attr("SAS_FIELDS") = names_tuple(regkern::sas_col::NAMES, regkern::sas_col::NUM_FIELDS);
 
-  // Regularizer terms sgd_step computes (names of regkern.backend.TERM_KEYWORDS);
-  // regkern.backend steps tensors with other terms by the reference.
+  // Regularizer terms sgd_step computes (names of regkern.terms.TERM_KEYWORDS);
+  // regkern.backends steps tensors with other terms by the reference.
   py::tuple terms(std::size(kSgdSupportedTerms));
   for (std::size_t i = 0; i < std::size(kSgdSupportedTerms); ++i) terms[i] = py::str(kSgdSupportedTerms[i]);
   m.attr("SGD_TERMS") = terms;

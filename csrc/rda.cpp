@@ -54,7 +54,7 @@ const Kernels* const kByVariant[isa::kCount] = RK_VARIANT_KERNELS;
 // outside what reference.rda accepts (t >= 1, 0 <= lam < inf, gamma > 0).
 void check_row(const int64_t* row, int64_t index) {
   namespace c = rda_col;
-  const table_check::Row r("rda", "regkern.backend_rda.build_rda_table", c::NAMES, row, index);
+  const table_check::Row r("rda", "regkern.backends.rda.build_rda_table", c::NAMES, row, index);
   r.rows_cover(c::NUMEL, c::ROWS, c::ROW_LEN);
   r.dtype(c::DTYPE);
   r.one_of(c::MASK_KIND, {kRdaMaskNone, kRdaMaskRow, kRdaMaskElement}, "0 none, 1 row mask, 2 element mask");
@@ -67,13 +67,13 @@ void check_row(const int64_t* row, int64_t index) {
   const double t = r.as_double(c::T), lam = r.as_double(c::LAM), gamma = r.as_double(c::GAMMA);
   if (!(t >= 1.0))
     r.refuse(c::T, table_check::float_text(t), "but the step t counts from 1",
-             "write the step with regkern.backend_rda.write_step");
+             "write the step with regkern.backends.rda.write_step");
   if (!(lam >= 0.0 && std::isfinite(lam)))
     r.refuse(c::LAM, table_check::float_text(lam), "but lam must be finite and non-negative",
-             "write the step with regkern.backend_rda.write_step");
+             "write the step with regkern.backends.rda.write_step");
   if (!(gamma > 0.0))
     r.refuse(c::GAMMA, table_check::float_text(gamma), "but gamma (the inverse learning rate) must be positive",
-             "write the step with regkern.backend_rda.write_step");
+             "write the step with regkern.backends.rda.write_step");
 }
 
 // A row that check_row accepted.

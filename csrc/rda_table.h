@@ -4,7 +4,7 @@
 // These constants MIRROR `RDA_FIELDS` in regkern/backend_rda.py (same names,
 // same order): change both together. The table is a contiguous int64 CPU
 // tensor of shape [num_tensors, NUM_FIELDS] built by
-// regkern.backend_rda.build_rda_table; pointers are raw addresses (0 = absent)
+// regkern.backends.rda.build_rda_table; pointers are raw addresses (0 = absent)
 // of contiguous tensors. "float64 bits" columns hold the bits of a double.
 // The step's coefficients (a, c, tau, kappa) are not in the table: the
 // kernels derive them from T, LAM and GAMMA (rda_coefficients in the

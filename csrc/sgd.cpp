@@ -61,7 +61,7 @@ namespace {
 // LAM_COLS, L1, PROX_LAM, POLAR's lam and t; the per-element LAM is W-sized
 // and not read here). Only per-row vectors of tensors with elements are read.
 void check_row(const int64_t* row, int64_t index, bool momentum) {
-  check_sgd_columns(table_check::Row("sgd", "regkern.backend.build_sgd_table", sgd_col::NAMES, row, index),
+  check_sgd_columns(table_check::Row("sgd", "regkern.backends.sgd.build_sgd_table", sgd_col::NAMES, row, index),
                     momentum);
 }
 

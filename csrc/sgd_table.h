@@ -2,7 +2,7 @@
 //
 // These constants MIRROR `SGD_FIELDS` in regkern/backend.py (same names, same
 // order): change both together. The table is a contiguous int64 CPU tensor of
-// shape [num_tensors, kSgdNumFields] built by regkern.backend.build_sgd_table;
+// shape [num_tensors, kSgdNumFields] built by regkern.backends.sgd.build_sgd_table;
 // pointers are raw addresses (0 = absent) of contiguous tensors.
 #pragma once
 
@@ -39,7 +39,7 @@ constexpr int COL_LEN = 24;      // ROW_LEN / COLS; element i is in column (i % 
 constexpr int NUM_FIELDS = 25;
 
 // Names in column order, exported as regkern._C.SGD_FIELDS so a test can
-// check them against regkern.backend.SGD_FIELDS.
+// check them against regkern.layouts.SGD_FIELDS.
 constexpr const char* NAMES[NUM_FIELDS] = {
     "PARAM", "GRAD", "BUF", "LAM", "MASK", "MASK_KIND", "NORMS",
     "NUMEL", "ROWS", "ROW_LEN", "DTYPE", "FIRST", "L1", "POLAR", "ADMM_TARGET",

@@ -12,7 +12,7 @@ the caller runs, per parameter::
 :func:`update` does this for every ADMM parameter of a ``regkern.SGD`` (per-
 layer ratios allowed), :func:`admm_update_all` for lists of tensors and
 :func:`admm_update` for one. They run on the fused kernels of
-``regkern.backend_admm`` (C++ on CPU, Triton on CUDA), all tensors in one
+``regkern.backends.admm`` (C++ on CPU, Triton on CUDA), all tensors in one
 call: the selection finds each tensor's threshold (C++: a radix select on
 ``|W + U|``; Triton: ``torch.kthvalue``; rows: their norms from a kernel
 pass), then one pass over memory reads W and U and writes Z, U and the target.
@@ -33,7 +33,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from regkern.backend_admm import admm_zu_step, check_zu
+from regkern.backends.admm import admm_zu_step, check_zu
 from regkern.reference.admm import keep_mask, kept_count, magnitude_scores, row_scores
 from regkern.reference.sgd import num_rows
 from regkern.sharding import is_dtensor, local_tensor

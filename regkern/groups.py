@@ -15,7 +15,6 @@ unit by unit; ``regkern.slicing.slice_model`` removes units physically.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from regkern.attention import claimed_modules, head_groups
-from regkern.group import ROLES, Group, Member, check_group, named_tensors, param_index  # noqa: F401
+from regkern.group import Group, Member, check_group, named_tensors, param_index  # noqa: F401
 from regkern.model_calls import modes_kept
 from regkern.sharding import is_dtensor
 

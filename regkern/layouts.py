@@ -1,6 +1,6 @@
 """The column layouts of the metadata tables every kernel family shares
 between Python, C++ and Triton: one home, imported by the dispatchers
-(``regkern.backend*``) and by the Triton kernels (``regkern.kernels``),
+(``regkern.backends``) and by the Triton kernels (``regkern.kernels``),
 which import nothing else of regkern. The C++ headers (``csrc/*_table.h``)
 mirror these names; ``tests/test_kernel_tables.py`` checks that they agree.
 

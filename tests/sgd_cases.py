@@ -26,7 +26,7 @@ SHAPES = [
     (16, 3, 3, 3), (8, 5, 3, 3), (2, 1000), (1, 4099), (257, 9),
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# The regularizer terms `make_case` can add (names as regkern.backend.TERM_KEYWORDS).
+# The regularizer terms `make_case` can add (names as regkern.terms.TERM_KEYWORDS).
 TERMS = ("l1", "polar", "admm", "prox", "clamp")
 # (rtol, atol) for a fast backend against the reference: fp32 differs by
 # operation order only; bf16 / fp16 may round one ulp apart.

@@ -22,7 +22,8 @@ import random
 import pytest
 import torch
 
-from regkern.backend import DTYPE_CODE, build_adam_table
+from regkern.layouts import DTYPE_CODE
+from regkern.backends.adam import build_adam_table
 from regkern.layouts import ADAM_COLUMN, ADAM_FIELDS
 from regkern.reference import adam_step as reference_step
 from regkern.reference.sgd import as_rows

@@ -24,7 +24,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from regkern.backend import build_adam_table  # noqa: E402
+from regkern.backends.adam import build_adam_table
 from regkern.layouts import ADAM_COLUMN  # noqa: E402
 from regkern.reference import adam_step as reference_step  # noqa: E402
 from regkern.reference.sgd import as_rows, num_rows  # noqa: E402

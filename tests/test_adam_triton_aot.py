@@ -223,7 +223,7 @@ def _compile_main(spec_path, target_json, out_path):
 def _adam_launches():
     """Record the launches of adam_step over the configurations a training
     loop uses: ``[(label, hot, launch)]`` (hot: must not spill)."""
-    from regkern.backend import build_adam_table
+    from regkern.backends.adam import build_adam_table
     from regkern.kernels import adam as triton_adam
 
     def tensors(dtype, shape=(4, 6)):

@@ -1,6 +1,6 @@
 """The `admm` kernel family (docs/admm.md) on every backend against the reference.
 
-- Classic Z/U update (``regkern.backend_admm.admm_zu_step``): C++ (every ISA
+- Classic Z/U update (``regkern.backends.admm.admm_zu_step``): C++ (every ISA
   variant the CPU runs, several thread counts) and Triton (interpreter on CPU,
   small shapes and blocks; a GPU when present) against
   ``reference.admm.admm_zu_step`` bit for bit, on empty, 0-d, 1-element, odd
@@ -22,10 +22,9 @@ import pytest
 import torch
 
 import regkern
-from regkern import backend_admm
+from regkern.backends import admm as backend_admm
 from regkern.admm import admm_update, admm_update_all, kept_count, update
-from regkern.backend_admm import (SAS_COLUMN, SAS_FIELDS, ZU_COLUMN, ZU_FIELDS, SASPlan, admm_zu_step,
-                                  build_sas_table, build_zu_table, element_thresholds)
+from regkern.backends.admm import SAS_COLUMN, SAS_FIELDS, ZU_COLUMN, ZU_FIELDS, SASPlan, admm_zu_step, build_sas_table, build_zu_table, element_thresholds
 from regkern.optim.sas_admm import SASADMM
 from regkern.reference import admm as ref
 from regkern.reference.sgd import num_rows

@@ -22,10 +22,10 @@ import torch
 
 from optim_helpers import CPU_BACKENDS
 from regkern import reference
-from regkern.backend import sgd_step
-from regkern.backend_adam import adam_step
-from regkern.backend_admm import admm_zu_step, sas_admm_step
-from regkern.backend_rda import rda_step
+from regkern.backends.sgd import sgd_step
+from regkern.backends.adam import adam_step
+from regkern.backends.admm import admm_zu_step, sas_admm_step
+from regkern.backends.rda import rda_step
 from regkern.reference.admm import sas_coefficients
 
 SHAPES = [(), (0,), (1, 7), (5, 3, 3, 3), (3, 1500), (33,)]

@@ -1,6 +1,6 @@
 """The kernels refuse a metadata table they cannot step, before writing anything.
 
-Tables come from the Python builders (regkern.backend.build_sgd_table, the
+Tables come from the Python builders (regkern.backends.sgd.build_sgd_table, the
 rda and admm equivalents) with one bad value patched in (or one non-finite
 coefficient written into a per-row vector). Each C++ entry point and each
 Triton launch wrapper (under TRITON_INTERPRET=1 without a GPU) must raise a
@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
-from regkern.backend import SGD_COLUMN, build_sgd_table, float_bits
-from regkern.backend_admm import (MODE_ELEMENT, MODE_ROWS, MODE_SOFT, SAS_COLUMN, ZU_COLUMN, build_sas_table,
-                                  build_zu_table)
-from regkern.backend_rda import RDA_COLUMN, build_rda_table, write_step
+from regkern.layouts import SGD_COLUMN, float_bits
+from regkern.backends.sgd import build_sgd_table
+from regkern.backends.admm import MODE_ELEMENT, MODE_ROWS, MODE_SOFT, SAS_COLUMN, ZU_COLUMN, build_sas_table, build_zu_table
+from regkern.backends.rda import RDA_COLUMN, build_rda_table, write_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -415,8 +415,8 @@ def test_cpp_check_entry_points_refuse_like_the_steps_and_write_nothing():
 
 
 def test_cpp_table_layouts_mirror_the_python_ones():
-    from regkern.backend_admm import SAS_FIELDS, ZU_FIELDS
-    from regkern.backend_rda import RDA_FIELDS
+    from regkern.backends.admm import SAS_FIELDS, ZU_FIELDS
+    from regkern.backends.rda import RDA_FIELDS
     C_ = _C()
     assert (C_.RDA_FIELDS, C_.ZU_FIELDS, C_.SAS_FIELDS) == (RDA_FIELDS, ZU_FIELDS, SAS_FIELDS)
     assert issubclass(C_.TableError, ValueError)

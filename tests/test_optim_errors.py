@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import regkern
-from regkern import backend
+from regkern.backends import dispatch as backend
 from optim_helpers import CPU_BACKENDS, assert_params_close, assert_unchanged, fake_grads, make_params, snapshot, twin
 
 

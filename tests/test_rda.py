@@ -22,8 +22,8 @@ import pytest
 import torch
 
 import regkern
-from regkern import backend_rda
-from regkern.backend_rda import RDA_COLUMN, RDA_FIELDS, build_rda_table, write_step
+from regkern.backends import rda as backend_rda
+from regkern.backends.rda import RDA_COLUMN, RDA_FIELDS, build_rda_table, write_step
 from regkern.reference.rda import rda_coefficients, rda_step as reference_step
 from optim_helpers import CPU_BACKENDS, assert_unchanged, snapshot
 

@@ -25,7 +25,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from regkern.backend import DTYPE_CODE, SGD_FIELDS, build_sgd_table
+from regkern.layouts import DTYPE_CODE, SGD_FIELDS
+from regkern.backends.sgd import build_sgd_table
 from regkern.reference import sgd_step as reference_step
 from regkern.reference.sgd import as_rows
 from sgd_cases import DTYPES, SHAPES, TERMS, Case, assert_same, make_case, run
@@ -304,7 +305,7 @@ TERM_CASES = ["l1", "polar", "admm", "prox_l1", "prox_group", "clamp"]
 
 
 def test_terms_are_exported():
-    # the names regkern.backend routes to this kernel (the rest go to the reference)
+    # the names regkern.backends.sgd routes to this kernel (the rest go to the reference)
     assert tuple(_C.SGD_TERMS) == ("l1", "polar", "admm", "prox", "clamp")
     assert set(_C.SGD_TERMS) == set(TERMS)
 

@@ -17,7 +17,7 @@ import pytest
 triton = pytest.importorskip("triton")
 from hypothesis import given, settings, strategies as st
 
-from regkern.backend import build_sgd_table
+from regkern.backends.sgd import build_sgd_table
 from regkern.reference import sgd_step as reference_step
 from regkern.reference.sgd import as_rows
 from sgd_cases import DTYPES, SHAPES, TERMS, Case, assert_same, make_case, run

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import regkern
-from regkern import backend, slicing, terms
+from regkern import slicing, terms
+from regkern.backends import sgd as backend
 from regkern.groups import find_groups
 from regkern.optim import torch_path
 from regkern.reference.sgd import sgd_step as reference_sgd_step

@@ -10,7 +10,7 @@ namespace regkern {
 // Storage dtype codes of every table's DTYPE column (and the kernels' DT).
 constexpr int64_t kDtypeF32 = 0, kDtypeBF16 = 1, kDtypeF16 = 2;
 
-// A float64 stored bit for bit in an int64 table column (regkern.backend.float_bits).
+// A float64 stored bit for bit in an int64 table column (regkern.layouts.float_bits).
 inline double float_column(int64_t bits) {
   double v;
   std::memcpy(&v, &bits, sizeof v);

@@ -307,7 +307,8 @@ def _routing(opt) -> Optional[str]:
 def backend_note(case: Case, ctx: Context, opt, terms: Sequence[str]) -> str:
     """The note of a regkern row: the backend chosen, the ``terms`` it lacks
     (their tensors go to the reference), and where the tensors went."""
-    from regkern.backend import choose_backend, kernel_terms
+    from regkern.backends.dispatch import choose_backend
+    from regkern.backends.sgd import kernel_terms
     chosen = choose_backend(case.device, ctx.backend)
     missing = sorted(set(terms) - kernel_terms(chosen)) if chosen != "reference" else []
     note = f"backend {chosen}"
@@ -508,7 +509,7 @@ def machine_info(argv: Sequence[str]) -> Dict[str, object]:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     isa = "regkern._C not built"
     with contextlib.suppress(Exception):
-        from regkern.backend import load_cpp
+        from regkern.backends.dispatch import load_cpp
         cpp = load_cpp()
         if cpp is not None:
             isa = cpp.isa() if hasattr(cpp, "isa") else "regkern._C has no isa()"

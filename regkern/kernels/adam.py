@@ -4,7 +4,7 @@ the regularizer terms of the `sgd` family.
 One step of every tensor of a dtype group is two launches. The caller gives
 
 - ``table``: the int64 ``[T, len(ADAM_FIELDS)]`` metadata of
-  ``regkern.backend.build_adam_table`` (the sgd columns, then EXP_AVG,
+  ``regkern.backends.adam.build_adam_table`` (the sgd columns, then EXP_AVG,
   EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP), on the device;
 - ``units``: the work list of :func:`build_units` (int64 ``[U, 3]``: tensor,
   first element, end element; the sgd kernel's units: whole rows for tensors
@@ -65,7 +65,7 @@ __all__ = ["ADAM_TERMS", "UNIT_FIELDS", "DEFAULT_BLOCK", "DEFAULT_CHUNK", "KERNE
            "check_table"]
 
 # The regularizer terms of the contract this kernel computes (names as
-# regkern.backend.TERM_KEYWORDS); tensors with other terms go to the reference.
+# regkern.terms.TERM_KEYWORDS); tensors with other terms go to the reference.
 ADAM_TERMS = ("l1", "polar", "admm", "prox", "clamp")
 
 # The jitted kernels adam_step launches, in launch order.
@@ -274,7 +274,7 @@ def check_table(table: Tensor, dtype: Optional[torch.dtype] = None, amsgrad: boo
     tensor only). The pointer checks need ``full``; ``build_units`` checks
     kinds, flags and sizes. The same checks as the C++ kernel's
     (csrc/adam.cpp, check_row), plus the shared STEP, on a CPU copy."""
-    c = TableCheck(table, "adam", "regkern.backend.build_adam_table", ADAM_COLUMN, full)
+    c = TableCheck(table, "adam", "regkern.backends.adam.build_adam_table", ADAM_COLUMN, full)
     check_columns(c, dtype)
     c.refuse(c["FIRST"] != 0, "FIRST", "but the adam family has no first momentum step (FIRST must be 0)")
     c.absent("BUF", torch.ones_like(c["BUF"], dtype=torch.bool), "the adam family keeps no momentum buffer")

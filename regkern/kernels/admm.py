@@ -2,7 +2,7 @@
 (score pass and update pass) and the SAS-ADMM step.
 
 Each launch steps every tensor of one storage dtype. The caller gives the
-int64 metadata table of ``regkern.backend_admm`` (``build_zu_table`` or
+int64 metadata table of ``regkern.backends.admm`` (``build_zu_table`` or
 ``build_sas_table``) on the device and a work list of units (int64
 ``[U, 3]``: tensor, first element, end element; :func:`build_units`), built
 once on the CPU. Program ``u`` steps elements ``[start, end)`` of tensor
@@ -243,7 +243,7 @@ def check_zu_table(table: Tensor, dtype: Optional[torch.dtype] = None, full: boo
     would ignore, a KEEP, CUT or THRESHOLD its mode cannot mean (these only
     when ``full``: ``zu_units`` reads modes and sizes). The C++ kernels'
     checks (csrc/admm.cpp), on a CPU copy of the table."""
-    c = TableCheck(table, "zu", "regkern.backend_admm.build_zu_table", ZU_COLUMN, full)
+    c = TableCheck(table, "zu", "regkern.backends.admm.build_zu_table", ZU_COLUMN, full)
     c.rows_cover()
     c.one_of("DTYPE", tuple(DTYPE_CODE.values()), "0 float32, 1 bfloat16, 2 float16")
     if dtype is not None:
@@ -281,7 +281,7 @@ def check_sas_table(table: Tensor, dtype: Optional[torch.dtype] = None) -> None:
     """Refuse (``TableError``) a SAS table the step cannot take: an OUTER
     outside ``SAS_OUTER``, an unknown DTYPE (or, given ``dtype``, one other
     than the launch's), a negative NUMEL, a missing pointer."""
-    c = TableCheck(table, "sas", "regkern.backend_admm.build_sas_table", SAS_COLUMN)
+    c = TableCheck(table, "sas", "regkern.backends.admm.build_sas_table", SAS_COLUMN)
     c.non_negative("NUMEL")
     c.one_of("DTYPE", tuple(DTYPE_CODE.values()), "0 float32, 1 bfloat16, 2 float16")
     if dtype is not None:

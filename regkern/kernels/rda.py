@@ -3,7 +3,7 @@
 One launch steps every tensor of a dtype group. The caller gives
 
 - ``table``: the int64 ``[T, len(RDA_FIELDS)]`` metadata of
-  ``regkern.backend_rda.build_rda_table`` with the step's ``t``, ``lam`` and
+  ``regkern.backends.rda.build_rda_table`` with the step's ``t``, ``lam`` and
   ``gamma`` written in (``write_step``), on the device;
 - ``units``: the work list of :func:`build_units` (int64 ``[U, 3]``: tensor,
   first element, end element), built once on the CPU and cached on the device.
@@ -160,7 +160,7 @@ def check_table(table: Tensor, dtype: Optional[torch.dtype] = None, full: bool =
     tensors), a mask its kind would ignore, or a step t, lam or gamma that
     ``reference.rda`` refuses. The C++ kernel's checks (csrc/rda.cpp), plus
     the Triton scratch, on a CPU copy of the table."""
-    c = TableCheck(table, "rda", "regkern.backend_rda.build_rda_table", RDA_COLUMN, full)
+    c = TableCheck(table, "rda", "regkern.backends.rda.build_rda_table", RDA_COLUMN, full)
     c.rows_cover()
     c.one_of("DTYPE", tuple(DTYPE_CODE.values()), "0 float32, 1 bfloat16, 2 float16")
     if dtype is not None:
@@ -178,7 +178,7 @@ def check_table(table: Tensor, dtype: Optional[torch.dtype] = None, full: bool =
     if not full:
         return
     t, lam, gamma = c.floats("T"), c.floats("LAM"), c.floats("GAMMA")
-    write = "write the step with regkern.backend_rda.write_step"
+    write = "write the step with regkern.backends.rda.write_step"
     c.refuse(~(t >= 1), "T", "but the step t counts from 1", t, remedy=write)
     c.refuse(~((lam >= 0) & lam.isfinite()), "LAM", "but lam must be finite and non-negative", lam, remedy=write)
     c.refuse(~(gamma > 0), "GAMMA", "but gamma (the inverse learning rate) must be positive", gamma, remedy=write)

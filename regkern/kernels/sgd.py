@@ -3,7 +3,7 @@
 One launch steps every tensor of a dtype group. The caller gives
 
 - ``table``: the int64 ``[T, len(SGD_FIELDS)]`` metadata of
-  ``regkern.backend.build_sgd_table``, on the device;
+  ``regkern.backends.sgd.build_sgd_table``, on the device;
 - ``units``: the work list of :func:`build_units` (int64 ``[U, 3]``: tensor,
   first element, end element), built once on the CPU from the same table and
   cached on the device with it.
@@ -67,7 +67,7 @@ from .common import (UNIT_FIELDS, add_terms, clamped, descent_grad, keep_mask, l
 from .table_checks import TableCheck, float_text
 
 # The regularizer terms of the contract this kernel computes (names as
-# regkern.backend.TERM_KEYWORDS); tensors with other terms go to the reference.
+# regkern.terms.TERM_KEYWORDS); tensors with other terms go to the reference.
 SGD_TERMS = ("l1", "polar", "admm", "prox", "clamp")
 
 DEFAULT_CHUNK = 16384  # elements per work unit (a multiple of the block)
@@ -206,7 +206,7 @@ def check_table(table: Tensor, dtype: Optional[torch.dtype] = None, momentum: fl
     would ignore, NaN or crossed clamp bounds (these two only when ``full``:
     ``build_units`` reads kinds, flags and sizes). The same checks as the C++
     kernel's (csrc/sgd.cpp, check_row), on a CPU copy of the table."""
-    check_columns(TableCheck(table, "sgd", "regkern.backend.build_sgd_table", SGD_COLUMN, full), dtype, momentum)
+    check_columns(TableCheck(table, "sgd", "regkern.backends.sgd.build_sgd_table", SGD_COLUMN, full), dtype, momentum)
 
 
 def check_columns(c: TableCheck, dtype: Optional[torch.dtype] = None, momentum: float = 0.0) -> None:

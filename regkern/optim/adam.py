@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam as torch_functional_adam
 
-from regkern.backend_adam import AdamPlan
+from regkern.backends.adam import AdamPlan
 from regkern.optim.fused import check_number, group_states, scalar_lr
 from regkern.optim.plan_cache import CachedPlan, prepare_group
 from regkern.optim.regularized import VERSION, RegularizedOptimizer

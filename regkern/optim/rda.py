@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from regkern.backend_rda import RDAPlan
+from regkern.backends.rda import RDAPlan
 from regkern.optim.fused import FusedOptimizer, check_number, group_states
 from regkern.optim.plan_cache import CachedPlan, prepare_group
 from regkern.sharding import local_tensor

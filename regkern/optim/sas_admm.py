@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from regkern.backend_admm import SAS_STATE, SASPlan
+from regkern.backends.admm import SAS_STATE, SASPlan
 from regkern.optim.fused import FusedOptimizer
 from regkern.optim.plan_cache import CachedPlan, prepare_group
 from regkern.reference.admm import SASCoefficients, sas_coefficients
@@ -93,7 +93,7 @@ class SASADMM(FusedOptimizer):
     draws its minibatches with replacement; both are the caller's choice here.
     See ``docs/admm.md`` for the derivation.
 
-    One fused pass per step does the W/Z/U update (``regkern.backend_admm``: C++ on
+    One fused pass per step does the W/Z/U update (``regkern.backends.admm``: C++ on
     CPU, Triton on CUDA, one call / one launch per dtype for every parameter;
     the outer update of the parameters whose outer iteration ends folds into
     the same pass), in fp32 whatever the parameter's dtype, the parameter

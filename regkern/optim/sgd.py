@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from regkern.backend import SGDPlan
+from regkern.backends.sgd import SGDPlan
 from regkern.regularizers import step_options
 from regkern.optim.fused import check_number, group_states, scalar_lr
 from regkern.optim.regularized import VERSION, RegularizedOptimizer

@@ -1,7 +1,7 @@
 """Optimizer state that counts its changes, so a step can reuse its plan.
 
 A fused step caches, per param group, the validated metadata of every
-parameter and state tensor (see ``regkern.backend.SGDPlan``). Writing into a
+parameter and state tensor (see ``regkern.backends.sgd.SGDPlan``). Writing into a
 state tensor in place (``state[p]["lam"][rows] += 1e-4``) keeps the plan
 valid; putting a new tensor in the state (``state[p]["mask"] = m``) ticks the
 clock and the next step rebuilds and re-checks the plan.

@@ -4,7 +4,7 @@ The family is the sgd family's plan with another update rule: the same
 metadata table (``regkern.layouts.ADAM_FIELDS``: the sgd columns, then the
 moments and the step count), the same regularizer terms, checks, routing of
 slower tensors to the reference and per-step gradient patching
-(``regkern.backend.SGDPlan``). The math is ``regkern.reference.adam``
+(``regkern.backends.sgd.SGDPlan``). The math is ``regkern.reference.adam``
 (docs/adam.md).
 """
 from __future__ import annotations
@@ -14,11 +14,26 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from regkern.backends.dispatch import _describe, _Launch, load_cpp
+from regkern.backends.sgd import SGDPlan, _ptr, build_sgd_table
+from regkern.layouts import ADAM_FIELDS, SGD_COLUMN, SGD_FIELDS
 from regkern.reference.adam import adam_step as reference_adam_step
-from regkern.backend import SGDPlan, _describe, build_adam_table, load_cpp, load_triton, _Launch
-from regkern.layouts import SGD_COLUMN
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def build_adam_table(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lams, masks, norms,
+                     **terms) -> Tensor:
+    """The int64 ``[T, len(ADAM_FIELDS)]`` table of the `adam` family (on the
+    CPU): the sgd table of the same tensors and terms (no momentum buffer) with
+    the moment and step pointers after it (``max_exp_avg_sqs`` entries None
+    without amsgrad)."""
+    count = len(params)
+    head = build_sgd_table(params, grads, [None] * count, lams, masks, norms, [False] * count, **terms)
+    tail = torch.tensor([[_ptr(m), _ptr(v), _ptr(vmax), _ptr(step)]
+                         for m, v, vmax, step in zip(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)],
+                        dtype=torch.int64).reshape(count, len(ADAM_FIELDS) - len(SGD_FIELDS))
+    return torch.cat([head, tail], dim=1)
 
 
 def load_triton_adam():

@@ -5,7 +5,7 @@ Same scheme as the sgd and rda families: CPU tensors go to the C++ extension
 (``regkern._C.admm_scores`` / ``admm_zu`` / ``sas_admm_step``), CUDA tensors
 to the Triton kernels (``regkern.kernels.admm``), anything else to the
 reference (``regkern.reference.admm``); ``backend=`` or ``REGKERN_BACKEND``
-forces one (``regkern.backend.choose_backend``). Each pass is one C++ call
+forces one (``regkern.backends.dispatch.choose_backend``). Each pass is one C++ call
 (all tensors) or one launch per storage dtype, over an int64 metadata table
 with a row per tensor (``ZU_FIELDS``, ``SAS_FIELDS``).
 
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-import regkern.backend as _backend
-from regkern.backend import FAST_DTYPES, choose_backend, load_cpp
+import regkern.backends.dispatch as _backend
+from regkern.backends.dispatch import FAST_DTYPES, choose_backend, load_cpp
 from regkern.layouts import (DTYPE_CODE, MODE_ELEMENT, MODE_ROWS, MODE_SOFT, SAS_COLUMN, SAS_FIELDS,  # noqa: F401
                              SAS_FLOATS, ZU_COLUMN, ZU_FIELDS, float_bits)
 from regkern.reference import admm as _reference

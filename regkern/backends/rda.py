@@ -1,11 +1,11 @@
 """Kernel dispatch of the `rda` family (L1 regularized dual averaging, docs/rda.md).
 
-Same scheme as the sgd family in ``regkern.backend`` (``RDAPlan`` is a
+Same scheme as the sgd family in ``regkern.backends.sgd`` (``RDAPlan`` is a
 ``TablePlan`` like ``SGDPlan``): CPU tensors go to the C++ extension
 (``regkern._C.rda_step``), CUDA tensors to the Triton kernel
 (``regkern.kernels.rda``), anything else to the reference
 (``regkern.reference.rda``); ``backend=`` or ``REGKERN_BACKEND`` forces one
-(``regkern.backend.choose_backend``).
+(``regkern.backends.dispatch.choose_backend``).
 
 Both fast backends read one int64 metadata table with a row per tensor (see
 ``RDA_FIELDS``), built once per plan. A table holds each tensor's step ``t``,
@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-import regkern.backend as _backend
-from regkern.backend import TablePlan, load_cpp, mask_kind, slow_reason
+import regkern.backends.dispatch as _backend
+from regkern.backends.dispatch import TablePlan, load_cpp, slow_reason
+from regkern.backends.sgd import mask_kind
 from regkern.layouts import DTYPE_CODE, RDA_COLUMN, RDA_FIELDS, float_bits  # noqa: F401
 from regkern.reference import rda as _reference
 from regkern.reference.sgd import num_rows
