@@ -130,7 +130,11 @@ static FusedFn<DT> pick_fused(int lam, bool mask, bool scale) {
 //     vectors, several d terms, no momentum or its first step): d_loop
 //     computes d with every term into a buffer, update_loop steps with it,
 //     piece after piece;
-// then one rounding to the storage dtype. Group lasso leaves the update
+// then one rounding to the storage dtype (bf16 tensors of the one-pass case
+// without grad_scale or group lasso: one_pass on the bf16 storage itself,
+// converting inline, no widened pieces). Per-row streams (lambdas, L1,
+// thresholds) are filled once per row value, not per block, and a linear
+// weight's column lambdas are read in place (TermRunner). Group lasso leaves the update
 // unscaled, reduces each row, then scales it (group_loop, with the clamp and
 // mask), see TermRunner::run (common/term_math.h). The row norms of the stored W are accumulated
 // per block as on the plain path. The block, row and group-lasso machinery
@@ -145,24 +149,27 @@ constexpr int kOneNone = 0, kOneL1 = 1, kOneAdmm = 2, kOneLamCols = 3;
 // or rho (W - target), `coef` holding lam_cols or l1 per element); buf = mu
 // buf + (1 - dampening) d; s = d + mu buf (nesterov) or buf; x = (x - lr s)
 // * keep, buf *= keep; soft threshold (thr per element); clamp to [lo, hi]
-// and the mask again. x holds W on entry, the new W on exit.
-template <bool MASK, int DK, bool LAM, bool PROX1, bool CLAMP>
-static void one_pass(float* __restrict x, const float* __restrict g, float* __restrict buf,
+// and the mask again. x holds W on entry, the new W on exit. T: the storage
+// of x, g, buf, tgt: fp32 (W itself or the widened piece), or bf16 storage
+// read and rounded back inline (the bf16 one-loop path: no widened
+// temporaries, W and buf rounded once as before).
+template <typename T, bool MASK, int DK, bool LAM, bool PROX1, bool CLAMP>
+static void one_pass(T* __restrict x, const T* __restrict g, T* __restrict buf,
                      const float* __restrict lam, const float* __restrict coef,
-                     const float* __restrict tgt, const uint8_t* __restrict keep,
+                     const T* __restrict tgt, const uint8_t* __restrict keep,
                      const float* __restrict thr, int64_t n, const Terms& c) {
   const float wd = c.wd, rho = c.rho, lr = c.lr, mu = c.mu, damp1 = c.damp1, lo = c.lo, hi = c.hi;
   const uint32_t negate = c.negate, wd_m = c.wd_m, nesterov_m = c.nesterov_m;
   (void)lo, (void)hi, (void)rho;
   for (int64_t j = 0; j < n; ++j) {
-    const float wv = x[j];
-    const float gv = f32_from_bits(bits_of(g[j]) ^ negate);  // -g
+    const float wv = ld_f32(x, j);
+    const float gv = f32_from_bits(bits_of(ld_f32(g, j)) ^ negate);  // -g
     float dv = select(wd_m, gv + wd * wv, gv);
     if constexpr (LAM) dv = dv + lam[j] * wv;
     if constexpr (DK == kOneLamCols) dv = dv + coef[j] * wv;
     if constexpr (DK == kOneL1) dv = dv + sign_of(wv) * coef[j];
-    if constexpr (DK == kOneAdmm) dv = dv + rho * (wv - tgt[j]);
-    float b = mu * buf[j] + damp1 * dv;
+    if constexpr (DK == kOneAdmm) dv = dv + rho * (wv - ld_f32(tgt, j));
+    float b = mu * ld_f32(buf, j) + damp1 * dv;
     const float s = select(nesterov_m, dv + mu * b, b);
     float nw = wv - lr * s;
     float k = 1.0f;
@@ -176,19 +183,21 @@ static void one_pass(float* __restrict x, const float* __restrict g, float* __re
       nw = clamped(nw, lo, hi);
       if constexpr (MASK) nw = nw * k;
     }
-    x[j] = nw;
-    buf[j] = b;
+    st_f32(x, j, nw);
+    st_f32(buf, j, b);
   }
 }
 
-typedef void (*OnePassFn)(float*, const float*, float*, const float*, const float*, const float*,
-                          const uint8_t*, const float*, int64_t, const Terms&);
+template <typename T>
+using OnePassFnT = void (*)(T*, const T*, T*, const float*, const float*, const T*, const uint8_t*, const float*,
+                            int64_t, const Terms&);
+typedef OnePassFnT<float> OnePassFn;
 
 // Index (((MASK * 4 + DK) * 2 + LAM) * 2 + PROX1) * 2 + CLAMP.
-template <int... I>
-RK_AI OnePassFn one_pass_for(int i, std::integer_sequence<int, I...>) {
-  static constexpr OnePassFn table[] = {&one_pass<((I / 32) & 1) != 0, (I / 8) & 3, ((I / 4) & 1) != 0,
-                                                  ((I / 2) & 1) != 0, (I & 1) != 0>...};
+template <typename T, int... I>
+RK_AI OnePassFnT<T> one_pass_for(int i, std::integer_sequence<int, I...>) {
+  static constexpr OnePassFnT<T> table[] = {&one_pass<T, ((I / 32) & 1) != 0, (I / 8) & 3, ((I / 4) & 1) != 0,
+                                                      ((I / 2) & 1) != 0, (I & 1) != 0>...};
   return table[i];
 }
 constexpr int kOnePassVariants = 64;
@@ -282,6 +291,7 @@ struct TermsStep : TermRunner<TermsStep<DT>, DT> {
   const Hyper& h;
   Terms c;
   OnePassFn one;    // the one-pass kernel, or null: two passes
+  OnePassFnT<T> one_direct;  // bf16: the one-pass kernel on the storage itself, or null
   DFn dfn;          // two passes: d with the tensor's d terms
   UpdateFn update;  // two passes: the step fed d
   int mom;
@@ -301,13 +311,23 @@ struct TermsStep : TermRunner<TermsStep<DT>, DT> {
     // group lasso clamps after its scale (group_loop), the others in the update
     const bool clamp_now = t.clamp && t.prox != 2;
     one = nullptr;
+    one_direct = nullptr;
     if (mom == 2 && t.polar == nullptr && d_count <= 1) {
       const int dk = t.lam_cols != nullptr ? kOneLamCols
                      : t.l1 != nullptr     ? kOneL1
                      : t.target != nullptr ? kOneAdmm
                                            : kOneNone;
       const int i = ((((mask ? 1 : 0) * 4 + dk) * 2 + (lam ? 1 : 0)) * 2 + (prox1 ? 1 : 0)) * 2 + (clamp_now ? 1 : 0);
-      one = one_pass_for(i, std::make_integer_sequence<int, kOnePassVariants>{});
+      one = one_pass_for<float>(i, std::make_integer_sequence<int, kOnePassVariants>{});
+      // bf16 storage, no grad_scale (its division pass needs fp32 g), not the
+      // group lasso (which needs the unscaled fp32 update): one loop on the
+      // storage, W and buf rounded once in it
+      if constexpr (DT == 1) {
+        if (!h.has_scale && t.prox != 2) {
+          one_direct = one_pass_for<T>(i, std::make_integer_sequence<int, kOnePassVariants>{});
+          this->direct_w = true;
+        }
+      }
     }
     const int f = (h.has_scale ? kDScale : 0) | (lam ? kDLam : 0) | (t.lam_cols != nullptr ? kDLamCols : 0) |
                   (t.l1 != nullptr ? kDL1 : 0) | (t.polar != nullptr ? kDPolar : 0) |
@@ -364,6 +384,13 @@ struct TermsStep : TermRunner<TermsStep<DT>, DT> {
     const float* l1p = this->l1_at(i0, n);
     const float* pp = this->thresholds_at(i0, n);  // soft-threshold thresholds lr * prox_lam[r]
     const uint8_t* kp = this->keep(i0, n);
+    if (one_direct != nullptr) {
+      // bf16 storage, one loop over the block (store_buf: always, outside the group lasso)
+      (void)store_buf;
+      one_direct(w + i0, g + i0, buf + i0, lp, t.lam_cols != nullptr ? lcp : l1p,
+                 tgt != nullptr ? tgt + i0 : nullptr, kp, pp, n, c);
+      return;
+    }
     if constexpr (DT == 0) {
       (void)store_buf;
       kernel(X, g + i0, buf != nullptr ? buf + i0 : nullptr, tgt != nullptr ? tgt + i0 : kZeros, lp, lcp, l1p,

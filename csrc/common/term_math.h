@@ -21,6 +21,21 @@ namespace RK_NS {
 
 using namespace ::regkern::dtype::RK_NS;  // storage conversions (common/dtype_kernel.h)
 
+// One element of a stream stored as fp32 (T float) or bf16 (T uint16_t) as
+// fp32, and back (rounded once): the one-loop bf16 kernels read and write the
+// storage itself, converting inline (no widened temporaries).
+template <typename T>
+RK_AI float ld_f32(const T* __restrict p, int64_t j) {
+  if constexpr (sizeof(T) == 4) return p[j];
+  else return bf16_to_f32(p[j]);
+}
+
+template <typename T>
+RK_AI void st_f32(T* __restrict p, int64_t j, float v) {
+  if constexpr (sizeof(T) == 4) p[j] = v;
+  else p[j] = f32_to_bf16(v);
+}
+
 // m ? a : b for a mask m of all ones or all zeros
 RK_AI float select(uint32_t m, float a, float b) {
   return f32_from_bits((bits_of(a) & m) | (bits_of(b) & ~m));
@@ -333,6 +348,9 @@ struct TermRunner {
   GroupRowFn group_row;  // the same on a piece of one row
   float sqrt_n;
   double acc1 = 0.0, acc2 = 0.0;  // row norms carried across blocks (norms_f32)
+  // Set by a compute that wrote the stored W itself (rounded once, bf16
+  // storage, never under the group lasso): store() then has nothing to do.
+  bool direct_w = false;
 
   TermRunner(const TensorDesc& td, float lr_) : t(td), s(*term_scratch()), lr(lr_) {
     w = static_cast<T*>(t.w);
@@ -351,33 +369,65 @@ struct TermRunner {
     sqrt_n = static_cast<float>(__builtin_sqrt(static_cast<double>(t.row_len)));
   }
 
+  // What a scratch stream holds from an earlier block of this share: its
+  // first n values are all the value of bits `bits` (n = 0: nothing known).
+  // A block inside one row whose value is that one needs no refill (a long
+  // row spans several blocks; a scalar regularizer gives every row the same
+  // value), so the expansions cost nothing on long rows.
+  struct Fill {
+    uint32_t bits = 0;
+    int64_t n = 0;
+  };
+  mutable Fill lam_fill, l1_fill, plam_fill;
+
+  // tmp[0, n) = v, unless `f` says it already holds that.
+  static const float* fill_row(float* tmp, float v, int64_t n, Fill& f) {
+    if (f.n >= n && f.bits == bits_of(v)) return tmp;
+    for (int64_t j = 0; j < n; ++j) tmp[j] = v;
+    f.bits = bits_of(v);
+    f.n = n;
+    return tmp;
+  }
+
   // Per-element values of a per-row stream over [i0, i0 + n) (zeros if absent).
-  const float* per_element(const float* per_row, float* tmp, int64_t i0, int64_t n) const {
+  const float* per_element(const float* per_row, float* tmp, int64_t i0, int64_t n, Fill& f) const {
     if (per_row == nullptr) return kZeros;
     if (t.row_len == 1) return per_row + i0;
+    const int64_t r = i0 / t.row_len;
+    if (i0 + n <= (r + 1) * t.row_len) return fill_row(tmp, per_row[r], n, f);  // inside one row
     expand_rows(per_row, t.row_len, i0, n, tmp);
+    f.n = 0;
     return tmp;
   }
 
   const float* lam_at(int64_t i0, int64_t n) const {
     if (t.lam != nullptr && t.lam_kind == kLamElement) return t.lam + i0;
-    return per_element(t.lam, s.lam, i0, n);
+    return per_element(t.lam, s.lam, i0, n, lam_fill);
   }
 
   const float* lam_cols_at(int64_t i0, int64_t n) const {
     if (t.lam_cols == nullptr) return kZeros;
+    if (t.col_len == 1) {  // a linear weight: inside one row, the values are lam_cols itself
+      const int64_t in_row = i0 % t.row_len;
+      if (in_row + n <= t.row_len) return t.lam_cols + in_row;
+    }
     expand_cols(t.lam_cols, t.cols, t.col_len, t.row_len, i0, n, s.lamc);
     return s.lamc;
   }
 
   const float* l1_at(int64_t i0, int64_t n) const {
-    return t.l1 != nullptr ? per_element(t.l1, s.l1, i0, n) : kZeros;
+    return t.l1 != nullptr ? per_element(t.l1, s.l1, i0, n, l1_fill) : kZeros;
   }
 
   // Soft-threshold thresholds lr * prox_lam[r] (zeros without PROX 1).
   const float* thresholds_at(int64_t i0, int64_t n) const {
     if (t.prox != 1) return kZeros;
+    if (t.row_len > 1) {
+      const int64_t r = i0 / t.row_len;
+      if (i0 + n <= (r + 1) * t.row_len) return fill_row(s.plam, lr * t.prox_lam[r], n, plam_fill);
+    }
     expand_rows_times(t.prox_lam, t.row_len, i0, n, lr, s.plam);
+    plam_fill.n = 0;
     return s.plam;
   }
 
@@ -397,8 +447,11 @@ struct TermRunner {
 
   // Store W (rounded once) from its fp32 values X.
   void store(int64_t i0, int64_t n, const float* X) {
-    if constexpr (DT != 0) narrow_n<DT>(X, w + i0, n);
-    else (void)i0, (void)n, (void)X;
+    if constexpr (DT != 0) {
+      if (!direct_w) narrow_n<DT>(X, w + i0, n);
+    } else {
+      (void)i0, (void)n, (void)X;
+    }
   }
 
   void norms(int64_t i0, int64_t n) {
