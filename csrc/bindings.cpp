@@ -21,9 +21,9 @@
 namespace py = pybind11;
 
 namespace {
-// SUPPORTED_TERMS of the sgd kernel (sgd_kernel.h, each tested in tests/test_sgd_cpp.py).
+// SUPPORTED_TERMS of the sgd kernel (sgd_kernel.h, each tested in tests/backends/test_sgd_cpp.py).
 constexpr const char* kSgdSupportedTerms[] = {"l1", "polar", "admm", "prox", "clamp"};
-// ADAM_TERMS: the same terms in the adam kernel (adam_kernel.h, tests/test_adam_cpp.py).
+// ADAM_TERMS: the same terms in the adam kernel (adam_kernel.h, tests/backends/test_adam_cpp.py).
 constexpr const char* kAdamSupportedTerms[] = {"l1", "polar", "admm", "prox", "clamp"};
 
 template <std::size_t N>

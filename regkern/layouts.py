@@ -2,7 +2,7 @@
 between Python, C++ and Triton: one home, imported by the dispatchers
 (``regkern.backends``) and by the Triton kernels (``regkern.kernels``),
 which import nothing else of regkern. The C++ headers (``csrc/*_table.h``)
-mirror these names; ``tests/test_kernel_tables.py`` checks that they agree.
+mirror these names; ``tests/backends/test_kernel_tables.py`` checks that they agree.
 
 Every table is an int64 tensor with one row per tensor; pointers are raw
 addresses (0 = absent); columns marked "float" hold the bits of a float64

@@ -1,7 +1,16 @@
-"""Session setup shared by the test modules."""
+"""Session setup shared by the test modules.
+
+The test folders mirror the package (``backends/``: every kernel family on
+every backend; ``optim/``; ``prune/``; ``groups/``: groups, heads and
+slicing); the helpers they share (models, optimizer fixtures, kernel cases)
+live here at the top and are importable from every folder.
+"""
 import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # Without a GPU the Triton kernels run on CPU tensors in triton's interpreter,
 # which must be chosen before triton is first imported.

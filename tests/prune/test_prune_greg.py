@@ -8,7 +8,7 @@ import torch
 
 from regkern.prune import GReg1, GReg2, OneShotL1
 from regkern.prune.greg import smallest
-from test_prune_models import (TinyResNet, TinyVGG, example_inputs, make, same_tensors, sgd,  # noqa: F401
+from prune_models import (TinyResNet, TinyVGG, example_inputs, make, same_tensors, sgd,  # noqa: F401
                                snapshot, train_step)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -284,10 +284,10 @@ def test_other_bad_input():
     (GReg2, dict(ratios=0.5, mode="weight", Ku=2, Ks=2, delta=0.1, delta_pick=0.25, pick_ceiling=0.5, tau=0.55)),
 ])
 def test_the_default_fused_backend_follows_the_reference_trajectory(cls, kwargs, monkeypatch):
-    import test_prune_models
+    import prune_models
 
     def run(backend):
-        monkeypatch.setattr(test_prune_models, "BACKEND", backend)
+        monkeypatch.setattr(prune_models, "BACKEND", backend)
         model = make()
         opt = sgd(model)
         s = cls(model, opt, example_inputs(), **kwargs)

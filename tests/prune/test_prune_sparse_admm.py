@@ -7,7 +7,7 @@ import torch
 import regkern
 from regkern.admm import admm_update, kept_count
 from regkern.prune import ADMMPruner, SparseTraining
-from test_prune_models import (BACKEND, TinyVGG, make, roundtrip, same_tensors, sgd,  # noqa: F401
+from prune_models import (BACKEND, TinyVGG, make, roundtrip, same_tensors, sgd,  # noqa: F401
                                snapshot, train_step)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

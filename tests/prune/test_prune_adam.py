@@ -7,7 +7,7 @@ import torch
 
 import regkern
 from regkern.prune import ADMMPruner, GReg1, GReg2, PolarizationPruner, Slimming, SparseTraining
-from test_prune_models import BACKEND, TinyVGG, example_inputs, make, train_step
+from prune_models import BACKEND, TinyVGG, example_inputs, make, train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 X = example_inputs()

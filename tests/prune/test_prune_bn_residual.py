@@ -12,7 +12,7 @@ import regkern
 from models import image_batch, resnet_basic, resnet_bottleneck
 from regkern.prune import PolarizationPruner, Slimming
 from regkern.prune.expand import ChannelExpand, attach_expand
-from test_prune_models import roundtrip, same_tensors
+from prune_models import roundtrip, same_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

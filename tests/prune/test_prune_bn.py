@@ -9,7 +9,7 @@ from torch import nn
 
 import regkern
 from regkern.prune import PolarizationPruner, Slimming, polarization_search, search_threshold
-from test_prune_models import (TinyVGG, example_inputs, make, same_tensors, sgd,  # noqa: F401
+from prune_models import (TinyVGG, example_inputs, make, same_tensors, sgd,  # noqa: F401
                                snapshot, train_step)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,7 +14,7 @@ from torch import nn
 import regkern
 from regkern.prune import GReg1, GReg2, pruned_count
 from regkern.prune.greg import smallest
-from test_prune_models import TinyResNet, TinyVGG, example_inputs, make, sgd  # noqa: F401
+from prune_models import TinyResNet, TinyVGG, example_inputs, make, sgd  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,7 +4,7 @@ import pytest
 
 from regkern.prune import layer_ratios, parse_ratio_string, pruned_count
 from regkern.prune.ratios import layer_stages
-from test_prune_models import TinyVGG, make
+from prune_models import TinyVGG, make
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ import torch
 import regkern
 from regkern.prune import (ADMMPruner, GReg1, GReg2, OneShotL1, PolarizationPruner, Slimming,
                            SparseTraining)
-from test_prune_models import BACKEND, TinyResNet, TinyVGG, example_inputs, make, sgd, train_step
+from prune_models import BACKEND, TinyResNet, TinyVGG, example_inputs, make, sgd, train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
