@@ -8,7 +8,9 @@
 // (sgd.cpp includes them before the regions).
 //
 // Math (regkern/reference/sgd.py), in fp32, one rounding per operation, no FMA
-// contraction (-ffp-contract=off), so fp32 results match torch bit for bit:
+// contraction (-ffp-contract=off), so fp32 results match the reference bit for
+// bit. (torch's CPU SGD computes its `add(x, alpha=a)` steps as one FMA, so
+// torch.optim.SGD differs from both by an ulp here and there.)
 //   g = grad / grad_scale; g = -g if maximize
 //   d = g + wd * W (wd != 0) + lam[r] * W or lam[i] * W (lam per row or element)
 //         + lam_cols[c] * W (c: the element's index along dim 1)
