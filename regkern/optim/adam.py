@@ -10,7 +10,7 @@ from torch.optim.adam import adam as torch_functional_adam
 from regkern.backends.adam import AdamPlan
 from regkern.optim.fused import check_number, group_states, scalar_lr
 from regkern.optim.plan_cache import CachedPlan, prepare_group
-from regkern.optim.regularized import VERSION, RegularizedOptimizer
+from regkern.optim.regularized import RegularizedOptimizer
 from regkern.regularizers import step_options
 from regkern.sharding import local_tensor
 from regkern.terms import STEP_OPTIONS, STEP_STATE, fixed_dtype_state
@@ -114,13 +114,11 @@ class Adam(RegularizedOptimizer):
                             decay=float(group["weight_decay"]) if decoupled_decay else 0.0,
                             amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]),
                             coupled=group["coupling"] == "coupled", grad_scale=grad_scale)
-            cached.mark_written(cached.fast_params)
             cached.save_new_state(self.state)
             if cached.torch_params:
                 _adam_with_torch_ops(cached.torch_params, [self.state[p] for p in cached.torch_params], group,
                                      grad_scale)
-            if cached.norm_params:
-                cached.norm_versions = list(map(VERSION, cached.norm_params))
+            self._group_written(cached)
 
 
 class AdamW(Adam):

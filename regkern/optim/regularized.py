@@ -63,6 +63,14 @@ class RegularizedOptimizer(FusedOptimizer):
                 for reg in regs:
                     reg.before_step(group["params"], states)
 
+    def _group_written(self, cached) -> None:
+        """After a group's step: the version counters of the parameters the
+        kernels wrote through raw pointers advance (as after an in-place torch
+        op), and the row norms the step wrote are recorded as describing them."""
+        cached.mark_written(cached.fast_params)
+        if cached.norm_params:
+            cached.norm_versions = list(map(VERSION, cached.norm_params))
+
     def current_row_norms(self, param: Tensor) -> Optional[Tensor]:
         """``state[param]["row_norms"]`` while it describes the current weights:
         the last step wrote them and nothing has written the parameter since

@@ -9,7 +9,7 @@ from torch import Tensor
 from regkern.backends.sgd import SGDPlan
 from regkern.regularizers import step_options
 from regkern.optim.fused import check_number, group_states, scalar_lr
-from regkern.optim.regularized import VERSION, RegularizedOptimizer
+from regkern.optim.regularized import RegularizedOptimizer
 from regkern.optim.plan_cache import CachedPlan, prepare_group
 from regkern.optim.torch_path import check_sgd_with_torch_ops, sgd_with_torch_ops
 from regkern.sharding import local_tensor
@@ -94,14 +94,12 @@ class SGD(RegularizedOptimizer):
                             dampening=group["dampening"], nesterov=group["nesterov"],
                             weight_decay=group["weight_decay"], maximize=group["maximize"],
                             grad_scale=grad_scale)
-            cached.mark_written(cached.fast_params)
             for p, buf in cached.new_bufs:
                 self.state[p]["momentum_buffer"] = buf
             if cached.torch_params:
                 sgd_with_torch_ops(cached.torch_params, [self.state[p] for p in cached.torch_params], group,
                                    grad_scale)
-            if cached.norm_params:
-                cached.norm_versions = list(map(VERSION, cached.norm_params))
+            self._group_written(cached)
 
 
 class _GroupPlan(CachedPlan):
