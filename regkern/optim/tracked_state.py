@@ -8,7 +8,7 @@ clock and the next step rebuilds and re-checks the plan.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable
+from typing import Any, Iterable
 
 
 class Clock:
