@@ -282,7 +282,6 @@ void admm_select(int64_t* table, int64_t num_tensors, int num_threads) {
   }
 }
 
-int admm_zu_num_fields() { return zu_col::NUM_FIELDS; }
 
 void admm_check_zu_table(const int64_t* table, int64_t num_tensors) {
   admm_detail::check_zu_table(table, num_tensors);
@@ -291,7 +290,6 @@ void admm_check_zu_table(const int64_t* table, int64_t num_tensors) {
 void admm_check_sas_table(const int64_t* table, int64_t num_tensors) {
   for (int64_t i = 0; i < num_tensors; ++i) admm_detail::check_sas_row(table + i * sas_col::NUM_FIELDS, i);
 }
-int sas_admm_num_fields() { return sas_col::NUM_FIELDS; }
 
 void admm_scores(const int64_t* table, int64_t num_tensors, int num_threads) {
   admm_detail::check_zu_table(table, num_tensors);  // before anything is written

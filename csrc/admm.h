@@ -37,10 +37,6 @@ void sas_admm_step(const int64_t* table, int64_t num_tensors, int num_threads);
 void admm_check_zu_table(const int64_t* table, int64_t num_tensors);
 void admm_check_sas_table(const int64_t* table, int64_t num_tensors);
 
-// Columns per table row this build expects (admm_table.h), so the bindings
-// can refuse a table built for another layout.
-int admm_zu_num_fields();
-int sas_admm_num_fields();
 
 namespace admm_detail {
 

@@ -33,10 +33,11 @@ py::tuple str_tuple(const char* const (&items)[N]) {
   return out;
 }
 
-// Refuse a table built for another column layout than this build's.
-void check_admm_fields(const char* which, int got, int expected) {
+// Refuse a table built for another column layout than this build's (every
+// entry point takes the table's column count for this check).
+void check_fields(const char* family, int got, int expected) {
   if (got != expected)
-    throw py::value_error(std::string("the admm ") + which + " table has " + std::to_string(got) +
+    throw py::value_error(std::string("the ") + family + " table has " + std::to_string(got) +
                           " columns, this build of regkern._C expects " + std::to_string(expected) +
                           "; rebuild with `pip install -e .`");
 }
@@ -73,13 +74,14 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "sgd_step",
-      [](int64_t table_ptr, int64_t num_tensors, double lr, double momentum, double dampening,
+      [](int64_t table_ptr, int64_t num_tensors, int num_fields, double lr, double momentum, double dampening,
          bool nesterov, double weight_decay, bool maximize, double grad_scale, int num_threads) {
+        check_fields("sgd", num_fields, regkern::sgd_col::NUM_FIELDS);
         py::gil_scoped_release release;
         regkern::sgd_step(reinterpret_cast<const int64_t*>(table_ptr), num_tensors, lr, momentum,
                           dampening, nesterov, weight_decay, maximize, grad_scale, num_threads);
       },
-      py::arg("table_ptr"), py::arg("num_tensors"), py::arg("lr"), py::arg("momentum"),
+      py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"), py::arg("lr"), py::arg("momentum"),
       py::arg("dampening"), py::arg("nesterov"), py::arg("weight_decay"), py::arg("maximize"),
       py::arg("grad_scale"), py::arg("num_threads"),
       "One fused SGD step over every tensor of the int64 metadata table at `table_ptr` "
@@ -88,14 +90,16 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "adam_step",
-      [](int64_t table_ptr, int64_t num_tensors, double lr, double beta1, double beta2, double eps,
+      [](int64_t table_ptr, int64_t num_tensors, int num_fields, double lr, double beta1, double beta2, double eps,
          double weight_decay, double decay, bool amsgrad, bool maximize, bool coupled, double grad_scale,
          int num_threads) {
+        check_fields("adam", num_fields, regkern::adam_col::NUM_FIELDS);
         py::gil_scoped_release release;
         regkern::adam_step(reinterpret_cast<const int64_t*>(table_ptr), num_tensors, lr, beta1, beta2, eps,
                            weight_decay, decay, amsgrad, maximize, coupled, grad_scale, num_threads);
       },
-      py::arg("table_ptr"), py::arg("num_tensors"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
+      py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"), py::arg("lr"), py::arg("beta1"),
+      py::arg("beta2"),
       py::arg("eps"), py::arg("weight_decay"), py::arg("decay"), py::arg("amsgrad"), py::arg("maximize"),
       py::arg("coupled"), py::arg("grad_scale"), py::arg("num_threads"),
       "One fused Adam / AdamW step (regkern.reference.adam_step) over every tensor of the int64 "
@@ -137,10 +141,7 @@ PYBIND11_MODULE(_C, m) {
       "rda_step",
       [](int64_t table_ptr, int64_t num_tensors, int num_fields, bool maximize, double grad_scale,
          int num_threads) {
-        if (num_fields != regkern::rda_num_fields())
-          throw py::value_error("the rda table has " + std::to_string(num_fields) + " columns, this build of "
-                                "regkern._C expects " + std::to_string(regkern::rda_num_fields()) +
-                                "; rebuild with `pip install -e .`");
+        check_fields("rda", num_fields, regkern::rda_col::NUM_FIELDS);
         py::gil_scoped_release release;
         regkern::rda_step(reinterpret_cast<const int64_t*>(table_ptr), num_tensors, maximize, grad_scale,
                           num_threads);
@@ -154,7 +155,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "admm_scores",
       [](int64_t table_ptr, int64_t num_tensors, int num_fields, int num_threads) {
-        check_admm_fields("zu", num_fields, regkern::admm_zu_num_fields());
+        check_fields("zu", num_fields, regkern::zu_col::NUM_FIELDS);
         py::gil_scoped_release release;
         regkern::admm_scores(reinterpret_cast<const int64_t*>(table_ptr), num_tensors, num_threads);
       },
@@ -167,7 +168,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "admm_select",
       [](int64_t table_ptr, int64_t num_tensors, int num_fields, int num_threads) {
-        check_admm_fields("zu", num_fields, regkern::admm_zu_num_fields());
+        check_fields("zu", num_fields, regkern::zu_col::NUM_FIELDS);
         py::gil_scoped_release release;
         regkern::admm_select(reinterpret_cast<int64_t*>(table_ptr), num_tensors, num_threads);
       },
@@ -179,7 +180,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "admm_zu",
       [](int64_t table_ptr, int64_t num_tensors, int num_fields, int num_threads) {
-        check_admm_fields("zu", num_fields, regkern::admm_zu_num_fields());
+        check_fields("zu", num_fields, regkern::zu_col::NUM_FIELDS);
         py::gil_scoped_release release;
         regkern::admm_zu(reinterpret_cast<const int64_t*>(table_ptr), num_tensors, num_threads);
       },
@@ -190,7 +191,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "sas_admm_step",
       [](int64_t table_ptr, int64_t num_tensors, int num_fields, int num_threads) {
-        check_admm_fields("sas", num_fields, regkern::sas_admm_num_fields());
+        check_fields("sas", num_fields, regkern::sas_col::NUM_FIELDS);
         py::gil_scoped_release release;
         regkern::sas_admm_step(reinterpret_cast<const int64_t*>(table_ptr), num_tensors, num_threads);
       },
@@ -202,27 +203,26 @@ PYBIND11_MODULE(_C, m) {
   // anything else (the entry points above make them anyway).
   m.def(
       "check_sgd_table",
-      [](int64_t table_ptr, int64_t num_tensors, double momentum) {
+      [](int64_t table_ptr, int64_t num_tensors, int num_fields, double momentum) {
+        check_fields("sgd", num_fields, regkern::sgd_col::NUM_FIELDS);
         regkern::sgd_check_table(reinterpret_cast<const int64_t*>(table_ptr), num_tensors, momentum);
       },
-      py::arg("table_ptr"), py::arg("num_tensors"), py::arg("momentum"),
+      py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"), py::arg("momentum"),
       "Raise TableError (a ValueError naming the row, the column and the value) where sgd_step would "
       "refuse the table for a step with this momentum; writes nothing.");
   m.def(
       "check_adam_table",
-      [](int64_t table_ptr, int64_t num_tensors, bool amsgrad) {
+      [](int64_t table_ptr, int64_t num_tensors, int num_fields, bool amsgrad) {
+        check_fields("adam", num_fields, regkern::adam_col::NUM_FIELDS);
         regkern::adam_check_table(reinterpret_cast<const int64_t*>(table_ptr), num_tensors, amsgrad);
       },
-      py::arg("table_ptr"), py::arg("num_tensors"), py::arg("amsgrad"),
+      py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"), py::arg("amsgrad"),
       "Raise TableError (a ValueError naming the row, the column and the value) where adam_step would "
       "refuse the table for a step with this amsgrad; writes nothing.");
   m.def(
       "check_rda_table",
       [](int64_t table_ptr, int64_t num_tensors, int num_fields) {
-        if (num_fields != regkern::rda_num_fields())
-          throw py::value_error("the rda table has " + std::to_string(num_fields) + " columns, this build of "
-                                "regkern._C expects " + std::to_string(regkern::rda_num_fields()) +
-                                "; rebuild with `pip install -e .`");
+        check_fields("rda", num_fields, regkern::rda_col::NUM_FIELDS);
         regkern::rda_check_table(reinterpret_cast<const int64_t*>(table_ptr), num_tensors);
       },
       py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"),
@@ -230,7 +230,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "check_zu_table",
       [](int64_t table_ptr, int64_t num_tensors, int num_fields) {
-        check_admm_fields("zu", num_fields, regkern::admm_zu_num_fields());
+        check_fields("zu", num_fields, regkern::zu_col::NUM_FIELDS);
         regkern::admm_check_zu_table(reinterpret_cast<const int64_t*>(table_ptr), num_tensors);
       },
       py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"),
@@ -238,7 +238,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "check_sas_table",
       [](int64_t table_ptr, int64_t num_tensors, int num_fields) {
-        check_admm_fields("sas", num_fields, regkern::sas_admm_num_fields());
+        check_fields("sas", num_fields, regkern::sas_col::NUM_FIELDS);
         regkern::admm_check_sas_table(reinterpret_cast<const int64_t*>(table_ptr), num_tensors);
       },
       py::arg("table_ptr"), py::arg("num_tensors"), py::arg("num_fields"),

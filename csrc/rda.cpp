@@ -110,8 +110,6 @@ Desc decode(const int64_t* row) {
 }  // namespace
 }  // namespace rda_detail
 
-int rda_num_fields() { return rda_col::NUM_FIELDS; }
-
 void rda_check_table(const int64_t* table, int64_t num_tensors) {
   for (int64_t i = 0; i < num_tensors; ++i) rda_detail::check_row(table + i * rda_col::NUM_FIELDS, i);
 }

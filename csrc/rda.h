@@ -17,10 +17,6 @@ void rda_step(const int64_t* table, int64_t num_tensors, bool maximize, double g
 // throws TableError on the first row it refuses.
 void rda_check_table(const int64_t* table, int64_t num_tensors);
 
-// Columns per table row this build expects (rda_table.h), so the binding
-// can refuse a table built for another layout.
-int rda_num_fields();
-
 namespace rda_detail {
 
 // Options of one call.

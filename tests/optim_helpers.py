@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from regkern.backends.dispatch import load_cpp
+from regkern.backends.backend import load_cpp
 
 # Every backend that can step CPU tensors here. The C++ extension is part of
 # the install: its absence is a failure, not a skip.

@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from regkern.backends.dispatch import _describe, _Launch, load_cpp
+from regkern.backends.dispatch import _describe
 from regkern.backends.sgd import SGDPlan, _ptr, build_sgd_table
 from regkern.layouts import ADAM_FIELDS, SGD_COLUMN, SGD_FIELDS
 from regkern.reference.adam import adam_step as reference_adam_step
@@ -34,15 +34,6 @@ def build_adam_table(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step
                          for m, v, vmax, step in zip(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)],
                         dtype=torch.int64).reshape(count, len(ADAM_FIELDS) - len(SGD_FIELDS))
     return torch.cat([head, tail], dim=1)
-
-
-def load_triton_adam():
-    """The Triton kernels of the family, or None when triton is not installed."""
-    try:
-        from regkern.kernels import adam as triton_adam
-    except ImportError:
-        return None
-    return triton_adam
 
 
 def check_adam_state(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) -> None:
@@ -66,6 +57,8 @@ class AdamPlan(SGDPlan):
     the step advances; ``lams``, ``masks``, ``norms`` and ``terms`` as for
     ``SGDPlan``."""
 
+    family = "adam"
+
     def __init__(self, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lams=None, masks=None, norms=None,
                  backend=None, warn=None, **terms):
         count = len(params)
@@ -77,9 +70,8 @@ class AdamPlan(SGDPlan):
         self.amsgrad = all(vmax is not None for vmax in max_exp_avg_sqs) and count > 0
         super().__init__(params, None, lams, masks, norms, backend, warn, **terms)
 
-    def _kernel_terms(self) -> set:
-        module = load_cpp() if self.backend == "cpp" else load_triton_adam() if self.backend == "triton" else None
-        return set(getattr(module, "ADAM_TERMS", ()))
+    def _check_args(self, momentum: float) -> tuple:
+        return (self.amsgrad,)
 
     def _state_tensors(self, i: int) -> tuple:
         return tuple(self.moments[i][:3])
@@ -93,15 +85,6 @@ class AdamPlan(SGDPlan):
                                 [c[2] for c in cols], [c[3] for c in cols], [c[4] for c in cols],
                                 **{k: pick(v) for k, v in self.terms.items()})
 
-    def _triton(self):
-        return load_triton_adam()
-
-    def _check_triton_table(self, launch: _Launch) -> None:
-        load_triton_adam().check_table(launch.table, launch.dtype, self.amsgrad)
-
-    def _check_cpp_table(self, launch: _Launch, momentum: float) -> None:
-        load_cpp().check_adam_table(launch.table.data_ptr(), launch.table.shape[0], self.amsgrad)
-
     def run(self, grads: Sequence[Tensor], *, lr, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
             weight_decay: float = 0.0, decay: float = 0.0, amsgrad: bool = False, maximize: bool = False,
             coupled: bool = False, grad_scale: Optional[Tensor] = None,
@@ -109,21 +92,13 @@ class AdamPlan(SGDPlan):
         """Apply the step with gradients from ``checked_grads``."""
         if amsgrad and not self.amsgrad:
             raise ValueError("amsgrad needs a max_exp_avg_sq for every parameter; build the plan with max_exp_avg_sqs")
-        if found_inf is not None and self.backend != "triton" and bool(found_inf.item()):
+        if self.backend.skips(found_inf):
             return
         options = dict(beta1=float(beta1), beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay),
                        decay=float(decay), amsgrad=bool(amsgrad), maximize=bool(maximize), coupled=bool(coupled))
         for launch in self.launches:  # first: a kernel refuses its table before writing anything
             launch.patch_grads(grads, SGD_COLUMN["GRAD"])
-            table = launch.table
-            if self.backend == "cpp":
-                scale = 1.0 if grad_scale is None else float(grad_scale)
-                load_cpp().adam_step(table.data_ptr(), table.shape[0], float(lr), options["beta1"], options["beta2"],
-                                     options["eps"], options["weight_decay"], options["decay"], options["amsgrad"],
-                                     options["maximize"], options["coupled"], scale, torch.get_num_threads())
-            else:
-                load_triton_adam().adam_step(table.to(self.device), launch.dtype, lr=lr, grad_scale=grad_scale,
-                                             found_inf=found_inf, units=launch.units, **options)
+            self.backend.run(self.family, launch, lr=lr, **options, grad_scale=grad_scale, found_inf=found_inf)
         if self.slow_index:
             pick = lambda values: [values[i] for i in self.slow_index]  # noqa: E731
             cols = pick(self.columns)

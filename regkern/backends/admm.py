@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 import regkern.backends.dispatch as _backend
-from regkern.backends.dispatch import FAST_DTYPES, choose_backend, load_cpp
+from regkern.backends.backend import Backend, CppBackend, TritonBackend, choose_backend
+from regkern.backends.dispatch import FAST_DTYPES, TablePlan, _Launch
 from regkern.layouts import (DTYPE_CODE, MODE_ELEMENT, MODE_ROWS, MODE_SOFT, SAS_COLUMN, SAS_FIELDS,  # noqa: F401
                              SAS_FLOATS, ZU_COLUMN, ZU_FIELDS, float_bits)
 from regkern.reference import admm as _reference
@@ -41,15 +42,6 @@ from regkern.reference.sgd import num_rows
 
 _INF_BITS = float_bits(math.inf)
 _MINUS_ONE_BITS = float_bits(-1.0)
-
-
-def load_triton_admm():
-    """The Triton admm kernel module, or None when triton is not installed."""
-    try:
-        from regkern.kernels import admm as triton_admm
-    except ImportError:
-        return None
-    return triton_admm
 
 
 def _describe(t: Tensor) -> str:
@@ -168,14 +160,14 @@ def element_thresholds(scores: Sequence[Tensor], keeps: Sequence[int]):
     return values, cuts
 
 
-class _ZULaunch:
-    """One C++ call or Triton launch of both Z/U passes: a table over some tensors."""
+class _ZULaunch(_Launch):
+    """The update pass of the Z/U update over some tensors (one C++ call or
+    Triton launch); ``scoring`` is its score pass over the same table."""
 
-    def __init__(self, dtype, index, table, score_units, units):
-        self.dtype, self.index, self.table = dtype, index, table
-        self.score_units, self.units = score_units, units
-        self.columns = table.numpy()
+    def __init__(self, dtype, index, table):
+        super().__init__(dtype, index, table)
         self.scored = bool((self.columns[:, ZU_COLUMN["SCORES"]] != 0).any())
+        self.scoring = _Launch(dtype, index, table)
         self.scratch = None  # buffers the table points into, kept alive until the update pass
 
 
@@ -197,7 +189,7 @@ def admm_zu_step(params: Sequence[Tensor], zs: Sequence[Tensor], us: Sequence[Te
         return
     device = params[0].device
     backend = choose_backend(device, backend)
-    fast = [backend != "reference" and _zu_fast(*c) for c in zip(params, zs, us, targets)]
+    fast = [backend.fast and _zu_fast(*c) for c in zip(params, zs, us, targets)]
     slow = [i for i, f in enumerate(fast) if not f]
     modes = [MODE_SOFT if t is not None else MODE_ROWS if r else MODE_ELEMENT for t, r in zip(taus, by_rows)]
     launches = []
@@ -208,17 +200,18 @@ def admm_zu_step(params: Sequence[Tensor], zs: Sequence[Tensor], us: Sequence[Te
         _reference.admm_zu_step(pick(params), pick(zs), pick(us), pick(targets), keep=pick(keeps),
                                 rows=pick(by_rows), tau=pick(taus))
     for launch in launches:
-        _run_zu(launch, backend, scoring=False)
+        backend.run("admm", launch, kernel="admm_zu")
 
 
-def _zu_launches(params, zs, us, targets, modes, keeps, taus, fast, backend, device) -> List[_ZULaunch]:
+def _zu_launches(params, zs, us, targets, modes, keeps, taus, fast, backend: Backend, device) -> List[_ZULaunch]:
     """Tables of the fast tensors, scored and selected (nothing of theirs is written yet)."""
     index = [i for i, f in enumerate(fast) if f]
     # scratch: scores of the tensors that need a selection, the row-keep flags of row tensors
     scored = {i for i in index if modes[i] != MODE_SOFT
               and 0 < keeps[i] < (num_rows(params[i]) if modes[i] == MODE_ROWS else params[i].numel())}
-    # element scores: only the torch selection (Triton) reads them; the C++ one computes its own
-    element = [i for i in index if i in scored and modes[i] == MODE_ELEMENT and backend != "cpp"]
+    # element scores: only the selection in torch reads them; the C++ extension selects on its own
+    selects_itself = isinstance(backend, CppBackend)
+    element = [i for i in index if i in scored and modes[i] == MODE_ELEMENT and not selects_itself]
     scored_rows = [i for i in index if i in scored and modes[i] == MODE_ROWS]
     row_wise = scored_rows + [i for i in index if modes[i] == MODE_ROWS and i not in scored]  # scored first
     scores, row_keeps = [None] * len(params), [None] * len(params)
@@ -235,30 +228,24 @@ def _zu_launches(params, zs, us, targets, modes, keeps, taus, fast, backend, dev
         if scores[i] is None:  # all rows or none
             row_keeps[i].fill_(keeps[i] > 0)
 
-    groups = {None: index} if backend == "cpp" else {
-        dtype: [i for i in index if params[i].dtype == dtype] for dtype in FAST_DTYPES}
-    triton = load_triton_admm() if backend == "triton" else None
     launches = []
-    for dtype, mine in groups.items():
+    for dtype, mine in backend.launch_groups(index, [p.dtype for p in params]).items():
         if not mine:
             continue
         pick = lambda values: [values[i] for i in mine]  # noqa: E731
         table = build_zu_table(pick(params), pick(zs), pick(us), pick(targets), pick(modes), pick(keeps),
                                pick(taus), pick(scores), pick(row_keeps))
-        score_units = units = None
-        if triton is not None:
-            score_units, units = triton.zu_units(table)
-            score_units, units = score_units.to(device), units.to(device)
-        launch = _ZULaunch(dtype, mine, table, score_units, units)
+        launch = _ZULaunch(dtype, mine, table)
+        if isinstance(backend, TritonBackend):  # a work list per pass
+            launch.scoring.units, launch.units = (u.to(device) for u in backend.kernels("admm").zu_units(table))
         launch.scratch = keep_flags  # read by the update pass
         launches.append(launch)
     for launch in launches:
         if launch.scored:
-            _run_zu(launch, backend, scoring=True)
-    if backend == "cpp":
+            backend.run("admm", launch.scoring, kernel="admm_scores")
+    if selects_itself:
         if scored:
-            table = launches[0].table
-            load_cpp().admm_select(table.data_ptr(), table.shape[0], table.shape[1], torch.get_num_threads())
+            backend.run("admm", launches[0], kernel="admm_select")
         return launches
 
     # selection in torch: thresholds of element tensors (on the device), row flags (on the CPU: tiny)
@@ -278,20 +265,6 @@ def _zu_launches(params, zs, us, targets, modes, keeps, taus, fast, backend, dev
             if i in selected:
                 launch.columns[row, ZU_COLUMN["THRESHOLD"]], launch.columns[row, ZU_COLUMN["CUT"]] = selected[i]
     return launches
-
-
-def _run_zu(launch: _ZULaunch, backend: str, scoring: bool) -> None:
-    table = launch.table
-    if backend == "cpp":
-        run = load_cpp().admm_scores if scoring else load_cpp().admm_zu
-        run(table.data_ptr(), table.shape[0], table.shape[1], torch.get_num_threads())
-    else:
-        triton = load_triton_admm()
-        device = launch.units.device
-        if scoring:
-            triton.admm_scores(table.to(device), launch.dtype, units=launch.score_units)
-        else:
-            triton.admm_zu(table.to(device), launch.dtype, units=launch.units)
 
 
 # =========================================================================== SAS-ADMM
@@ -343,13 +316,15 @@ def sas_float_columns(coefficients: Sequence[_reference.SASCoefficients]) -> np.
     return np.stack([rows[id(c)] if id(c) in rows else rows.setdefault(id(c), row(c)) for c in coefficients])
 
 
-class _SASLaunch:
-    def __init__(self, dtype, index, table, units):
-        self.dtype, self.index, self.table, self.units = dtype, index, table, units
-        self.columns = table.numpy()
+def _sas_slow_reason(w: Tensor, state: Sequence[Tensor]) -> Optional[str]:
+    if w.dtype not in FAST_DTYPES:
+        return f"its dtype {str(w.dtype).replace('torch.', '')} has no fused kernel"
+    if not all(_dense_like(t, w) for t in state):
+        return "it or its SAS-ADMM state is not one dense block of memory laid out alike"
+    return None
 
 
-class SASPlan:
+class SASPlan(TablePlan):
     """The validated, static part of a SAS-ADMM step over tensors on one device.
 
     Parameters and their state (W, W_breve, anchor, Z, U) are checked and the
@@ -360,46 +335,22 @@ class SASPlan:
     go to the reference, and ``warn(i, reason)`` is told.
     """
 
+    family = "sas_admm"
+
     def __init__(self, params, ws, w_breves, anchors, zs, us, backend=None, warn=None):
         count = len(params)
         if not all(len(x) == count for x in (ws, w_breves, anchors, zs, us)):
             raise ValueError("params and every SAS-ADMM state list must have one entry per parameter")
         check_sas_state(params, ws, w_breves, anchors, zs, us)
-        self.params = list(params)
-        self.shapes = [p.shape for p in params]
-        self.dtypes = [p.dtype for p in params]
-        self.strides = None if all(p.is_contiguous() for p in params) else [p.stride() for p in params]
+        self._place(params, backend)
         self.columns = list(zip(params, ws, w_breves, anchors, zs, us))
-        self.device = params[0].device if count else torch.device("cpu")
-        self.backend = choose_backend(self.device, backend) if count else "reference"
-        fast = [self.backend != "reference" and c[0].dtype in FAST_DTYPES
-                and all(_dense_like(t, c[0]) for t in c[1:]) for c in self.columns]
-        for i, (f, c) in enumerate(zip(fast, self.columns)):
-            if not f and self.backend != "reference" and warn is not None:
-                warn(i, f"its dtype {str(c[0].dtype).replace('torch.', '')} has no fused kernel"
-                     if c[0].dtype not in FAST_DTYPES else
-                     "it or its SAS-ADMM state is not one dense block of memory laid out alike")
-        self.slow_index = [i for i, f in enumerate(fast) if not f]
-        self.launches: List[_SASLaunch] = []
-        groups = {None: [i for i, f in enumerate(fast) if f]} if self.backend == "cpp" else {
-            dtype: [i for i, f in enumerate(fast) if f and params[i].dtype == dtype] for dtype in FAST_DTYPES}
-        for dtype, index in groups.items():
-            if not index:
-                continue
-            p, w, wb, anchor, z, u = zip(*(self.columns[i] for i in index))
-            table = build_sas_table(p, p, w, wb, anchor, z, u)  # gradients patched in per step
-            units = None
-            if self.backend == "triton":
-                units = load_triton_admm().build_units(table[:, SAS_COLUMN["NUMEL"]]).to(self.device)
-            if self.backend == "triton":  # once, on the CPU table: a device table is not read back per step
-                load_triton_admm().check_sas_table(table, dtype)
-            self.launches.append(_SASLaunch(dtype, None if len(index) == count else index, table, units))
+        fast = self._route([_sas_slow_reason(c[0], c[1:]) for c in self.columns], warn)
+        self._split(fast, self._table,
+                    lambda table: self.backend.kernels(self.family).build_units(table[:, SAS_COLUMN["NUMEL"]]))
 
-    def checked_grads(self, grads: Sequence[Tensor]) -> List[Tensor]:
-        """``grads`` ready for ``run``; ``ValueError`` on gradients that cannot
-        be stepped. A gradient in another layout than its parameter is copied
-        into the parameter's layout."""
-        return _backend.checked_grads(self.params, self.shapes, self.dtypes, self.strides, grads)
+    def _table(self, index: List[int]) -> Tensor:
+        p, w, wb, anchor, z, u = zip(*(self.columns[i] for i in index))
+        return build_sas_table(p, p, w, wb, anchor, z, u)  # gradients patched in per step
 
     def run(self, grads: Sequence[Tensor], coefficients) -> None:
         """Apply the step with gradients from ``checked_grads``; ``coefficients``:
@@ -413,16 +364,9 @@ class SASPlan:
                                      coefficients=[coefs[i] for i in idx])
         floats = sas_float_columns(coefs) if self.launches else None
         for launch in self.launches:
-            index = launch.index
-            mine = grads if index is None else [grads[i] for i in index]
-            cols = launch.columns
-            cols[:, SAS_COLUMN["GRAD"]] = list(map(Tensor.data_ptr, mine))
-            cols[:, SAS_COLUMN["OUTER"]:] = floats if index is None else floats[index]
-            table = launch.table
-            if self.backend == "cpp":
-                load_cpp().sas_admm_step(table.data_ptr(), table.shape[0], table.shape[1], torch.get_num_threads())
-            else:
-                load_triton_admm().sas_admm_step(table.to(self.device), launch.dtype, units=launch.units)
+            launch.patch_grads(grads, SAS_COLUMN["GRAD"])
+            launch.columns[:, SAS_COLUMN["OUTER"]:] = floats if launch.index is None else floats[launch.index]
+            self.backend.run(self.family, launch)
 
 
 def sas_admm_step(params, grads, ws, w_breves, anchors, zs, us, *, coefficients, backend=None) -> None:

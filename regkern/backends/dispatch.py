@@ -1,11 +1,11 @@
-"""Kernel dispatch shared by every family: which backend steps a device's
-tensors, the checks every plan makes on parameters and gradients, and
-``TablePlan``, the plan base of the table-driven families.
+"""Kernel dispatch shared by every family: the checks every plan makes on
+parameters and gradients, and ``TablePlan``, the plan base of the families.
 
-CPU tensors go to the C++ extension (``regkern._C``), CUDA tensors to the
-Triton kernels (``regkern.kernels``), anything else to the pure-torch
-reference. ``backend=`` or the environment variable ``REGKERN_BACKEND``
-(``cpp``, ``triton`` or ``reference``) forces one.
+Each plan steps its tensors with the backend of their device
+(``regkern.backends.backend``): CPU tensors go to the C++ extension
+(``regkern._C``), CUDA tensors to the Triton kernels (``regkern.kernels``),
+anything else to the pure-torch reference. ``backend=`` or the environment
+variable ``REGKERN_BACKEND`` (``cpp``, ``triton`` or ``reference``) forces one.
 
 The fast backends share one metadata format per family, an int64 table with
 one row per tensor (``regkern.layouts``), built once per plan and patched per
@@ -14,79 +14,13 @@ tensor.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-BACKENDS = ("cpp", "triton", "reference")
-
-
-NATIVE_BACKEND = {"cpu": "cpp", "cuda": "triton"}
-
-
-FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-_warned_fallbacks = set()
-
-
-def load_cpp():
-    """The C++ extension, or None when it was not built."""
-    try:
-        import regkern._C as _C
-    except ImportError:
-        return None
-    return _C
-
-
-def load_triton():
-    """The Triton kernels, or None when triton is not installed."""
-    try:
-        from regkern.kernels import sgd as triton_sgd
-    except ImportError:
-        return None
-    return triton_sgd
-
-
-def _warn_fallback(device: torch.device, why: str) -> None:
-    key = (device.type, why)
-    if key not in _warned_fallbacks:
-        _warned_fallbacks.add(key)
-        warnings.warn(f"regkern: {why}; {device.type} tensors are stepped by the pure-torch reference (slower).", stacklevel=4)
-
-
-def choose_backend(device: torch.device, requested: Optional[str] = None) -> str:
-    """The backend for tensors on ``device``: forced by ``requested`` or
-    ``REGKERN_BACKEND``, else C++ on CPU, Triton on CUDA, reference elsewhere."""
-    name = requested or os.environ.get("REGKERN_BACKEND") or "auto"
-    if name == "auto":
-        name = NATIVE_BACKEND.get(device.type)
-        if name is None:
-            _warn_fallback(device, f"no fused kernel exists for {device.type} tensors")
-            return "reference"
-        if name == "cpp" and load_cpp() is None:
-            _warn_fallback(device, "the C++ extension regkern._C is not built (reinstall with `pip install -e .`)")
-            return "reference"
-        if name == "triton" and load_triton() is None:
-            _warn_fallback(device, "triton is not installed")
-            return "reference"
-        return name
-    if name not in BACKENDS:
-        raise ValueError(f"unknown regkern backend {name!r}; choose one of {BACKENDS} or 'auto'")
-    if name == "cpp" and device.type != "cpu":
-        raise ValueError(f"the cpp backend steps CPU tensors only, not {device.type} tensors")
-    if name == "cpp" and load_cpp() is None:
-        raise RuntimeError("the cpp backend was asked for but regkern._C is not built; reinstall with `pip install -e .`")
-    if name == "triton":
-        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-        if device.type != "cuda" and not (interpreted and device.type == "cpu"):
-            raise ValueError(f"the triton backend steps CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), not {device.type} tensors")
-        if load_triton() is None:
-            raise RuntimeError("the triton backend was asked for but triton is not installed")
-    return name
+from regkern.backends.backend import FAST_DTYPES, Backend, ReferenceBackend, _warned_fallbacks, choose_backend
 
 
 def _describe(t: Tensor) -> str:
@@ -178,8 +112,10 @@ def slow_reason(w: Tensor, elementwise: Sequence[Optional[Tensor]], per_row: Seq
 class _Launch:
     """One C++ call or Triton launch: a metadata table over some of a plan's tensors."""
 
-    def __init__(self, dtype, index, table, units):
-        self.dtype, self.index, self.table, self.units = dtype, index, table, units
+    def __init__(self, dtype, index, table):
+        self.dtype, self.index, self.table = dtype, index, table
+        self.units = None  # the Triton work list (Backend.prepare)
+        self.device_table = self.sent = None  # the Triton table on the device, and what it holds
         self.columns = table.numpy()  # a view: per-step patches cost no torch op
         self.firsts = None  # the first-step flags now in the table
 
@@ -200,6 +136,9 @@ class TablePlan:
     metadata table whose gradient pointers a step patches: one C++ call for
     all, or one Triton launch per storage dtype."""
 
+    #: the kernel family (``Backend.run``): its kernels are ``<family>_step``
+    family = ""
+
     def _place(self, params: Sequence[Tensor], backend: Optional[str]) -> None:
         self.params = list(params)
         self.shapes = [p.shape for p in params]
@@ -208,24 +147,23 @@ class TablePlan:
         # asks is_contiguous, which also holds for strides of size-1 dimensions
         self.strides = None if all(p.is_contiguous() for p in params) else [p.stride() for p in params]
         self.device = params[0].device if params else torch.device("cpu")
-        self.backend = choose_backend(self.device, backend) if params else "reference"
+        self.backend: Backend = choose_backend(self.device, backend) if params else ReferenceBackend(self.device)
 
     def _split(self, fast: Sequence[bool], build_table: Callable[[List[int]], Tensor],
-               build_units: Callable[[Tensor], Tensor]) -> None:
+               build_units: Callable[[Tensor], Tensor], *check_args) -> None:
         """Tensor ``i`` goes to the reference unless ``fast[i]``; the others to
-        launches with the table ``build_table(indices)`` and, for Triton, the
-        work list ``build_units(table)`` (kept on the device)."""
+        launches with the table ``build_table(indices)``, made ready by the
+        backend (``Backend.prepare``: the work list ``build_units(table)``, the
+        check of the table with ``check_args``)."""
         count = len(self.params)
         self.slow_index = [i for i, f in enumerate(fast) if not f]
         self.launches: List[_Launch] = []
-        groups = {None: [i for i, f in enumerate(fast) if f]} if self.backend == "cpp" else {
-            dtype: [i for i, f in enumerate(fast) if f and self.dtypes[i] == dtype] for dtype in FAST_DTYPES}
-        for dtype, index in groups.items():
+        for dtype, index in self.backend.launch_groups([i for i, f in enumerate(fast) if f], self.dtypes).items():
             if not index:
                 continue
-            table = build_table(index)
-            units = build_units(table).to(self.device) if self.backend == "triton" else None
-            self.launches.append(_Launch(dtype, None if len(index) == count else index, table, units))
+            launch = _Launch(dtype, None if len(index) == count else index, build_table(index))
+            self.backend.prepare(self.family, launch, build_units, *check_args)
+            self.launches.append(launch)
 
     def checked_grads(self, grads: Sequence[Tensor]) -> List[Tensor]:
         """``grads`` (one per parameter) ready for ``run``; ``ValueError`` on
@@ -236,7 +174,7 @@ class TablePlan:
         """Which tensors the fast kernels take (``reasons[i]`` None); the
         others go to the reference, each announced once through ``warn(i, reason)``
         (a backend forced to "reference" is the caller's choice: no warning)."""
-        if self.backend == "reference":
+        if not self.backend.fast:
             return [False] * len(reasons)
         for i, why in enumerate(reasons):
             if why is not None:

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 import regkern.backends.dispatch as _backend
-from regkern.backends.dispatch import TablePlan, load_cpp, slow_reason
+from regkern.backends.backend import CppBackend, TritonBackend
+from regkern.backends.dispatch import TablePlan, slow_reason
 from regkern.backends.sgd import mask_kind
 from regkern.layouts import DTYPE_CODE, RDA_COLUMN, RDA_FIELDS, float_bits  # noqa: F401
 from regkern.reference import rda as _reference
@@ -39,15 +40,6 @@ from regkern.reference.sgd import num_rows
 # Columns marked "float" hold the bits of a float64.
 _T, _LAM, _GAMMA, _GRAD = (RDA_COLUMN[k] for k in ("T", "LAM", "GAMMA", "GRAD"))
 _FALLBACK_L2 = 1 << 20
-
-
-def load_triton_rda():
-    """The Triton rda kernel module, or None when triton is not installed."""
-    try:
-        from regkern.kernels import rda as triton_rda
-    except ImportError:
-        return None
-    return triton_rda
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,6 +146,8 @@ class RDAPlan(TablePlan):
     and ``warn(i, reason)`` is told.
     """
 
+    family = "rda"
+
     def __init__(self, params, gbars, w0s, masks=None, groups=False, backend=None, warn=None):
         count = len(params)
         masks = list(masks) if masks is not None else [None] * count
@@ -165,23 +159,20 @@ class RDAPlan(TablePlan):
         self.groups = groups
         self.columns = list(zip(params, gbars, w0s, masks))
         fast = self._route([_slow_reason(*c) for c in self.columns], warn)
-        stream = self.backend == "cpp" and streams_w([p for p, f in zip(params, fast) if f])
+        stream = isinstance(self.backend, CppBackend) and streams_w([p for p, f in zip(params, fast) if f])
         self._scratch = []  # per-row sums of squares of the Triton kernel (group tensors)
 
         def table(index):
             cols = [self.columns[i] for i in index]
             scratch = None
-            if self.backend == "triton":
+            if isinstance(self.backend, TritonBackend):
                 scratch = [torch.empty(num_rows(c[0]), dtype=torch.float32, device=self.device)
                            if groups[i] else None for i, c in zip(index, cols)]
                 self._scratch.append(scratch)
             return build_rda_table([c[0] for c in cols], [c[0] for c in cols], [c[1] for c in cols],
                                    [c[2] for c in cols], [c[3] for c in cols], [groups[i] for i in index],
                                    scratch, stream)
-        self._split(fast, table, lambda t: load_triton_rda().build_units(t))
-        if self.backend == "triton":  # once, on the CPU table: a device table is not read back per step
-            for launch in self.launches:
-                load_triton_rda().check_table(launch.table, launch.dtype)
+        self._split(fast, table, lambda t: self.backend.kernels(self.family).build_units(t))
         for launch in self.launches:
             launch.rows = None if launch.index is None else np.asarray(launch.index, dtype=np.int64)
             launch.lam = launch.gamma = None  # the values now in the table
@@ -207,7 +198,7 @@ class RDAPlan(TablePlan):
         else:
             lams = float(lams)
             _check_lam(lams)
-        if found_inf is not None and self.backend != "triton" and bool(found_inf.item()):
+        if self.backend.skips(found_inf):
             return
         if self.slow_index:
             idx = self.slow_index
@@ -229,14 +220,7 @@ class RDAPlan(TablePlan):
             if not (isinstance(mine, float) and mine == launch.lam):
                 cols[:, _LAM] = np.broadcast_to(np.asarray(mine, dtype=np.float64), (len(cols),)).view(np.int64)
                 launch.lam = mine if isinstance(mine, float) else None
-            table = launch.table
-            if self.backend == "cpp":
-                scale = 1.0 if grad_scale is None else float(grad_scale)
-                load_cpp().rda_step(table.data_ptr(), table.shape[0], table.shape[1], bool(maximize), scale,
-                                    torch.get_num_threads())
-            else:
-                load_triton_rda().rda_step(table.to(self.device), launch.dtype, units=launch.units,
-                                           maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
+            self.backend.run(self.family, launch, maximize=bool(maximize), grad_scale=grad_scale, found_inf=found_inf)
 
 
 def rda_step(params: Sequence[Tensor], grads: Sequence[Tensor], gbars: Sequence[Tensor],

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from regkern.backends.dispatch import TablePlan, _describe, _Launch, load_cpp, load_triton, slow_reason
+from regkern.backends.dispatch import TablePlan, _describe, slow_reason
 from regkern.layouts import (DTYPE_CODE, LAM_ELEMENT, LAM_NONE, LAM_ROW, MASK_ELEMENT, MASK_NONE, MASK_ROW,  # noqa: F401
                              SGD_COLUMN, SGD_FIELDS, float_bits)
 from regkern.reference.sgd import sgd_step as reference_sgd_step
@@ -134,12 +134,6 @@ def _terms_used(terms: Dict[str, list], i: int) -> set:
     return {name for name, keys in TERM_KEYWORDS.items() if any(present(k) for k in keys if k in terms)}
 
 
-def kernel_terms(backend: str) -> set:
-    """The regularizer terms a fast backend computes (the rest go to the reference)."""
-    module = load_cpp() if backend == "cpp" else load_triton() if backend == "triton" else None
-    return set(getattr(module, "SGD_TERMS", ()))
-
-
 class SGDPlan(TablePlan):
     """The validated, static part of an ``sgd`` step over tensors on one device.
 
@@ -160,6 +154,8 @@ class SGDPlan(TablePlan):
     lambdas ``lam_cols``.
     """
 
+    family = "sgd"
+
     def __init__(self, params, bufs=None, lams=None, masks=None, norms=None, backend=None, warn=None, **terms):
         count = len(params)
         known = {**TERM_ABSENT, **CORE_ABSENT}
@@ -176,7 +172,7 @@ class SGDPlan(TablePlan):
         check_sgd_state(params, bufs, lams, masks, norms, self.terms)
         self._place(params, backend)
         self.columns = list(zip(params, bufs, lams, masks, norms))
-        supported = self._kernel_terms()
+        supported = self.backend.terms(self.family)
         none = [None] * count
         term = lambda key: self.terms.get(key) or none  # noqa: E731
         # the per-row coefficient vectors users and schedules write: checked finite before a
@@ -204,17 +200,16 @@ class SGDPlan(TablePlan):
                                term("lam_cols")[i] is not None)
         fast = self._route([reason(i) for i in range(count)], warn)
 
-        self._split(fast, self._table, lambda t: self._triton().build_units(t))
-        # what check_coefficients reads itself: all but the C++ launches' vectors (their table check reads those)
+        self._split(fast, self._table, lambda t: self.backend.kernels(self.family).build_units(t),
+                    *self._check_args(float(any(c[1] is not None for c in self.columns))))
+        # what check_coefficients reads itself: all but the vectors of launches whose table check reads them
         slow = set(self.slow_index)
-        self._read_coefficients = [c for c in self.coefficients if self.backend != "cpp" or c[0] in slow]
-        if self.backend == "triton":  # once, on the CPU table: a device table is not read back per step
-            for launch in self.launches:
-                self._check_triton_table(launch)
+        self._read_coefficients = [c for c in self.coefficients if not self.backend.checks_each_call or c[0] in slow]
 
     # -- what differs between the families built on this plan (AdamPlan overrides) --
-    def _kernel_terms(self) -> set:
-        return kernel_terms(self.backend)
+    def _check_args(self, momentum: float) -> tuple:
+        """The step options the family's table check depends on."""
+        return (momentum,)
 
     def _state_tensors(self, i: int) -> tuple:
         """Tensor ``i``'s element-wise state besides the sgd columns (its layout must be W's)."""
@@ -226,16 +221,6 @@ class SGDPlan(TablePlan):
         return build_sgd_table(params, params, bufs, lams, masks, norms, [False] * len(index),
                                **{k: pick(v) for k, v in self.terms.items()})
 
-    def _triton(self):
-        return load_triton()
-
-    def _check_triton_table(self, launch: "_Launch") -> None:
-        momentum = float(any(c[1] is not None for c in self.columns))
-        load_triton().check_table(launch.table, launch.dtype, momentum)
-
-    def _check_cpp_table(self, launch: "_Launch", momentum: float) -> None:
-        load_cpp().check_sgd_table(launch.table.data_ptr(), launch.table.shape[0], float(momentum))
-
     def check_coefficients(self, momentum: float = 0.0) -> None:
         """``ValueError`` if a per-row coefficient vector (``lam`` per row,
         ``lam_cols``, ``l1``, ``prox_lam``) holds NaN or inf, before anything
@@ -245,10 +230,10 @@ class SGDPlan(TablePlan):
         steady step makes no device synchronisation; a write that bypasses
         them, through ``.data`` or numpy, is caught by the C++ and reference
         checks only)."""
-        if self.backend == "cpp":
+        if self.backend.checks_each_call:
             for launch in self.launches:
                 try:
-                    self._check_cpp_table(launch, momentum)
+                    self.backend.check(self.family, launch, *self._check_args(float(momentum)))
                 except ValueError as err:
                     i = launch.pick(range(len(self.params)))[err.row]
                     key = COEFFICIENT_KEYS.get(err.column)
@@ -256,7 +241,7 @@ class SGDPlan(TablePlan):
                         raise ValueError(f"parameter {i} ({_describe(self.params[i])}): {err}") from None
                     self._refuse_coefficient(i, key)
         vectors = self._read_coefficients
-        versions = [t._version for _, _, t in vectors] if self.backend == "triton" else None
+        versions = [t._version for _, _, t in vectors] if self.backend.reads_stall else None
         if versions is not None and versions == self._checked_versions:
             return
         old = self._checked_versions or [None] * len(vectors)
@@ -274,7 +259,7 @@ class SGDPlan(TablePlan):
             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
         """Apply the step with gradients from ``checked_grads``."""
         firsts = [first_step] * len(grads) if isinstance(first_step, bool) else list(first_step)
-        if found_inf is not None and self.backend != "triton" and bool(found_inf.item()):
+        if self.backend.skips(found_inf):
             return
         options = dict(momentum=float(momentum), dampening=float(dampening), nesterov=bool(nesterov),
                        weight_decay=float(weight_decay), maximize=bool(maximize))
@@ -284,15 +269,7 @@ class SGDPlan(TablePlan):
             if flags != launch.firsts:
                 launch.columns[:, SGD_COLUMN["FIRST"]] = flags
                 launch.firsts = flags
-            table = launch.table
-            if self.backend == "cpp":
-                scale = 1.0 if grad_scale is None else float(grad_scale)
-                load_cpp().sgd_step(table.data_ptr(), table.shape[0], float(lr), options["momentum"],
-                                    options["dampening"], options["nesterov"], options["weight_decay"],
-                                    options["maximize"], scale, torch.get_num_threads())
-            else:
-                load_triton().sgd_step(table.to(self.device), launch.dtype, lr=lr, grad_scale=grad_scale,
-                                       found_inf=found_inf, units=launch.units, **options)
+            self.backend.run(self.family, launch, lr=lr, **options, grad_scale=grad_scale, found_inf=found_inf)
         if self.slow_index:
             pick = lambda values: [values[i] for i in self.slow_index]  # noqa: E731
             cols = pick(self.columns)

@@ -298,7 +298,7 @@ def _routing(opt) -> Optional[str]:
             if slow:
                 counts["reference"] = counts.get("reference", 0) + slow
             if len(plan.params) > slow:
-                counts[plan.backend] = counts.get(plan.backend, 0) + len(plan.params) - slow
+                counts[plan.backend.name] = counts.get(plan.backend.name, 0) + len(plan.params) - slow
         return ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     except Exception:  # noqa: BLE001
         return None
@@ -307,10 +307,9 @@ def _routing(opt) -> Optional[str]:
 def backend_note(case: Case, ctx: Context, opt, terms: Sequence[str]) -> str:
     """The note of a regkern row: the backend chosen, the ``terms`` it lacks
     (their tensors go to the reference), and where the tensors went."""
-    from regkern.backends.dispatch import choose_backend
-    from regkern.backends.sgd import kernel_terms
+    from regkern.backends.backend import choose_backend
     chosen = choose_backend(case.device, ctx.backend)
-    missing = sorted(set(terms) - kernel_terms(chosen)) if chosen != "reference" else []
+    missing = sorted(set(terms) - chosen.terms("sgd")) if chosen.fast else []
     note = f"backend {chosen}"
     if missing:
         note += f" (lacks {', '.join(missing)}: {case.set_name} on reference)"
@@ -509,7 +508,7 @@ def machine_info(argv: Sequence[str]) -> Dict[str, object]:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     isa = "regkern._C not built"
     with contextlib.suppress(Exception):
-        from regkern.backends.dispatch import load_cpp
+        from regkern.backends.backend import load_cpp
         cpp = load_cpp()
         if cpp is not None:
             isa = cpp.isa() if hasattr(cpp, "isa") else "regkern._C has no isa()"

@@ -31,7 +31,7 @@ regularizer must move (``RegularizerCase.floor_bytes``). BatchNorm scales are
 the ``bn_scale`` entries of the shape sets (``shapes.bn_scales``); they start
 at 0.5 as in the official recipes. The regkern row's note says which backend
 stepped which tensors: a term the fast kernel lacks
-(``regkern.backends.sgd.kernel_terms``) sends those tensors to the pure-torch
+(``Backend.terms``, ``regkern.backends.backend``) sends those tensors to the pure-torch
 reference.
 """
 from __future__ import annotations
@@ -394,7 +394,7 @@ suite("sas-admm", "one SAS-ADMM step (W_breve, W, W_hat; outer update every M st
 def regkern_zu(case: Case, ctx: Context) -> Prepared:
     try:
         from regkern.admm import admm_update_all
-        from regkern.backends.dispatch import choose_backend
+        from regkern.backends.backend import choose_backend
     except ImportError as e:
         raise Unavailable(f"regkern.admm not importable ({e})") from None
     ws, zs, us, targets, keeps = case.zu_state()

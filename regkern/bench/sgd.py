@@ -50,7 +50,7 @@ def regkern_sgd(case: Case, ctx: Context) -> Prepared:
         opt.state[params[i]]["lam"].copy_(case.lams[i])
     note = ""
     with contextlib.suppress(Exception):  # which kernel actually ran (auto picks by device)
-        from regkern.backends.dispatch import choose_backend
+        from regkern.backends.backend import choose_backend
         note = f"backend {choose_backend(case.device, ctx.backend)}"
     return Prepared(step=opt.step, note=note, keep=(params, opt))
 

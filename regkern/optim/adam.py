@@ -104,7 +104,7 @@ class Adam(RegularizedOptimizer):
         cached.plan.check_coefficients()
         return cached, grads
 
-    def _apply(self, prepared: List[Any], grad_scale: Optional[Tensor]) -> None:
+    def _apply(self, prepared: List[Any], grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         self._before_step()
         for group, (cached, grads) in zip(self.param_groups, prepared):
             decoupled_decay = bool(group["decoupled_weight_decay"])
@@ -113,7 +113,7 @@ class Adam(RegularizedOptimizer):
                             weight_decay=0.0 if decoupled_decay else float(group["weight_decay"]),
                             decay=float(group["weight_decay"]) if decoupled_decay else 0.0,
                             amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]),
-                            coupled=group["coupling"] == "coupled", grad_scale=grad_scale)
+                            coupled=group["coupling"] == "coupled", grad_scale=grad_scale, found_inf=found_inf)
             cached.save_new_state(self.state)
             if cached.torch_params:
                 _adam_with_torch_ops(cached.torch_params, [self.state[p] for p in cached.torch_params], group,
@@ -197,11 +197,6 @@ class _GroupPlan(CachedPlan):
         return (not self.new_state and self.amsgrad == bool(group["amsgrad"])
                 and self.differentiable == bool(group["differentiable"]) and self.regularizer == group["regularizer"]
                 and self.same_inputs(params, clock, backend))
-
-    def checked_grads(self, grads):
-        if self.fast_index is not None:
-            grads = [grads[i] for i in self.fast_index]
-        return self.plan.checked_grads(grads)
 
     def save_new_state(self, state) -> None:
         """Put the moments and step counts this plan created into the optimizer state."""

@@ -97,16 +97,26 @@ class FusedOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
                 with torch.enable_grad():
                     loss = closure()
             found_inf = getattr(self, "found_inf", None)
-            if found_inf is not None and bool(found_inf.item()):
-                return loss  # an overflow step: parameters and state stay as they are
             grad_scale = getattr(self, "grad_scale", None)
             for index, group in enumerate(self.param_groups):  # check everything, write nothing
                 self._check_group(group, f" (param group {index})")
             for group in self.param_groups:
                 self._sync_group(group)
             prepared = [self._prepare(index, group) for index, group in enumerate(self.param_groups)]
-            self._apply(prepared, grad_scale)
+            if found_inf is not None and not self._kernels_skip(prepared):
+                if bool(found_inf.item()):
+                    return loss  # an overflow step: parameters and state stay as they are
+                found_inf = None
+            self._apply(prepared, grad_scale, found_inf)
             return loss
+
+    def _kernels_skip(self, prepared: List[Any]) -> bool:
+        """Whether the step of these prepared groups may leave GradScaler's
+        ``found_inf`` (a device tensor) to the kernels, which skip the step
+        on the device without the host reading it; False (the default): the
+        host reads it first, as a step whose host-side state (step counts,
+        first steps) depends on it must."""
+        return False
 
     def _sync_group(self, group: Dict[str, Any]) -> None:
         """Bring a group's state up to options changed by hand since the last
@@ -117,8 +127,9 @@ class FusedOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         """Check a param group and its gradients and return what ``_apply`` needs; writes nothing."""
 
     @abc.abstractmethod
-    def _apply(self, prepared: List[Any], grad_scale: Optional[Tensor]) -> None:
-        """Step every group from what ``_prepare`` returned."""
+    def _apply(self, prepared: List[Any], grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        """Step every group from what ``_prepare`` returned; ``found_inf``
+        (None unless ``_kernels_skip``) is for the kernels to read."""
 
     def warn_once(self, param: Tensor, reason: str) -> None:
         """One warning per parameter and reason: ``param`` is stepped on a slower path."""

@@ -20,7 +20,10 @@ class CachedPlan:
     """A param group's kernel plan (``self.plan``) with what it was built
     from: the parameters that had gradients, their storage, the state clock
     and the backend asked for. Subclasses build ``self.plan`` and call
-    ``_remember``."""
+    ``_remember``; ``fast_index`` lists the parameters the plan steps when
+    it does not step all of them (None: all)."""
+
+    fast_index: Optional[List[int]] = None
 
     def _remember(self, optimizer, params: Sequence[Tensor]) -> None:
         self.params = list(params)
@@ -38,8 +41,15 @@ class CachedPlan:
         return (clock == self.clock and backend == self.backend and len(params) == len(self.params)
                 and all(map(operator.is_, params, self.params)) and self._pointers(params) == self.pointers)
 
+    def step_fills_state(self) -> bool:
+        """Whether this plan created state that only a step taken fills (a
+        skipped step would leave it undefined)."""
+        return False
+
     def checked_grads(self, grads: Sequence[Tensor]) -> List[Tensor]:
         """The gradients of ``self.params`` ready for the plan; ``ValueError`` if they cannot be stepped."""
+        if self.fast_index is not None:
+            grads = [grads[i] for i in self.fast_index]
         return self.plan.checked_grads(grads)
 
     def mark_written(self, params: Optional[Sequence[Tensor]] = None) -> None:

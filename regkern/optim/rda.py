@@ -92,7 +92,7 @@ class RDA(FusedOptimizer):
                              lambda cached, ps: cached.fits(ps, group["group"], self.state.clock.value, self.backend),
                              lambda ps: _GroupPlan(self, group, ps))
 
-    def _apply(self, prepared: List[Any], grad_scale: Optional[Tensor]) -> None:
+    def _apply(self, prepared: List[Any], grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         for group, (cached, grads) in zip(self.param_groups, prepared):
             if not cached.params:
                 continue

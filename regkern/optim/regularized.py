@@ -63,6 +63,13 @@ class RegularizedOptimizer(FusedOptimizer):
                 for reg in regs:
                     reg.before_step(group["params"], states)
 
+    def _kernels_skip(self, prepared) -> bool:
+        """Every group is stepped by kernels that read ``found_inf`` on the
+        device (``Backend.reads_stall``), with no parameter on the torch-ops
+        path and no new state that only a taken step fills (``CachedPlan.step_fills_state``)."""
+        return all(cached.plan.backend.reads_stall and not cached.torch_params and not cached.step_fills_state()
+                   for cached, _ in prepared)
+
     def _group_written(self, cached) -> None:
         """After a group's step: the version counters of the parameters the
         kernels wrote through raw pointers advance (as after an in-place torch

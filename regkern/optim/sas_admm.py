@@ -132,7 +132,7 @@ class SASADMM(FusedOptimizer):
                              lambda cached, ps: cached.fits(ps, self.state.clock.value, self.backend),
                              lambda ps: _GroupPlan(self, group, ps))
 
-    def _apply(self, prepared: List[Any], grad_scale: Optional[Tensor]) -> None:
+    def _apply(self, prepared: List[Any], grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         for group, (cached, grads) in zip(self.param_groups, prepared):
             if cached.params:
                 cached.plan.run(grads, cached.coefficients(self.state, group))

@@ -87,13 +87,13 @@ class SGD(RegularizedOptimizer):
             check_sgd_with_torch_ops(cached.torch_params, group_states(self, cached.torch_params), group)
         return cached, grads
 
-    def _apply(self, prepared: List[Any], grad_scale: Optional[Tensor]) -> None:
+    def _apply(self, prepared: List[Any], grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         self._before_step()
         for group, (cached, grads) in zip(self.param_groups, prepared):
             cached.plan.run(grads, cached.firsts, lr=scalar_lr(group["lr"]), momentum=group["momentum"],
                             dampening=group["dampening"], nesterov=group["nesterov"],
                             weight_decay=group["weight_decay"], maximize=group["maximize"],
-                            grad_scale=grad_scale)
+                            grad_scale=grad_scale, found_inf=found_inf)
             for p, buf in cached.new_bufs:
                 self.state[p]["momentum_buffer"] = buf
             if cached.torch_params:
@@ -137,12 +137,10 @@ class _GroupPlan(CachedPlan):
                             backend=optimizer.backend, warn=lambda i, why: optimizer.warn_once(params[i], why),
                             **inputs)
 
+    def step_fills_state(self) -> bool:
+        return any(self.firsts)  # new momentum buffers are empty until the first step writes them
+
     def fits(self, params, group: Dict[str, Any], clock: int, backend) -> bool:
         return (not any(self.firsts) and self.momentum == (group["momentum"] != 0)
                 and self.differentiable == bool(group["differentiable"]) and self.regularizer == group["regularizer"]
                 and self.same_inputs(params, clock, backend))
-
-    def checked_grads(self, grads):
-        if self.fast_index is not None:
-            grads = [grads[i] for i in self.fast_index]
-        return self.plan.checked_grads(grads)

@@ -125,7 +125,7 @@ def cpp_step(case, num_threads=2, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, wei
              amsgrad=False, maximize=False, coupled=False, grad_scale=None):
     table = table_of(case, amsgrad)
     # `table` and the tensors stay referenced until the call returns
-    _C.adam_step(table.data_ptr(), len(case["params"]), float(lr), beta1, beta2, eps, weight_decay, decay,
+    _C.adam_step(table.data_ptr(), *table.shape, float(lr), beta1, beta2, eps, weight_decay, decay,
                  amsgrad, maximize, coupled, 1.0 if grad_scale is None else float(grad_scale), num_threads)
 
 
@@ -195,7 +195,7 @@ def test_terms_are_exported():
 
 def test_no_tensors_is_a_no_op():
     table = torch.empty(0, len(ADAM_FIELDS), dtype=torch.int64)
-    _C.adam_step(table.data_ptr(), 0, 0.1, 0.9, 0.999, 1e-8, 0.0, 0.0, False, False, False, 1.0, 2)
+    _C.adam_step(table.data_ptr(), 0, len(ADAM_FIELDS), 0.1, 0.9, 0.999, 1e-8, 0.0, 0.0, False, False, False, 1.0, 2)
 
 
 # --------------------------------------------------------------------------
@@ -340,10 +340,10 @@ def test_bad_table_raises_and_writes_nothing(column, value, amsgrad, refused):
     before = clone(case)
     table[1, ADAM_COLUMN[column]] = value
     with pytest.raises(_C.TableError) as err:
-        _C.adam_step(table.data_ptr(), 2, 0.1, 0.9, 0.999, 1e-8, 0.0, 0.01, amsgrad, False, False, 1.0, 2)
+        _C.adam_step(table.data_ptr(), *table.shape, 0.1, 0.9, 0.999, 1e-8, 0.0, 0.01, amsgrad, False, False, 1.0, 2)
     assert err.value.row == 1 and err.value.column == refused
     with pytest.raises(_C.TableError) as err2:
-        _C.check_adam_table(table.data_ptr(), 2, amsgrad)
+        _C.check_adam_table(table.data_ptr(), *table.shape, amsgrad)
     assert (err2.value.row, err2.value.column) == (1, refused)
     assert "adam table row 1" in str(err.value)
     for what in STATE + ("grads",):
@@ -353,11 +353,11 @@ def test_bad_table_raises_and_writes_nothing(column, value, amsgrad, refused):
 
 def test_check_table_accepts_good_tables_and_empty_tensors():
     case, table = _two_rows(True)
-    _C.check_adam_table(table.data_ptr(), 2, True)
-    _C.check_adam_table(table.data_ptr(), 2, False)
+    _C.check_adam_table(table.data_ptr(), *table.shape, True)
+    _C.check_adam_table(table.data_ptr(), *table.shape, False)
     # a tensor without elements needs no moments and no step count
     empty = torch.empty(0, 3)
     t = build_adam_table([empty], [empty], [None], [None], [None], [None], [None], [None], [None])
-    _C.check_adam_table(t.data_ptr(), 1, True)
-    _C.adam_step(t.data_ptr(), 1, 0.1, 0.9, 0.999, 1e-8, 0.0, 0.01, True, False, False, 1.0, 2)
+    _C.check_adam_table(t.data_ptr(), *t.shape, True)
+    _C.adam_step(t.data_ptr(), *t.shape, 0.1, 0.9, 0.999, 1e-8, 0.0, 0.01, True, False, False, 1.0, 2)
     assert int(t[0, ADAM_COLUMN["DTYPE"]]) == DTYPE_CODE[torch.float32]

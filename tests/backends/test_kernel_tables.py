@@ -85,7 +85,7 @@ class SGDCase:
 
 
 def cpp_sgd(table, momentum=0.9):
-    _C().sgd_step(table.data_ptr(), table.shape[0], 0.1, momentum, 0.0, False, 0.0, False, 1.0, 1)
+    _C().sgd_step(table.data_ptr(), *table.shape, 0.1, momentum, 0.0, False, 0.0, False, 1.0, 1)
 
 
 C = SGD_COLUMN
@@ -383,14 +383,14 @@ def test_cpp_check_entry_points_refuse_like_the_steps_and_write_nothing():
     sgd = SGDCase()
     good = sgd.table()
     before = snapshot(sgd.tensors() + [good])
-    C_.check_sgd_table(good.data_ptr(), good.shape[0], 0.9)
+    C_.check_sgd_table(good.data_ptr(), *good.shape, 0.9)
     assert_unchanged(sgd.tensors() + [good], before)
     table = _patch(sgd.table(), "PROX", 7)
-    refused(lambda: C_.check_sgd_table(table.data_ptr(), table.shape[0], 0.0), sgd.tensors() + [table],
+    refused(lambda: C_.check_sgd_table(table.data_ptr(), *table.shape, 0.0), sgd.tensors() + [table],
             "sgd table row 1 has PROX = 7, which", 1, "PROX")
     table = _patch(sgd.table(), "BUF", 0)
-    C_.check_sgd_table(table.data_ptr(), table.shape[0], 0.0)  # no momentum: no buffer needed
-    refused(lambda: C_.check_sgd_table(table.data_ptr(), table.shape[0], 0.5), sgd.tensors() + [table],
+    C_.check_sgd_table(table.data_ptr(), *table.shape, 0.0)  # no momentum: no buffer needed
+    refused(lambda: C_.check_sgd_table(table.data_ptr(), *table.shape, 0.5), sgd.tensors() + [table],
             "sgd table row 1 has BUF = 0, but a step with momentum needs it", 1, "BUF")
     rda = RDACase()
     table = rda.table()
@@ -410,8 +410,17 @@ def test_cpp_check_entry_points_refuse_like_the_steps_and_write_nothing():
     table[0, S["OUTER"]] = 2
     refused(lambda: C_.check_sas_table(table.data_ptr(), table.shape[0], table.shape[1]), sas.tensors() + [table],
             "sas table row 0 has OUTER = 2, which", 0, "OUTER")
-    with pytest.raises(ValueError, match="the admm sas table has 5 columns"):
-        C_.check_sas_table(table.data_ptr(), table.shape[0], 5)
+    # every entry point refuses a table of another width than its layout's
+    calls = {"sgd": [(C_.sgd_step, (0.1, 0.0, 0.0, False, 0.0, False, 1.0, 1)), (C_.check_sgd_table, (0.0,))],
+             "adam": [(C_.adam_step, (0.1, 0.9, 0.999, 1e-8, 0.0, 0.0, False, False, False, 1.0, 1)),
+                      (C_.check_adam_table, (False,))],
+             "rda": [(C_.rda_step, (False, 1.0, 1)), (C_.check_rda_table, ())],
+             "zu": [(C_.admm_scores, (1,)), (C_.admm_select, (1,)), (C_.admm_zu, (1,)), (C_.check_zu_table, ())],
+             "sas": [(C_.sas_admm_step, (1,)), (C_.check_sas_table, ())]}
+    for name, entry_points in calls.items():
+        for entry, options in entry_points:
+            with pytest.raises(ValueError, match=f"the {name} table has 5 columns, this build"):
+                entry(table.data_ptr(), table.shape[0], 5, *options)
 
 
 def test_cpp_table_layouts_mirror_the_python_ones():

@@ -52,7 +52,7 @@ def cpp_step(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0
                             clamps=clamps, lam_cols=lam_cols)
     scale = 1.0 if grad_scale is None else float(grad_scale)
     # `table` and the tensors stay referenced until the call returns
-    _C.sgd_step(table.data_ptr(), count, float(lr), float(momentum), float(dampening),
+    _C.sgd_step(table.data_ptr(), count, table.shape[1], float(lr), float(momentum), float(dampening),
                 bool(nesterov), float(weight_decay), bool(maximize), scale, num_threads)
 
 
@@ -159,7 +159,7 @@ def test_one_openmp_runtime_shared_with_torch():
 
 
 def test_no_tensors_is_a_no_op():
-    _C.sgd_step(0, 0, 0.1, 0.9, 0.0, False, 0.0, False, 1.0, 2)
+    _C.sgd_step(0, 0, len(SGD_FIELDS), 0.1, 0.9, 0.0, False, 0.0, False, 1.0, 2)
 
 
 # --------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from torch import nn
 import regkern
 from regkern import slicing, terms
 from regkern.backends import sgd as backend
+from regkern.backends.backend import choose_backend
 from regkern.groups import find_groups
 from regkern.optim import torch_path
 from regkern.reference.sgd import sgd_step as reference_sgd_step
@@ -147,7 +148,9 @@ def test_plan_keywords_are_the_declared_ones():
     assert keywords <= set(inspect.signature(reference_sgd_step).parameters)
     assert {kw for kws in terms.TERM_KEYWORDS.values() for kw in kws} == set(terms.TERM_ABSENT)
     for name in CPU_BACKENDS:
-        assert backend.kernel_terms(name) <= set(terms.TERM_KEYWORDS)
+        chosen = choose_backend(torch.device("cpu"), name)
+        for family in ("sgd", "adam"):
+            assert chosen.terms(family) <= set(terms.TERM_KEYWORDS)
     assert set(backend.SGD_FIELDS) >= {e.column for e in terms.SGD_STATE if e.column is not None}
 
 
