@@ -7,28 +7,37 @@ module's head count must drop with it. :class:`Heads` names the projections
 of one attention module; :func:`head_groups` turns it into a
 :class:`~regkern.groups.Group` whose units are heads, or, with grouped-query
 attention, key/value groups (one kv head and the ``num_heads / num_kv_heads``
-query heads that read it), so that the sliced model stays valid.
+query heads that read it), so that the sliced model stays valid. With one
+key/value head (multi-query attention, or grouped-query attention pruned
+down to one kv group) the units are the query heads: the shared k and v rows
+stay. :class:`AttentionFinder` watches a traced forward for attention (a
+product of two computed tensors) and :func:`discovered_heads` writes the
+specs of what it saw, so ``find_groups`` needs no specs on common models.
 
 Layout assumed (the usual one, LLaMA/timm/HF): q rows ``[h * head_dim,
 (h + 1) * head_dim)`` are query head ``h``; k and v rows likewise per kv
 head; query head ``h`` reads kv head ``h // (num_heads / num_kv_heads)``
 (``repeat_kv``, ``repeat_interleave``, SDPA's ``enable_gqa``); o's input
 columns follow the query heads. A fused ``qkv`` Linear holds ``[q; k; v]``
-rows in that order. :func:`head_groups` checks a spec against the model:
-shapes and head-count attributes always; with a Torch-Pruning dependency
-graph, that o's input comes from exactly q, k and v; with example inputs,
-the layout itself (perturbing one unit's rows must change o's input in that
-unit's columns only), which a dependency graph cannot see.
+rows in that order. A projection is an ``nn.Linear`` or Hugging Face's
+``Conv1D`` (GPT-2: the weight transposed, outputs along dim 1).
+:func:`head_groups` checks a spec against the model: shapes and head-count
+attributes always; with a Torch-Pruning dependency graph, that o's input
+comes from exactly q, k and v; with example inputs, the layout itself
+(perturbing one unit's rows must change o's input in that unit's columns
+only), which a dependency graph cannot see.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from regkern.group import Group, Member
+from regkern import hf
+from regkern.group import Group, Member, projection_dims
 from regkern.model_calls import call_model, modes_kept
 
 ModuleRef = Union[str, nn.Module, None]
@@ -49,7 +58,11 @@ class Heads:
     ``heads_attr`` and ``n`` from ``kv_heads_attr`` (set either to ``None``
     when the forward does not read it), and ``n * per_unit`` from each
     ``(attribute, per_unit)`` of ``extra_attributes`` (e.g.
-    ``("all_head_size", 64)``). ``trace_check=False`` skips the dependency
+    ``("all_head_size", 64)``). ``kv_groups_attr``, when the module has it,
+    counts the query heads per kv head (Hugging Face's
+    ``num_key_value_groups``): it stays while whole kv groups go, and drops
+    by one per query head removed with one kv head (multi-query attention,
+    whose units are query heads). ``trace_check=False`` skips the dependency
     graph and layout checks of :func:`head_groups` (shapes and attributes
     are always checked).
     """
@@ -65,6 +78,7 @@ class Heads:
     module: ModuleRef = None
     heads_attr: Optional[str] = "num_heads"
     kv_heads_attr: Optional[str] = "num_kv_heads"
+    kv_groups_attr: Optional[str] = "num_key_value_groups"
     extra_attributes: Tuple[Tuple[str, int], ...] = ()
     trace_check: bool = True
 
@@ -75,7 +89,7 @@ class _Resolved:
 
     spec: Heads
     label: str
-    projections: Dict[str, Tuple[str, nn.Linear]]  # role ("q", "k", "v", "qkv", "o") -> (name, module)
+    projections: Dict[str, Tuple[str, nn.Module]]  # role ("q", "k", "v", "qkv", "o") -> (name, module)
     module_name: str
     num_heads: int
     num_kv_heads: int
@@ -86,23 +100,42 @@ class _Resolved:
     def n_rep(self) -> int:
         return self.num_heads // self.num_kv_heads
 
-    def producers(self) -> List[Tuple[str, nn.Linear]]:
+    @property
+    def single_kv(self) -> bool:
+        """One kv head shared by every query head: the units are query heads."""
+        return self.num_kv_heads == 1 and self.num_heads > 1
+
+    @property
+    def units(self) -> int:
+        return self.num_heads if self.single_kv else self.num_kv_heads
+
+    def producers(self) -> List[Tuple[str, nn.Module]]:
         return [self.projections[r] for r in ("qkv", "q", "k", "v") if r in self.projections]
+
+    def unit_producers(self) -> List[Tuple[str, str, nn.Module]]:
+        """(role, name, module) of the projections whose rows the units own
+        (not the shared k and v of a single kv head)."""
+        return [(r, *self.projections[r]) for r in ("qkv", "q", "k", "v")
+                if r in self.projections and not (self.single_kv and r in ("k", "v"))]
 
     def row_index(self, role: str) -> torch.Tensor:
         """A producer's rows (or, for "o", columns) per unit: int64 ``[units, width]``."""
         d, rep, kv = self.head_dim, self.n_rep, self.num_kv_heads
-        q_rows = torch.arange(kv * rep * d).view(kv, rep * d)  # unit u: query heads u*rep .. u*rep+rep-1
+        per_unit = d if self.single_kv else rep * d  # unit u: query heads u*rep .. u*rep+rep-1
+        q_rows = torch.arange(kv * rep * d).view(-1, per_unit)
         kv_rows = torch.arange(kv * d).view(kv, d)
         if role in ("q", "o"):
             return q_rows
         if role in ("k", "v"):
             return kv_rows
+        if self.single_kv:  # fused qkv: the query rows only
+            return q_rows
         q_size = kv * rep * d
         return torch.cat([q_rows, kv_rows + q_size, kv_rows + q_size + kv * d], dim=1)
 
 
-def _as_specs(heads) -> List[Heads]:
+def as_specs(heads) -> List[Heads]:
+    """``heads`` (a :class:`Heads` or a sequence of them) as a list, checked."""
     if isinstance(heads, Heads):
         return [heads]
     if isinstance(heads, (str, bytes, nn.Module)) or not isinstance(heads, Sequence):
@@ -148,9 +181,9 @@ def _resolve(model: nn.Module, spec: Heads, names: Dict[int, str]) -> _Resolved:
     projections = {}
     for role in roles:
         name, mod = _lookup(model, getattr(spec, role), role, label, names)
-        if not isinstance(mod, nn.Linear):
-            raise ValueError(f"{label}: {role}={name!r} is a {type(mod).__name__}; only nn.Linear projections "
-                             f"are supported")
+        if projection_dims(mod) is None:
+            raise ValueError(f"{label}: {role}={name!r} is a {type(mod).__name__}; projections must be nn.Linear "
+                             f"or transformers' Conv1D")
         projections[role] = (name, mod)
     label = f"Heads(o={projections['o'][0]!r})"
     mods = [m for _, m in projections.values()]
@@ -201,7 +234,7 @@ def _resolve(model: nn.Module, spec: Heads, names: Dict[int, str]) -> _Resolved:
                          f"attribute {spec.kv_heads_attr!r}; name the one its forward reads "
                          f"(kv_heads_attr=...), or kv_heads_attr=None if it reads none")
 
-    q_rows = projections["qkv" if "qkv" in projections else "q"][1].out_features
+    q_rows = _outputs(projections["qkv" if "qkv" in projections else "q"][1])
     if "qkv" in projections:
         per_head_total = num_heads + 2 * num_kv
         if q_rows % per_head_total:
@@ -216,22 +249,28 @@ def _resolve(model: nn.Module, spec: Heads, names: Dict[int, str]) -> _Resolved:
         raise ValueError(f"{label}: head_dim={spec.head_dim} but the projections give {head_dim}")
     expected = {"q": num_heads * head_dim, "k": num_kv * head_dim, "v": num_kv * head_dim}
     for role in ("k", "v"):
-        if role in projections and projections[role][1].out_features != expected[role]:
-            raise ValueError(f"{label}: {role} has {projections[role][1].out_features} rows, expected "
+        if role in projections and _outputs(projections[role][1]) != expected[role]:
+            raise ValueError(f"{label}: {role} has {_outputs(projections[role][1])} rows, expected "
                              f"num_kv_heads * head_dim = {num_kv} * {head_dim}")
-    if projections["o"][1].in_features != expected["q"]:
-        raise ValueError(f"{label}: o has {projections['o'][1].in_features} input columns, expected "
+    if _inputs(projections["o"][1]) != expected["q"]:
+        raise ValueError(f"{label}: o has {_inputs(projections['o'][1])} input columns, expected "
                          f"num_heads * head_dim = {num_heads} * {head_dim}")
-    if num_kv < 2:
-        raise ValueError(f"{label}: only {num_kv} {'kv group' if num_kv != num_heads else 'head'}; nothing "
-                         f"can be pruned")
+    if num_heads < 2:
+        raise ValueError(f"{label}: only one head; nothing can be pruned")
 
     n_rep = num_heads // num_kv
+    single_kv = num_kv == 1  # multi-query: the units are query heads, the kv head stays
+    groups_now = attr_value(spec.kv_groups_attr, "kv_groups_attr")
+    if groups_now is not None and groups_now != n_rep:
+        raise ValueError(f"{label}: {module_name or 'model'}.{spec.kv_groups_attr} is {groups_now}, but "
+                         f"num_heads / num_kv_heads = {num_heads} / {num_kv}")
     attributes = []
     if spec.heads_attr is not None:
-        attributes.append((module_name, spec.heads_attr, n_rep))
-    if spec.kv_heads_attr is not None and kv_now is not None:
+        attributes.append((module_name, spec.heads_attr, 1 if single_kv else n_rep))
+    if spec.kv_heads_attr is not None and kv_now is not None and not single_kv:
         attributes.append((module_name, spec.kv_heads_attr, 1))
+    if groups_now is not None and single_kv:
+        attributes.append((module_name, spec.kv_groups_attr, 1))
     for entry in spec.extra_attributes:
         if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)):
             raise ValueError(f"{label}: extra_attributes entries must be (attribute, per_unit), got {entry!r}")
@@ -246,7 +285,7 @@ def _resolve(model: nn.Module, spec: Heads, names: Dict[int, str]) -> _Resolved:
 
 
 def _resolve_all(model: nn.Module, heads) -> List[_Resolved]:
-    specs = _as_specs(heads)
+    specs = as_specs(heads)
     names: Dict[int, str] = {}
     for n, m in model.named_modules(remove_duplicate=False):
         names.setdefault(id(m), n)
@@ -260,7 +299,17 @@ def _resolve_all(model: nn.Module, heads) -> List[_Resolved]:
     return resolved
 
 
-_PRODUCERS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
+def _outputs(projection: nn.Module) -> int:
+    return projection.weight.shape[projection_dims(projection)[0]]
+
+
+def _inputs(projection: nn.Module) -> int:
+    return projection.weight.shape[projection_dims(projection)[1]]
+
+
+def _is_producer(module) -> bool:
+    return isinstance(module, (nn.modules.conv._ConvNd, nn.Embedding)) or \
+        (isinstance(module, nn.Module) and projection_dims(module) is not None)
 
 
 def _check_graph(r: _Resolved, graph, names: Dict[int, str], param_names: Dict[int, str]) -> None:
@@ -284,7 +333,7 @@ def _check_graph(r: _Resolved, graph, names: Dict[int, str], param_names: Dict[i
                              f"forward?)")
     widths = {r.num_heads * r.head_dim, r.num_kv_heads * r.head_dim} - {r.head_dim}
     if "qkv" in r.projections:
-        widths.add(r.projections["qkv"][1].out_features)
+        widths.add(_outputs(r.projections["qkv"][1]))
     reached, spanning, seen = [], [], set()
     stack = list(graph.module2node[o].inputs)
     while stack:
@@ -292,7 +341,7 @@ def _check_graph(r: _Resolved, graph, names: Dict[int, str], param_names: Dict[i
         if id(node) in seen:
             continue
         seen.add(id(node))
-        if isinstance(node.module, _PRODUCERS):
+        if _is_producer(node.module):
             reached.append(node.module)
             continue
         if isinstance(node.module, nn.Parameter):
@@ -347,10 +396,10 @@ def _check_layout(model: nn.Module, resolved: List[_Resolved], example_inputs) -
             for i, r in enumerate(resolved):
                 if i not in base:
                     raise ValueError(f"{r.label}: {r.projections['o'][0]!r} is not called by the model's forward")
-                unit = r.num_kv_heads // 2
+                unit = r.units // 2
                 saved = []
-                for role, (_, mod) in ((k, v) for k, v in r.projections.items() if k != "o"):
-                    w = mod.weight
+                for role, _, mod in r.unit_producers():
+                    w = mod.weight.movedim(projection_dims(mod)[0], 0)  # a view: rows are outputs
                     rows = r.row_index(role)[unit].to(w.device)
                     saved.append((w, rows, w[rows].clone()))
                     noise = torch.randn(len(rows), w.shape[1], generator=gen).to(w.device, w.dtype)
@@ -366,7 +415,7 @@ def _check_layout(model: nn.Module, resolved: List[_Resolved], example_inputs) -
                 inside = inside.to(delta.device)
                 moved, leaked = delta[:, inside].max(), delta[:, ~inside].max()
                 if not moved > 0 or leaked > 1e-3 * moved:
-                    kind = "head" if r.n_rep == 1 else "kv group"
+                    kind = "head" if r.n_rep == 1 or r.single_kv else "kv group"
                     raise ValueError(
                         f"{r.label}: changing the q/k/v rows of {kind} {unit} changed {r.projections['o'][0]!r}'s input "
                         f"{'outside' if moved > 0 else 'nowhere in'} that {kind}'s columns; the projections do not follow "
@@ -378,7 +427,7 @@ def _check_layout(model: nn.Module, resolved: List[_Resolved], example_inputs) -
 
 
 def claimed_modules(model: nn.Module, heads) -> List[nn.Module]:
-    """The Linears whose output channels the head groups own (q, k, v or the fused qkv).
+    """The projections whose output channels the head groups own (q, k, v or the fused qkv).
 
     Channel grouping must leave these outputs (and o's input columns) to the
     head groups; their input columns stay in the residual-stream channel group.
@@ -429,15 +478,212 @@ def head_groups(model: nn.Module, heads, example_inputs=None, *, graph=None) -> 
     groups = []
     for r in resolved:
         members = []
-        for role in ("qkv", "q", "k", "v"):
-            if role not in r.projections:
-                continue
-            _, mod = r.projections[role]
+        for role, _, mod in r.unit_producers():
             index = r.row_index(role)
-            members.append(Member(params[id(mod.weight)], 0, index.clone(), "producer"))
+            members.append(Member(params[id(mod.weight)], projection_dims(mod)[0], index.clone(), "producer"))
             if mod.bias is not None:
                 members.append(Member(params[id(mod.bias)], 0, index.clone(), "row"))
         o = r.projections["o"][1]
-        members.append(Member(params[id(o.weight)], 1, r.row_index("o"), "column"))
-        groups.append(Group(r.module_name, r.num_kv_heads, members, list(r.attributes)).bind(model))
+        members.append(Member(params[id(o.weight)], projection_dims(o)[1], r.row_index("o"), "column"))
+        groups.append(Group(r.module_name, r.units, members, list(r.attributes)).bind(model))
     return groups
+
+
+# --------------------------------------------------------------------------- attention found in a traced forward
+
+# Products: a weight (a parameter of two or more dims) times a tensor, or two computed tensors.
+_PRODUCTS = frozenset({F.linear, F.bilinear, F.embedding, F.conv1d, F.conv2d, F.conv3d, torch.addmm, torch.matmul,
+                       Tensor.matmul, Tensor.__matmul__, Tensor.__rmatmul__, torch.mm, Tensor.mm, torch.bmm,
+                       Tensor.bmm, torch.baddbmm, Tensor.baddbmm, torch.einsum})
+
+
+@dataclasses.dataclass(frozen=True)
+class _InAttention:
+    """What a tensor computed inside attention came from: the weights nearest
+    to its query and key operands, and to its value once the probabilities
+    have met it (``v`` is None for the scores ``q k^T``)."""
+
+    q: frozenset
+    k: frozenset
+    v: Optional[frozenset] = None
+
+    def weights(self) -> frozenset:
+        return self.q | self.k | (self.v or frozenset())
+
+
+@dataclasses.dataclass(frozen=True)
+class FoundAttention:
+    """One attention seen by :class:`AttentionFinder`: the ids of the weights
+    that made its queries, keys and values and of the weight its output
+    met first (the output projection; empty when it met none)."""
+
+    q: frozenset
+    k: frozenset
+    v: frozenset
+    o: frozenset
+
+
+class AttentionFinder:
+    """Follows, tensor by tensor, the weights nearest to what the forward
+    computes, and records every attention: a product of two tensors computed
+    from the inputs (``q @ k^T``, then ``p @ v``, or one
+    ``scaled_dot_product_attention``) whose result meets a weight.
+    ``find_groups`` calls :meth:`observe` from its trace recorder; ``found``
+    lists each attention once, in forward order; ``unprojected`` the
+    attentions whose output met no weight (``o`` is empty)."""
+
+    def __init__(self) -> None:
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self._near = WeakIdKeyDictionary()  # tensor -> frozenset of weight ids, or _InAttention
+        self.found: List[FoundAttention] = []
+        self._outputs: List[_InAttention] = []
+
+    @property
+    def unprojected(self) -> List[FoundAttention]:
+        met = {(a.q, a.k, a.v) for a in self.found}
+        return [FoundAttention(c.q, c.k, c.v, frozenset()) for c in self._outputs if (c.q, c.k, c.v) not in met]
+
+    def _of(self, t: Tensor):
+        return self._near.get(t, frozenset())
+
+    def observe(self, func, args, kwargs, operands: Sequence[Tensor], computed: Sequence[bool], out) -> None:
+        """Record what ``out = func(*args, **kwargs)`` came from; ``computed[i]``
+        says whether ``operands[i]`` depends on the model's inputs."""
+        weights = frozenset(id(t) for t in operands if isinstance(t, nn.Parameter) and t.dim() >= 2)
+        data = [t for t, c in zip(operands, computed) if c and not isinstance(t, nn.Parameter)]
+        came = [self._of(t) for t in data]
+        if func in _PRODUCTS and weights:
+            for c in came:
+                if isinstance(c, _InAttention) and c.v is not None:
+                    found = FoundAttention(c.q, c.k, c.v, weights)
+                    if found not in self.found:
+                        self.found.append(found)
+            near: Any = weights
+        elif func is F.scaled_dot_product_attention:
+            q = args[0] if args else kwargs.get("query")
+            k = args[1] if len(args) > 1 else kwargs.get("key")
+            v = args[2] if len(args) > 2 else kwargs.get("value")
+            near = _InAttention(_flat(self._of(q)), _flat(self._of(k)), _flat(self._of(v)))
+        elif func in _PRODUCTS and len(data) >= 2:
+            first, second = came[0], came[1]
+            if isinstance(first, _InAttention) and first.v is None:  # probabilities times values
+                near = _InAttention(first.q, first.k, _flat(second))
+            else:  # queries times keys
+                near = _InAttention(_flat(first), _flat(second))
+        else:
+            inside = {c for c in came if isinstance(c, _InAttention)}
+            if len(inside) == 1 and all(isinstance(c, _InAttention) or not c for c in came):
+                near = inside.pop()  # a mask, scale, softmax or reshape keeps the attention's origin
+            else:
+                near = frozenset().union(*[_flat(c) for c in came])
+        if isinstance(near, _InAttention) and near.v is not None and near not in self._outputs:
+            self._outputs.append(near)
+        if not near:
+            return
+        from torch.utils._pytree import tree_leaves
+
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor) and not isinstance(t, nn.Parameter):
+                self._near[t] = near
+
+
+def _flat(came) -> frozenset:
+    return came.weights() if isinstance(came, _InAttention) else came
+
+
+def discovered_heads(model: nn.Module, found: Sequence[FoundAttention], given: Sequence[Heads] = ()
+                     ) -> Tuple[List[Heads], List[str]]:
+    """Specs for the attentions ``AttentionFinder`` saw that ``given`` does not
+    cover, and one line per attention whose heads cannot be told (the
+    projections are not Linear / Conv1D layers, or no head size is known:
+    ``regkern.hf.head_dim``). Head counts come from the projections' widths
+    and the head size, so they hold after a pruning round; the head-count
+    attributes (``regkern.hf``'s lists) of the module holding the
+    projections are updated by slicing."""
+    owners: Dict[int, Tuple[str, nn.Module]] = {}
+    for name, module in model.named_modules():
+        if projection_dims(module) is not None:
+            owners.setdefault(id(module.weight), (name, module))
+    covered = {id(mod) for r in _resolve_all(model, given) for _, mod in r.projections.values()} if given else set()
+    specs, problems = [], []
+    for att in found:
+        if not att.o:
+            problems.append(f"an attention whose output meets no weight (its values come from "
+                            f"{_describe(att.v, owners)})")
+            continue
+        roles = {"q": att.q, "k": att.k, "v": att.v, "o": att.o}
+        if any(len(ids) != 1 or next(iter(ids)) not in owners for ids in roles.values()):
+            problems.append(f"an attention whose projections are not single Linear or Conv1D layers (its output "
+                            f"meets {_describe(att.o, owners)})")
+            continue
+        (q_name, q), (k_name, k), (v_name, v), (o_name, o) = (owners[next(iter(ids))] for ids in roles.values())
+        if id(o) in covered or any(id(m) in covered for m in (q, k, v)):
+            continue
+        fused = q is k is v
+        producers = [q_name] if fused else [q_name, k_name, v_name]
+        if not fused and len({id(q), id(k), id(v)}) < 3:
+            problems.append(f"an attention with two of q, k, v from one layer ({', '.join(producers)} -> {o_name})")
+            continue
+        parts = [n.split(".")[:-1] for n in producers]
+        common = []
+        for level in zip(*parts):
+            if len(set(level)) != 1:
+                break
+            common.append(level[0])
+        module_name = ".".join(common)
+        attention = model.get_submodule(module_name)
+        label = f"the attention in {module_name or 'the model'!r} ({', '.join(producers)} -> {o_name})"
+        rep = hf.int_attr(attention, hf.KV_GROUPS_ATTRS)
+        size = hf.head_dim(model, attention) or _size_from_counts(attention, _outputs(q), fused)
+        if size is None:
+            problems.append(f"{label}: its head size is unknown (no head_dim or head-count attribute, no config)")
+            continue
+        if fused:  # [q; k; v]: num_kv * (n_rep + 2) heads in all
+            total, n_rep = _outputs(q), rep[1] if rep else 1
+            if total % (size * (n_rep + 2)):
+                problems.append(f"{label}: {total} fused rows are not whole heads of {size} channels")
+                continue
+            num_kv = total // (size * (n_rep + 2))
+            num_heads = num_kv * n_rep
+        else:
+            try:
+                num_heads, num_kv = hf.head_counts(_outputs(q), _outputs(k), size)
+            except ValueError as err:
+                problems.append(f"{label}: {err}")
+                continue
+        if num_kv < 1 or num_heads % num_kv:
+            problems.append(f"{label}: {num_heads} query heads do not share {num_kv} key/value heads evenly")
+            continue
+        heads_attr, kv_attr, groups_attr = (hf.int_attr(attention, a) for a in
+                                           (hf.HEADS_ATTRS, hf.KV_HEADS_ATTRS, hf.KV_GROUPS_ATTRS))
+        per_unit = size * (1 if num_kv == 1 else num_heads // num_kv)
+        widths = tuple((attr, per_unit) for attr, value in
+                       (hf.int_attr(attention, (a,)) or (a, None) for a in hf.WIDTH_ATTRS) if value == num_heads * size)
+        expected = ((heads_attr, num_heads), (kv_attr, num_kv), (groups_attr, num_heads // num_kv))
+        stale = [f"{attr[0]}={attr[1]}" for attr, want in expected if attr is not None and attr[1] != want]
+        if stale:
+            problems.append(f"{label}: its attributes {', '.join(stale)} disagree with the projections' "
+                            f"{num_heads} query and {num_kv} key/value heads of {size} channels")
+            continue
+        roles_given = {"qkv": q_name} if fused else {"q": q_name, "k": k_name, "v": v_name}
+        specs.append(Heads(**roles_given, o=o_name, module=module_name, num_heads=num_heads, num_kv_heads=num_kv,
+                           head_dim=size, heads_attr=heads_attr[0] if heads_attr else None,
+                           kv_heads_attr=kv_attr[0] if kv_attr else None,
+                           kv_groups_attr=groups_attr[0] if groups_attr else None, extra_attributes=widths))
+    return specs, problems
+
+
+def _size_from_counts(attention: nn.Module, rows: int, fused: bool) -> Optional[int]:
+    """The head size from the module's head-count attributes and the query
+    (or fused qkv) rows, when they divide."""
+    heads = hf.int_attr(attention, hf.HEADS_ATTRS)
+    if heads is None or heads[1] < 1:
+        return None
+    kv = hf.int_attr(attention, hf.KV_HEADS_ATTRS)
+    count = heads[1] + 2 * (kv[1] if kv else heads[1]) if fused else heads[1]
+    return rows // count if rows % count == 0 else None
+
+
+def _describe(ids: frozenset, owners: Dict[int, Tuple[str, nn.Module]]) -> str:
+    return ", ".join(sorted(owners[i][0] if i in owners else "a parameter outside any layer" for i in ids)) or "nothing"

@@ -5,7 +5,7 @@ the lookups and checks that bind a group to a model. Finding groups is
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -80,13 +80,43 @@ class Group:
 # --------------------------------------------------------------------------- lookup and checks
 
 def param_index(model: nn.Module) -> Dict[str, nn.Parameter]:
-    """Qualified name -> parameter (a shared parameter under its first name)."""
-    return dict(model.named_parameters())
+    """Qualified name -> parameter, a shared (tied) parameter under each of its names."""
+    return dict(model.named_parameters(remove_duplicate=False))
 
 
 def named_tensors(model: nn.Module) -> Dict[str, Tensor]:
-    """Qualified name -> parameter or buffer."""
-    return {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    """Qualified name -> parameter or buffer, shared ones under each of their names."""
+    return {**dict(model.named_buffers(remove_duplicate=False)), **param_index(model)}
+
+
+def canonical_names(model: nn.Module) -> Dict[str, str]:
+    """Every name of a parameter or buffer -> the first name ``named_parameters()``
+    / ``named_buffers()`` give it: tied weights (an embedding shared with the
+    output layer) are one tensor, cut once whichever name a group uses."""
+    first: Dict[int, str] = {}
+    out: Dict[str, str] = {}
+    for named in (model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
+        for name, t in named:
+            out[name] = first.setdefault(id(t), name)
+    return out
+
+
+def projection_dims(module: nn.Module) -> Optional[Tuple[int, int]]:
+    """(output dim, input dim) of a projection's weight: ``(0, 1)`` for
+    ``nn.Linear``, ``(1, 0)`` for Hugging Face's ``Conv1D`` (GPT-2's
+    transposed linear layer, ``weight`` of shape ``[nx, nf]``); None otherwise."""
+    if isinstance(module, nn.Linear):
+        return 0, 1
+    if is_conv1d(module):
+        return 1, 0
+    return None
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (recognized without importing transformers)."""
+    weight = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and isinstance(weight, Tensor) and weight.dim() == 2 \
+        and tuple(weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None))
 
 
 def check_group(model: nn.Module, group: Group) -> None:
@@ -99,7 +129,7 @@ def check_group(model: nn.Module, group: Group) -> None:
     if not isinstance(group.units, int) or group.units < 1:
         raise ValueError(f"group {group.name!r} has {group.units!r} units; it needs at least one")
     params = param_index(model)
-    buffers = dict(model.named_buffers())
+    buffers = dict(model.named_buffers(remove_duplicate=False))
     for kind, table, members in (("parameter", params, group.members), ("buffer", buffers, group.buffers)):
         for m in members:
             where = f"member {m.name}[{m.dim}] of group {group.name!r}"

@@ -4,9 +4,10 @@ Removing output channel ``c`` of a conv also removes channel ``c`` of the
 BatchNorm after it, input column ``c`` of every consumer, the same channel of
 every other branch of a residual add, a slice of a concatenation, and so on.
 A :class:`Group` lists every (parameter, dim, indices) such a cut touches,
-split into ``units``: unit ``u`` of a channel group is one channel; of an
-attention group, one head (or one key/value group of heads, with
-grouped-query attention).
+split into ``units``: unit ``u`` of a channel group is one channel (the
+same position in every group of a grouped conv or GroupNorm it crosses); of
+an attention group, one head (or one key/value group of heads, with
+grouped-query attention). ``docs/groups.md`` states the rules.
 
 :func:`find_groups` traces a model with Torch-Pruning's ``DependencyGraph``
 and turns its groups into :class:`Group` objects; :func:`group_scores` and
@@ -23,8 +24,9 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from regkern.attention import claimed_modules, head_groups
-from regkern.group import Group, Member, check_group, named_tensors, param_index  # noqa: F401
+from regkern.attention import AttentionFinder, as_specs, claimed_modules, discovered_heads, head_groups
+from regkern.group import (Group, Member, canonical_names, check_group, is_conv1d, named_tensors,  # noqa: F401
+                           param_index)
 from regkern.model_calls import modes_kept
 from regkern.sharding import is_dtensor
 
@@ -54,6 +56,8 @@ class _TraceRecorder(TorchFunctionMode):
     parameter and broadcast against the other (a mask), never joins, nor
     does ``x + f(x)`` where ``f`` has no parameters. Each tensor the forward computes carries whether it
     depends on the inputs and the parameters it went through.
+
+    ``attention``: a :class:`regkern.attention.AttentionFinder` fed every call.
     """
 
     def __init__(self, example_inputs) -> None:
@@ -62,6 +66,7 @@ class _TraceRecorder(TorchFunctionMode):
 
         self.cats: Dict[Any, Tuple[int, int, List[int]]] = {}
         self.joins: Dict[Any, bool] = {}
+        self.attention = AttentionFinder()
         self._origin = WeakIdKeyDictionary()  # tensor -> (depends on the inputs, frozenset of parameter ids)
         for t in _tensors_in(example_inputs):
             self._origin[t] = (True, frozenset((_INPUT,)))
@@ -84,6 +89,9 @@ class _TraceRecorder(TorchFunctionMode):
             same_shape = len(operands) == 2 and operands[0].shape == operands[1].shape
             computed = [d and (t.requires_grad or same_shape) for t, (d, _) in zip(operands, origins)]
         out = func(*args, **kwargs)
+        if func in _CATS:
+            out = _copy_if_single(args, kwargs, out)
+        self.attention.observe(func, args, kwargs, operands, [d for d, _ in origins], out)
         if origins:
             data = any(d for d, _ in origins)
             sets = {r for _, r in origins}
@@ -96,12 +104,40 @@ class _TraceRecorder(TorchFunctionMode):
             return out
         if name in _ADD_NAMES and _ADD_GRAD_FN.fullmatch(out.grad_fn.name()):
             self.joins[out.grad_fn] = computed == [True, True] and origins[0][1] != origins[1][1]
-        elif func in (torch.cat, torch.concat, torch.concatenate):
+        elif func in _CATS and out.grad_fn.name().startswith("Cat"):
             tensors = args[0] if args else kwargs.get("tensors", ())
             dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
             dim = dim % out.dim()
-            self.cats[out.grad_fn] = (dim, out.dim(), [t.shape[dim] for t in tensors])
+            joined = [t for t in tensors if t.dim() == out.dim()]  # torch.cat skips empty 1-D tensors
+            self.cats[out.grad_fn] = (dim, out.dim(), [t.shape[dim] for t in joined])
         return out
+
+
+_CATS = (torch.cat, torch.concat, torch.concatenate)
+
+
+def _copy_if_single(args, kwargs, out):
+    """A concatenation of one tensor with empty ones (a key/value cache's
+    first update) is a copy of that tensor: traced as one (the tracer cannot
+    follow a concatenation whose other inputs hold no channels)."""
+    tensors = args[0] if args else kwargs.get("tensors", ())
+    filled = [t for t in tensors if isinstance(t, Tensor) and t.numel()]
+    if len(filled) != 1 or len(filled) == len(tensors) or filled[0].shape != out.shape:
+        return out
+    return filled[0].to(out.dtype, copy=True)
+
+
+def _output_tensors(out) -> List[Tensor]:
+    """The tensors of a model's output that the trace starts from: those in
+    nested tuples, lists and dicts (a Hugging Face ``ModelOutput`` is one)
+    that autograd records; other objects (a key/value cache) are passed over."""
+    if isinstance(out, Tensor):
+        return [out] if out.grad_fn is not None else []
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in _output_tensors(item)]
+    return []
 
 
 def _tensors_in(tree) -> List[Tensor]:
@@ -111,23 +147,60 @@ def _tensors_in(tree) -> List[Tensor]:
     return [t for t in tree_leaves(tree) if isinstance(t, Tensor)]
 
 
+def _conv1d_pruner():
+    """Torch-Pruning's handler for Hugging Face's ``Conv1D`` (a Linear with
+    its weight stored transposed, ``[in, out]``), so the tracer treats it as
+    the layer it is."""
+    from torch_pruning.pruner.function import BasePruningFunc
+
+    class Conv1DPruner(BasePruningFunc):
+        def prune_out_channels(self, layer, idxs):
+            drop = set(idxs)
+            keep = [i for i in range(layer.nf) if i not in drop]
+            layer.weight = nn.Parameter(layer.weight.data[:, keep])
+            layer.bias = nn.Parameter(layer.bias.data[keep])
+            layer.nf = len(keep)
+            return layer
+
+        def prune_in_channels(self, layer, idxs):
+            drop = set(idxs)
+            keep = [i for i in range(layer.nx) if i not in drop]
+            layer.weight = nn.Parameter(layer.weight.data[keep])
+            layer.nx = len(keep)
+            return layer
+
+        def get_out_channels(self, layer):
+            return layer.nf
+
+        def get_in_channels(self, layer):
+            return layer.nx
+
+    return Conv1DPruner()
+
+
 def _trace(model: nn.Module, example_inputs):
-    """Torch-Pruning's dependency graph of ``model`` and the residual joins of
-    its adds (``_TraceRecorder.joins``); the model's train/eval flags are
-    restored (the tracer leaves it in eval mode)."""
+    """Torch-Pruning's dependency graph of ``model``, the residual joins of
+    its adds (``_TraceRecorder.joins``) and the attentions the forward
+    computed (``regkern.attention.FoundAttention``, ``o`` empty for one whose
+    output meets no weight); the model's train/eval
+    flags are restored (the tracer leaves it in eval mode)."""
     import torch_pruning as tp
 
     recorder = _TraceRecorder(example_inputs)
+    conv1d_types = {type(m) for m in model.modules() if is_conv1d(m)}
+    pruner = _conv1d_pruner() if conv1d_types else None
     try:
         with modes_kept(model), torch.enable_grad(), recorder, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False,
+                                                       customized_pruners={t: pruner for t in conv1d_types},
+                                                       output_transform=_output_tensors)
     except Exception as err:  # the tracer's failures are of every type
         raise ValueError(f"torch-pruning could not trace the model ({type(err).__name__}: {err}); "
                          "check example_inputs, or rewrite the operation it cannot follow") from err
     _fix_concat_offsets(dg, recorder.cats)
     recorder.cats.clear()
-    return dg, recorder.joins
+    return dg, recorder.joins, recorder.attention.found + recorder.attention.unprojected
 
 
 def _release(dg) -> None:
@@ -153,8 +226,14 @@ def _fix_concat_offsets(dg, cats) -> None:
         if info is None:
             continue
         dim, ndim, sizes = info
+        channels = node.module.concat_sizes
+        if sizes != channels and channels and None not in channels and len(set(channels)) == 1:
+            # every input carries all the channels: the concatenation runs along another dim (ViT's
+            # class token before the patches), and each input's channels map one to one, as traced
+            node.module.unmapped = False
+            continue
         channel_dim = dim == 1 or (ndim == 3 and dim == 2)
-        if not channel_dim or len(sizes) != len(node.inputs) or node.module.concat_sizes != sizes:
+        if not channel_dim or len(sizes) != len(node.inputs) or channels != sizes:
             continue
         offsets = [0]
         for size in sizes:
@@ -196,40 +275,59 @@ class _Unsupported(Exception):
     """A TP group regkern cannot slice (the message says why)."""
 
 
-def _slices_of(module: nn.Module, name: str, is_out: bool) -> List[Tuple[str, str, int, str]]:
-    """What a TP pruning step on ``module`` touches: (kind, tensor name, dim, role)."""
-    prefix = f"{name}." if name else ""
-    out: List[Tuple[str, str, int, str]] = []
+# How a layer split into ``count`` equal groups of ``width`` channels (a grouped conv, GroupNorm) is
+# cut: channel ``c`` sits at position ``c % width`` of group ``c // width``, and a unit removes the
+# same position from every group so the groups stay equal. ``modulo``: the tensor is indexed by the
+# position (a grouped conv's input columns, shared by its groups), not by the channel.
+Stripe = Tuple[int, int, bool]  # (width, count, modulo)
 
-    def add(kind, attr, dim, role):
+
+def _slices_of(module: nn.Module, name: str, is_out: bool) -> List[Tuple[str, str, int, str, Optional[Stripe]]]:
+    """What a TP pruning step on ``module`` touches: (kind, tensor name, dim, role, stripe)."""
+    prefix = f"{name}." if name else ""
+    out: List[Tuple[str, str, int, str, Optional[Stripe]]] = []
+
+    def add(kind, attr, dim, role, stripe=None):
         if getattr(module, attr, None) is not None:
-            out.append((kind, prefix + attr, dim, role))
+            out.append((kind, prefix + attr, dim, role, stripe))
 
     if isinstance(module, nn.modules.conv._ConvNd):
-        if module.transposed:
-            raise _Unsupported(f"transposed convolution {name!r}")
-        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+        groups = module.groups
+        if module.transposed and groups != 1:
+            raise _Unsupported(f"grouped transposed convolution {name!r} (groups={groups})")
+        depthwise = groups > 1 and groups == module.in_channels == module.out_channels
+        out_dim, in_dim = (1, 0) if module.transposed else (0, 1)  # transposed: weight [in, out, k...]
         if depthwise:
             add("param", "weight", 0, "row")
             add("param", "bias", 0, "row")
-        elif module.groups != 1:
-            raise _Unsupported(f"grouped convolution {name!r} (groups={module.groups})")
         elif is_out:
-            add("param", "weight", 0, "producer")
-            add("param", "bias", 0, "row")
+            stripe = (module.out_channels // groups, groups, False) if groups > 1 else None
+            add("param", "weight", out_dim, "producer", stripe)
+            add("param", "bias", 0, "row", stripe)
         else:
-            add("param", "weight", 1, "column")
+            stripe = (module.in_channels // groups, groups, True) if groups > 1 else None
+            add("param", "weight", in_dim, "column", stripe)
     elif isinstance(module, nn.Linear):
         if is_out:
             add("param", "weight", 0, "producer")
             add("param", "bias", 0, "row")
         else:
             add("param", "weight", 1, "column")
+    elif is_conv1d(module):  # weight [in, out]
+        if is_out:
+            add("param", "weight", 1, "producer")
+            add("param", "bias", 0, "row")
+        else:
+            add("param", "weight", 0, "column")
     elif isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
         add("param", "weight", 0, "row")
         add("param", "bias", 0, "row")
         add("buffer", "running_mean", 0, "row")
         add("buffer", "running_var", 0, "row")
+    elif isinstance(module, nn.GroupNorm):
+        stripe = (module.num_channels // module.num_groups, module.num_groups, False)
+        add("param", "weight", 0, "row", stripe)
+        add("param", "bias", 0, "row", stripe)
     elif isinstance(module, nn.LayerNorm):
         if len(module.normalized_shape) != 1:
             raise _Unsupported(f"LayerNorm {name!r} over {tuple(module.normalized_shape)}")
@@ -245,10 +343,41 @@ def _slices_of(module: nn.Module, name: str, is_out: bool) -> List[Tuple[str, st
     return out
 
 
+def _stripe_units(slices, units: int) -> Tuple[List[int], int]:
+    """Units after striping: channels at the same position of every group of
+    a grouped conv or GroupNorm in the group become one unit. Returns the new
+    unit of each channel unit and the new unit count."""
+    parent = list(range(units))
+
+    def root(u: int) -> int:
+        while parent[u] != u:
+            parent[u] = parent[parent[u]]
+            u = parent[u]
+        return u
+
+    for (_, tname, _), entry in slices.items():
+        if entry["stripe"] is None:
+            continue
+        width, count, _ = entry["stripe"]
+        positions: Dict[int, List[Tuple[int, int]]] = {}
+        for idx, unit in entry["pairs"]:
+            positions.setdefault(idx % width, []).append((idx, unit))
+        for pairs in positions.values():
+            if len({idx for idx, _ in pairs}) != count:
+                raise _Unsupported(f"{tname} ({count} groups of {width} channels) would lose a channel from only "
+                                   "some of its groups")
+            for _, unit in pairs[1:]:
+                parent[root(unit)] = root(pairs[0][1])
+    renumber: Dict[int, int] = {}
+    unit_of = [renumber.setdefault(root(u), len(renumber)) for u in range(units)]
+    return unit_of, len(renumber)
+
+
 def _convert(model: nn.Module, dg, tp_group, module_names, param_names, unwrapped,
-             order: Dict[str, int], joins: Dict[Any, bool]) -> Tuple[Group, bool]:
-    """A TP group as a Group (members in model order), and whether it is
-    joined by a residual add (``joins``: from ``_trace``)."""
+             order: Dict[str, int], joins: Dict[Any, bool], canonical: Dict[str, str]) -> Tuple[Group, bool]:
+    """A TP group as a Group (members in model order, each tensor under its
+    first name: ``canonical``), and whether it is joined by a residual add
+    (``joins``: from ``_trace``)."""
     import torch_pruning as tp
 
     root = tp_group[0]
@@ -269,7 +398,7 @@ def _convert(model: nn.Module, dg, tp_group, module_names, param_names, unwrappe
             if name is None or id(module) not in unwrapped:
                 raise _Unsupported(f"a parameter outside the model's modules ({node.name})")
             dim = unwrapped[id(module)] % module.dim()
-            touched = [("param", name, dim, "row" if dim == 0 else "column")]
+            touched = [("param", name, dim, "row" if dim == 0 else "column", None)]
         elif module in module_names:
             if not any(True for _ in module.parameters(recurse=False)) and \
                     not any(True for _ in module.buffers(recurse=False)):
@@ -282,18 +411,22 @@ def _convert(model: nn.Module, dg, tp_group, module_names, param_names, unwrappe
             continue  # a tracer op (add, concat, reshape ...): no tensors of its own
         if any(i is None for i in item.root_idxs):
             raise _Unsupported(f"indices torch-pruning could not map back to the group's channels ({node.name})")
-        for kind, tname, dim, role in touched:
-            entry = slices.setdefault((kind, tname, dim), {"role": role, "pairs": set()})
+        for kind, tname, dim, role, stripe in touched:
+            tname = canonical.get(tname, tname)  # a tied weight is reached through each of its layers
+            entry = slices.setdefault((kind, tname, dim), {"role": role, "pairs": set(), "stripe": stripe})
             if role == "producer":
                 entry["role"] = role
             entry["pairs"].update(zip(item.idxs, item.root_idxs))
+    for (_, tname, _), entry in slices.items():
+        if any(not 0 <= unit < units for _, unit in entry["pairs"]):
+            raise _Unsupported(f"{tname}: a channel maps to a unit outside the group's {units}")
+    unit_of, units = _stripe_units(slices, units)
     members, buffers = [], []
     for (kind, tname, dim), entry in sorted(slices.items(), key=lambda kv: (order.get(kv[0][1], len(order)), kv[0][2])):
-        per_unit: List[List[int]] = [[] for _ in range(units)]
+        per_unit: List[set] = [set() for _ in range(units)]
+        width, modulo = (entry["stripe"][0], entry["stripe"][2]) if entry["stripe"] else (0, False)
         for idx, unit in entry["pairs"]:
-            if not 0 <= unit < units:
-                raise _Unsupported(f"{tname}: a channel maps to unit {unit} of {units}")
-            per_unit[unit].append(idx)
+            per_unit[unit_of[unit]].add(idx % width if modulo else idx)
         widths = {len(p) for p in per_unit}
         if len(widths) != 1 or 0 in widths:
             raise _Unsupported(f"{tname} is cut unevenly by the group's channels (split or partial concatenation)")
@@ -306,7 +439,7 @@ def _convert(model: nn.Module, dg, tp_group, module_names, param_names, unwrappe
 
 
 _COVERED = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm,
-            nn.modules.instancenorm._InstanceNorm, nn.LayerNorm, nn.PReLU, nn.Embedding)
+            nn.modules.instancenorm._InstanceNorm, nn.LayerNorm, nn.GroupNorm, nn.PReLU, nn.Embedding)
 
 
 def _untraced(model: nn.Module, dg, ignored: Sequence[nn.Module]) -> List[str]:
@@ -342,8 +475,57 @@ def _is_join(node, joins: Dict[Any, bool]) -> bool:
     return sum(1 for i in node.inputs if i.type != tp.ops.OPTYPE.PARAMETER) >= 2
 
 
+# Torch-Pruning's walk from one root visits each dependency a few times when it ends; on some graphs
+# (grouped-query attention with rotary embeddings, heads not given) it never does.
+GROUPING_STEPS_PER_DEPENDENCY = 50
+
+
+class _WalkTooLong(Exception):
+    pass
+
+
+def _bounded_groups(dg, module_names, **kwargs) -> List[Any]:
+    """``dg.get_all_groups(**kwargs)``, stopped with a ValueError naming the
+    root layer once one root's walk takes more than
+    ``GROUPING_STEPS_PER_DEPENDENCY`` steps per dependency of the graph."""
+    deps = [dep for node in dg.module2node.values() for dep in node.dependencies]
+    limit = GROUPING_STEPS_PER_DEPENDENCY * max(len(deps), 1)
+    walk = {"root": None, "steps": 0}
+
+    def counted(check):
+        def is_triggered_by(fn):
+            walk["steps"] += 1
+            if walk["steps"] > limit:
+                raise _WalkTooLong
+            return check(fn)
+        return is_triggered_by
+
+    def rooted(get_group):
+        def get_pruning_group(module, *args, **kw):
+            walk["root"], walk["steps"] = module, 0
+            return get_group(module, *args, **kw)
+        return get_pruning_group
+
+    for dep in deps:
+        dep.is_triggered_by = counted(dep.is_triggered_by)
+    dg.get_pruning_group = rooted(dg.get_pruning_group)
+    try:
+        return list(dg.get_all_groups(**kwargs))
+    except _WalkTooLong:
+        root = module_names.get(walk["root"], type(walk["root"]).__name__)
+        raise ValueError(f"find_groups stopped grouping the channels of {root!r}: torch-pruning's dependency walk from "
+                         f"it passed {limit} steps without ending (it loops on some attention layouts); give the "
+                         f"attention's heads with heads=[regkern.Heads(...)], or name {root!r} in ignore=") from None
+    except Exception as err:
+        raise ValueError(f"torch-pruning could not group the model's channels ({type(err).__name__}: {err})") from err
+    finally:
+        for dep in deps:
+            del dep.is_triggered_by
+        del dg.get_pruning_group
+
+
 def find_groups(model: nn.Module, example_inputs, *, ignore=(), residual_rule: bool = False,
-                heads: Sequence[Any] = ()) -> List[Group]:
+                heads: Optional[Sequence[Any]] = None) -> List[Group]:
     """The model's prunable coupled groups, traced with Torch-Pruning.
 
     Each channel group holds every tensor slice removing one channel touches:
@@ -352,6 +534,10 @@ def find_groups(model: nn.Module, example_inputs, *, ignore=(), residual_rule: b
     in ``Group.buffers``), consumer input columns (``"column"``; a channel
     that reaches a Linear through a flatten owns several columns), all
     producers of a residual add, and the right offsets of concatenations.
+    Where channels pass a grouped convolution or a GroupNorm, a unit is the
+    same position in every one of its groups (so the groups stay equal);
+    transposed convolutions, Hugging Face's ``Conv1D`` and tied weights
+    (under their first name) are members like any other layer.
 
     ``ignore``: modules or module names whose outputs are never pruned (the
     classifier); their inputs may still be. ``residual_rule=True`` drops the
@@ -361,56 +547,63 @@ def find_groups(model: nn.Module, example_inputs, *, ignore=(), residual_rule: b
     both depend on the inputs and went through different parameters
     (``x + block(x)``, ``conv(x) + downsample(x)``); adding a bias, a
     parameter, a buffer, a constant or a mask computed from the inputs
-    alone is none, so a Linear on
-    ``(batch, seq, features)`` inputs keeps its neurons. ``heads``:
-    ``regkern.attention.Heads`` specs: their head groups
+    alone is none, so a Linear on ``(batch, seq, features)`` inputs keeps
+    its neurons.
+
+    Attention is never cut channel by channel. ``heads``: a
+    ``regkern.attention.Heads`` spec or a sequence of them; every other
+    attention the forward computes (a product of two tensors computed from
+    the inputs whose result meets a weight) gets its heads found
+    (``regkern.attention.discovered_heads``: projections from the trace, the
+    head size from the attention module or the Hugging Face config). An
+    attention whose heads cannot be found is refused in one sentence unless
+    its q, k and v projections are all in ``ignore``. The head groups
     (``regkern.attention.head_groups``) come after the channel groups, and
     the output channels of the projections they own
-    (``regkern.attention.claimed_modules``) leave the channel groups. Groups that cross what regkern cannot slice (grouped or
-    transposed convs, GroupNorm, splits, unknown modules) are left out with
-    a warning. Conv, linear, norm and embedding modules the trace did not
-    reach (the forward went through numpy, or a Python branch skipped them on
-    ``example_inputs``) are in no group: a warning names them unless they are
-    in ``ignore``. Every returned group is bound to ``model``.
+    (``regkern.attention.claimed_modules``) leave the channel groups.
+
+    Groups that cross what regkern cannot slice (splits, grouped transposed
+    convs, unknown modules) are left out with a warning. Conv, linear, norm
+    and embedding modules the trace did not reach (the forward went through
+    numpy, or a Python branch skipped them on ``example_inputs``) are in no
+    group: a warning names them unless they are in ``ignore``. Torch-Pruning's
+    walk from each layer is bounded (``GROUPING_STEPS_PER_DEPENDENCY``): one
+    that does not end is refused naming the layer. Every returned group is
+    bound to ``model``; the model is left as it was.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"find_groups needs an nn.Module, got {type(model).__name__}")
     ignored = _resolve_modules(model, ignore, "ignore")
-    claimed: List[nn.Module] = []
-    if heads:
-        claimed = list(claimed_modules(model, heads))  # checks the specs before tracing
-    dg, joins = _trace(model, example_inputs)
-    left_out = _untraced(model, dg, ignored)
-    if left_out:
-        listed = ", ".join(repr(n) for n in left_out[:10])
-        if len(left_out) > 10:
-            listed += f" and {len(left_out) - 10} more"
-        warnings.warn(f"find_groups' trace did not reach {listed}, so they are in no group (the forward left torch, "
-                      "e.g. through numpy, or a branch skipped them on these inputs); give example_inputs that reach "
-                      "them, or name them in ignore= to keep them as they are", stacklevel=2)
-    extra = list(head_groups(model, heads, example_inputs, graph=dg)) if heads else []
-    module_names = {m: n for n, m in model.named_modules()}
-    param_names = {id(p): n for n, p in model.named_parameters()}
-    unwrapped = {id(u.parameters): u.pruning_dim for u in dg.unwrapped_parameters}
-    order = {name: i for i, name in enumerate([n for n, _ in model.named_parameters()]
-                                              + [n for n, _ in model.named_buffers()])}
-    groups, skipped = [], []
+    given = as_specs(heads) if heads else []
+    if given:
+        claimed_modules(model, given)  # checks the specs before tracing
+    dg, joins, found = _trace(model, example_inputs)
     try:
-        tp_groups = list(dg.get_all_groups(ignored_layers=ignored + claimed,
-                                           root_module_types=(nn.modules.conv._ConvNd, nn.Linear)))
-    except Exception as err:
-        raise ValueError(f"torch-pruning could not group the model's channels ({type(err).__name__}: {err})") from err
-    for tp_group in tp_groups:
-        try:
-            group, joined = _convert(model, dg, tp_group, module_names, param_names, unwrapped, order, joins)
-        except _Unsupported as why:
-            skipped.append(str(why))
-            continue
-        if not group.members or (residual_rule and joined):
-            continue
-        groups.append(group)
-    _release(dg)
-    joins.clear()
+        specs = given + _found_heads(model, found, given, ignored)
+        claimed = claimed_modules(model, specs) if specs else []
+        _warn_untraced(model, dg, ignored)
+        extra = head_groups(model, specs, example_inputs, graph=dg) if specs else []
+        module_names = {m: n for n, m in model.named_modules()}
+        param_names = {id(p): n for n, p in model.named_parameters()}
+        unwrapped = {id(u.parameters): u.pruning_dim for u in dg.unwrapped_parameters}
+        order = {name: i for i, name in enumerate([n for n, _ in model.named_parameters()]
+                                                  + [n for n, _ in model.named_buffers()])}
+        canonical = canonical_names(model)
+        roots = (nn.modules.conv._ConvNd, nn.Linear) + tuple({type(m) for m in model.modules() if is_conv1d(m)})
+        groups, skipped = [], []
+        for tp_group in _bounded_groups(dg, module_names, ignored_layers=ignored + claimed, root_module_types=roots):
+            try:
+                group, joined = _convert(model, dg, tp_group, module_names, param_names, unwrapped, order, joins,
+                                         canonical)
+            except _Unsupported as why:
+                skipped.append(str(why))
+                continue
+            if not group.members or (residual_rule and joined):
+                continue
+            groups.append(group)
+    finally:
+        _release(dg)
+        joins.clear()
     groups.sort(key=lambda g: order.get(g.members[0].name, len(order)))
     if skipped:
         warnings.warn("find_groups left out the groups that cross what regkern cannot slice: "
@@ -422,14 +615,40 @@ def find_groups(model: nn.Module, example_inputs, *, ignore=(), residual_rule: b
     return result
 
 
+def _found_heads(model: nn.Module, found, given, ignored: Sequence[nn.Module]):
+    """Specs for the traced attentions ``given`` does not cover; ValueError
+    naming every one whose heads cannot be found (attentions whose q, k and
+    v projections are all ignored are left alone)."""
+    ignored_weights = {id(p) for m in ignored for p in m.parameters()}
+    found = [a for a in found if not (a.q | a.k | a.v) <= ignored_weights]
+    specs, problems = discovered_heads(model, found, given)
+    if problems:
+        raise ValueError("find_groups does not cut attention channel by channel (that scrambles its heads) and "
+                         f"could not find the heads of {'; '.join(problems)}; give them with "
+                         "heads=[regkern.Heads(...)], or name the q, k and v projections in ignore=")
+    return specs
+
+
+def _warn_untraced(model: nn.Module, dg, ignored: Sequence[nn.Module]) -> None:
+    left_out = _untraced(model, dg, ignored)
+    if left_out:
+        listed = ", ".join(repr(n) for n in left_out[:10])
+        if len(left_out) > 10:
+            listed += f" and {len(left_out) - 10} more"
+        warnings.warn(f"find_groups' trace did not reach {listed}, so they are in no group (the forward left torch, "
+                      "e.g. through numpy, or a branch skipped them on these inputs); give example_inputs that reach "
+                      "them, or name them in ignore= to keep them as they are", stacklevel=3)
+
+
 def _check_disjoint(model: nn.Module, groups: Sequence[Group]) -> None:
     """``ValueError`` when two groups claim the same slice of a tensor."""
     owner: Dict[Tuple[str, int], Tensor] = {}
     names: Dict[Tuple[str, int], List[str]] = {}
     tensors = named_tensors(model)
+    canonical = canonical_names(model)
     for gi, group in enumerate(groups):
         for m in group.members + group.buffers:
-            key = (m.name, m.dim)
+            key = (canonical.get(m.name, m.name), m.dim)
             if key not in owner:
                 owner[key] = torch.full((tensors[m.name].shape[m.dim],), -1, dtype=torch.int64)
                 names[key] = []

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from regkern.flops import count_flops, count_params
-from regkern.group import Group, check_group, named_tensors
+from regkern.group import Group, canonical_names, check_group, is_conv1d, named_tensors
 from regkern.sharding import is_dtensor
 from regkern.terms import COLUMN_STATE, ROW_STATE, SHARED_STATE
 
@@ -110,13 +110,15 @@ def kept_indices(model: nn.Module, removals: Removals) -> Dict[str, Dict[int, Te
 def _plan_cuts(model: nn.Module, removals: List[Tuple[Group, Tensor]]):
     """Kept indices per (tensor, dim), checked."""
     tensors = named_tensors(model)
+    canonical = canonical_names(model)  # a tied weight is cut once, under its first name
     removed: Dict[str, Dict[int, List[Tensor]]] = {}
     for group, units in removals:
         check_group(model, group)
         if not units.numel():
             continue
         for m in group.members + group.buffers:
-            removed.setdefault(m.name, {}).setdefault(m.dim, []).append(m.index[units].reshape(-1))
+            name = canonical.get(m.name, m.name)
+            removed.setdefault(name, {}).setdefault(m.dim, []).append(m.index[units].reshape(-1))
     _add_norm_statistics(model, removed)
     kept: Dict[str, Dict[int, Tensor]] = {}
     for name, dims in removed.items():
@@ -159,11 +161,12 @@ def _new_shape(shape, cuts: Dict[int, Tensor]) -> Tuple[int, ...]:
 def _module_updates(model: nn.Module, kept, shapes: Dict[str, Tuple[int, ...]]) -> List[Tuple[nn.Module, str, Any]]:
     """New shape attributes of standard modules owning cut tensors, with the
     checks that their tensors stay consistent (a conv's bias follows its rows)."""
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     touched = {}
-    for name in kept:
-        mname, module, _ = _owner(modules, name)
-        touched[mname] = module
+    for name, first in canonical_names(model).items():  # every layer that holds a cut tensor, tied ones too
+        if first in kept:
+            mname, module, _ = _owner(modules, name)
+            touched[mname] = module
     updates = []
 
     def size(mname, attr, dim):
@@ -173,22 +176,30 @@ def _module_updates(model: nn.Module, kept, shapes: Dict[str, Tuple[int, ...]]) 
     for mname, m in touched.items():
         where = f"module {mname!r} ({type(m).__name__})"
         if isinstance(m, nn.modules.conv._ConvNd):
+            # weight [out, in / groups, k...]; transposed: [in, out / groups, k...]
             out_dim, in_dim = (1, 0) if m.transposed else (0, 1)
             rows, cols = size(mname, "weight", out_dim), size(mname, "weight", in_dim)
             depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels and not m.transposed
-            if m.groups != 1 and not depthwise:
-                raise ValueError(f"{where} is a grouped convolution (groups={m.groups}); regkern cannot slice it")
-            if m.bias is not None and size(mname, "bias", 0) != (rows * (m.groups if m.transposed else 1)):
+            outputs, inputs = (rows * m.groups, cols) if m.transposed else (rows, cols * m.groups)
+            if m.bias is not None and size(mname, "bias", 0) != outputs:
                 raise ValueError(f"{where}: its weight and bias would keep different channel counts")
             if depthwise:
                 updates += [(m, "out_channels", rows), (m, "in_channels", rows), (m, "groups", rows)]
             else:
-                updates += [(m, "out_channels", rows), (m, "in_channels", cols)]
+                if outputs % m.groups or inputs % m.groups:
+                    raise ValueError(f"{where}: {outputs} output and {inputs} input channels cannot form its "
+                                     f"{m.groups} equal groups")
+                updates += [(m, "out_channels", outputs), (m, "in_channels", inputs)]
         elif isinstance(m, nn.Linear):
             rows, cols = size(mname, "weight", 0), size(mname, "weight", 1)
             if m.bias is not None and size(mname, "bias", 0) != rows:
                 raise ValueError(f"{where}: its weight and bias would keep different row counts")
             updates += [(m, "out_features", rows), (m, "in_features", cols)]
+        elif is_conv1d(m):  # weight [nx, nf]
+            outputs, inputs = size(mname, "weight", 1), size(mname, "weight", 0)
+            if m.bias is not None and size(mname, "bias", 0) != outputs:
+                raise ValueError(f"{where}: its weight and bias would keep different output counts")
+            updates += [(m, "nf", outputs), (m, "nx", inputs)]
         elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
             counts = {shapes[f"{mname}.{a}" if mname else a][0] for a in ("weight", "bias", "running_mean", "running_var")
                       if getattr(m, a, None) is not None}
@@ -203,7 +214,14 @@ def _module_updates(model: nn.Module, kept, shapes: Dict[str, Tuple[int, ...]]) 
                 raise ValueError(f"{where}: its weight and bias would keep different sizes")
             updates.append((m, "normalized_shape", (counts.pop(),)))
         elif isinstance(m, nn.GroupNorm):
-            raise ValueError(f"{where}: slicing a GroupNorm would change its groups; regkern cannot slice it")
+            counts = {size(mname, a, 0) for a in ("weight", "bias") if getattr(m, a, None) is not None}
+            if len(counts) != 1:
+                raise ValueError(f"{where}: its weight and bias would keep different channel counts")
+            channels = counts.pop()
+            if channels % m.num_groups:
+                raise ValueError(f"{where}: {channels} channels cannot form its {m.num_groups} equal groups; remove "
+                                 f"the same position from every group (the units find_groups gives)")
+            updates.append((m, "num_channels", channels))
         elif isinstance(m, nn.Embedding):
             updates.append((m, "embedding_dim", size(mname, "weight", 1)))
             updates.append((m, "num_embeddings", size(mname, "weight", 0)))
@@ -283,15 +301,17 @@ def slice_model(model: nn.Module, removals: Removals, optimizer: Optional[torch.
     SAS-ADMM state, Adam moments) along each cut dimension, per-row entries
     (``lam``, ``l1``, ``prox_lam``, a row ``mask``, ``row_norms``) along the
     rows, ``lam_cols`` along the columns; the group-shared ``polar`` and
-    scalars stay. Shape attributes of Conv, Linear, BatchNorm / InstanceNorm,
-    LayerNorm, Embedding and PReLU modules follow the new shapes, and each
-    group's ``attributes`` drop by ``units * per_unit``.
+    scalars stay. Shape attributes of Conv (grouped and transposed too),
+    Linear, Hugging Face ``Conv1D``, BatchNorm / InstanceNorm, GroupNorm,
+    LayerNorm, Embedding and PReLU modules follow the new shapes (every layer
+    holding a tied tensor), and each group's ``attributes`` drop by
+    ``units * per_unit``.
 
     Everything is checked before anything changes: groups bound to another
     model or found before an earlier slice, units out of range, repeated, or
-    all of a group's, state that cannot be matched, modules that cannot be
-    sliced (grouped convolutions, GroupNorm) raise ``ValueError`` and leave
-    the model and the optimizer as they were. Groups touching the sliced
+    all of a group's, state that cannot be matched, cuts that would leave a
+    grouped convolution's or a GroupNorm's groups unequal raise
+    ``ValueError`` and leave the model and the optimizer as they were. Groups touching the sliced
     tensors must be found again afterwards.
 
     Returns a :class:`SliceSummary` (MACs need ``example_inputs``).
@@ -306,7 +326,8 @@ def slice_model(model: nn.Module, removals: Removals, optimizer: Optional[torch.
         if is_dtensor(tensors[name]):
             raise ValueError(f"{name} is sharded (DTensor); slice_model slices plain tensors only")
     new_shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-    new_shapes.update({name: _new_shape(tensors[name].shape, cuts) for name, cuts in kept.items()})
+    new_shapes.update({name: _new_shape(tensors[name].shape, kept[first])
+                       for name, first in canonical_names(model).items() if first in kept})
     module_updates = _module_updates(model, kept, new_shapes) + _attribute_updates(model, removal_list)
     state_updates = _state_updates(optimizer, params, kept)
     params_before = count_params(model)

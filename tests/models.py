@@ -174,6 +174,65 @@ class ConvBNConv(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class ResNeXtBlock(nn.Module):
+    """ResNeXt / RegNet bottleneck: 1x1 reduce, grouped 3x3 (``groups``
+    groups of equal width), 1x1 expand, residual add."""
+
+    def __init__(self, channels: int = 8, width: int = 12, groups: int = 3) -> None:
+        super().__init__()
+        self.reduce = nn.Sequential(*conv_bn(channels, width, 1), nn.ReLU())
+        self.grouped = nn.Sequential(*conv_bn(width, width, 3, groups=groups), nn.ReLU())
+        self.expand = conv_bn(width, channels, 1)
+
+    def forward(self, x):
+        return F.relu(x + self.expand(self.grouped(self.reduce(x))))
+
+
+class ResNeXtLike(nn.Module):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(*conv_bn(3, 8), nn.ReLU())
+        self.block = ResNeXtBlock()
+        self.widen = nn.Conv2d(8, 12, 3, padding=1, groups=2)  # a grouped conv whose input is 2 x 4 channels
+        self.fc = nn.Linear(12, classes)
+
+    def forward(self, x):
+        x = self.widen(self.block(self.stem(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class GroupNormNet(nn.Module):
+    """Convs with GroupNorm (2 groups of channels) instead of BatchNorm."""
+
+    def __init__(self, classes: int = 10, widths=(8, 12)) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1)
+        self.gn1 = nn.GroupNorm(2, widths[0])
+        self.conv2 = nn.Conv2d(widths[0], widths[1], 3, padding=1, groups=2)
+        self.gn2 = nn.GroupNorm(3, widths[1])
+        self.fc = nn.Linear(widths[1], classes)
+
+    def forward(self, x):
+        x = F.relu(self.gn2(self.conv2(F.relu(self.gn1(self.conv1(x))))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class TransposedNet(nn.Module):
+    """A strided conv, then a transposed conv back up (a decoder), then a conv."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.down = nn.Sequential(*conv_bn(3, 8, 3, 2), nn.ReLU())
+        self.up = nn.ConvTranspose2d(8, 6, 2, stride=2)
+        self.bn = nn.BatchNorm2d(6)
+        self.mix = nn.Conv2d(6, 5, 3, padding=1)
+        self.fc = nn.Linear(5, classes)
+
+    def forward(self, x):
+        x = self.mix(F.relu(self.bn(self.up(self.down(x)))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 CNNS = {
     "vgg_bn": VGG,
     "resnet_basic": resnet_basic,

@@ -44,7 +44,7 @@ def test_usage_example_runs():
 
 
 def test_groups_and_slicing_example_runs():
-    scope = run(block_with("slice_model"), {})
+    scope = run(block_with("summary = regkern.slice_model"), {})
     model, summary = scope["model"], scope["summary"]
     assert (model[0].out_channels, model[3].out_channels, model[8].in_features) == (8, 16, 16)
     assert summary.params_after < summary.params_before
@@ -56,3 +56,10 @@ def test_adamw_example_runs():
     norms = opt.state[layer.weight]["row_norms"][:, 1]
     assert norms[:8].max() < 0.5 * norms[8:].min()  # the penalized rows shrank at lr * lam per step
     assert opt.state[layer.weight]["exp_avg"].shape == (32, 64)
+
+
+def test_hugging_face_export_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # it saves to ./llama-pruned
+    scope = run(block_with("save_pruned"), {})
+    assert scope["reloaded"].config.num_key_value_heads == 2
+    assert scope["reloaded"].config.intermediate_size == 24

@@ -46,6 +46,7 @@ CASES = {
     "llama_gqa": lambda: llama(num_kv_heads=4),
     "llama_gqa_2kv": lambda: llama(num_kv_heads=2),
     "llama_mha": lambda: llama(num_kv_heads=8),
+    "llama_mqa": lambda: llama(num_kv_heads=1),  # one kv head: the units are the 8 query heads
 }
 MLP_PRODUCERS = ("fc1.weight", "gate_proj.weight", "up_proj.weight")
 
@@ -162,10 +163,11 @@ def test_slicing_heads_and_neurons_matches_masked_model(case):
         assert p.shape == take(name, torch.empty(before[name])).shape, name
     for g, units in removals[:len(heads)]:  # head counts follow: n_rep query heads per kv group
         attn, ref_attn = model.get_submodule(g.name), masked.get_submodule(g.name)
-        n_rep = ref_attn.num_heads // getattr(ref_attn, "num_kv_heads", ref_attn.num_heads)
+        kv = getattr(ref_attn, "num_kv_heads", ref_attn.num_heads)
+        n_rep = 1 if kv == 1 else ref_attn.num_heads // kv  # one kv head: a unit is one query head
         assert attn.num_heads == ref_attn.num_heads - len(units) * n_rep
         if hasattr(ref_attn, "num_kv_heads"):
-            assert attn.num_kv_heads == ref_attn.num_kv_heads - len(units)
+            assert attn.num_kv_heads == (1 if kv == 1 else ref_attn.num_kv_heads - len(units))
         if hasattr(ref_attn, "inner_dim"):
             assert attn.inner_dim == ref_attn.inner_dim - len(units) * 8
 
@@ -230,7 +232,7 @@ def test_bad_specs_raise_clear_errors():
     bad(model, Heads(q=a + "q", k=a + "k", o=a + "proj"), "missing")
     bad(model, Heads(q=a + "q", k=a + "k", v=a + "v"), "o .* required")
     bad(model, Heads(qkv=a + "q", q=a + "q", k=a + "k", v=a + "v", o=a + "proj"), "either qkv or q/k/v")
-    bad(model, Heads(q=a + "q", k=a + "k", v=a + "v", o="blocks.0.norm1"), "only nn.Linear")
+    bad(model, Heads(q=a + "q", k=a + "k", v=a + "v", o="blocks.0.norm1"), "must be nn.Linear or transformers. Conv1D")
     bad(model, Heads(q=a + "q", k=a + "q", v=a + "v", o=a + "proj"), "same Linear")
     bad(model, Heads(q=a + "q", k=a + "k", v=a + "v", o=a + "proj", num_heads=8), "num_heads=8 but .*is 4")
     bad(model, Heads(q=a + "q", k=a + "k", v=a + "v", o=a + "proj", num_heads=3, heads_attr=None),
@@ -404,3 +406,86 @@ def test_checks_leave_model_untouched():
     assert not model.layers[1].self_attn.training
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+# ----------------------------------------------------------------------------- heads found by find_groups
+
+
+@pytest.mark.parametrize("case", ["llama_gqa_2kv", "llama_mqa", "vit_fused_qkv"])
+def test_find_groups_finds_the_heads_the_specs_name(case):
+    """Without heads=, the head groups are the ones the hand-written specs give
+    (on grouped-query attention the trace used to never return)."""
+    torch.manual_seed(0)
+    model, x, specs = CASES[case]()
+    found = {g.name: g for g in find_groups(model, x)}
+    given = {g.name: g for g in find_groups(model, x, heads=specs)}
+    assert found.keys() == given.keys()
+    for name, g in given.items():
+        mine = found[name]
+        assert (mine.units, mine.attributes) == (g.units, g.attributes)
+        assert [(m.name, m.dim, m.role) for m in mine.members] == [(m.name, m.dim, m.role) for m in g.members]
+        assert all(torch.equal(m.index, n.index) for m, n in zip(mine.members, g.members))
+
+
+class NoHeadCount(nn.Module):
+    """Attention whose head count lives only in its forward (4 heads, no attribute, no config)."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = (f(x).view(b, n, 4, d // 4).transpose(1, 2) for f in (self.q, self.k, self.v))
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+
+
+def test_attention_without_a_known_head_count_is_refused_not_cut_by_channel():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), NoHeadCount(), nn.Linear(32, 5))
+    x = torch.randn(2, 5, 12)
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"does not cut attention channel by channel .* the attention in '1' "
+                                         r"\(1.q, 1.k, 1.v -> 1.out\): its head size is unknown"):
+        find_groups(model, x, ignore=["2"])
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    # kept whole, its projections leave the attention out of every group
+    groups = find_groups(model, x, ignore=["2", "1.q", "1.k", "1.v"])
+    assert not {m.name for g in groups for m in g.by_role("producer")} & {"1.q.weight", "1.k.weight", "1.v.weight"}
+    # given, its heads are units
+    heads = find_groups(model, x, ignore=["2"], heads=[Heads(q="1.q", k="1.k", v="1.v", o="1.out", num_heads=4,
+                                                              heads_attr=None, kv_heads_attr=None)])
+    assert heads[-1].name == "1" and heads[-1].units == 4
+
+
+def test_a_dependency_walk_that_does_not_end_stops_naming_its_root(monkeypatch):
+    import regkern.groups as groups_module
+
+    model, x, _ = llama(num_kv_heads=2)
+    monkeypatch.setattr(groups_module, "GROUPING_STEPS_PER_DEPENDENCY", 0)  # every walk is too long
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"stopped grouping the channels of '[\w.]+': torch-pruning's dependency "
+                                         r"walk from it passed 0 steps without ending"):
+        find_groups(model, x)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+class FusedKV(nn.Module):
+    """Keys and values from one Linear (its first and second halves): not a layout heads can split."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.num_heads = 4
+        self.q, self.kv, self.out = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        k, v = self.kv(x).chunk(2, dim=-1)
+        q, k, v = (t.view(b, n, 4, d // 4).transpose(1, 2) for t in (self.q(x), k, v))
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+
+
+def test_keys_and_values_from_one_layer_are_refused():
+    model = nn.Sequential(nn.Linear(12, 32), FusedKV(), nn.Linear(32, 5))
+    with pytest.raises(ValueError, match=r"an attention with two of q, k, v from one layer \(1.q, 1.kv, 1.kv -> 1.out\)"):
+        find_groups(model, torch.randn(2, 5, 12), ignore=["2"])

@@ -1,5 +1,6 @@
 """find_groups, group_scores and set_group_lambda."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -133,13 +134,25 @@ def test_bad_ignore_and_untraceable_models_raise():
         find_groups(model, torch.randn(2, 5, 16, 16))  # wrong input channels
 
 
-def test_grouped_convolutions_are_left_out_with_a_warning():
+def test_grouped_convolutions_cut_the_same_position_of_every_group():
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(),
                           nn.Conv2d(8, 6, 1), nn.ReLU(), nn.Conv2d(6, 4, 1))
-    with pytest.warns(UserWarning, match="grouped convolution"):
-        groups = find_groups(model, X, ignore=["6"])
-    # conv 0 feeds the grouped conv and conv 2 is it: only conv 4's channels remain prunable
-    assert [g.name for g in groups] == ["4"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        groups = {g.name: g for g in find_groups(model, X, ignore=["6"])}
+    assert sorted(groups) == ["0", "2", "4"]
+    pairs = torch.tensor([[0, 4], [1, 5], [2, 6], [3, 7]])  # channel p of each of the 2 groups of 4
+    # conv 0's channels feed the grouped conv, whose input columns (4 per group) are shared by its groups
+    assert groups["0"].units == 4
+    assert {(n, d, m.role) for (n, d), m in members(groups["0"]).items()} == \
+        {("0.weight", 0, "producer"), ("0.bias", 0, "row"), ("2.weight", 1, "column")}
+    index = {m.name: m.index for m in groups["0"].members}
+    assert torch.equal(index["0.weight"], pairs) and torch.equal(index["2.weight"], torch.arange(4).reshape(4, 1))
+    # the grouped conv's own outputs: the same position of both groups of rows
+    assert groups["2"].units == 4
+    index = {(m.name, m.dim): m.index for m in groups["2"].members}
+    assert torch.equal(index[("2.weight", 0)], pairs) and torch.equal(index[("4.weight", 1)], pairs)
+    assert groups["4"].units == 6
 
 
 def test_overlapping_groups_are_refused():

@@ -91,11 +91,12 @@ def test_residual_rule_on_a_pre_ln_transformer():
     assert everything["embed"] == stream  # the residual adds join the stream's producers
     kept = producers(find_groups(model, SEQ, ignore=["head"], residual_rule=True))
     # the stream's width is joined by residual adds and keeps its channels; the MLP neurons
-    # and the attention projections stay prunable
+    # and the attention heads (found from the modules' head counts) stay prunable
     assert "embed" not in kept
     assert not {p for names in kept.values() for p in names} & set(stream)
     assert kept["blocks.0.fc1"] == ["blocks.0.fc1"] and kept["blocks.1.fc1"] == ["blocks.1.fc1"]
-    assert {"blocks.0.attn.q", "blocks.1.attn.q"} <= set(kept)
+    for block in ("blocks.0", "blocks.1"):
+        assert kept[f"{block}.attn"] == [f"{block}.attn.{p}" for p in "kqv"]
 
 
 class Affine(nn.Module):

@@ -14,7 +14,8 @@ from regkern.groups import Group, Member, find_groups
 from regkern.slicing import kept_indices, slice_model
 from regkern.flops import count_flops, count_params
 
-from models import CNNS, ConvBNConv, image_batch, mask_units, random_removals, resnet_basic, restrict
+from models import (CNNS, ConvBNConv, GroupNormNet, ResNeXtLike, TransposedNet, image_batch, mask_units,
+                    random_removals, resnet_basic, restrict)
 from optim_helpers import CPU_BACKENDS
 
 X = image_batch(4)
@@ -140,9 +141,13 @@ def test_count_flops_depthwise_matmul_and_attention():
 
 # --------------------------------------------------------------------------- sliced == masked
 
-@pytest.mark.parametrize("name", sorted(CNNS))
+# grouped convs (ResNeXt / RegNet) and transposed convs slice like the rest
+SLICEABLE = {**CNNS, "resnext": ResNeXtLike, "transposed": TransposedNet}
+
+
+@pytest.mark.parametrize("name", sorted(SLICEABLE))
 def test_sliced_output_equals_masked_output_and_next_step(name):
-    a, opt_a, b, opt_b = twins(CNNS[name], sgd)
+    a, opt_a, b, opt_b = twins(SLICEABLE[name], sgd)
     groups, removals, kept, summary = slice_and_mask(a, opt_a, b, opt_b)
     assert groups
     check_module_shapes(a)
@@ -408,12 +413,53 @@ def test_stale_group_after_slicing_raises(trained):
     train_step(model, opt)
 
 
-def test_grouped_conv_and_group_norm_are_refused_by_slice_model():
+def test_group_norm_slices_like_a_model_built_narrower():
+    """A masked channel still counts in its GroupNorm group's statistics, so
+    the reference is the same network built with the kept widths and loaded
+    with the kept entries of the weights and of the optimizer state."""
+    torch.manual_seed(0)
+    model = GroupNormNet()
+    opt = sgd(model)
+    train_step(model, opt)
+    groups = find_groups(model, X, ignore=["fc"])
+    assert [g.units for g in groups] == [4, 2]  # conv2: 2 conv groups of 6 channels and 3 GroupNorm groups of 4
+    removals = {groups[0]: [1], groups[1]: [0]}
+    kept = kept_indices(model, removals)
+    narrow = GroupNormNet(widths=(6, 6))
+    with torch.no_grad():
+        for (name, p), q in zip(model.named_parameters(), narrow.parameters()):
+            q.copy_(restrict(p, kept.get(name, {})))
+    narrow_opt = sgd(narrow)
+    for (name, p), q in zip(model.named_parameters(), narrow.parameters()):
+        cuts = kept.get(name, {})
+        for key, value in opt.state[p].items():  # W-shaped, or per row (lam)
+            narrow_opt.state[q][key] = restrict(value, cuts if value.shape == p.shape else
+                                                {d: k for d, k in cuts.items() if d == 0}).clone()
+    slice_model(model, removals, opt)
+    assert (model.gn1.num_channels, model.gn1.num_groups, model.gn2.num_channels, model.gn2.num_groups) == (6, 2, 6, 3)
+    assert (model.conv2.in_channels, model.conv2.out_channels, model.conv2.groups) == (6, 6, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), narrow(X), rtol=0, atol=0)
+    train_step(model, opt)
+    train_step(narrow, narrow_opt)
+    for p, q in zip(model.parameters(), narrow.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], narrow_opt.state[q]["momentum_buffer"],
+                                   rtol=1e-6, atol=1e-7)
+
+
+def test_uneven_cuts_of_grouped_convs_and_group_norms_are_refused():
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=2), nn.GroupNorm(2, 8))
+    opt = sgd(model)
+    loss = model(X).square().mean()
+    loss.backward()
+    opt.step()
+    before = _snapshot(model, opt)
     idx = torch.arange(8).reshape(8, 1)
-    group = Group("g", 8, [Member("1.weight", 0, idx, "producer")]).bind(model)
-    with pytest.raises(ValueError, match="grouped convolution"):
-        slice_model(model, {group: [0]})
-    gn = Group("gn", 8, [Member("2.weight", 0, idx, "row")]).bind(model)
-    with pytest.raises(ValueError, match="GroupNorm"):
-        slice_model(model, {gn: [0]})
+    group = Group("g", 8, [Member("1.weight", 0, idx, "producer"), Member("1.bias", 0, idx, "row")]).bind(model)
+    with pytest.raises(ValueError, match="7 output and 8 input channels cannot form its 2 equal groups"):
+        slice_model(model, {group: [0]}, opt)
+    gn = Group("gn", 8, [Member("2.weight", 0, idx, "row"), Member("2.bias", 0, idx, "row")]).bind(model)
+    with pytest.raises(ValueError, match="7 channels cannot form its 2 equal groups"):
+        slice_model(model, {gn: [0]}, opt)
+    _assert_same(before, model, opt)
