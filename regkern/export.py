@@ -594,6 +594,10 @@ def apply_plan(model: nn.Module, plan: Union[Dict[str, Any], str, os.PathLike],
             if module_name not in modules or not hasattr(modules[module_name], attr):
                 raise ValueError(f"{where} sets {module_name}.{attr}, which the model does not have; the plan was "
                                  f"made for another model")
+            value = values[attr]
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f"{where} sets {module_name}.{attr} to {value!r}; it must be a positive integer; "
+                                 f"the plan is damaged")
     slice_model(model, removals, optimizer)
     for module_name, values in plan["attributes"].items():
         for attr, value in values.items():

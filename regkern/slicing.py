@@ -168,10 +168,20 @@ def _module_updates(model: nn.Module, kept, shapes: Dict[str, Tuple[int, ...]]) 
             mname, module, _ = _owner(modules, name)
             touched[mname] = module
     updates = []
+    canonical = canonical_names(model)
 
     def size(mname, attr, dim):
         prefix = f"{mname}." if mname else ""
         return shapes.get(prefix + attr, (None,) * (dim + 1))[dim]
+
+    def evenly_kept(mname, module, attr, dim, groups) -> bool:
+        """Whether the cut of ``attr`` along ``dim`` keeps as many entries in
+        each of its ``groups`` equal blocks (a grouped conv's or GroupNorm's groups)."""
+        cut = kept.get(canonical.get(f"{mname}.{attr}" if mname else attr), {}).get(dim)
+        if cut is None or groups == 1:
+            return True
+        counts = torch.bincount(cut // (getattr(module, attr).shape[dim] // groups), minlength=groups)
+        return bool((counts == counts[0]).all())
 
     for mname, m in touched.items():
         where = f"module {mname!r} ({type(m).__name__})"
@@ -186,9 +196,10 @@ def _module_updates(model: nn.Module, kept, shapes: Dict[str, Tuple[int, ...]]) 
             if depthwise:
                 updates += [(m, "out_channels", rows), (m, "in_channels", rows), (m, "groups", rows)]
             else:
-                if outputs % m.groups or inputs % m.groups:
-                    raise ValueError(f"{where}: {outputs} output and {inputs} input channels cannot form its "
-                                     f"{m.groups} equal groups")
+                if outputs % m.groups or inputs % m.groups or not evenly_kept(mname, m, "weight", 0, m.groups):
+                    raise ValueError(f"{where}: the cut would leave its {m.groups} groups unequal ({outputs} output and "
+                                     f"{inputs} input channels); remove the same position from every group "
+                                     f"(the units find_groups gives)")
                 updates += [(m, "out_channels", outputs), (m, "in_channels", inputs)]
         elif isinstance(m, nn.Linear):
             rows, cols = size(mname, "weight", 0), size(mname, "weight", 1)
@@ -218,7 +229,7 @@ def _module_updates(model: nn.Module, kept, shapes: Dict[str, Tuple[int, ...]]) 
             if len(counts) != 1:
                 raise ValueError(f"{where}: its weight and bias would keep different channel counts")
             channels = counts.pop()
-            if channels % m.num_groups:
+            if channels % m.num_groups or not evenly_kept(mname, m, "weight", 0, m.num_groups):
                 raise ValueError(f"{where}: {channels} channels cannot form its {m.num_groups} equal groups; remove "
                                  f"the same position from every group (the units find_groups gives)")
             updates.append((m, "num_channels", channels))

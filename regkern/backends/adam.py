@@ -92,7 +92,7 @@ class AdamPlan(SGDPlan):
         """Apply the step with gradients from ``checked_grads``."""
         if amsgrad and not self.amsgrad:
             raise ValueError("amsgrad needs a max_exp_avg_sq for every parameter; build the plan with max_exp_avg_sqs")
-        if self.backend.skips(found_inf):
+        if not self.params or self.backend.skips(found_inf):  # (no tensors: nothing to read)
             return
         options = dict(beta1=float(beta1), beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay),
                        decay=float(decay), amsgrad=bool(amsgrad), maximize=bool(maximize), coupled=bool(coupled))

@@ -101,7 +101,7 @@ class Backend:
 
     def run(self, family: str, launch, kernel: Optional[str] = None, **options) -> None:
         """One call of ``kernel`` (default ``<family>_step``) over ``launch``'s
-        table with the step's ``options`` (in the order the C++ entry point takes them)."""
+        table with the step's ``options`` (by the names the kernels take)."""
         raise RuntimeError(f"the {self.name} backend runs no kernels")
 
 
@@ -125,17 +125,13 @@ class CppBackend(Backend):
 
     def run(self, family: str, launch, kernel: Optional[str] = None, **options) -> None:
         table = launch.table
-        values = []
-        for key, value in options.items():
-            if key == "found_inf":
-                continue  # read by ``skips`` before any call
-            if key == "grad_scale":
-                value = 1.0 if value is None else float(value)
-            elif key == "lr":
-                value = float(value)
-            values.append(value)
-        getattr(load_cpp(), kernel or f"{family}_step")(
-            table.data_ptr(), table.shape[0], table.shape[1], *values, torch.get_num_threads())
+        options.pop("found_inf", None)  # read by ``skips`` before any call
+        if "grad_scale" in options:
+            options["grad_scale"] = 1.0 if options["grad_scale"] is None else float(options["grad_scale"])
+        if "lr" in options:
+            options["lr"] = float(options["lr"])
+        getattr(load_cpp(), kernel or f"{family}_step")(table.data_ptr(), table.shape[0], table.shape[1],
+                                                        num_threads=torch.get_num_threads(), **options)
 
 
 class TritonBackend(Backend):
@@ -183,6 +179,12 @@ class TritonBackend(Backend):
 
     def run(self, family: str, launch, kernel: Optional[str] = None, **options) -> None:
         run = getattr(load_triton(family), kernel or f"{family}_step")
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device)
+            if launch.stream is not None and launch.stream != stream:
+                # the last launch, on another stream, may still read the device table: no overwrite before it ends
+                stream.wait_stream(launch.stream)
+            launch.stream = stream
         table = self.device_table(launch)
         if self.device.type == "cuda" and self.device.index not in (None, torch.cuda.current_device()):
             with torch.cuda.device(self.device):

@@ -116,6 +116,7 @@ class _Launch:
         self.dtype, self.index, self.table = dtype, index, table
         self.units = None  # the Triton work list (Backend.prepare)
         self.device_table = self.sent = None  # the Triton table on the device, and what it holds
+        self.stream = None  # the CUDA stream of the last launch
         self.columns = table.numpy()  # a view: per-step patches cost no torch op
         self.firsts = None  # the first-step flags now in the table
 

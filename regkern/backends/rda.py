@@ -198,7 +198,7 @@ class RDAPlan(TablePlan):
         else:
             lams = float(lams)
             _check_lam(lams)
-        if self.backend.skips(found_inf):
+        if not self.params or self.backend.skips(found_inf):  # (no tensors: nothing to read)
             return
         if self.slow_index:
             idx = self.slow_index

@@ -246,8 +246,13 @@ class SGDPlan(TablePlan):
             return
         old = self._checked_versions or [None] * len(vectors)
         for (i, key, t), seen, version in zip(vectors, old, versions or old):
-            if (versions is None or version != seen) and not bool(torch.isfinite(t).all()):
-                self._refuse_coefficient(i, key)
+            if versions is None or version != seen:
+                if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                    raise RuntimeError(f"regkern: state['{key}'] of parameter {i} was written since the last step, "
+                                       "and checking it reads the device, which a CUDA graph capture forbids; take "
+                                       "one step after writing it, then capture")
+                if not bool(torch.isfinite(t).all()):
+                    self._refuse_coefficient(i, key)
         self._checked_versions = versions
 
     def _refuse_coefficient(self, i: int, key: str) -> None:
@@ -259,7 +264,7 @@ class SGDPlan(TablePlan):
             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
         """Apply the step with gradients from ``checked_grads``."""
         firsts = [first_step] * len(grads) if isinstance(first_step, bool) else list(first_step)
-        if self.backend.skips(found_inf):
+        if not self.params or self.backend.skips(found_inf):  # (no tensors: nothing to read)
             return
         options = dict(momentum=float(momentum), dampening=float(dampening), nesterov=bool(nesterov),
                        weight_decay=float(weight_decay), maximize=bool(maximize))

@@ -118,7 +118,7 @@ class Adam(RegularizedOptimizer):
             if cached.torch_params:
                 _adam_with_torch_ops(cached.torch_params, [self.state[p] for p in cached.torch_params], group,
                                      grad_scale)
-            self._group_written(cached)
+            self._group_written(cached, found_inf)
 
 
 class AdamW(Adam):
@@ -164,7 +164,7 @@ class _GroupPlan(CachedPlan):
         self.fast_index = [i for i, t in enumerate(by_torch) if not t] if self.torch_params else None
         self.norm_params = [local_tensor(p) for p in params
                             if p in optimizer.state and optimizer.state[p].get("row_norms") is not None]
-        self.norm_versions = None
+        self.norm_versions = self.norm_current = None
         self.differentiable = differentiable
         self.regularizer = group["regularizer"]
         self.amsgrad = bool(group["amsgrad"])
@@ -192,6 +192,9 @@ class _GroupPlan(CachedPlan):
                              [moment(i, "max_exp_avg_sq") for i in range(count)] if self.amsgrad else None,
                              [moment(i, "step") for i in range(count)], backend=optimizer.backend,
                              warn=lambda i, why: optimizer.warn_once(params[i], why), **inputs)
+
+    def step_fills_state(self) -> bool:
+        return bool(self.new_state)  # saved only after a step taken, as when the host skips it
 
     def fits(self, params, group: Dict[str, Any], clock: int, backend) -> bool:
         return (not self.new_state and self.amsgrad == bool(group["amsgrad"])

@@ -55,28 +55,43 @@ class RegularizedOptimizer(FusedOptimizer):
     def _before_step(self) -> None:
         """Each regularizer's per-step hook (e.g. polarization's set mean), before any group is stepped."""
         for group in self.param_groups:
-            # most regularizers have no hook: skip building the group's state list for them
-            regs = [r for r in regularizer_list(group["regularizer"])
-                    if type(r).before_step is not Regularizer.before_step]
-            if regs:
+            regs = _with_hook(group)
+            if regs:  # most regularizers have none: the group's state list is not built for them
                 states = group_states(self, group["params"])
                 for reg in regs:
                     reg.before_step(group["params"], states)
 
     def _kernels_skip(self, prepared) -> bool:
-        """Every group is stepped by kernels that read ``found_inf`` on the
-        device (``Backend.reads_stall``), with no parameter on the torch-ops
-        path and no new state that only a taken step fills (``CachedPlan.step_fills_state``)."""
-        return all(cached.plan.backend.reads_stall and not cached.torch_params and not cached.step_fills_state()
-                   for cached, _ in prepared)
+        """Every group with parameters is stepped by kernels alone that read
+        ``found_inf`` on the device (``Backend.reads_stall``): no tensor on the
+        reference or torch-ops path, no new state that only a taken step fills
+        (``CachedPlan.step_fills_state``) and no regularizer hook that writes
+        state before the step."""
+        def kernels_alone(group, cached):
+            return (cached.plan.backend.reads_stall and not cached.plan.slow_index and not cached.torch_params
+                    and not cached.step_fills_state()
+                    and not _with_hook(group))
+        return all(kernels_alone(group, cached) for group, (cached, _) in zip(self.param_groups, prepared)
+                   if cached.params)
 
-    def _group_written(self, cached) -> None:
+    def _group_written(self, cached, found_inf: Optional[Tensor] = None) -> None:
         """After a group's step: the version counters of the parameters the
         kernels wrote through raw pointers advance (as after an in-place torch
-        op), and the row norms the step wrote are recorded as describing them."""
+        op), and the row norms the step wrote are recorded as describing them.
+        With ``found_inf`` left to the kernels the host does not know whether
+        the step was taken: ``norm_current`` then keeps, on the device,
+        whether the norms describe the weights (the step was taken, or they
+        did before it), for ``current_row_norms`` to read when asked."""
+        described = cached.norm_params and cached.norm_versions == list(map(VERSION, cached.norm_params))
         cached.mark_written(cached.fast_params)
-        if cached.norm_params:
-            cached.norm_versions = list(map(VERSION, cached.norm_params))
+        if not cached.norm_params:
+            return
+        if found_inf is None or (described and cached.norm_current is None):
+            cached.norm_current = None  # known: written by this step, or current before and after it
+        else:
+            taken = found_inf == 0
+            cached.norm_current = taken | cached.norm_current if described else taken
+        cached.norm_versions = list(map(VERSION, cached.norm_params))
 
     def current_row_norms(self, param: Tensor) -> Optional[Tensor]:
         """``state[param]["row_norms"]`` while it describes the current weights:
@@ -85,7 +100,9 @@ class RegularizedOptimizer(FusedOptimizer):
         a slice); else None, and scores must be computed from ``W``. Writes
         are seen through the parameter's version counter, which torch ops on
         the parameter advance; a write that bypasses it (in place on
-        ``param.data`` or through numpy) is not seen."""
+        ``param.data`` or through numpy) is not seen. After steps whose
+        GradScaler overflow flag only the kernels read, this reads it (one
+        wait for the device)."""
         norms = self.state[param].get("row_norms") if param in self.state else None
         if norms is None:
             return None
@@ -97,9 +114,15 @@ class RegularizedOptimizer(FusedOptimizer):
                     local = local_tensor(param)
                     versions = dict(zip(map(id, cached.norm_params), cached.norm_versions))
                     fresh = (versions.get(id(local)) == local._version
-                             and cached._pointers([param]) == [cached.pointers[i]])
+                             and cached._pointers([param]) == [cached.pointers[i]]
+                             and (cached.norm_current is None or bool(cached.norm_current)))
                     return norms if fresh else None
         return None
+
+
+def _with_hook(group: Dict[str, Any]) -> list:
+    """The group's regularizers that have a per-step hook (``Regularizer.before_step``)."""
+    return [r for r in regularizer_list(group["regularizer"]) if type(r).before_step is not Regularizer.before_step]
 
 
 def _is_regularizer(value: Any) -> bool:

@@ -99,7 +99,7 @@ class SGD(RegularizedOptimizer):
             if cached.torch_params:
                 sgd_with_torch_ops(cached.torch_params, [self.state[p] for p in cached.torch_params], group,
                                    grad_scale)
-            self._group_written(cached)
+            self._group_written(cached, found_inf)
 
 
 class _GroupPlan(CachedPlan):
@@ -118,7 +118,7 @@ class _GroupPlan(CachedPlan):
         self.fast_index = [i for i, t in enumerate(by_torch) if not t] if self.torch_params else None
         self.norm_params = [local_tensor(p) for p in params
                             if p in optimizer.state and optimizer.state[p].get("row_norms") is not None]
-        self.norm_versions = None
+        self.norm_versions = self.norm_current = None
         params = self.fast_params
         states = group_states(optimizer, params)
         self.momentum = group["momentum"] != 0

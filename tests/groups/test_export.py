@@ -286,3 +286,8 @@ def test_bad_input_is_refused_and_changes_nothing(tmp_path):
     with pytest.raises(ValueError, match="kept entries must be increasing indices in \\[0, 48\\)"):
         export.apply_plan(fresh, damaged)
     assert fresh.model.layers[0].mlp.gate_proj.weight.shape == (48, 32)  # checked before the first cut
+    damaged = copy.deepcopy(plan)  # a damaged head count is refused before any cut, too
+    damaged["attributes"] = {"model.layers.0.self_attn": {"num_key_value_groups": 0}}
+    with pytest.raises(ValueError, match="num_key_value_groups to 0; it must be a positive integer"):
+        export.apply_plan(fresh, damaged)
+    assert fresh.model.layers[0].mlp.gate_proj.weight.shape == (48, 32)

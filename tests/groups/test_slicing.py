@@ -463,3 +463,24 @@ def test_uneven_cuts_of_grouped_convs_and_group_norms_are_refused():
     with pytest.raises(ValueError, match="7 channels cannot form its 2 equal groups"):
         slice_model(model, {gn: [0]}, opt)
     _assert_same(before, model, opt)
+
+
+@pytest.mark.parametrize("layer", ["grouped conv", "groupnorm"])
+def test_a_cut_that_leaves_groups_unequal_is_refused(layer):
+    """Removing two channels of one group (not the same position in every
+    group) would move later channels into another group: refused, nothing changed."""
+    torch.manual_seed(0)
+    second = nn.Conv2d(8, 8, 3, groups=2) if layer == "grouped conv" else nn.GroupNorm(2, 8)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), second)
+    idx = torch.arange(8).reshape(8, 1)
+    owner = "1" if layer == "grouped conv" else "0"
+    members = [Member(f"{owner}.weight", 0, idx, "producer"), Member(f"{owner}.bias", 0, idx, "row")]
+    if layer == "groupnorm":
+        members += [Member("1.weight", 0, idx, "row"), Member("1.bias", 0, idx, "row")]
+    group = Group("g", 8, members).bind(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="groups unequal|equal groups"):
+        slice_model(model, {group: [0, 1]})
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    slice_model(model, {group: [0, 4]})  # the same position in both groups is cut
+    assert model[1].weight.shape[0] == 6

@@ -159,3 +159,70 @@ def test_device_tables_are_sent_only_when_they_change(monkeypatch):
     launch.columns[1, 2] = 99  # a step patches a gradient address
     assert backend.device_table(launch) is first and len(sent) == 1 and sent[0][1, 2] == 99
     assert backend.device_table(launch) is first and len(sent) == 1
+
+
+def test_a_group_without_gradients_does_not_bring_host_reads_back(recorder):
+    params, opt = _model_and_optimizer("sgd")
+    frozen = torch.nn.Parameter(torch.randn(3, 3))  # never gets a gradient
+    opt.add_param_group({"params": [frozen]})
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(0.0)
+    for t in range(2):
+        _grads(params, t)
+        opt.step()
+    reads = recorder([opt.found_inf])
+    with reads:
+        _grads(params, 2)
+        opt.step()
+    assert reads.reads == []
+
+
+def test_adam_first_step_reads_the_overflow_flag_on_the_host():
+    """New moments are saved only after a step taken, as on the host-read path."""
+    params, opt = _model_and_optimizer("adam")
+    _grads(params, 0)
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(1.0)
+    opt.step()
+    assert all("exp_avg" not in opt.state[p] and "step" not in opt.state[p] for p in params)
+
+
+def test_row_norms_stay_stale_after_a_step_the_kernels_may_have_skipped():
+    """Row norms written before an in-place edit of the weights do not become
+    current through a step the kernels skipped, though the host never read its overflow flag."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6, 5))
+    opt = regkern.SGD([w], lr=0.05, momentum=0.9, regularizer=regkern.RowL2(track_norms=True), backend="triton")
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(0.0)
+    for t in range(2):
+        _grads([w], t)
+        opt.step()
+    assert opt.current_row_norms(w) is not None
+    with torch.no_grad():
+        w[0].zero_()  # the norms no longer describe W
+    assert opt.current_row_norms(w) is None
+    opt.found_inf.fill_(1.0)
+    _grads([w], 5)
+    opt.step()  # skipped on the device
+    assert opt.current_row_norms(w) is None
+    opt.found_inf.fill_(0.0)
+    opt.step()  # taken: it wrote the norms (known from found_inf when the norms are asked for)
+    torch.testing.assert_close(opt.current_row_norms(w)[:, 1], w.detach().norm(dim=1))
+
+
+def test_an_overflow_step_with_a_polarization_hook_changes_no_state():
+    torch.manual_seed(0)
+    scales = [torch.nn.Parameter(torch.rand(8)), torch.nn.Parameter(torch.rand(4))]
+    opt = regkern.SGD(scales, lr=0.1, momentum=0.9, regularizer=regkern.Polarization(lam=1e-3), backend="triton")
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(0.0)
+    for t in range(2):
+        _grads(scales, t)
+        opt.step()
+    with torch.no_grad():
+        scales[0][0] = 0.9  # moves the set mean the hook computes
+    state = {i: {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+             for i, p in enumerate(scales)}
+    opt.found_inf.fill_(1.0)
+    _grads(scales, 3)
+    opt.step()
+    for i, p in enumerate(scales):
+        for key, value in state[i].items():
+            assert torch.equal(opt.state[p][key], value), f"state[{key!r}] changed on an overflow step"
