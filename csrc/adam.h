@@ -51,6 +51,11 @@ struct AdamHyper {
   VmlSqrtFn vml_sqrt;  // torch_vml_sqrt() (null: __builtin_sqrtf)
 };
 
+// Elements per piece of the bf16 in-place path (adam_kernel.h, AdamStep::part):
+// its moments, square roots and W pass run piece after piece; measured on
+// ResNet-50 bf16 at 1 thread, 512 beat kPiece16 (128) by 5% (fewer calls).
+constexpr int64_t kAdamPiece16 = 512;
+
 // One decoded row: the sgd columns, the moments and the per-tensor bias
 // corrections of this step.
 struct AdamDesc {

@@ -18,10 +18,13 @@
 //                      (sqrt: torch's own, MKL's vmsSqrt where torch uses it)
 //   W, m, v, vmax *= mask; W = prox(W), clamp, mask again; row norms
 // Per block of kBlock elements the per-row / per-column streams are expanded
-// once (TermRunner, common/term_math.h); then piece after piece of kPiece16
-// elements, in L1: the terms and moments (adam_fused, one loop, for tensors
-// whose terms are at most a lambda: plain Adam / AdamW and L2; else the terms
-// pass adam_terms then the moments pass adam_moments), the square roots
+// once (TermRunner, common/term_math.h), or, for the fused loop on rows of
+// kLongRow elements or more, passed per row piece as the row's values
+// (Streams::rows: lambda, mask, threshold); then piece after piece of kPiece16
+// elements (kAdamPiece16 on the bf16 in-place path), in L1: the terms and
+// moments (adam_fused, one loop, for tensors whose terms are at most a
+// lambda: plain Adam / AdamW and L2; else the terms pass adam_terms then the
+// moments pass adam_moments), the square roots
 // (torch_sqrt_n), and the W pass (adam_weights), each instantiated for the
 // flags that matter. Working piece by piece keeps the memory streams busy
 // while a piece computes, with a software prefetch RK_PREFETCH_AHEAD fp32
@@ -49,6 +52,7 @@ namespace RK_NS {
 // Per-tensor constants of the moments and W passes.
 struct AdamConsts {
   float coef, b2, one_b2, eps, neg_ss, bc2, lo, hi;
+  float lr;  // the soft threshold lr * prox_lam[r] of a ROWS W pass
   uint32_t small;
 };
 
@@ -113,10 +117,11 @@ RK_AI uint32_t sqrt_special(float x) {
 // step divides by (sq: v, or vmax under amsgrad) for the W pass. Returns
 // sqrt_special(sq).
 // T: the storage of m, v, vmax (fp32, or bf16 read and rounded inline).
+// kv: the element's mask value (read only under MASK).
 template <bool AMS, bool MASK, typename T = float>
-RK_AI uint32_t moment_at(float hv, T* __restrict m, T* __restrict v, T* __restrict vmax,
-                         const uint8_t* __restrict keep, float* __restrict mu, float* __restrict sq, int64_t j,
-                         float coef, uint32_t small, float b2, float one_b2) {
+RK_AI uint32_t moment_at(float hv, T* __restrict m, T* __restrict v, T* __restrict vmax, uint8_t kv,
+                         float* __restrict mu, float* __restrict sq, int64_t j, float coef, uint32_t small,
+                         float b2, float one_b2) {
   const float mv = ld_f32(m, j);
   const float mn = __builtin_fmaf(coef, hv - mv, select(small, mv, hv));  // torch's lerp
   const float vn = __builtin_fmaf(one_b2 * hv, hv, ld_f32(v, j) * b2);    // mul_, addcmul_
@@ -125,7 +130,7 @@ RK_AI uint32_t moment_at(float hv, T* __restrict m, T* __restrict v, T* __restri
   mu[j] = mn;
   sq[j] = second;
   float k = 1.0f;
-  if constexpr (MASK) k = static_cast<float>(keep[j]);
+  if constexpr (MASK) k = static_cast<float>(kv);
   st_f32(m, j, MASK ? mn * k : mn);
   st_f32(v, j, MASK ? vn * k : vn);
   if constexpr (AMS) st_f32(vmax, j, MASK ? second * k : second);
@@ -141,7 +146,8 @@ static uint32_t adam_moments(const float* __restrict h, float* __restrict m, flo
   const uint32_t small = a.small;
   uint32_t special = 0;
   for (int64_t j = 0; j < n; ++j)
-    special |= moment_at<AMS, MASK>(h[j], m, v, vmax, keep, mu, sq, j, coef, small, b2, one_b2);
+    special |= moment_at<AMS, MASK>(h[j], m, v, vmax, MASK ? keep[j] : uint8_t{1}, mu, sq, j, coef, small, b2,
+                                    one_b2);
   return special;
 }
 
@@ -151,8 +157,9 @@ typedef uint32_t (*AdamMomentsFn)(const float*, float*, float*, float*, const ui
 // The terms and moments passes in one loop, for the tensors whose terms are
 // at most a lambda (F: kDScale, kDLam bits): plain Adam / AdamW and L2.
 // T: the storage of w, g, m, v, vmax: fp32, or bf16 read and rounded inline
-// (the moments stored here, rounded once).
-template <typename T, int F, bool COUPLED, bool AMS, bool MASK>
+// (the moments stored here, rounded once). ROWS: the n elements lie in one
+// row, lam and keep hold its single value (Streams::rows).
+template <typename T, int F, bool COUPLED, bool AMS, bool MASK, bool ROWS>
 static uint32_t adam_fused(const T* __restrict w, const T* __restrict g, const float* __restrict lam,
                            T* __restrict m, T* __restrict v, T* __restrict vmax,
                            const uint8_t* __restrict keep, float* __restrict xout, float* __restrict mu,
@@ -163,6 +170,9 @@ static uint32_t adam_fused(const T* __restrict w, const T* __restrict g, const f
   const uint32_t small = a.small;
   const TermCoefs k = coefs_of(c);
   (void)lr;
+  // the row's values, read once (ROWS)
+  const float lam_r = ROWS && (F & kDLam) != 0 ? lam[0] : 0.0f;
+  const uint8_t keep_r = ROWS && MASK ? keep[0] : 1;
   uint32_t special = 0;
   for (int64_t j = 0; j < n; ++j) {
     const float wv = ld_f32(w, j);
@@ -172,11 +182,15 @@ static uint32_t adam_fused(const T* __restrict w, const T* __restrict g, const f
     float hv = select(wd_m, __builtin_fmaf(wd, wv, gv), gv);
     float xv = wv * keep_w;
     if constexpr ((F & kDLam) != 0) {
-      if constexpr (COUPLED) hv = add_terms_at<kDLam>(hv, wv, lam, nullptr, nullptr, nullptr, j, k);
-      else xv = xv - lr * add_terms_at<kDLam>(0.0f, wv, lam, nullptr, nullptr, nullptr, j, k);
+      // ROWS: the row's lam as a one-element stream (add_terms_at reads [j])
+      const float* lj = ROWS ? &lam_r : lam;
+      const int64_t jj = ROWS ? 0 : j;
+      if constexpr (COUPLED) hv = add_terms_at<kDLam>(hv, wv, lj, nullptr, nullptr, nullptr, jj, k);
+      else xv = xv - lr * add_terms_at<kDLam>(0.0f, wv, lj, nullptr, nullptr, nullptr, jj, k);
     }
     xout[j] = xv;
-    special |= moment_at<AMS, MASK, T>(hv, m, v, vmax, keep, mu, sq, j, coef, small, b2, one_b2);
+    special |= moment_at<AMS, MASK, T>(hv, m, v, vmax, MASK ? row_or_elem<ROWS>(keep_r, keep, j) : uint8_t{1}, mu,
+                                       sq, j, coef, small, b2, one_b2);
   }
   return special;
 }
@@ -186,11 +200,11 @@ using AdamFusedFnT = uint32_t (*)(const T*, const T*, const float*, T*, T*, T*, 
                                   float*, int64_t, const Terms&, const AdamConsts&);
 typedef AdamFusedFnT<float> AdamFusedFn;
 
-// Index ((F * 2 + COUPLED) * 2 + AMS) * 2 + MASK, F < 4.
+// Index (((F * 2 + COUPLED) * 2 + AMS) * 2 + MASK) * 2 + ROWS, F < 4.
 template <typename T, int... I>
 RK_AI AdamFusedFnT<T> adam_fused_for(int i, std::integer_sequence<int, I...>) {
   static constexpr AdamFusedFnT<T> table[] = {
-      &adam_fused<T, I / 8, ((I / 4) & 1) != 0, ((I / 2) & 1) != 0, (I & 1) != 0>...};
+      &adam_fused<T, I / 16, ((I / 8) & 1) != 0, ((I / 4) & 1) != 0, ((I / 2) & 1) != 0, (I & 1) != 0>...};
   return table[i];
 }
 
@@ -305,24 +319,32 @@ static void torch_sqrt_n(const float* __restrict sq, float* __restrict rt, int64
 
 // The W pass: W = x + (-step_size * m) / (sqrt(second) / bc2 + eps) (rt:
 // the square roots), the mask, the soft threshold (PROX1, thr per element),
-// the clamp (to (lo, hi), or to bounds that change nothing) and the mask
-// again. T: the storage of wout (fp32, or bf16 rounded here).
-template <bool MASK, bool PROX1, typename T = float>
+// the clamp (CLAMP) and the mask again (a clamp to no bounds and the mask
+// again change nothing: left out without CLAMP). T: the storage of wout
+// (fp32, or bf16 rounded here). ROWS: the n elements lie in one row, keep
+// and thr hold its single value (thr: prox_lam[r], the threshold formed
+// here as lr * prox_lam[r]).
+template <bool MASK, bool PROX1, bool CLAMP, bool ROWS, typename T = float>
 static void adam_weights(T* __restrict wout, const float* __restrict x, const float* __restrict mu,
                          const float* __restrict rt, const uint8_t* __restrict keep,
                          const float* __restrict thr, int64_t n, const AdamConsts& a) {
   const float eps = a.eps, neg_ss = a.neg_ss, bc2 = a.bc2, lo = a.lo, hi = a.hi;
+  const float thr_r = ROWS && PROX1 ? a.lr * thr[0] : 0.0f;
+  const uint8_t keep_r = ROWS && MASK ? keep[0] : 1;
+  (void)lo, (void)hi;
   for (int64_t j = 0; j < n; ++j) {
     const float denom = rt[j] / bc2 + eps;
     float nw = x[j] + (neg_ss * mu[j]) / denom;  // addcdiv
     float k = 1.0f;
     if constexpr (MASK) {
-      k = static_cast<float>(keep[j]);
+      k = static_cast<float>(row_or_elem<ROWS>(keep_r, keep, j));
       nw = nw * k;
     }
-    if constexpr (PROX1) nw = soft(nw, thr[j]);
-    nw = clamped(nw, lo, hi);
-    if constexpr (MASK) nw = nw * k;
+    if constexpr (PROX1) nw = soft(nw, row_or_elem<ROWS>(thr_r, thr, j));
+    if constexpr (CLAMP) {
+      nw = clamped(nw, lo, hi);
+      if constexpr (MASK) nw = nw * k;
+    }
     st_f32(wout, j, nw);
   }
 }
@@ -331,6 +353,14 @@ template <typename T>
 using AdamWeightsFnT = void (*)(T*, const float*, const float*, const float*, const uint8_t*, const float*,
                                 int64_t, const AdamConsts&);
 typedef AdamWeightsFnT<float> AdamWeightsFn;
+
+// Index ((MASK * 2 + PROX1) * 2 + CLAMP) * 2 + ROWS.
+template <typename T, int... I>
+RK_AI AdamWeightsFnT<T> adam_weights_for(int i, std::integer_sequence<int, I...>) {
+  static constexpr AdamWeightsFnT<T> table[] = {
+      &adam_weights<((I / 8) & 1) != 0, ((I / 4) & 1) != 0, ((I / 2) & 1) != 0, (I & 1) != 0, T>...};
+  return table[i];
+}
 
 // One tensor's share [lo, hi): TermRunner's blocks, rows and group lasso
 // with the adam update (compute).
@@ -358,6 +388,12 @@ struct AdamStep : TermRunner<AdamStep<DT>, DT> {
   T* v;
   T* vmax;
 
+  bool rows;  // the fused loop and the W pass take the per-row values per row piece (Streams::rows)
+
+  int weights_index(bool mask, bool clamp, bool rows_) const {
+    return (((mask ? 1 : 0) * 2 + (t.prox == 1 ? 1 : 0)) * 2 + (clamp ? 1 : 0)) * 2 + (rows_ ? 1 : 0);
+  }
+
   AdamStep(const AdamDesc& d, const AdamHyper& h) : Base(d.t, h.lr) {
     g = static_cast<const T*>(t.g);
     tgt = static_cast<const T*>(t.target);
@@ -371,16 +407,19 @@ struct AdamStep : TermRunner<AdamStep<DT>, DT> {
     fused = nullptr;
     fused_direct = nullptr;
     weights_direct = nullptr;
+    rows = false;
+    // group lasso clamps after its scale (TermRunner's group_loop)
+    const bool clamp_now = t.clamp && t.prox != 2;
     if ((f & ~(kDScale | kDLam)) == 0) {
-      const int fi = ((f * 2 + (h.coupled ? 1 : 0)) * 2 + (vmax != nullptr ? 1 : 0)) * 2 + (mask ? 1 : 0);
-      fused = adam_fused_for<float>(fi, std::make_integer_sequence<int, 32>{});
+      rows = this->rows_ok();
+      const int fi =
+          (((f * 2 + (h.coupled ? 1 : 0)) * 2 + (vmax != nullptr ? 1 : 0)) * 2 + (mask ? 1 : 0)) * 2 + (rows ? 1 : 0);
+      fused = adam_fused_for<float>(fi, std::make_integer_sequence<int, 64>{});
       if constexpr (DT == 1) {
         if (t.prox != 2) {
-          fused_direct = adam_fused_for<T>(fi, std::make_integer_sequence<int, 32>{});
-          static constexpr AdamWeightsFnT<T> wd_fns[2][2] = {
-              {&adam_weights<false, false, T>, &adam_weights<false, true, T>},
-              {&adam_weights<true, false, T>, &adam_weights<true, true, T>}};
-          weights_direct = wd_fns[mask ? 1 : 0][t.prox == 1 ? 1 : 0];
+          fused_direct = adam_fused_for<T>(fi, std::make_integer_sequence<int, 64>{});
+          weights_direct =
+              adam_weights_for<T>(weights_index(mask, clamp_now, rows), std::make_integer_sequence<int, 16>{});
           this->direct_w = true;
         }
       }
@@ -390,10 +429,7 @@ struct AdamStep : TermRunner<AdamStep<DT>, DT> {
         {&adam_moments<false, false>, &adam_moments<false, true>},
         {&adam_moments<true, false>, &adam_moments<true, true>}};
     moments = moment_fns[vmax != nullptr ? 1 : 0][mask ? 1 : 0];
-    static constexpr AdamWeightsFn weight_fns[2][2] = {
-        {&adam_weights<false, false>, &adam_weights<false, true>},
-        {&adam_weights<true, false>, &adam_weights<true, true>}};
-    weights = weight_fns[mask ? 1 : 0][t.prox == 1 ? 1 : 0];
+    weights = adam_weights_for<float>(weights_index(mask, clamp_now, rows), std::make_integer_sequence<int, 16>{});
     vml = h.vml_sqrt;
     c = Terms{};
     c.scale = h.scale;
@@ -414,8 +450,7 @@ struct AdamStep : TermRunner<AdamStep<DT>, DT> {
     a.eps = h.eps;
     a.neg_ss = d.neg_step_size;
     a.bc2 = d.bc2_sqrt;
-    // group lasso clamps after its scale (TermRunner's group_loop)
-    const bool clamp_now = t.clamp && t.prox != 2;
+    a.lr = h.lr;
     a.lo = clamp_now ? t.clamp_lo : -__builtin_inff();
     a.hi = clamp_now ? t.clamp_hi : __builtin_inff();
   }
@@ -437,58 +472,55 @@ struct AdamStep : TermRunner<AdamStep<DT>, DT> {
     }
   }
 
-  // TermRunner's compute: elements [i0, i0 + n) into X (fp32: X is W + i0),
-  // the 16-bit moments stored when `store_state` (fp32 ones are in place).
-  // Per piece the terms pass and the moments pass, then over the block the
-  // square roots (one call) and the W pass, all in L1.
-  void compute(int64_t i0, int64_t n, float* __restrict X, bool store_state) {
-    const float* lp = this->lam_at(i0, n);
-    const float* lcp = this->lam_cols_at(i0, n);
-    const float* l1p = this->l1_at(i0, n);
-    const float* pp = this->thresholds_at(i0, n);  // soft-threshold thresholds lr * prox_lam[r]
-    const uint8_t* kp = this->keep(i0, n);
-    alignas(64) float hb[kPiece16], xb[kPiece16], mu[kPiece16], sq[kPiece16], rt[kPiece16];
+  // Elements [e0, e0 + n) into X (fp32: X is W + e0) with streams k, the
+  // 16-bit moments stored when `store_state` (fp32 ones are in place). Per
+  // piece the terms pass and the moments pass, the square roots and the W
+  // pass, all in L1.
+  void part(int64_t e0, int64_t n, float* __restrict X, bool store_state, const Streams& k) {
+    alignas(64) float hb[kPiece16], xb[kAdamPiece16], mu[kAdamPiece16], sq[kAdamPiece16], rt[kAdamPiece16];
     // piece [j, j + q) with W's fp32 values at X + j (fp32: W itself),
     // the other streams' at gp, tp, mp, vp, vxp: the terms and moments,
     // the square roots, then W into X + j (one piece after the other, so the
     // memory streams are read while the previous piece computes)
     auto piece = [&](int64_t j, int64_t q, const float* gp, const float* tp, float* mp, float* vp, float* vxp) {
+      const Streams kj = k.at(j);
       uint32_t special;
       if (fused != nullptr) {
-        special = fused(X + j, gp, lp + j, mp, vp, vxp, kp + j, xb, mu, sq, q, c, a);
+        special = fused(X + j, gp, kj.lam, mp, vp, vxp, kj.keep, xb, mu, sq, q, c, a);
       } else {
-        terms(X + j, gp, lp + j, lcp + j, l1p + j, tp, hb, xb, q, c);
-        special = moments(hb, mp, vp, vxp, kp + j, mu, sq, q, a);
+        terms(X + j, gp, kj.lam, kj.lamc, kj.l1, tp, hb, xb, q, c);
+        special = moments(hb, mp, vp, vxp, kj.keep, mu, sq, q, a);
       }
       torch_sqrt_n(sq, rt, q, special, vml);
-      weights(X + j, xb, mu, rt, kp + j, pp + j, q, a);
+      weights(X + j, xb, mu, rt, kj.keep, kj.thr, q, a);
     };
     if (fused_direct != nullptr) {
       // bf16 storage: per piece the fused loop reads the stored W, g, m, v
       // (vmax) and stores the moments, the square roots, then the W pass
       // stores W (store_state: always, outside the group lasso)
       (void)store_state;
-      for (int64_t j = 0; j < n; j += kPiece16) {
-        const int64_t q = rk_min(kPiece16, n - j), e = i0 + j;
+      for (int64_t j = 0; j < n; j += kAdamPiece16) {
+        const int64_t q = rk_min(kAdamPiece16, n - j), e = e0 + j;
+        const Streams kj = k.at(j);
         prefetch_ahead(e, q);
-        const uint32_t special = fused_direct(w + e, g + e, lp + j, m + e, v + e, vmax != nullptr ? vmax + e : nullptr,
-                                              kp + j, xb, mu, sq, q, c, a);
+        const uint32_t special = fused_direct(w + e, g + e, kj.lam, m + e, v + e, vmax != nullptr ? vmax + e : nullptr,
+                                              kj.keep, xb, mu, sq, q, c, a);
         torch_sqrt_n(sq, rt, q, special, vml);
-        weights_direct(w + e, xb, mu, rt, kp + j, pp + j, q, a);
+        weights_direct(w + e, xb, mu, rt, kj.keep, kj.thr, q, a);
       }
       return;
     }
     if constexpr (DT == 0) {
       (void)store_state;
       for (int64_t j = 0; j < n; j += kPiece16) {
-        const int64_t q = rk_min(kPiece16, n - j), e = i0 + j;
+        const int64_t q = rk_min(kPiece16, n - j), e = e0 + j;
         prefetch_ahead(e, q);
         piece(j, q, g + e, tgt != nullptr ? tgt + e : kZeros, m + e, v + e, vmax != nullptr ? vmax + e : nullptr);
       }
     } else {
       alignas(64) float gf[kPiece16], tf[kPiece16], mf[kPiece16], vf[kPiece16], vxf[kPiece16];
       for (int64_t j = 0; j < n; j += kPiece16) {
-        const int64_t q = rk_min(kPiece16, n - j), e = i0 + j;
+        const int64_t q = rk_min(kPiece16, n - j), e = e0 + j;
         prefetch_ahead(e, q);
         widen_n<DT>(w + e, X + j, q);
         widen_n<DT>(g + e, gf, q);
@@ -503,6 +535,19 @@ struct AdamStep : TermRunner<AdamStep<DT>, DT> {
           if (vmax != nullptr) narrow_n<DT>(vxf, vmax + e, q);
         }
       }
+    }
+  }
+
+  // TermRunner's compute: elements [i0, i0 + n) into X; long rows one call
+  // per row piece with the row's values (Streams::rows), else the block's
+  // expanded streams.
+  void compute(int64_t i0, int64_t n, float* __restrict X, bool store_state) {
+    if (rows) {
+      this->row_pieces(i0, n, [&](int64_t j, int64_t len, const Streams& k) {
+        part(i0 + j, len, X + j, store_state, k);
+      });
+    } else {
+      part(i0, n, X, store_state, this->streams_at(i0, n));
     }
   }
 };

@@ -77,13 +77,16 @@ constexpr int64_t kLongRow = 64;          // rows this long: per-row values pass
 // second pass over memory (term_math.h, TermRunner::run).
 constexpr int64_t kRowBuf = 65536;
 constexpr int64_t kChunk = 4096;
+// Column lambdas expanded once per share for rows up to kColPattern - kBlock
+// elements (TermRunner::prepare_cols).
+constexpr int64_t kColPattern = 8192 + kBlock;
 
 // Read-only stand-ins for absent per-element streams of the general path.
 alignas(64) inline const float kZeros[kBlock] = {};
 alignas(64) inline const uint8_t kZeroBytes[kBlock] = {};
 
 // Per-thread work space of the general path (TermRunner), allocated on a
-// thread's first use of it (~330 KB) and kept for the thread's lifetime;
+// thread's first use of it (~360 KB) and kept for the thread's lifetime;
 // shared by the families (one call runs one family at a time per thread).
 struct TermScratch {
   alignas(64) float lam[kBlock];
@@ -99,6 +102,7 @@ struct TermScratch {
   alignas(64) float rs[kChunk];
   alignas(64) uint32_t rk[kChunk];
   alignas(64) float row[kRowBuf];
+  alignas(64) float lamc_pat[kColPattern];
 };
 
 TermScratch* term_scratch();

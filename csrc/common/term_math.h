@@ -8,9 +8,10 @@
 // compiled for that ISA. It holds the element helpers (select, sign, soft
 // threshold, clamp), the row norms, the per-row / per-column stream
 // expansions, the regularizer gradient terms of reference.sgd.add_terms
-// (add_terms_at), the group-lasso finish, and TermRunner: the block / row /
-// group-lasso machinery of the general path, which a family's step object
-// (CRTP) completes with its own update rule (`compute`).
+// (add_terms_at), the group-lasso finish, the coefficient streams of a
+// piece (Streams: per element, or one value per row piece), and TermRunner:
+// the block / row / group-lasso machinery of the general path, which a
+// family's step object (CRTP) completes with its own update rule (`compute`).
 //
 // Needs (non-variant, the family's .cpp includes them first): TensorDesc,
 // TermScratch, term_scratch(), kBlock and the other sizes (sgd.h).
@@ -251,10 +252,15 @@ RK_AI float sign_of(float x) {
 }
 
 // Soft threshold of one value: sign(x) * max(|x| - thr, 0) (clamp_min keeps
-// NaN); thr = lr * prox_lam[r], the fp32 product torch computes.
+// NaN); thr = lr * prox_lam[r], the fp32 product torch computes. The product
+// by sign(x) is exact, so it is written as bits: v's sign bit where |v| > 0
+// (sign(+-0) = sign(NaN) = +0 leaves the +0 or NaN of the max as it is).
+// Same bits as the product, without sign_of's compares and conversions.
 RK_AI float soft(float v, float thr) {
-  const float a = __builtin_fabsf(v) - thr;
-  return sign_of(v) * select(mask_of(a < 0.0f), 0.0f, a);
+  const float av = __builtin_fabsf(v);
+  const float a = av - thr;
+  const uint32_t sgn = bits_of(v) & 0x80000000u & mask_of(av > 0.0f);
+  return f32_from_bits(bits_of(select(mask_of(a < 0.0f), 0.0f, a)) | sgn);
 }
 
 // torch's clamp, min(max(x, lo), hi): -0 stays -0 for lo = 0, NaN stays NaN;
@@ -290,40 +296,63 @@ RK_AI float add_terms_at(float dv, float wv, const float* __restrict lam, const 
   return dv;
 }
 
-// Group lasso: x = x * scale where the row's norm > 0, else +0 (rsc, rok:
-// the row's scale and "norm > 0" mask, per element), then the clamp and the
-// mask again when clamped.
+// Group lasso's finish of one value: x * scale where the row's norm > 0,
+// else +0 (ok: the row's "norm > 0" mask), then the clamp and the mask again
+// when clamped.
 template <bool MASK, bool CLAMP>
-static void group_loop(float* __restrict x, const float* __restrict rsc, const uint32_t* __restrict rok,
-                       const uint8_t* __restrict keep, int64_t n, const Terms& c) {
+RK_AI float group_value(float x, float scale, uint32_t ok, uint8_t keep, float lo, float hi) {
+  float v = select(ok, x * scale, 0.0f);
+  if constexpr (CLAMP) {
+    v = clamped(v, lo, hi);
+    if constexpr (MASK) v = v * static_cast<float>(keep);
+  }
+  return v;
+}
+
+// group_value over n values: per-element scales and masks (rsc, rok), or
+// (ROW) one scale and mask for a piece of one row. T float: x in place;
+// T uint16_t: stored to the bf16 storage `out`, rounded once (the finish and
+// the store in one loop).
+template <bool MASK, bool CLAMP, bool ROW, typename T>
+static void group_loop(float* __restrict x, T* __restrict out, const float* __restrict rsc,
+                       const uint32_t* __restrict rok, float scale, uint32_t ok, const uint8_t* __restrict keep,
+                       int64_t n, const Terms& c) {
   const float lo = c.lo, hi = c.hi;
   for (int64_t j = 0; j < n; ++j) {
-    float v = select(rok[j], x[j] * rsc[j], 0.0f);
-    if constexpr (CLAMP) {
-      v = clamped(v, lo, hi);
-      if constexpr (MASK) v = v * static_cast<float>(keep[j]);
-    }
-    x[j] = v;
+    const float v = group_value<MASK, CLAMP>(x[j], ROW ? scale : rsc[j], ROW ? ok : rok[j],
+                                             MASK && CLAMP ? keep[j] : uint8_t{1}, lo, hi);
+    if constexpr (sizeof(T) == 4) x[j] = v;
+    else out[j] = f32_to_bf16(v);
   }
 }
 
-// group_loop for a piece of one row: its scale and mask as scalars.
-template <bool MASK, bool CLAMP>
-static void group_row_loop(float* __restrict x, float scale, uint32_t ok, const uint8_t* __restrict keep,
-                           int64_t n, const Terms& c) {
-  const float lo = c.lo, hi = c.hi;
-  for (int64_t j = 0; j < n; ++j) {
-    float v = select(ok, x[j] * scale, 0.0f);
-    if constexpr (CLAMP) {
-      v = clamped(v, lo, hi);
-      if constexpr (MASK) v = v * static_cast<float>(keep[j]);
-    }
-    x[j] = v;
-  }
-}
+template <typename T>
+using GroupFnT = void (*)(float*, T*, const float*, const uint32_t*, float, uint32_t, const uint8_t*, int64_t,
+                          const Terms&);
 
-typedef void (*GroupFn)(float*, const float*, const uint32_t*, const uint8_t*, int64_t, const Terms&);
-typedef void (*GroupRowFn)(float*, float, uint32_t, const uint8_t*, int64_t, const Terms&);
+// The coefficient streams of a piece of a block: per element; or, `rows`
+// (a piece inside one row, kernels instantiated with ROWS), the per-row ones
+// as the row's single value at [0] (lam, l1, keep, and prox_lam[r] for thr:
+// the kernel forms the threshold lr * prox_lam[r]); lamc stays per element.
+// Absent streams point at kZeros / kZeroBytes, never null.
+struct Streams {
+  const float *lam, *lamc, *l1, *thr;
+  const uint8_t* keep;
+  bool rows;
+
+  Streams at(int64_t j) const {
+    if (rows) return Streams{lam, lamc + j, l1, thr, keep, true};
+    return Streams{lam + j, lamc + j, l1 + j, thr + j, keep + j, false};
+  }
+};
+
+// A per-row value of a ROWS kernel (hoisted: read once per call) or the
+// element's own.
+template <bool ROWS, typename V>
+RK_AI V row_or_elem(V row_value, const V* __restrict p, int64_t j) {
+  if constexpr (ROWS) return row_value;
+  else return p[j];
+}
 
 // ---------------------------------------------------------------------------
 // The block / row / group-lasso machinery of the general path, completed by
@@ -344,8 +373,11 @@ struct TermRunner {
   T* w;
   float lr;              // the step's lr: thresholds lr * prox_lam[r]
   Terms gc;              // the tensor's clamp bounds, for group_loop
-  GroupFn group;         // group-lasso scale, clamp, mask (per-element scales)
-  GroupRowFn group_row;  // the same on a piece of one row
+  // bf16 storage: the group-lasso finish stores W itself (group_loop)
+  static constexpr bool kGroupStores = DT == 1;
+  typedef typename Storage<kGroupStores ? 1 : 0>::type GroupOut;
+  GroupFnT<GroupOut> group;      // group-lasso scale, clamp, mask (per-element scales)
+  GroupFnT<GroupOut> group_row;  // the same on a piece of one row
   float sqrt_n;
   double acc1 = 0.0, acc2 = 0.0;  // row norms carried across blocks (norms_f32)
   // Set by a compute that wrote the stored W itself (rounded once, bf16
@@ -355,13 +387,13 @@ struct TermRunner {
   TermRunner(const TensorDesc& td, float lr_) : t(td), s(*term_scratch()), lr(lr_) {
     w = static_cast<T*>(t.w);
     const bool mask = t.mask != nullptr;
-    static constexpr GroupFn groups[2][2] = {{&group_loop<false, false>, &group_loop<false, true>},
-                                             {&group_loop<true, false>, &group_loop<true, true>}};
-    group = groups[mask ? 1 : 0][t.clamp ? 1 : 0];
-    static constexpr GroupRowFn group_rows[2][2] = {
-        {&group_row_loop<false, false>, &group_row_loop<false, true>},
-        {&group_row_loop<true, false>, &group_row_loop<true, true>}};
-    group_row = group_rows[mask ? 1 : 0][t.clamp ? 1 : 0];
+    static constexpr GroupFnT<GroupOut> groups[2][2][2] = {
+        {{&group_loop<false, false, false, GroupOut>, &group_loop<false, false, true, GroupOut>},
+         {&group_loop<false, true, false, GroupOut>, &group_loop<false, true, true, GroupOut>}},
+        {{&group_loop<true, false, false, GroupOut>, &group_loop<true, false, true, GroupOut>},
+         {&group_loop<true, true, false, GroupOut>, &group_loop<true, true, true, GroupOut>}}};
+    group = groups[mask ? 1 : 0][t.clamp ? 1 : 0][0];
+    group_row = groups[mask ? 1 : 0][t.clamp ? 1 : 0][1];
     gc = Terms{};
     gc.lo = t.clamp_lo;
     gc.hi = t.clamp_hi;
@@ -405,8 +437,23 @@ struct TermRunner {
     return per_element(t.lam, s.lam, i0, n, lam_fill);
   }
 
+  // Column lambdas repeat with every row: for rows short enough, one row's
+  // per-element values followed by a block's worth of the next row's
+  // (s.lamc_pat) serve every block of the share at offset i0 % row_len,
+  // expanded once per share instead of once per block (a 3x3 conv's
+  // 9-element runs expand slowly).
+  const float* lamc_pat = nullptr;
+  void prepare_cols(int64_t lo, int64_t hi) {
+    if (t.lam_cols == nullptr) return;
+    const int64_t span = t.row_len + rk_min(kBlock, hi - lo);
+    if (span > kColPattern || hi - lo < span) return;  // a short share: per block is cheaper
+    expand_cols(t.lam_cols, t.cols, t.col_len, t.row_len, 0, span, s.lamc_pat);
+    lamc_pat = s.lamc_pat;
+  }
+
   const float* lam_cols_at(int64_t i0, int64_t n) const {
     if (t.lam_cols == nullptr) return kZeros;
+    if (lamc_pat != nullptr) return lamc_pat + i0 % t.row_len;
     if (t.col_len == 1) {  // a linear weight: inside one row, the values are lam_cols itself
       const int64_t in_row = i0 % t.row_len;
       if (in_row + n <= t.row_len) return t.lam_cols + in_row;
@@ -429,6 +476,34 @@ struct TermRunner {
     expand_rows_times(t.prox_lam, t.row_len, i0, n, lr, s.plam);
     plam_fill.n = 0;
     return s.plam;
+  }
+
+  // Whether the per-row coefficients can be passed as one value per row
+  // piece (Streams::rows): rows long enough that a call per row piece costs
+  // less than expanding them per element, lam and mask absent or per row.
+  bool rows_ok() const {
+    return t.row_len >= kLongRow && (t.lam == nullptr || t.lam_kind == kLamRow) &&
+           (t.mask == nullptr || t.mask_kind == kMaskRow);
+  }
+
+  // The streams of block [i0, i0 + n) as TermRunner expands them (per element).
+  Streams streams_at(int64_t i0, int64_t n) const {
+    return Streams{lam_at(i0, n), lam_cols_at(i0, n), l1_at(i0, n), thresholds_at(i0, n), keep(i0, n), false};
+  }
+
+  // fn(j, m, streams) for each piece [i0 + j, i0 + j + m) of the block that
+  // lies inside one row, with that row's values (Streams::rows).
+  template <class Fn>
+  void row_pieces(int64_t i0, int64_t n, Fn&& fn) const {
+    const int64_t len = t.row_len;
+    const float* lamc = lam_cols_at(i0, n);
+    int64_t r = i0 / len, o = i0 - r * len;
+    for (int64_t j = 0; j < n; ++r, o = 0) {
+      const int64_t m = rk_min(len - o, n - j);
+      fn(j, m, Streams{t.lam != nullptr ? t.lam + r : kZeros, lamc + j, t.l1 != nullptr ? t.l1 + r : kZeros,
+                       t.prox == 1 ? t.prox_lam + r : kZeros, t.mask != nullptr ? t.mask + r : kZeroBytes, true});
+      j += m;
+    }
   }
 
   const uint8_t* keep(int64_t i0, int64_t n) const {
@@ -493,28 +568,31 @@ struct TermRunner {
   void finish_group(int64_t i0, int64_t n, float* X, const float* rs, const uint32_t* rk) {
     const uint8_t* kp = t.clamp ? keep(i0, n) : kZeroBytes;
     const int64_t len = t.row_len;
+    GroupOut* out = nullptr;  // bf16: W itself
+    if constexpr (kGroupStores) out = w + i0;
     if (len == 1) {
-      group(X, rs, rk, kp, n, gc);
+      group(X, out, rs, rk, 0.0f, 0u, kp, n, gc);
     } else if (len < kLongRow) {
       const int64_t o = i0 % len;  // rs[0] is the scale of the row element i0 is in
       expand_rows(rs, len, o, n, s.rsx);
       expand_rows(rk, len, o, n, s.rkx);
-      group(X, s.rsx, s.rkx, kp, n, gc);
+      group(X, out, s.rsx, s.rkx, 0.0f, 0u, kp, n, gc);
     } else {
       int64_t o = i0 % len;
       for (int64_t j = 0, k = 0; j < n; ++k, o = 0) {
         const int64_t m = rk_min(len - o, n - j);
-        group_row(X + j, rs[k], rk[k], kp + j, m, gc);
+        group_row(X + j, kGroupStores ? out + j : nullptr, nullptr, nullptr, rs[k], rk[k], kp + j, m, gc);
         j += m;
       }
     }
-    store(i0, n, X);
+    if constexpr (!kGroupStores) store(i0, n, X);
     norms(i0, n);
   }
 
   // Step elements [lo, hi) of the tensor (whole rows under the group lasso
   // or row norms: row-aligned cuts).
   void run(int64_t lo, int64_t hi) {
+    prepare_cols(lo, hi);
     if (t.prox != 2) {
       // blocks stepped and stored one after the other, with their row norms
       for (int64_t i0 = lo; i0 < hi;) {
