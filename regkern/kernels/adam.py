@@ -55,21 +55,20 @@ from torch import Tensor
 
 from regkern.layouts import ADAM_COLUMN, ADAM_FIELDS, DTYPE_CODE
 
-from .common import (UNIT_FIELDS, add_terms, clamped, descent_grad, has_terms, keep_mask, load_grad_scale,
-                     piece_plan, place_amp_scalars, program_unit, prox_map, row_origin, skip_step, store_row_norms,
-                     tl_dtype, zero_empty_row_norms)
+from .common import (UNIT_FIELDS, add_terms, aligned16, clamped, descent_grad, has_terms, keep_mask,
+                     load_grad_scale, piece_plan, place_amp_scalars, program_unit, prox_map, register_ceiling,
+                     piece_origin, row_origin, skip_step, store_row_norms, tl_dtype, vector_piece, whole,
+                     zero_empty_row_norms)
 from .sgd import DEFAULT_CHUNK, check_columns, work_units
 from .table_checks import TableCheck
 
-__all__ = ["ADAM_TERMS", "UNIT_FIELDS", "DEFAULT_BLOCK", "DEFAULT_CHUNK", "KERNELS", "adam_step", "build_units",
+__all__ = ["ADAM_TERMS", "UNIT_FIELDS", "DEFAULT_BLOCK", "DEFAULT_CHUNK", "adam_step", "build_units",
            "check_table"]
 
 # The regularizer terms of the contract this kernel computes (names as
 # regkern.terms.TERM_KEYWORDS); tensors with other terms go to the reference.
 ADAM_TERMS = ("l1", "polar", "admm", "prox", "clamp")
 
-# The jitted kernels adam_step launches, in launch order.
-KERNELS = ("_count_steps", "_adam_kernel")
 COUNT_BLOCK = 128  # table rows per program of _count_steps
 # Elements per piece, warps and (NVIDIA) the register ceiling of _adam_kernel:
 # 4 elements per thread in at most 168 registers, 3 programs of 128 threads per
@@ -130,33 +129,34 @@ def _count_steps(table, count, found_inf_ptr, HAS_FOUND_INF: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _updated(meta, w_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, i, inb, start, r0, c0, row_len,
+def _updated(meta, w_at, g_at, m_at, v_at, vmax_at, idx, inb, start, r0, c0, row_len,
              lr, w1, small_w1, b2, one_minus_b2, eps, weight_decay, decay, decay_factor, terms,
              neg_step_size, bc2_sqrt, grad_scale,
              DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED: tl.constexpr,
              HAS_GRAD_SCALE: tl.constexpr, STORE_MOMENTS: tl.constexpr):
-    """The contract up to the first mask for elements start + i (the pointers
-    point at element start): W in fp32. With ``STORE_MOMENTS`` the masked
+    """The contract up to the first mask for the lanes idx of a piece
+    (elements start + idx, the first at row r0, column c0; the pointers point
+    at element start): W in fp32. With ``STORE_MOMENTS`` the masked
     moments are stored here, rounded once (their registers and addresses are
     free before the post-update part); without, nothing is written."""
-    w = tl.load(w_ptr + i, mask=inb).to(tl.float32)
-    h = descent_grad(g_ptr, i, inb, grad_scale, HAS_GRAD_SCALE, MAXIMIZE)
+    w = tl.load(w_at + idx, mask=inb).to(tl.float32)
+    h = descent_grad(g_at, idx, inb, grad_scale, HAS_GRAD_SCALE, MAXIMIZE)
     if weight_decay != 0:
         h = tl.fma(w, weight_decay, h)  # torch's g.add(W, alpha=wd)
     x = w
     if decay != 0:
         x = x * decay_factor  # AdamW: W * (1 - lr * decay)
     if COUPLED:
-        h = add_terms(meta, h, w, i, inb, start, r0, c0, row_len, DTYPE)
+        h = add_terms(meta, h, w, idx, inb, start, r0, c0, row_len, DTYPE)
     elif terms:
-        x = x - lr * add_terms(meta, tl.zeros_like(w), w, i, inb, start, r0, c0, row_len, DTYPE)
-    m = tl.load(m_ptr + i, mask=inb).to(tl.float32)
+        x = x - lr * add_terms(meta, tl.zeros_like(w), w, idx, inb, start, r0, c0, row_len, DTYPE)
+    m = tl.load(m_at + idx, mask=inb).to(tl.float32)
     # torch's lerp: fma(w1, h - m, m) for a weight below 0.5, else fma(-(1 - w1), h - m, h)
     m = tl.fma(tl.where(small_w1, w1, -(1.0 - w1)), h - m, tl.where(small_w1, m, h))
-    v = tl.load(v_ptr + i, mask=inb).to(tl.float32)
+    v = tl.load(v_at + idx, mask=inb).to(tl.float32)
     v = tl.fma(one_minus_b2 * h, h, v * b2)  # torch's v.mul_(b2).addcmul_(h, h, value=1 - b2)
     if AMSGRAD:
-        vmax = tl.maximum(tl.load(vmax_ptr + i, mask=inb).to(tl.float32), v, propagate_nan=tl.PropagateNan.ALL)
+        vmax = tl.maximum(tl.load(vmax_at + idx, mask=inb).to(tl.float32), v, propagate_nan=tl.PropagateNan.ALL)
         second = vmax
     else:
         vmax = v  # unused
@@ -164,18 +164,42 @@ def _updated(meta, w_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, i, inb, start, r0, c0, 
     denom = tl.div_rn(tl.sqrt_rn(second), bc2_sqrt) + eps
     x = x + tl.div_rn(neg_step_size * m, denom)
     if tl.load(meta + _MASK_KIND) != 0:
-        keep = keep_mask(meta, i, inb, start, r0, c0, row_len)
+        keep = keep_mask(meta, idx, inb, start, r0, c0, row_len)
         x = x * keep
         m = m * keep
         v = v * keep
         if AMSGRAD:
             vmax = vmax * keep
     if STORE_MOMENTS:
-        tl.store(m_ptr + i, m.to(DTYPE), mask=inb)
-        tl.store(v_ptr + i, v.to(DTYPE), mask=inb)
+        tl.store(m_at + idx, m.to(DTYPE), mask=inb)
+        tl.store(v_at + idx, v.to(DTYPE), mask=inb)
         if AMSGRAD:
-            tl.store(vmax_ptr + i, vmax.to(DTYPE), mask=inb)
+            tl.store(vmax_at + idx, vmax.to(DTYPE), mask=inb)
     return x
+
+
+@triton.jit
+def _step_piece(meta, w_at, g_at, m_at, v_at, vmax_at, norms_ptr, idx, inb, start, r0, c0, row_len, prox,
+                prox_lam_ptr, norm, long_rows, carry_l1, carry_sq, with_norms,
+                lr, w1, small_w1, b2, one_minus_b2, eps, weight_decay, decay, decay_factor, terms,
+                neg_step_size, bc2_sqrt, grad_scale, DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
+                MAXIMIZE: tl.constexpr, COUPLED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """One piece (its lanes idx at elements start + idx, the first at row r0,
+    column c0; the pointers at element start) stepped and written: the
+    contract with the moments stored, the proximal map, the clamp, W rounded
+    once, the row norms. Returns the norms' carries into the next piece."""
+    w = _updated(meta, w_at, g_at, m_at, v_at, vmax_at, idx, inb, start, r0, c0, row_len,
+                 lr, w1, small_w1, b2, one_minus_b2, eps, weight_decay, decay, decay_factor,
+                 terms, neg_step_size, bc2_sqrt, grad_scale,
+                 DTYPE, AMSGRAD, MAXIMIZE, COUPLED, HAS_GRAD_SCALE, True)
+    w = prox_map(w, prox, prox_lam_ptr, lr, norm, long_rows, idx, inb, idx, r0, c0, row_len, BLOCK)
+    w = clamped(meta, w, idx, inb, start, r0, c0, row_len)
+    stored = w.to(DTYPE)
+    tl.store(w_at + idx, stored, mask=inb)
+    if with_norms:
+        carry_l1, carry_sq = store_row_norms(norms_ptr, stored, idx, inb, idx, r0, c0, row_len, carry_l1, carry_sq,
+                                             BLOCK)
+    return carry_l1, carry_sq
 
 
 @triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "decay_bits"])
@@ -207,11 +231,17 @@ def _adam_kernel(
     small_w1 = tl.abs(w1) < 0.5  # torch's is_lerp_weight_small
     terms = has_terms(meta)
 
-    w_ptr = tl.load(meta + _PARAM).to(tl.pointer_type(DTYPE)) + start
-    g_ptr = tl.load(meta + _GRAD).to(tl.pointer_type(DTYPE)) + start
-    m_ptr = tl.load(meta + _EXP_AVG).to(tl.pointer_type(DTYPE)) + start
-    v_ptr = tl.load(meta + _EXP_AVG_SQ).to(tl.pointer_type(DTYPE)) + start
-    vmax_ptr = tl.load(meta + _MAX_EXP_AVG_SQ).to(tl.pointer_type(DTYPE)) + start
+    w_addr = tl.load(meta + _PARAM)
+    g_addr = tl.load(meta + _GRAD)
+    m_addr = tl.load(meta + _EXP_AVG)
+    v_addr = tl.load(meta + _EXP_AVG_SQ)
+    vmax_addr = tl.load(meta + _MAX_EXP_AVG_SQ)
+    aligned = aligned16(w_addr | g_addr | m_addr | v_addr | vmax_addr)  # whole pieces then move 16 bytes per access
+    w_ptr = w_addr.to(tl.pointer_type(DTYPE)) + start
+    g_ptr = g_addr.to(tl.pointer_type(DTYPE)) + start
+    m_ptr = m_addr.to(tl.pointer_type(DTYPE)) + start
+    v_ptr = v_addr.to(tl.pointer_type(DTYPE)) + start
+    vmax_ptr = vmax_addr.to(tl.pointer_type(DTYPE)) + start
     norms = tl.load(meta + _NORMS)
     norms_ptr = norms.to(tl.pointer_type(tl.float32))
     prox = tl.load(meta + _PROX)
@@ -222,7 +252,7 @@ def _adam_kernel(
     if (norms != 0) & (row_len == 0):
         zero_empty_row_norms(meta, norms_ptr, idx, BLOCK)
 
-    # Element start + i lies in row r0 + (c0 + i) // row_len (int32 math per element).
+    # Element start lies in row r0 at column c0; each piece finds its own (piece_origin).
     r0, c0, row_len = row_origin(start, row_len)
     size = (end - start).to(tl.int32)
 
@@ -239,7 +269,9 @@ def _adam_kernel(
             for piece in range(row_start, row_end, BLOCK):
                 i = piece + idx
                 inb = i < row_end
-                w = _updated(meta, w_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, i, inb, start, r0, c0, row_len,
+                rp, cp = piece_origin(r0, c0, row_len, piece)
+                w = _updated(meta, w_ptr + piece, g_ptr + piece, m_ptr + piece, v_ptr + piece, vmax_ptr + piece,
+                             idx, inb, start + piece, rp, cp, row_len,
                              lr, w1, small_w1, b2, one_minus_b2, eps, weight_decay, decay, decay_factor,
                              terms, neg_step_size, bc2_sqrt, grad_scale,
                              DTYPE, AMSGRAD, MAXIMIZE, COUPLED, HAS_GRAD_SCALE, False)
@@ -247,18 +279,26 @@ def _adam_kernel(
             norm = tl.sqrt_rn(norm)
         for piece in range(row_start, row_end, step):
             i = piece + idx
-            inb = (i < row_end) & (idx < step)
-            w = _updated(meta, w_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, i, inb, start, r0, c0, row_len,
-                         lr, w1, small_w1, b2, one_minus_b2, eps, weight_decay, decay, decay_factor,
-                         terms, neg_step_size, bc2_sqrt, grad_scale,
-                         DTYPE, AMSGRAD, MAXIMIZE, COUPLED, HAS_GRAD_SCALE, True)
-            w = prox_map(w, prox, prox_lam_ptr, lr, norm, long_rows, i, inb, idx, r0, c0, row_len, BLOCK)
-            w = clamped(meta, w, i, inb, start, r0, c0, row_len)
-            stored = w.to(DTYPE)
-            tl.store(w_ptr + i, stored, mask=inb)
-            if norms != 0:
-                carry_l1, carry_sq = store_row_norms(norms_ptr, stored, i, inb, idx, r0, row_len,
-                                                     carry_l1, carry_sq, BLOCK)
+            rp, cp = piece_origin(r0, c0, row_len, piece)
+            if vector_piece(aligned, start, piece, row_end, BLOCK, DTYPE) & (step == BLOCK):
+                # the same code with pointers known 16-byte aligned and a mask known true
+                w_at = tl.multiple_of(w_ptr + piece, 16)
+                g_at = tl.multiple_of(g_ptr + piece, 16)
+                m_at = tl.multiple_of(m_ptr + piece, 16)
+                v_at = tl.multiple_of(v_ptr + piece, 16)
+                vmax_at = tl.multiple_of(vmax_ptr + piece, 16)
+                carry_l1, carry_sq = _step_piece(
+                    meta, w_at, g_at, m_at, v_at, vmax_at, norms_ptr, idx, whole(BLOCK), start + piece, rp, cp, row_len,
+                    prox, prox_lam_ptr, norm, long_rows, carry_l1, carry_sq, norms != 0,
+                    lr, w1, small_w1, b2, one_minus_b2, eps, weight_decay, decay, decay_factor, terms,
+                    neg_step_size, bc2_sqrt, grad_scale, DTYPE, AMSGRAD, MAXIMIZE, COUPLED, HAS_GRAD_SCALE, BLOCK)
+            else:
+                carry_l1, carry_sq = _step_piece(
+                    meta, w_ptr + piece, g_ptr + piece, m_ptr + piece, v_ptr + piece, vmax_ptr + piece, norms_ptr,
+                    idx, (i < row_end) & (idx < step), start + piece, rp, cp, row_len, prox, prox_lam_ptr, norm,
+                    long_rows, carry_l1, carry_sq, norms != 0,
+                    lr, w1, small_w1, b2, one_minus_b2, eps, weight_decay, decay, decay_factor, terms,
+                    neg_step_size, bc2_sqrt, grad_scale, DTYPE, AMSGRAD, MAXIMIZE, COUPLED, HAS_GRAD_SCALE, BLOCK)
 
 
 def check_table(table: Tensor, dtype: Optional[torch.dtype] = None, amsgrad: bool = False,
@@ -372,13 +412,6 @@ def adam_step(
         COUPLED=bool(coupled), HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=has_found_inf,
         BLOCK=block, num_warps=num_warps,
         enable_fp_fusion=False,  # no mul+add -> fma beyond the tl.fma of the contract
-        **_register_ceiling(device),
+        **register_ceiling(device, MAX_REGISTERS),
     )
 
-
-def _register_ceiling(device) -> dict:
-    """``maxnreg`` for NVIDIA GPUs (the interpreter ignores it; ROCm's
-    compiler has no such option, its tensors' device type is "cuda" too)."""
-    if device.type == "cuda" and torch.version.hip is not None:
-        return {}
-    return {"maxnreg": MAX_REGISTERS}

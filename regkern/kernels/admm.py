@@ -41,8 +41,8 @@ from torch import Tensor
 
 from regkern.layouts import DTYPE_CODE, MODE_ELEMENT, MODE_ROWS, MODE_SOFT, SAS_COLUMN, SAS_FIELDS, ZU_COLUMN, ZU_FIELDS
 
-from .common import (UNIT_FIELDS, column_f32, last_lane, program_unit, row_origin, row_running_sum, tl_dtype,
-                     units_of)
+from .common import (UNIT_FIELDS, aligned16, column_f32, lane_rows, last_lane, piece_origin, program_unit, row_origin,
+                     row_running_sum, rows_of, tl_dtype, units_of, vector_piece, whole)
 from .table_checks import TableCheck
 
 DEFAULT_CHUNK = 16384  # elements per work unit
@@ -110,71 +110,127 @@ def _scores_kernel(table, units, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     scores = tl.load(meta + _ZU_SCORES)
     size = (end - start).to(tl.int32)
     idx = tl.arange(0, BLOCK)
+    # The two branches name their score pointers apart: a GPU compile types a
+    # variable once for both sides of a branch (fp32 elements, float64 rows).
     if tl.load(meta + _ZU_MODE) == _MODE_ELEMENT:
-        s_ptr = scores.to(tl.pointer_type(tl.float32)) + start
+        element_scores = scores.to(tl.pointer_type(tl.float32)) + start
         for piece in range(0, size, BLOCK):
             i = piece + idx
             inb = i < size
             v = tl.load(w_ptr + i, mask=inb).to(tl.float32) + tl.load(u_ptr + i, mask=inb)
-            tl.store(s_ptr + i, _no_nan(tl.abs(v)), mask=inb)
+            tl.store(element_scores + i, _no_nan(tl.abs(v)), mask=inb)
     else:
         # units of row tensors hold whole rows: start is a row's first element
-        row_len = tl.maximum(tl.load(meta + _ZU_ROW_LEN), 1)
-        s_ptr = scores.to(tl.pointer_type(tl.float64)) + start // row_len
-        row_len = row_len.to(tl.int32)
+        r0, c0, row_len = row_origin(start, tl.load(meta + _ZU_ROW_LEN))
+        row_scores = scores.to(tl.pointer_type(tl.float64))
         carry = tl.zeros((), tl.float64)  # the sum of the row the previous piece left unfinished
         for piece in range(0, size, BLOCK):
             i = piece + idx
             inb = i < size
             v = (tl.load(w_ptr + i, mask=inb).to(tl.float32) + tl.load(u_ptr + i, mask=inb)).to(tl.float64)
-            col = i % row_len
+            rp, cp = piece_origin(r0, c0, row_len, piece)
+            rows, head, tail = lane_rows(idx, rp, cp, row_len)
             sq = tl.where(inb, v * v, 0.0)  # exact: an fp32 value squared fits a float64
-            sq = row_running_sum(sq, col, carry, idx)
-            tl.store(s_ptr + i // row_len, _no_nan(sq), mask=inb & (col == row_len - 1))
+            sq = row_running_sum(sq, head, carry, idx)
+            tl.store(row_scores + rows, _no_nan(sq), mask=inb & tail)
             carry = last_lane(sq, idx, BLOCK)
+
+
+@triton.jit
+def _zu_piece(w_at, z_at, u_at, t_at, keep_ptr, idx, inb, start, r0, c0, row_len, mode, threshold, cut,
+              has_target, DTYPE: tl.constexpr):
+    """Z, U and the target of one piece (its lanes idx at elements start + idx,
+    the first at row r0, column c0; the pointers at element start)."""
+    w = tl.load(w_at + idx, mask=inb).to(tl.float32)
+    u = tl.load(u_at + idx, mask=inb)
+    v = w + u
+    if mode == _MODE_SOFT:
+        z = v - _clamp_tau(v, threshold)
+    else:
+        if mode == _MODE_ELEMENT:
+            s = _no_nan(tl.abs(v))
+            keep = (s > threshold) | ((s == threshold) & (start + idx <= cut))
+        else:
+            keep = tl.load(keep_ptr + rows_of(idx, r0, c0, row_len), mask=inb, other=0) != 0
+        z = tl.where(keep, v, 0.0)
+    u = (u + w) - z
+    tl.store(z_at + idx, z, mask=inb)
+    tl.store(u_at + idx, u, mask=inb)
+    if has_target:
+        tl.store(t_at + idx, (z - u).to(DTYPE), mask=inb)
 
 
 @triton.jit
 def _zu_kernel(table, units, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     meta, start, end = program_unit(table, units, _ZU_NUM_FIELDS)
-    w_ptr = tl.load(meta + _ZU_PARAM).to(tl.pointer_type(DTYPE)) + start
-    z_ptr = tl.load(meta + _ZU_Z).to(tl.pointer_type(tl.float32)) + start
-    u_ptr = tl.load(meta + _ZU_U).to(tl.pointer_type(tl.float32)) + start
+    w_addr = tl.load(meta + _ZU_PARAM)
+    z_addr = tl.load(meta + _ZU_Z)
+    u_addr = tl.load(meta + _ZU_U)
     target = tl.load(meta + _ZU_TARGET)
+    aligned = aligned16(w_addr | z_addr | u_addr | target)  # whole pieces then move 16 bytes per access
+    w_ptr = w_addr.to(tl.pointer_type(DTYPE)) + start
+    z_ptr = z_addr.to(tl.pointer_type(tl.float32)) + start
+    u_ptr = u_addr.to(tl.pointer_type(tl.float32)) + start
     t_ptr = target.to(tl.pointer_type(DTYPE)) + start
     keep_ptr = tl.load(meta + _ZU_ROW_KEEP).to(tl.pointer_type(tl.int8))  # torch.bool: one byte
     mode = tl.load(meta + _ZU_MODE)
     threshold = column_f32(meta, _ZU_THRESHOLD)
     cut = tl.load(meta + _ZU_CUT)
-    # element start + i lies in row r0 + (c0 + i) // row_len
+    # element start lies in row r0 at column c0; each piece finds its own (piece_origin)
     r0, c0, row_len = row_origin(start, tl.load(meta + _ZU_ROW_LEN))
     size = (end - start).to(tl.int32)
     idx = tl.arange(0, BLOCK)
     for piece in range(0, size, BLOCK):
         i = piece + idx
-        inb = i < size
-        w = tl.load(w_ptr + i, mask=inb).to(tl.float32)
-        u = tl.load(u_ptr + i, mask=inb)
-        v = w + u
-        if mode == _MODE_SOFT:
-            z = v - _clamp_tau(v, threshold)
+        rp, cp = piece_origin(r0, c0, row_len, piece)
+        if vector_piece(aligned, start, piece, size, BLOCK, DTYPE):
+            # the same code with pointers known 16-byte aligned and a mask known true
+            w_at = tl.multiple_of(w_ptr + piece, 16)
+            z_at = tl.multiple_of(z_ptr + piece, 16)
+            u_at = tl.multiple_of(u_ptr + piece, 16)
+            t_at = tl.multiple_of(t_ptr + piece, 16)
+            _zu_piece(w_at, z_at, u_at, t_at, keep_ptr, idx, whole(BLOCK), start + piece, rp, cp, row_len, mode,
+                      threshold, cut, target != 0, DTYPE)
         else:
-            if mode == _MODE_ELEMENT:
-                s = _no_nan(tl.abs(v))
-                keep = (s > threshold) | ((s == threshold) & (start + i <= cut))
-            else:
-                keep = tl.load(keep_ptr + r0 + (c0 + i) // row_len, mask=inb, other=0) != 0
-            z = tl.where(keep, v, 0.0)
-        u = (u + w) - z
-        tl.store(z_ptr + i, z, mask=inb)
-        tl.store(u_ptr + i, u, mask=inb)
-        if target != 0:
-            tl.store(t_ptr + i, (z - u).to(DTYPE), mask=inb)
+            _zu_piece(w_ptr + piece, z_ptr + piece, u_ptr + piece, t_ptr + piece, keep_ptr, idx, i < size,
+                      start + piece, rp, cp, row_len, mode, threshold, cut, target != 0, DTYPE)
+
+
+@triton.jit
+def _sas_piece(meta, p_at, g_at, w_at, wb_at, a_at, z_at, u_at, idx, inb, outer, c, inv_cr, b, b1, bn, bn1,
+               DTYPE: tl.constexpr):
+    """One SAS-ADMM piece (the pointers at its first element): W_breve, W, the
+    outer update where due, W_hat into the parameter."""
+    g = tl.load(g_at + idx, mask=inb).to(tl.float32)
+    wb = ((c * tl.load(wb_at + idx, mask=inb) + tl.load(a_at + idx, mask=inb)) - g) * inv_cr
+    w = b * wb + b1 * tl.load(w_at + idx, mask=inb)
+    if outer:
+        rb = column_f32(meta, _SAS_RB)
+        inv_beta = column_f32(meta, _SAS_INV_BETA)
+        tau = column_f32(meta, _SAS_TAU)
+        sb = column_f32(meta, _SAS_SB)
+        beta = column_f32(meta, _SAS_BETA)
+        rho = column_f32(meta, _SAS_RHO)
+        u = tl.load(u_at + idx, mask=inb) - rb * (w - tl.load(z_at + idx, mask=inb))
+        x = w - u * inv_beta
+        z = x - _clamp_tau(x, tau)
+        d = w - z
+        u = u - sb * d
+        tl.store(a_at + idx, rho * w + (u - beta * d), mask=inb)
+        tl.store(z_at + idx, z, mask=inb)
+        tl.store(u_at + idx, u, mask=inb)
+    tl.store(wb_at + idx, wb, mask=inb)
+    tl.store(w_at + idx, w, mask=inb)
+    tl.store(p_at + idx, (bn * wb + bn1 * w).to(DTYPE), mask=inb)
 
 
 @triton.jit
 def _sas_kernel(table, units, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     meta, start, end = program_unit(table, units, _SAS_NUM_FIELDS)
+    addresses = (tl.load(meta + _SAS_PARAM) | tl.load(meta + _SAS_GRAD) | tl.load(meta + _SAS_W)
+                 | tl.load(meta + _SAS_W_BREVE) | tl.load(meta + _SAS_ANCHOR) | tl.load(meta + _SAS_Z)
+                 | tl.load(meta + _SAS_U))
+    aligned = aligned16(addresses)  # whole pieces then move 16 bytes per access
     p_ptr = tl.load(meta + _SAS_PARAM).to(tl.pointer_type(DTYPE)) + start
     g_ptr = tl.load(meta + _SAS_GRAD).to(tl.pointer_type(DTYPE)) + start
     w_ptr = tl.load(meta + _SAS_W).to(tl.pointer_type(tl.float32)) + start
@@ -192,29 +248,20 @@ def _sas_kernel(table, units, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     size = (end - start).to(tl.int32)
     idx = tl.arange(0, BLOCK)
     for piece in range(0, size, BLOCK):
-        i = piece + idx
-        inb = i < size
-        g = tl.load(g_ptr + i, mask=inb).to(tl.float32)
-        wb = ((c * tl.load(wb_ptr + i, mask=inb) + tl.load(a_ptr + i, mask=inb)) - g) * inv_cr
-        w = b * wb + b1 * tl.load(w_ptr + i, mask=inb)
-        if outer:
-            rb = column_f32(meta, _SAS_RB)
-            inv_beta = column_f32(meta, _SAS_INV_BETA)
-            tau = column_f32(meta, _SAS_TAU)
-            sb = column_f32(meta, _SAS_SB)
-            beta = column_f32(meta, _SAS_BETA)
-            rho = column_f32(meta, _SAS_RHO)
-            u = tl.load(u_ptr + i, mask=inb) - rb * (w - tl.load(z_ptr + i, mask=inb))
-            x = w - u * inv_beta
-            z = x - _clamp_tau(x, tau)
-            d = w - z
-            u = u - sb * d
-            tl.store(a_ptr + i, rho * w + (u - beta * d), mask=inb)
-            tl.store(z_ptr + i, z, mask=inb)
-            tl.store(u_ptr + i, u, mask=inb)
-        tl.store(wb_ptr + i, wb, mask=inb)
-        tl.store(w_ptr + i, w, mask=inb)
-        tl.store(p_ptr + i, (bn * wb + bn1 * w).to(DTYPE), mask=inb)
+        if vector_piece(aligned, start, piece, size, BLOCK, DTYPE):
+            # the same code with pointers known 16-byte aligned and a mask known true
+            p_at = tl.multiple_of(p_ptr + piece, 16)
+            g_at = tl.multiple_of(g_ptr + piece, 16)
+            w_at = tl.multiple_of(w_ptr + piece, 16)
+            wb_at = tl.multiple_of(wb_ptr + piece, 16)
+            a_at = tl.multiple_of(a_ptr + piece, 16)
+            z_at = tl.multiple_of(z_ptr + piece, 16)
+            u_at = tl.multiple_of(u_ptr + piece, 16)
+            _sas_piece(meta, p_at, g_at, w_at, wb_at, a_at, z_at, u_at, idx, whole(BLOCK), outer, c, inv_cr, b, b1,
+                       bn, bn1, DTYPE)
+        else:
+            _sas_piece(meta, p_ptr + piece, g_ptr + piece, w_ptr + piece, wb_ptr + piece, a_ptr + piece,
+                       z_ptr + piece, u_ptr + piece, idx, piece + idx < size, outer, c, inv_cr, b, b1, bn, bn1, DTYPE)
 
 
 def build_units(numel: Tensor, row_len: Optional[Tensor] = None, chunk: Optional[int] = None) -> Tensor:

@@ -7,7 +7,8 @@ Launch side (Python):
 - :func:`place_amp_scalars`: GradScaler's ``found_inf`` and ``grad_scale``
   moved where a kernel reads them;
 - :func:`units_of`: the ``[U, 3]`` work list (tensor, start, end) from each
-  tensor's element count and unit length.
+  tensor's element count and unit length;
+- :func:`register_ceiling`: the ``maxnreg`` launch option on NVIDIA GPUs.
 
 Kernel side (``@triton.jit``, inlined into the caller):
 
@@ -16,6 +17,14 @@ Kernel side (``@triton.jit``, inlined into the caller):
   :func:`load_grad_scale`, :func:`program_unit` (the table row and element
   range of this program's unit) and :func:`row_origin` (where the unit starts
   in its tensor's rows);
+- rows and columns without a division per element: :func:`piece_origin`
+  (a piece's first row and column, int64, one division per piece),
+  :func:`lane_rows` (each lane's row, row start and row end flags),
+  :func:`lane_columns`, both on :func:`small_divmod`;
+- vector accesses: :func:`aligned16`, :func:`vector_piece`, :func:`whole`
+  (a piece whose tensors start on 16 bytes and that is whole
+  is stepped with pointers and a mask the compiler knows, so loads and
+  stores move 16 bytes; other pieces take the same code with plain ones);
 - table columns holding float64 bits (:func:`column_f64`, :func:`column_f32`);
 - :func:`descent_grad`: a gradient loaded in fp32, unscaled and negated
   under ``maximize``;
@@ -28,7 +37,7 @@ The regularizer terms of the sgd-style tables (``regkern.layouts.SGD_FIELDS``;
 the ``adam`` table starts with the same columns, so the same code reads
 both), in one home for the ``sgd`` and ``adam`` kernels:
 
-- :func:`sign`, :func:`rows_of` (an element's row);
+- :func:`sign`, :func:`rows_of` (the lanes' rows);
 - :func:`add_terms`: the gradient terms (L2 ``lam`` per row or element,
   ``lam_cols``, L1 subgradient, polarization, ADMM pull) added to ``d`` in
   the contract's order;
@@ -83,6 +92,16 @@ def place_amp_scalars(found_inf: Optional[Tensor], grad_scale: Optional[Tensor],
     return False, found_inf, grad_scale
 
 
+def register_ceiling(device, max_registers: int) -> dict:
+    """The launch option ``maxnreg=max_registers`` on NVIDIA GPUs (ptxas then
+    fits the kernel in that many registers; the interpreter ignores it), none
+    on ROCm, whose compiler has no such option (its tensors' device type is
+    "cuda" too)."""
+    if device.type == "cuda" and torch.version.hip is not None:
+        return {}
+    return {"maxnreg": max_registers}
+
+
 def units_of(numel: Tensor, length: Tensor, count: Optional[Tensor] = None) -> Tensor:
     """Work list (int64 ``[U, 3]``: tensor, start, end; on the CPU): ``count[t]``
     units of ``length[t]`` elements for tensor ``t``, the last one cut at
@@ -126,12 +145,102 @@ def program_unit(table, units, NUM_FIELDS: tl.constexpr):
 
 @triton.jit
 def row_origin(start, row_len):
-    """``(r0, c0, row_len)``: element start + i lies in row r0 + (c0 + i) // row_len
-    (c0 and row_len int32, for int32 math per element; a row_len of 0 counts as 1)."""
+    """``(r0, c0, row_len)``: element ``start`` lies in row r0 at column c0
+    (int64; a row_len of 0 counts as 1)."""
     row_len = tl.maximum(row_len, 1)
     r0 = start // row_len
-    c0 = (start - r0 * row_len).to(tl.int32)
-    return r0, c0, row_len.to(tl.int32)
+    return r0, start - r0 * row_len, row_len
+
+
+@triton.jit
+def piece_origin(r0, c0, row_len, piece):
+    """``(rp, cp)``: the row and column (int64) of a piece's first element,
+    ``piece`` elements after the unit's first (row r0, column c0): one
+    division per piece, so that the lanes need none (:func:`lane_rows`)."""
+    at = c0 + piece
+    rows = at // row_len
+    return r0 + rows, at - rows * row_len
+
+
+@triton.jit
+def small_divmod(x, d):
+    """``(x // d, x % d)`` of int32 lanes 0 <= x, d >= 1 with a quotient below
+    2^20, without an integer division: the fp32 reciprocal's estimate is off
+    by at most one, and one correction makes it exact."""
+    q = (x.to(tl.float32) * (1.0 / d.to(tl.float32))).to(tl.int32)
+    r = x - q * d
+    low = r < 0
+    high = r >= d
+    q = tl.where(low, q - 1, tl.where(high, q + 1, q))
+    r = tl.where(low, r + d, tl.where(high, r - d, r))
+    return q, r
+
+
+@triton.jit
+def lane_rows(i, rp, cp, row_len):
+    """``(rows, head, tail)`` of a piece's lanes ``i`` (0..BLOCK-1; the first
+    at row rp, column cp, int64): each lane's row (int64), whether it is its
+    row's first and last element. Lanes in the first row are told apart by
+    one comparison; the rows after it hold fewer than BLOCK lanes, so their
+    offsets are small and :func:`small_divmod` divides them (rows of BLOCK or
+    more elements: nothing to divide). Any int64 row length."""
+    BLOCK: tl.constexpr = i.shape[0]
+    left = tl.minimum(row_len - cp, BLOCK).to(tl.int32)  # lanes in the first row
+    step = tl.minimum(row_len, BLOCK).to(tl.int32)
+    later = i - left
+    q, col = small_divmod(tl.maximum(later, 0), step)
+    first = later < 0
+    rows = rp + tl.where(first, 0, q + 1)
+    # the scalar conditions pick the lane that matches (BLOCK: none), so that
+    # only blocks are combined
+    first_head = tl.where(cp == 0, 0, BLOCK)
+    first_tail = tl.where(row_len - cp <= BLOCK, left - 1, BLOCK)
+    later_tail = tl.where(row_len <= BLOCK, step - 1, BLOCK)
+    head = (first & (i == first_head)) | ((later >= 0) & (col == 0))
+    tail = (first & (i == first_tail)) | ((later >= 0) & (col == later_tail))
+    return rows, head, tail
+
+
+@triton.jit
+def lane_columns(i, cp, row_len, col_len):
+    """The column ``(element's column in its row) // col_len`` of a piece's
+    lanes ``i`` (first lane at column cp), as :func:`lane_rows` counts them:
+    small quotients only."""
+    BLOCK: tl.constexpr = i.shape[0]
+    left = tl.minimum(row_len - cp, BLOCK).to(tl.int32)
+    step = tl.minimum(row_len, BLOCK).to(tl.int32)
+    later = i - left
+    _, col = small_divmod(tl.maximum(later, 0), step)
+    first_col = cp // col_len
+    col_len32 = col_len.to(tl.int32)
+    first_q, _ = small_divmod((cp - first_col * col_len).to(tl.int32) + i, col_len32)
+    later_q, _ = small_divmod(col, col_len32)
+    return tl.where(later < 0, first_col + first_q, later_q)
+
+
+@triton.jit
+def aligned16(addresses):
+    """Whether the OR of some base addresses (raw, in bytes) is a multiple of 16."""
+    return (addresses & 15) == 0
+
+
+@triton.jit
+def vector_piece(aligned, start, piece, piece_end, BLOCK: tl.constexpr, DTYPE: tl.constexpr):
+    """Whether a piece of ``BLOCK`` elements at element ``start + piece`` of
+    tensors whose base addresses are ``aligned`` (:func:`aligned16`) lies whole
+    before ``piece_end`` and starts on 16 bytes of the storage ``DTYPE`` (fp32
+    companions of a 16-bit tensor then start on 16 bytes too): its pointers
+    may be declared 16-byte aligned (``tl.multiple_of(ptr + piece, 16)``, in
+    the kernel itself: the hint marks the operation that computes the pointer,
+    which a helper's argument is not) and its mask all true (:func:`whole`),
+    so each thread moves its elements in vector accesses."""
+    return aligned & (piece + BLOCK <= piece_end) & (((start + piece) * (DTYPE.primitive_bitwidth // 8)) % 16 == 0)
+
+
+@triton.jit
+def whole(BLOCK: tl.constexpr):
+    """The mask of a whole piece: all true, and known so at compile time."""
+    return tl.full([BLOCK], 1, tl.int1)
 
 
 @triton.jit
@@ -171,23 +280,23 @@ def segmented_sums(head_a, x_a, y_a, head_b, x_b, y_b):
 
 
 @triton.jit
-def row_running_sum(x, col, carry, idx):
-    """Inclusive sums of x over each row within one piece (col: each lane's
-    column, 0 at a row's first element; a row's total lands on its last
-    element), the piece's first lane continuing ``carry`` when it lies inside
-    a row (the next piece's carry is :func:`last_lane` of the sums)."""
-    x = tl.where((idx == 0) & (col != 0), x + carry, x)
-    _, x = tl.associative_scan(((col == 0).to(tl.int32), x), 0, segmented_sum)
+def row_running_sum(x, head, carry, idx):
+    """Inclusive sums of x over each row within one piece (head: each lane is
+    its row's first element; a row's total lands on its last element), the
+    piece's first lane continuing ``carry`` when it lies inside a row (the
+    next piece's carry is :func:`last_lane` of the sums)."""
+    x = tl.where((idx == 0) & (head == 0), x + carry, x)
+    _, x = tl.associative_scan((head.to(tl.int32), x), 0, segmented_sum)
     return x
 
 
 @triton.jit
-def row_running_sums(x, y, col, carry_x, carry_y, idx):
+def row_running_sums(x, y, head, carry_x, carry_y, idx):
     """:func:`row_running_sum` of two quantities in one scan."""
-    continued = (idx == 0) & (col != 0)
+    continued = (idx == 0) & (head == 0)
     x = tl.where(continued, x + carry_x, x)
     y = tl.where(continued, y + carry_y, y)
-    _, x, y = tl.associative_scan(((col == 0).to(tl.int32), x, y), 0, segmented_sums)
+    _, x, y = tl.associative_scan((head.to(tl.int32), x, y), 0, segmented_sums)
     return x, y
 
 
@@ -229,8 +338,10 @@ def sign(x):
 
 @triton.jit
 def rows_of(i, r0, c0, row_len):
-    """Row of element start + i: r0 + (c0 + i) // row_len (int32 math per element)."""
-    return r0 + (c0 + i) // row_len
+    """Row (int64) of lanes ``i`` of a piece whose first element lies at row
+    r0, column c0 (:func:`lane_rows`)."""
+    rows, _, _ = lane_rows(i, r0, c0, row_len)
+    return rows
 
 
 @triton.jit
@@ -260,8 +371,7 @@ def add_terms(meta, d, w, i, inb, start, r0, c0, row_len, DTYPE: tl.constexpr):
         d = d + tl.load(lam.to(tl.pointer_type(tl.float32)) + at, mask=inb) * w
     lam_cols = tl.load(meta + _LAM_COLS)
     if lam_cols != 0:
-        # column (i % row_len) // col_len of element start + i (int32 math per element)
-        col = ((c0 + i) % row_len) // tl.load(meta + _COL_LEN).to(tl.int32)
+        col = lane_columns(i, c0, row_len, tl.load(meta + _COL_LEN))
         d = d + tl.load(lam_cols.to(tl.pointer_type(tl.float32)) + col, mask=inb) * w
     l1 = tl.load(meta + _L1)
     if l1 != 0:
@@ -309,8 +419,9 @@ def piece_plan(prox, row_len, size, BLOCK: tl.constexpr):
     ``||W_r||``)."""
     group = prox == _PROX_GROUP_KIND
     long_rows = group & (row_len > BLOCK)
-    step = tl.where(group & (row_len <= BLOCK), (BLOCK // row_len) * row_len, BLOCK)
-    span = tl.where(long_rows, row_len, tl.maximum(size, 1))
+    # int32 like size: a long row is a whole unit at most
+    step = tl.where(group & (row_len <= BLOCK), (BLOCK // row_len) * row_len, BLOCK).to(tl.int32)
+    span = tl.where(long_rows, row_len, tl.maximum(size, 1)).to(tl.int32)
     return long_rows, step, span
 
 
@@ -324,16 +435,17 @@ def prox_map(w, prox, prox_lam_ptr, lr, norm, long_rows, i, inb, idx, r0, c0, ro
         threshold = lr * tl.load(prox_lam_ptr + rows_of(i, r0, c0, row_len), mask=inb)
         w = soft_threshold(w, threshold)
     elif prox == _PROX_GROUP_KIND:
-        # units of these tensors start on a row: c0 == 0
-        threshold = lr * tl.load(prox_lam_ptr + r0 + i // row_len, mask=inb)
+        threshold = lr * tl.load(prox_lam_ptr + rows_of(i, r0, c0, row_len), mask=inb)
         if long_rows:
             w = group_shrink(w, norm, threshold, row_len)
         else:
-            # ||W_r||: the segmented scan's total at the row's last lane, gathered to the row
-            col = idx % row_len
+            # ||W_r||: the segmented scan's total at the row's last lane, gathered to
+            # the row (pieces of whole rows: lane idx at column idx % row_len)
+            short_row = row_len.to(tl.int32)  # at most BLOCK
+            _, col = small_divmod(idx, short_row)
             _, sq = tl.associative_scan(((col == 0).to(tl.int32), tl.where(inb, w * w, 0.0)), 0,
                                         segmented_sum)
-            sq = tl.gather(sq, tl.minimum(idx - col + row_len - 1, BLOCK - 1), 0)
+            sq = tl.gather(sq, tl.minimum(idx - col + short_row - 1, BLOCK - 1), 0)
             w = group_shrink(w, tl.sqrt_rn(sq), threshold, row_len)
     return w
 
@@ -358,16 +470,16 @@ def zero_empty_row_norms(meta, norms_ptr, idx, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def store_row_norms(norms_ptr, stored, i, inb, idx, r0, row_len, carry_l1, carry_sq, BLOCK: tl.constexpr):
-    """(sum |W_r|, ||W_r||, mean |W_r|) of the stored W of one piece, written
-    at each row's last element; a row running past the piece continues from
-    ``(carry_l1, carry_sq)``. Units of these tensors start on a row (c0 == 0).
+def store_row_norms(norms_ptr, stored, i, inb, idx, r0, c0, row_len, carry_l1, carry_sq, BLOCK: tl.constexpr):
+    """(sum |W_r|, ||W_r||, mean |W_r|) of the stored W of one piece (lanes
+    ``i``, the first at row r0, column c0), written at each row's last element;
+    a row running past the piece continues from ``(carry_l1, carry_sq)``.
     Returns the carries into the next piece."""
-    col = i % row_len
+    rows, head, tail = lane_rows(i, r0, c0, row_len)
     l1 = tl.where(inb, tl.abs(stored.to(tl.float32)), 0.0)
-    l1, sq = row_running_sums(l1, l1 * l1, col, carry_l1, carry_sq, idx)
-    out = norms_ptr + (r0 + i // row_len) * 3
-    tail = inb & (col == row_len - 1)
+    l1, sq = row_running_sums(l1, l1 * l1, head, carry_l1, carry_sq, idx)
+    out = norms_ptr + rows * 3
+    tail = inb & tail
     tl.store(out, l1, mask=tail)
     tl.store(out + 1, tl.sqrt_rn(sq), mask=tail)
     tl.store(out + 2, tl.div_rn(l1, row_len.to(tl.float32)), mask=tail)

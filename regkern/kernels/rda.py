@@ -43,8 +43,9 @@ from torch import Tensor
 
 from regkern.layouts import DTYPE_CODE, MASK_ELEMENT, MASK_NONE, MASK_ROW, RDA_COLUMN, RDA_FIELDS
 
-from .common import (UNIT_FIELDS, column_f64, descent_grad, last_lane, load_grad_scale, place_amp_scalars,
-                     program_unit, row_origin, row_running_sum, skip_step, tl_dtype, units_of)
+from .common import (UNIT_FIELDS, aligned16, column_f64, descent_grad, lane_rows, last_lane, load_grad_scale,
+                     piece_origin, place_amp_scalars, program_unit, row_origin, row_running_sum, rows_of, skip_step,
+                     tl_dtype, units_of, vector_piece, whole)
 from .table_checks import TableCheck
 
 DEFAULT_CHUNK = 16384  # elements per work unit
@@ -73,6 +74,42 @@ _MASK_ROW = tl.constexpr(MASK_ROW)
 
 
 @triton.jit
+def _first_pass_piece(w_at, g_at, gbar_at, w0_at, mask_ptr, norm_sq_ptr, idx, inb, start, r0, c0, row_len,
+                      mask_kind, grouped, a, c, t, tau, grad_scale, carry,
+                      DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """One piece of the first pass (its lanes idx at elements start + idx, the
+    first at row r0, column c0; the pointers at element start): gbar (and W0 under a mask) updated,
+    then W written (element tensors) or the rows' sums of v^2 stored (group
+    tensors). Returns the carry of the row sum into the next piece."""
+    g = descent_grad(g_at, idx, inb, grad_scale, HAS_GRAD_SCALE, MAXIMIZE)
+    gb = tl.load(gbar_at + idx, mask=inb) * a + tl.div_rn(g, t)
+    w0 = tl.load(w0_at + idx, mask=inb)
+    v = w0 - c * gb
+    if mask_kind != 0:
+        if mask_kind == _MASK_ROW:
+            at = rows_of(idx, r0, c0, row_len)
+        else:
+            at = start + idx
+        keep = tl.load(mask_ptr + at, mask=inb).to(tl.float32)
+        gb = gb * keep
+        v = v * keep
+        tl.store(w0_at + idx, w0 * keep, mask=inb)
+    tl.store(gbar_at + idx, gb, mask=inb)
+    if grouped:
+        rows, head, tail = lane_rows(idx, r0, c0, row_len)
+        sq = row_running_sum(tl.where(inb, v * v, 0.0), head, carry, idx)
+        tl.store(norm_sq_ptr + rows, sq, mask=inb & tail)
+        carry = last_lane(sq, idx, BLOCK)
+    else:
+        x = tl.abs(v) - tau
+        x = tl.where(x < 0.0, 0.0, x)  # keeps a NaN, like clamp_min
+        w = tl.where(v < 0.0, -x, x) + 0.0  # sign(v) * x, a zero always +0.0
+        tl.store(w_at + idx, w.to(DTYPE), mask=inb)
+    return carry
+
+
+@triton.jit
 def _rda_kernel(
     table, units, grad_scale_ptr, found_inf_ptr,
     DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
@@ -83,10 +120,15 @@ def _rda_kernel(
     grad_scale = load_grad_scale(grad_scale_ptr, HAS_GRAD_SCALE)
     meta, start, end = program_unit(table, units, _NUM_FIELDS)
 
-    w_ptr = tl.load(meta + _PARAM).to(tl.pointer_type(DTYPE)) + start
-    g_ptr = tl.load(meta + _GRAD).to(tl.pointer_type(DTYPE)) + start
-    gbar_ptr = tl.load(meta + _GBAR).to(tl.pointer_type(tl.float32)) + start
-    w0_ptr = tl.load(meta + _W0).to(tl.pointer_type(tl.float32)) + start
+    w_addr = tl.load(meta + _PARAM)
+    g_addr = tl.load(meta + _GRAD)
+    gbar_addr = tl.load(meta + _GBAR)
+    w0_addr = tl.load(meta + _W0)
+    aligned = aligned16(w_addr | g_addr | gbar_addr | w0_addr)  # whole pieces then move 16 bytes per access
+    w_ptr = w_addr.to(tl.pointer_type(DTYPE)) + start
+    g_ptr = g_addr.to(tl.pointer_type(DTYPE)) + start
+    gbar_ptr = gbar_addr.to(tl.pointer_type(tl.float32)) + start
+    w0_ptr = w0_addr.to(tl.pointer_type(tl.float32)) + start
     mask_kind = tl.load(meta + _MASK_KIND)
     mask_ptr = tl.load(meta + _MASK).to(tl.pointer_type(tl.int8))  # torch.bool: one byte, 0 or 1
     grouped = tl.load(meta + _GROUP) != 0
@@ -104,38 +146,26 @@ def _rda_kernel(
     norm_sq_ptr = tl.load(meta + _NORM_SQ).to(tl.pointer_type(tl.float32))
     idx = tl.arange(0, BLOCK)
 
-    # Element start + i lies in row r0 + (c0 + i) // row_len (int32 math per element).
+    # Element start lies in row r0 at column c0; each piece finds its own (piece_origin).
     r0, c0, row_len = row_origin(start, tl.load(meta + _ROW_LEN))
     size = (end - start).to(tl.int32)
     carry = 0.0  # the sum of squares of the row the previous piece left unfinished
     for piece in range(0, size, BLOCK):
         i = piece + idx
-        inb = i < size
-        g = descent_grad(g_ptr, i, inb, grad_scale, HAS_GRAD_SCALE, MAXIMIZE)
-        gb = tl.load(gbar_ptr + i, mask=inb) * a + tl.div_rn(g, t)
-        w0 = tl.load(w0_ptr + i, mask=inb)
-        v = w0 - c * gb
-        if mask_kind != 0:
-            if mask_kind == _MASK_ROW:
-                at = r0 + (c0 + i) // row_len
-            else:
-                at = start + i
-            keep = tl.load(mask_ptr + at, mask=inb).to(tl.float32)
-            gb = gb * keep
-            v = v * keep
-            tl.store(w0_ptr + i, w0 * keep, mask=inb)
-        tl.store(gbar_ptr + i, gb, mask=inb)
-        if grouped:
-            # units of these tensors start on a row: c0 == 0
-            col = i % row_len
-            sq = row_running_sum(tl.where(inb, v * v, 0.0), col, carry, idx)
-            tl.store(norm_sq_ptr + r0 + i // row_len, sq, mask=inb & (col == row_len - 1))
-            carry = last_lane(sq, idx, BLOCK)
+        rp, cp = piece_origin(r0, c0, row_len, piece)
+        if vector_piece(aligned, start, piece, size, BLOCK, DTYPE):
+            # the same code with pointers known 16-byte aligned and a mask known true
+            w_at = tl.multiple_of(w_ptr + piece, 16)
+            g_at = tl.multiple_of(g_ptr + piece, 16)
+            gbar_at = tl.multiple_of(gbar_ptr + piece, 16)
+            w0_at = tl.multiple_of(w0_ptr + piece, 16)
+            carry = _first_pass_piece(w_at, g_at, gbar_at, w0_at, mask_ptr, norm_sq_ptr, idx, whole(BLOCK),
+                                      start + piece, rp, cp, row_len, mask_kind, grouped, a, c, t, tau, grad_scale,
+                                      carry, DTYPE, MAXIMIZE, HAS_GRAD_SCALE, BLOCK)
         else:
-            x = tl.abs(v) - tau
-            x = tl.where(x < 0.0, 0.0, x)  # keeps a NaN, like clamp_min
-            w = tl.where(v < 0.0, -x, x) + 0.0  # sign(v) * x, a zero always +0.0
-            tl.store(w_ptr + i, w.to(DTYPE), mask=inb)
+            carry = _first_pass_piece(w_ptr + piece, g_ptr + piece, gbar_ptr + piece, w0_ptr + piece, mask_ptr,
+                                      norm_sq_ptr, idx, i < size, start + piece, rp, cp, row_len, mask_kind, grouped,
+                                      a, c, t, tau, grad_scale, carry, DTYPE, MAXIMIZE, HAS_GRAD_SCALE, BLOCK)
 
     if grouped:
         tl.debug_barrier()  # the row sums stored above are read by every lane below
@@ -143,7 +173,8 @@ def _rda_kernel(
             i = piece + idx
             inb = i < size
             v = tl.load(w0_ptr + i, mask=inb) - c * tl.load(gbar_ptr + i, mask=inb)
-            norm = tl.sqrt_rn(tl.load(norm_sq_ptr + r0 + i // row_len, mask=inb, other=0.0))
+            rp, cp = piece_origin(r0, c0, row_len, piece)
+            norm = tl.sqrt_rn(tl.load(norm_sq_ptr + rows_of(idx, rp, cp, row_len), mask=inb, other=0.0))
             s = 1.0 - tl.div_rn(kappa + tl.zeros_like(norm), tl.where(norm > 0.0, norm, 1.0))
             s = tl.where(s < 0.0, 0.0, s)
             w = tl.where(norm > 0.0, v * s + 0.0, 0.0)

@@ -61,9 +61,10 @@ from torch import Tensor
 from regkern.layouts import (DTYPE_CODE, LAM_ELEMENT, LAM_NONE, LAM_ROW, MASK_ELEMENT, MASK_NONE, MASK_ROW,
                              SGD_COLUMN, SGD_FIELDS)
 
-from .common import (UNIT_FIELDS, add_terms, clamped, descent_grad, keep_mask, load_grad_scale, piece_plan,
-                     place_amp_scalars, program_unit, prox_map, row_origin, skip_step, store_row_norms, tl_dtype,
-                     units_of, zero_empty_row_norms)
+from .common import (UNIT_FIELDS, add_terms, aligned16, clamped, descent_grad, keep_mask, load_grad_scale,
+                     piece_plan, place_amp_scalars, program_unit, prox_map, register_ceiling, piece_origin,
+                     row_origin, skip_step, store_row_norms, tl_dtype, units_of, vector_piece, whole,
+                     zero_empty_row_norms)
 from .table_checks import TableCheck, float_text
 
 # The regularizer terms of the contract this kernel computes (names as
@@ -71,7 +72,14 @@ from .table_checks import TableCheck, float_text
 SGD_TERMS = ("l1", "polar", "admm", "prox", "clamp")
 
 DEFAULT_CHUNK = 16384  # elements per work unit (a multiple of the block)
-DEFAULT_BLOCK = 1024   # elements per piece
+# Elements per piece, warps and (NVIDIA) the register ceiling: 4 elements per
+# thread (one 16-byte access per fp32 stream) in at most 168 registers. With
+# 8 per thread (BLOCK 1024) the terms, the row scans and their 64-bit
+# addresses need 139-168 registers on sm_90 and spill under momentum and
+# GradScaler; ptxas's own choice spills on sm_80 even without momentum.
+DEFAULT_BLOCK = 512
+DEFAULT_WARPS = 4
+MAX_REGISTERS = 168
 PROX_NONE, PROX_L1, PROX_GROUP = 0, 1, 2  # the PROX column (regkern.reference.sgd)
 
 # The table values this kernel implements (check_table refuses any other
@@ -95,22 +103,23 @@ _PROX_LAM = tl.constexpr(SGD_COLUMN["PROX_LAM"])
 
 
 @triton.jit
-def _updated(meta, w_ptr, g_ptr, b_ptr, i, inb, start, r0, c0, row_len,
+def _updated(meta, w_at, g_at, b_at, idx, inb, start, r0, c0, row_len,
              lr, momentum, keep_d, weight_decay, grad_scale, first,
              DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
              MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
-    """The contract up to the first mask for elements start + i (w_ptr, g_ptr,
-    b_ptr point at element start): fp32 (W, buf), nothing written."""
-    w = tl.load(w_ptr + i, mask=inb).to(tl.float32)
-    d = descent_grad(g_ptr, i, inb, grad_scale, HAS_GRAD_SCALE, MAXIMIZE)
+    """The contract up to the first mask for the lanes idx of a piece
+    (elements start + idx, the first at row r0, column c0; w_at, g_at, b_at
+    point at element start): fp32 (W, buf), nothing written."""
+    w = tl.load(w_at + idx, mask=inb).to(tl.float32)
+    d = descent_grad(g_at, idx, inb, grad_scale, HAS_GRAD_SCALE, MAXIMIZE)
     if weight_decay != 0:
         d = d + weight_decay * w
-    d = add_terms(meta, d, w, i, inb, start, r0, c0, row_len, DTYPE)
+    d = add_terms(meta, d, w, idx, inb, start, r0, c0, row_len, DTYPE)
     if MOMENTUM:
         if first:
             b = d
         else:
-            b = momentum * tl.load(b_ptr + i, mask=inb).to(tl.float32) + keep_d * d
+            b = momentum * tl.load(b_at + idx, mask=inb).to(tl.float32) + keep_d * d
         if NESTEROV:
             s = d + momentum * b
         else:
@@ -120,11 +129,35 @@ def _updated(meta, w_ptr, g_ptr, b_ptr, i, inb, start, r0, c0, row_len,
         s = d
     w = w - lr * s
     if tl.load(meta + _MASK_KIND) != 0:
-        keep = keep_mask(meta, i, inb, start, r0, c0, row_len)
+        keep = keep_mask(meta, idx, inb, start, r0, c0, row_len)
         w = w * keep
         if MOMENTUM:
             b = b * keep
     return w, b
+
+
+@triton.jit
+def _step_piece(meta, w_at, g_at, b_at, norms_ptr, idx, inb, start, r0, c0, row_len, prox, prox_lam_ptr,
+                norm, long_rows, carry_l1, carry_sq, lr, momentum, keep_d, weight_decay, grad_scale, first,
+                with_norms, DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """One piece (its lanes idx at elements start + idx, the first at row r0,
+    column c0; w_at, g_at, b_at at element start) stepped and written: the
+    contract, the proximal map, the clamp, W and buf rounded once, the row
+    norms. Returns the norms' carries into the next piece."""
+    w, b = _updated(meta, w_at, g_at, b_at, idx, inb, start, r0, c0, row_len,
+                    lr, momentum, keep_d, weight_decay, grad_scale, first,
+                    DTYPE, MOMENTUM, NESTEROV, MAXIMIZE, HAS_GRAD_SCALE)
+    w = prox_map(w, prox, prox_lam_ptr, lr, norm, long_rows, idx, inb, idx, r0, c0, row_len, BLOCK)
+    w = clamped(meta, w, idx, inb, start, r0, c0, row_len)
+    stored = w.to(DTYPE)
+    tl.store(w_at + idx, stored, mask=inb)
+    if MOMENTUM:
+        tl.store(b_at + idx, b.to(DTYPE), mask=inb)
+    if with_norms:
+        carry_l1, carry_sq = store_row_norms(norms_ptr, stored, idx, inb, idx, r0, c0, row_len, carry_l1, carry_sq,
+                                             BLOCK)
+    return carry_l1, carry_sq
 
 
 @triton.jit
@@ -142,9 +175,13 @@ def _sgd_kernel(
     grad_scale = load_grad_scale(grad_scale_ptr, HAS_GRAD_SCALE)
     meta, start, end = program_unit(table, units, _NUM_FIELDS)
 
-    w_ptr = tl.load(meta + _PARAM).to(tl.pointer_type(DTYPE)) + start
-    g_ptr = tl.load(meta + _GRAD).to(tl.pointer_type(DTYPE)) + start
-    b_ptr = tl.load(meta + _BUF).to(tl.pointer_type(DTYPE)) + start
+    w_addr = tl.load(meta + _PARAM)
+    g_addr = tl.load(meta + _GRAD)
+    b_addr = tl.load(meta + _BUF)
+    aligned = aligned16(w_addr | g_addr | b_addr)  # whole pieces then move 16 bytes per access
+    w_ptr = w_addr.to(tl.pointer_type(DTYPE)) + start
+    g_ptr = g_addr.to(tl.pointer_type(DTYPE)) + start
+    b_ptr = b_addr.to(tl.pointer_type(DTYPE)) + start
     norms = tl.load(meta + _NORMS)
     norms_ptr = norms.to(tl.pointer_type(tl.float32))
     prox = tl.load(meta + _PROX)
@@ -156,7 +193,7 @@ def _sgd_kernel(
     if (norms != 0) & (row_len == 0):
         zero_empty_row_norms(meta, norms_ptr, idx, BLOCK)
 
-    # Element start + i lies in row r0 + (c0 + i) // row_len (int32 math per element).
+    # Element start lies in row r0 at column c0; each piece finds its own (piece_origin).
     r0, c0, row_len = row_origin(start, row_len)
     size = (end - start).to(tl.int32)
 
@@ -174,26 +211,31 @@ def _sgd_kernel(
             for piece in range(row_start, row_end, BLOCK):
                 i = piece + idx
                 inb = i < row_end
-                w, _ = _updated(meta, w_ptr, g_ptr, b_ptr, i, inb, start, r0, c0, row_len,
-                                lr, momentum, keep_d, weight_decay, grad_scale, first,
+                rp, cp = piece_origin(r0, c0, row_len, piece)
+                w, _ = _updated(meta, w_ptr + piece, g_ptr + piece, b_ptr + piece, idx, inb, start + piece, rp, cp,
+                                row_len, lr, momentum, keep_d, weight_decay, grad_scale, first,
                                 DTYPE, MOMENTUM, NESTEROV, MAXIMIZE, HAS_GRAD_SCALE)
                 norm += tl.sum(tl.where(inb, w * w, 0.0))
             norm = tl.sqrt_rn(norm)
         for piece in range(row_start, row_end, step):
             i = piece + idx
-            inb = (i < row_end) & (idx < step)
-            w, b = _updated(meta, w_ptr, g_ptr, b_ptr, i, inb, start, r0, c0, row_len,
-                            lr, momentum, keep_d, weight_decay, grad_scale, first,
-                            DTYPE, MOMENTUM, NESTEROV, MAXIMIZE, HAS_GRAD_SCALE)
-            w = prox_map(w, prox, prox_lam_ptr, lr, norm, long_rows, i, inb, idx, r0, c0, row_len, BLOCK)
-            w = clamped(meta, w, i, inb, start, r0, c0, row_len)
-            stored = w.to(DTYPE)
-            tl.store(w_ptr + i, stored, mask=inb)
-            if MOMENTUM:
-                tl.store(b_ptr + i, b.to(DTYPE), mask=inb)
-            if norms != 0:
-                carry_l1, carry_sq = store_row_norms(norms_ptr, stored, i, inb, idx, r0, row_len,
-                                                     carry_l1, carry_sq, BLOCK)
+            rp, cp = piece_origin(r0, c0, row_len, piece)
+            if vector_piece(aligned, start, piece, row_end, BLOCK, DTYPE) & (step == BLOCK):
+                # the same code with pointers known 16-byte aligned and a mask known true
+                w_at = tl.multiple_of(w_ptr + piece, 16)
+                g_at = tl.multiple_of(g_ptr + piece, 16)
+                b_at = tl.multiple_of(b_ptr + piece, 16)
+                carry_l1, carry_sq = _step_piece(
+                    meta, w_at, g_at, b_at, norms_ptr, idx, whole(BLOCK), start + piece, rp, cp, row_len, prox,
+                    prox_lam_ptr, norm, long_rows, carry_l1, carry_sq,
+                    lr, momentum, keep_d, weight_decay, grad_scale, first, norms != 0,
+                    DTYPE, MOMENTUM, NESTEROV, MAXIMIZE, HAS_GRAD_SCALE, BLOCK)
+            else:
+                carry_l1, carry_sq = _step_piece(
+                    meta, w_ptr + piece, g_ptr + piece, b_ptr + piece, norms_ptr, idx,
+                    (i < row_end) & (idx < step), start + piece, rp, cp, row_len, prox, prox_lam_ptr, norm, long_rows,
+                    carry_l1, carry_sq, lr, momentum, keep_d, weight_decay, grad_scale, first, norms != 0,
+                    DTYPE, MOMENTUM, NESTEROV, MAXIMIZE, HAS_GRAD_SCALE, BLOCK)
 
 
 def check_table(table: Tensor, dtype: Optional[torch.dtype] = None, momentum: float = 0.0,
@@ -301,7 +343,7 @@ def sgd_step(
     found_inf: Optional[Tensor] = None,
     units: Optional[Tensor] = None,
     block: int = DEFAULT_BLOCK,
-    num_warps: int = 4,
+    num_warps: int = DEFAULT_WARPS,
 ) -> None:
     """One SGD step of every tensor in ``table`` (all of storage ``dtype``), one launch.
 
@@ -340,4 +382,5 @@ def sgd_step(
         HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
         BLOCK=block, num_warps=num_warps,
         enable_fp_fusion=False,  # no mul+add -> fma: rounds op by op like the reference
+        **register_ceiling(device, MAX_REGISTERS),
     )

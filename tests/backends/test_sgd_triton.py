@@ -94,6 +94,38 @@ def test_small_blocks_and_chunks(dtype):
     check(case, block=32, chunk=64)
 
 
+def _in_guarded_storage(t, offset, guard=8):
+    """``t`` copied into a view at element ``offset`` of a larger buffer whose
+    other elements hold a guard value (7), to see what a kernel writes outside."""
+    if t is None:
+        return None
+    storage = torch.full((offset + t.numel() + guard,), 7, dtype=t.dtype, device=t.device)
+    view = storage[offset:offset + t.numel()].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("offset", [0, 1, 4], ids=lambda o: f"offset{o}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_whole_pieces_tails_and_misaligned_tensors(dtype, offset):
+    # Whole, 16-byte aligned pieces take the kernel's vector path (pointers and
+    # mask declared to the compiler), the tail and misaligned tensors (views at
+    # an element offset: 4 or 8 bytes for 16-bit storage is not 16) the masked
+    # one; both equal the reference and write nothing outside their tensors.
+    case = make_case(random.Random(6), [(5, 300), (1000,), (3, 128)], dtype, DEVICE, momentum=0.9,
+                     with_norms=True, with_mask=False)
+    for name in ("params", "grads", "bufs"):
+        setattr(case, name, [_in_guarded_storage(t, offset) for t in getattr(case, name)])
+    expected = check(case)
+    actual = run(triton_step, case)
+    for name in ("params", "grads", "bufs"):
+        for t in getattr(actual, name):
+            storage = torch.tensor(t.untyped_storage(), dtype=torch.uint8).view(t.dtype)
+            outside = torch.cat([storage[:offset], storage[offset + t.numel():]])
+            assert bool((outside == 7).all()), f"{name}: written outside the tensor"
+    assert expected.params[0].storage_offset() == offset  # the case's copies kept their place in the storage
+
+
 def test_mixed_dtypes():
     cases = [make_case(random.Random(2), [(3, 17), (8,)], dtype, DEVICE, momentum=0.9) for dtype in DTYPES]
     mixed = Case(*[sum((getattr(c, f) for c in cases), []) for f in
