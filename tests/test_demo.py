@@ -97,6 +97,7 @@ def test_same_seed_same_result():
     (["--data", "cifar10"], "--data-dir"),
     (["--model", "resnet56"], "digits use --model small"),
     (["--threads", "0"], "--threads"),
+    (["--steps", "5", "--seq-len", "32"], "--steps, --seq-len belong to --task lm"),
 ])
 def test_bad_arguments_are_refused_before_training(argv, message, tmp_path, capsys):
     out_dir = tmp_path / "never"

@@ -21,7 +21,9 @@ Train a small BatchNorm network to a baseline, then prune it at a high ratio wit
 method from that same baseline and print a table in the style of the papers: parameters,
 FLOPs (multiply-adds of conv and linear layers), speed-up, accuracy right after pruning
 (before fine-tuning), accuracy after the same fine-tuning budget, and sparsity (the share
-of the baseline's conv/linear weights removed or zero).
+of the baseline's conv/linear weights removed or zero). With --task lm: a small Llama
+language model on the interpreter's own standard-library source, its attention heads and
+MLP neurons pruned by GReg-1/2, group lasso, magnitude and a Wanda-style score (flags below).
 
 Filter methods remove whole rows of coupled layers (the network gets smaller):
   greg1         GReg-1: rows fixed by magnitude, a growing L2 penalty drives them to zero
@@ -85,6 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads for torch and regkern's kernels (default: 1 for the small digits "
                              "network, whose layers are too small to gain from more, torch's default otherwise)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--task", choices=("image", "lm"), default="image",
+                        help="image: the network and data above (default); lm: prune a small Llama language "
+                             "model trained on this interpreter's standard-library source (flags below)")
+    from regkern.demo import lm
+
+    lm.add_arguments(parser)
 
 
 def _settings(args) -> methods.Settings:
@@ -118,6 +126,12 @@ def _settings(args) -> methods.Settings:
         args.model = "small" if args.data == "digits" else "resnet56"
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    lm_only = [flag for flag, value in (("--steps", args.steps), ("--prune-steps", args.prune_steps),
+                                        ("--finetune-steps", args.finetune_steps), ("--seq-len", args.seq_len),
+                                        ("--eval-every", args.eval_every)) if value is not None]
+    if lm_only:
+        raise ValueError(f"{', '.join(lm_only)} belong to --task lm; the image task counts --epochs, "
+                         "--prune-epochs and --finetune-epochs")
     if args.threads is None and args.model == "small":
         args.threads = 1
     if args.data == "digits" and args.model != "small":
@@ -152,7 +166,12 @@ def prepare(args):
 
 
 def run(args, s: methods.Settings, dataset: data_mod.Dataset) -> dict:
-    """The whole demo; returns the rows and the paths written."""
+    """The whole demo; returns the rows and the paths written. Under
+    ``torchrun`` every rank trains (data-parallel); rank 0 prints and writes."""
+    from regkern.demo.train import data_parallel_rank, run_quietly
+
+    if data_parallel_rank(s.device)[0] > 0 and not getattr(args, "quiet_rank", False):
+        return run_quietly(run, args, s, dataset)
     started = time.perf_counter()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -210,6 +229,10 @@ def run(args, s: methods.Settings, dataset: data_mod.Dataset) -> dict:
 def main(args, argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m regkern demo``: 2 and one sentence on bad
     arguments or data (checked before anything is trained or written)."""
+    if getattr(args, "task", "image") == "lm":
+        from regkern.demo import lm
+
+        return lm.main(args, argv)
     try:
         s, dataset = prepare(args)
     except ValueError as exc:  # DataError is a ValueError

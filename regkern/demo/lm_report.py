@@ -1,0 +1,166 @@
+"""Table and figures of the language-model demo.
+
+The table (printed, ``results.csv`` with exact numbers, ``results.md``): per
+method the parameters, multiply-adds per token (:func:`regkern.count_flops`
+of one held-out window divided by its length: linear layers and both
+attention products), the kv heads and MLP neurons left, held-out perplexity
+right after the cut and after fine-tuning, and forward-pass tokens per
+second of the sliced model against the baseline's, timed in the same loop.
+
+Figures (matplotlib, Agg backend):
+
+* ``lm_perplexity.png``: held-out perplexity over the baseline's training
+  (left) and over each method's run from the baseline (right: regularization
+  phase, the cut, fine-tuning).
+* ``greg_unit_norms.png``: for one block, the L2 norm of every kv head group
+  and every MLP neuron (over its producer rows, divided by the largest)
+  during GReg's phase, pruned red and kept blue, with the largest penalty on
+  a second axis: the separation as the penalty grows (GReg's Figure 1).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+KEPT, PRUNED = "#1f77b4", "#d62728"
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of the LM table."""
+
+    method: str
+    params: int
+    macs_per_token: float
+    kv_heads: int
+    neurons: int
+    ppl_pruned: Optional[float]    # right after the cut (None: the baseline)
+    ppl_finetuned: float           # after fine-tuning (the baseline: its own)
+    tokens_per_s: float
+    speedup: float                 # tokens/s against the baseline's, same loop
+    seconds: float = 0.0
+    note: str = ""
+
+
+COLUMNS = ("Method", "Params", "MACs/token", "KV heads", "MLP neurons", "PPL pruned", "PPL fine-tuned",
+           "Tokens/s", "vs baseline", "Time (s)")
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def cells(r: Row) -> List[str]:
+    return [r.method, _human(r.params), _human(r.macs_per_token), str(r.kv_heads), str(r.neurons),
+            "-" if r.ppl_pruned is None else f"{r.ppl_pruned:.2f}", f"{r.ppl_finetuned:.2f}",
+            f"{r.tokens_per_s:,.0f}", f"{r.speedup:.2f}x", f"{r.seconds:.1f}"]
+
+
+FOOTNOTE = ("PPL: held-out byte-level perplexity (standard-library files never trained on). MACs/token: linear "
+            "layers and attention products of one window divided by its length. Tokens/s: forward pass of one "
+            "batch in eval mode, the fastest of rounds timing every model in turn, on this machine.")
+
+
+def format_table(rows: Sequence[Row], title: str = "") -> str:
+    body = [list(COLUMNS)] + [cells(r) for r in rows]
+    widths = [max(len(line[i]) for line in body) for i in range(len(COLUMNS))]
+    fmt = lambda line: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                 for i, (c, w) in enumerate(zip(line, widths)))
+    rule = "-" * len(fmt(body[0]))
+    lines = ([title] if title else []) + [rule, fmt(body[0]), rule] + [fmt(line) for line in body[1:]] + [rule]
+    notes = [f"  {r.method}: {r.note}" for r in rows if r.note]
+    return "\n".join(lines + [FOOTNOTE] + (["notes:"] + notes if notes else []))
+
+
+def to_markdown(rows: Sequence[Row], title: str = "") -> str:
+    head = "| " + " | ".join(COLUMNS) + " |"
+    align = "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|"
+    lines = ([f"**{title}**", ""] if title else []) + [head, align]
+    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    notes = [f"- {r.method}: {r.note}" for r in rows if r.note]
+    return "\n".join(lines + ["", FOOTNOTE] + ([""] + notes if notes else [])) + "\n"
+
+
+def write(rows: Sequence[Row], out_dir: str, title: str = "") -> List[str]:
+    """``results.csv`` and ``results.md`` in ``out_dir``; returns their paths."""
+    csv_path, md_path = os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "results.md")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[fd.name for fd in dataclasses.fields(Row)])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow(dataclasses.asdict(r))
+    with open(md_path, "w") as f:
+        f.write(to_markdown(rows, title))
+    return [csv_path, md_path]
+
+
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def perplexity_curves(baseline: List[Tuple[int, float]], methods: Dict[str, dict], path: str) -> str:
+    """``methods[label]``: ``curve`` [(step, ppl)], ``cut`` (the step of the cut)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    steps, ppl = zip(*baseline)
+    left.plot(steps, ppl, color="k", lw=1.5)
+    left.set_yscale("log")
+    left.set_xlabel("baseline training step")
+    left.set_ylabel("held-out perplexity")
+    left.set_title(f"Baseline (final {ppl[-1]:.2f})")
+    for i, (label, m) in enumerate(methods.items()):
+        color = f"C{i}"
+        xs, ys = zip(*sorted(m["curve"]))
+        right.plot(xs, ys, color=color, lw=1.4, marker=".", ms=3, label=label)
+        right.axvline(m["cut"], color=color, ls=":", lw=0.8)
+    right.axhline(ppl[-1], color="k", ls="--", lw=1.0, label="baseline")
+    right.set_yscale("log")
+    right.set_xlabel("step from the baseline (dotted: the cut; after it, fine-tuning)")
+    right.set_ylabel("held-out perplexity")
+    right.set_title("Pruning runs: regularization, cut, fine-tuning")
+    right.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def unit_norms(traces: Dict[str, dict], path: str) -> str:
+    """``traces[label]``: ``iters``, ``block`` and per kind (``heads``,
+    ``neurons``) ``norms`` [T, U], ``pruned`` bool [U], ``lam`` [T]."""
+    kinds = (("heads", "kv head groups"), ("neurons", "MLP neurons"))
+    fig, axes = plt.subplots(len(kinds), len(traces), figsize=(5.5 * len(traces), 7.5), squeeze=False)
+    for col, (label, tr) in enumerate(traces.items()):
+        iters = np.asarray(tr["iters"])
+        for row, (kind, what) in enumerate(kinds):
+            ax, t = axes[row][col], tr[kind]
+            norms = np.asarray(t["norms"], dtype=np.float64)
+            relative = norms / np.maximum(norms.max(axis=1, keepdims=True), 1e-30)
+            pruned = np.asarray(t["pruned"], dtype=bool)
+            for u in np.argsort(pruned, kind="stable"):  # red lines drawn on top
+                ax.plot(iters, relative[:, u], color=PRUNED if pruned[u] else KEPT,
+                        lw=1.5 if kind == "heads" else 0.6, alpha=0.8)
+            ax.set_ylim(0, 1.05)
+            ax.set_xlabel("step of the penalty phase")
+            ax.set_ylabel("unit L2 norm / max")
+            ax.set_title(f"{label}: block {tr['block']} {what} ({int(pruned.sum())} of {len(pruned)} pruned)",
+                         fontsize=9)
+            ax.plot([], [], color=PRUNED, label="pruned")
+            ax.plot([], [], color=KEPT, label="kept")
+            twin = ax.twinx()
+            twin.plot(iters, t["lam"], color="k", ls="--", lw=1.2, label="penalty $\\lambda$ (max)")
+            twin.set_ylabel("penalty $\\lambda$")
+            lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+            ax.legend(lines, [ln.get_label() for ln in lines], loc="center right", fontsize=8)
+    fig.suptitle("Unit-norm separation as GReg's penalty grows (AdamW, decoupled penalty)")
+    return _save(fig, path)
