@@ -325,12 +325,23 @@ def slice_model(model: nn.Module, removals: Removals, optimizer: Optional[torch.
     ``ValueError`` and leave the model and the optimizer as they were. Groups touching the sliced
     tensors must be found again afterwards.
 
+    Under ``DistributedDataParallel`` (``model`` is the wrapper, or the
+    module inside a live one), call it on every rank: the ranks first check
+    that they remove the same units (``RuntimeError`` otherwise, nothing
+    changed), and the wrapper is rebuilt in place over the sliced module
+    afterwards (:func:`regkern.distributed.rebuild_ddp`), so the training
+    loop keeps its wrapper and optimizer.
+
     Returns a :class:`SliceSummary` (MACs need ``example_inputs``).
     """
+    from regkern import distributed
+
     if not isinstance(model, nn.Module):
         raise ValueError(f"slice_model needs an nn.Module, got {type(model).__name__}")
     removal_list = _removal_list(removals)
     kept = _plan_cuts(model, removal_list)
+    wrappers = distributed.wrappers_of(model)
+    ddp_options = [distributed.ddp_options(w) for w in wrappers]
     tensors = named_tensors(model)
     params = dict(model.named_parameters())
     for name in kept:
@@ -343,6 +354,12 @@ def slice_model(model: nn.Module, removals: Removals, optimizer: Optional[torch.
     state_updates = _state_updates(optimizer, params, kept)
     params_before = count_params(model)
     macs_before = count_flops(model, example_inputs) if example_inputs is not None else None
+
+    for wrapper in wrappers:
+        distributed.agree(wrapper.process_group, "units to slice",
+                          {name: {dim: keep for dim, keep in cuts.items()} for name, cuts in kept.items()})
+    if not wrappers:
+        distributed.agree_here("units to slice", {name: dict(cuts) for name, cuts in kept.items()})
 
     # Everything checked; build the new tensors, then swap them in.
     totals = {name: tuple(tensors[name].shape) for name in kept}
@@ -367,6 +384,9 @@ def slice_model(model: nn.Module, removals: Removals, optimizer: Optional[torch.
         state[key] = value  # a tracked state ticks its clock: cached step plans rebuild
     for module, attr, value in module_updates:
         setattr(module, attr, value)
+
+    for wrapper, options in zip(wrappers, ddp_options):
+        distributed.rebuild_ddp(wrapper, options)
 
     order = {name: i for i, name in enumerate(params)}
     layers = [LayerCut(name, dim, keep.numel(), totals[name][dim])

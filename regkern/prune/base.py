@@ -127,9 +127,16 @@ def nothing_to_prune(method: str, ratios: Dict[str, float], mode: Optional[str] 
 
 
 class _Checked(abc.ABCMeta):
-    """Runs ``Schedule._check_built`` once the whole constructor has run."""
+    """Hands the constructor the module inside a ``DistributedDataParallel``
+    wrapper, and runs ``Schedule._check_built`` once the whole constructor has run."""
 
     def __call__(cls, *args, **kwargs):
+        from regkern.distributed import unwrap
+
+        if args:
+            args = (unwrap(args[0]),) + args[1:]
+        elif "model" in kwargs:
+            kwargs["model"] = unwrap(kwargs["model"])
         schedule = super().__call__(*args, **kwargs)
         schedule._check_built()
         return schedule
@@ -147,6 +154,15 @@ class Schedule(abc.ABC, metaclass=_Checked):
     ``state["lam"]`` is read by regkern.SGD only, so ``torch.optim.SGD`` is
     refused); once built, a schedule that found no unit to prune (every
     ratio 0, every layer skipped or ignored, no prunable group) says why.
+
+    Data-parallel runs: build the schedule on every rank, with the
+    ``DistributedDataParallel`` wrapper or the module inside it (the schedule
+    keeps the module as ``model``), and call ``step()`` and ``prune()`` on
+    every rank. ``prune()`` first checks that the ranks remove the same units
+    (``RuntimeError`` on every rank otherwise, nothing changed); a
+    structured cut then rebuilds the wrapper in place
+    (:func:`regkern.distributed.rebuild_ddp`), so the loop goes on with the
+    same wrapper and optimizer.
     """
 
     method = "schedule"
@@ -192,7 +208,10 @@ class Schedule(abc.ABC, metaclass=_Checked):
         if not self._done and not force:
             raise ValueError(f"{self.method} is not done yet (phase {self._phase!r}, iteration {self.iteration}); "
                              "keep calling step() after each optimizer step, or pass force=True to prune now")
-        summary = self._prune(**options)
+        from regkern.distributed import agreement, distributed_group
+
+        with agreement(distributed_group(self.model)):
+            summary = self._prune(**options)
         self.pruned = True
         return summary
 
@@ -211,7 +230,10 @@ class Schedule(abc.ABC, metaclass=_Checked):
             raise ValueError(f"this state_dict is from {got!r}, not from {self.method}")
         self._check_extra(state)
         if state["pruned"] and not self.pruned:
-            self._reapply(state)
+            from regkern.distributed import agreement, distributed_group
+
+            with agreement(distributed_group(self.model)):
+                self._reapply(state)
             self.pruned = True
         elif self.pruned and not state["pruned"]:
             raise ValueError(f"this {self.method} has already pruned the model; a state saved before pruning "
@@ -291,7 +313,10 @@ def check_in_optimizer(optimizer: torch.optim.Optimizer, params: Iterable[Tuple[
     params = list(params)
     sharded = [name for name, p in params if is_dtensor(p)]
     if sharded:
-        raise ValueError(f"parameter {sharded[0]} is sharded (DTensor); the pruning schedules work on plain tensors")
+        raise ValueError(f"parameter {sharded[0]} is sharded (DTensor, e.g. by FSDP2's fully_shard); the pruning "
+                         "schedules need whole parameters on every rank: regularize and prune under "
+                         "DistributedDataParallel (or in one process), then fully_shard the pruned model and "
+                         "fine-tune it with a new regkern optimizer")
     owned = optimizer_params(optimizer)
     missing = [name for name, p in params if p not in owned]
     if missing:
@@ -321,7 +346,11 @@ def state_vector(optimizer: torch.optim.Optimizer, p: Tensor, key: str, shape: T
 def apply_mask(optimizer: torch.optim.Optimizer, p: Tensor, keep: Tensor) -> None:
     """Put ``keep`` (bool, ``[R]`` or W-shaped) into ``state[p]["mask"]`` (and-ed
     with a mask already there) and zero the masked weights and their momentum
-    now: the fused step keeps them exact zeros from then on."""
+    now: the fused step keeps them exact zeros from then on. In a
+    data-parallel ``prune()`` the ranks check first that their masks agree."""
+    from regkern.distributed import agree_here
+
+    agree_here("masks", keep)
     st = optimizer.state[p]
     old = st.get("mask")
     if old is not None and old.shape == keep.shape:
