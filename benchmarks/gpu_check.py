@@ -1,6 +1,6 @@
 """The GPU check of regkern's Triton path, one script for a machine with a CUDA GPU.
 
-    python benchmarks/gpu_check.py [--quick] > benchmarks/results/<gpu>-<date>-gpu-check.txt
+    python benchmarks/gpu_check.py [--quick]      # raw output: benchmarks/results/<gpu>-<date>-gpu-check.txt
 
 Sections, each printed with its outcome (a failure is printed and the next
 section runs):
@@ -13,9 +13,12 @@ section runs):
    any host synchronisation raises.
 3. ``graph``: one step captured in a CUDA graph and replayed against the same
    steps taken eagerly from the same start; parameters and state must be equal.
-4. ``bench``: ``python -m regkern bench`` on the GPU (RowL2 and Adam tables;
-   ratios against torch's foreach and fused optimizers, torch.compile and the
-   memory floor measured in the same run).
+4. ``bench``: ``python -m regkern bench`` on the GPU: the RowL2 table on every
+   shape set, every other regularizer on ResNet-50 and ViT-B/16 shapes, and the
+   Adam/AdamW table; ratios against the loops users write, torch's foreach and
+   fused optimizers, torch.compile and the memory floors (the device's copy
+   bandwidth measured in the same run). Aimed at under 8 minutes on one
+   H100/H200 with ``--quick``.
 
 ``--quick`` shortens the benchmark. With ``--device cpu`` and
 ``TRITON_INTERPRET=1`` sections 2 and 3 run their step logic on small CPU
@@ -177,8 +180,10 @@ def run_kernel_tests() -> None:
 
 
 def run_bench(device: str, quick: bool) -> None:
-    seconds = ["--seconds", "0.3", "--rounds", "3"] if quick else []
-    for regularizers, shapes in (("rowl2", "resnet50,tensor16m"), ("adam", "resnet50,tensor16m")):
+    seconds = ["--seconds", "0.2", "--rounds", "3"] if quick else ["--seconds", "0.5", "--rounds", "5"]
+    for regularizers, shapes in (("rowl2", "resnet56,resnet50,vit-b,tensor16m,tensor64m"),
+                                 ("prox-l1,group-lasso,l1,polarization,admm,rda,admm-zu,sas-admm", "resnet50,vit-b"),
+                                 ("adam", "resnet50,vit-b,tensor16m")):
         cmd = [sys.executable, "-m", "regkern", "bench", "--device", device, "--regularizers", regularizers,
                "--shapes", shapes, *seconds]
         print("$", " ".join(cmd[1:]), flush=True)
@@ -188,15 +193,38 @@ def run_bench(device: str, quick: bool) -> None:
             raise AssertionError(f"bench exited with {result.returncode}")
 
 
+class _Tee:
+    """Writes to the terminal and to the raw output file alike."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for stream in self.streams:
+            stream.write(text)
+
+    def flush(self):
+        for stream in self.streams:
+            stream.flush()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--quick", action="store_true", help="shorter benchmark rounds")
     parser.add_argument("--sections", default="kernels,no-sync,graph,bench")
+    parser.add_argument("--out", default=None,
+                        help="raw output file (default: benchmarks/results/<device>-<date>-gpu-check.txt)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run with --device cpu (and TRITON_INTERPRET=1) to check the script")
         return 2
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"{slug}-{datetime.date.today():%Y-%m-%d}-gpu-check.txt")
+    sys.stdout = _Tee(sys.stdout, open(out, "w"))
+    print(f"raw output: {out}")
     print(f"regkern GPU check, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"command: {' '.join(sys.argv)}")
     print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else platform.processor() or 'cpu'}; "

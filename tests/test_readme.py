@@ -51,7 +51,7 @@ def test_groups_and_slicing_example_runs():
 
 
 def test_adamw_example_runs():
-    scope = run(block_with("regkern.AdamW"), {})
+    scope = run(block_with("layer = torch.nn.Linear(64, 32)"), {})
     opt, layer = scope["opt"], scope["layer"]
     norms = opt.state[layer.weight]["row_norms"][:, 1]
     assert norms[:8].max() < 0.5 * norms[8:].min()  # the penalized rows shrank at lr * lam per step
@@ -60,6 +60,16 @@ def test_adamw_example_runs():
 
 def test_hugging_face_export_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # it saves to ./llama-pruned
-    scope = run(block_with("save_pruned"), {})
+    scope = run(block_with("export.save_pruned(model, \"llama-pruned\")"), {})
     assert scope["reloaded"].config.num_key_value_heads == 2
     assert scope["reloaded"].config.intermediate_size == 24
+
+
+def test_hugging_face_greg_recipe_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # it saves to ./llama-greg
+    scope = run(block_with("regkern.prune.GReg1(model, opt, batches[0]"), {})
+    attention = scope["model"].model.layers[0].self_attn
+    assert attention.k_proj.out_features == 8 and scope["model"].model.layers[0].mlp.up_proj.out_features == 24
+    reloaded = scope["export"].load_pruned("llama-greg")
+    x = scope["batches"][0]
+    assert torch.equal(reloaded(x).logits, scope["model"](x).logits)

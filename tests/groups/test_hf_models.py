@@ -276,3 +276,23 @@ def test_vit_width_is_cut_through_the_cls_token_concatenation():
     narrow.eval()
     with torch.no_grad():
         torch.testing.assert_close(output(model, x), output(narrow, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_pruned_model_is_saved_and_reloaded(name, tmp_path):
+    """save_pruned then load_pruned gives back the pruned model: the same
+    modules, the same tensors bit for bit, hence the same outputs (compared
+    with a tolerance only because oneDNN may pick another conv algorithm for
+    another model object)."""
+    from regkern import export
+    model, x, ignore = build(name)
+    groups = prunable(name, find_groups(model, x, ignore=ignore))
+    slice_model(model, removals_of(groups))
+    model.eval()
+    export.save_pruned(model, tmp_path / name)
+    reloaded = export.load_pruned(tmp_path / name).eval()
+    assert [repr(m) for m in reloaded.modules()] == [repr(m) for m in model.modules()]
+    saved, loaded = model.state_dict(), reloaded.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved), name
+    with torch.no_grad():
+        torch.testing.assert_close(output(reloaded, x), output(model, x), rtol=1e-6, atol=1e-7, msg=name)
