@@ -19,16 +19,16 @@ Figures (matplotlib, Agg backend):
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from regkern.demo.report import TableFormat  # noqa: E402
 
 KEPT, PRUNED = "#1f77b4", "#d62728"
 
@@ -72,37 +72,8 @@ FOOTNOTE = ("PPL: held-out byte-level perplexity (standard-library files never t
             "batch in eval mode, the fastest of rounds timing every model in turn, on this machine.")
 
 
-def format_table(rows: Sequence[Row], title: str = "") -> str:
-    body = [list(COLUMNS)] + [cells(r) for r in rows]
-    widths = [max(len(line[i]) for line in body) for i in range(len(COLUMNS))]
-    fmt = lambda line: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                 for i, (c, w) in enumerate(zip(line, widths)))
-    rule = "-" * len(fmt(body[0]))
-    lines = ([title] if title else []) + [rule, fmt(body[0]), rule] + [fmt(line) for line in body[1:]] + [rule]
-    notes = [f"  {r.method}: {r.note}" for r in rows if r.note]
-    return "\n".join(lines + [FOOTNOTE] + (["notes:"] + notes if notes else []))
-
-
-def to_markdown(rows: Sequence[Row], title: str = "") -> str:
-    head = "| " + " | ".join(COLUMNS) + " |"
-    align = "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|"
-    lines = ([f"**{title}**", ""] if title else []) + [head, align]
-    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
-    notes = [f"- {r.method}: {r.note}" for r in rows if r.note]
-    return "\n".join(lines + ["", FOOTNOTE] + ([""] + notes if notes else [])) + "\n"
-
-
-def write(rows: Sequence[Row], out_dir: str, title: str = "") -> List[str]:
-    """``results.csv`` and ``results.md`` in ``out_dir``; returns their paths."""
-    csv_path, md_path = os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "results.md")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[fd.name for fd in dataclasses.fields(Row)])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(dataclasses.asdict(r))
-    with open(md_path, "w") as f:
-        f.write(to_markdown(rows, title))
-    return [csv_path, md_path]
+TABLE = TableFormat(Row, COLUMNS, cells, FOOTNOTE, text_columns=1)
+format_table, to_markdown, write = TABLE.text, TABLE.markdown, TABLE.write
 
 
 def _save(fig, path: str) -> str:

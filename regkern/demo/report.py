@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-from typing import List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -96,36 +96,49 @@ FOOTNOTE = ("FLOPs: multiply-adds of conv and linear layers per image. Filter me
             "Sparsity: share of the baseline's conv/linear weights removed or zero.")
 
 
-def format_table(rows: Sequence[Row], title: str = "") -> str:
-    """A fixed-width text table (what the command prints)."""
-    body = [list(COLUMNS)] + [cells(r) for r in rows]
-    widths = [max(len(line[i]) for line in body) for i in range(len(COLUMNS))]
-    fmt = lambda line: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
-                                 for i, (c, w) in enumerate(zip(line, widths)))
-    rule = "-" * len(fmt(body[0]))
-    lines = ([title] if title else []) + [rule, fmt(body[0]), rule] + [fmt(line) for line in body[1:]] + [rule]
-    notes = [f"  {r.method}: {r.note}" for r in rows if r.note]
-    return "\n".join(lines + [FOOTNOTE] + (["notes:"] + notes if notes else []))
+@dataclasses.dataclass(frozen=True)
+class TableFormat:
+    """How a demo prints, writes and saves its table of ``row_type`` rows:
+    the column titles, the cells of a row, the footnote, and how many leading
+    columns are text (aligned left; the others are numbers)."""
+
+    row_type: type
+    columns: Sequence[str]
+    cells: Callable[[Any], List[str]]
+    footnote: str
+    text_columns: int = 1
+
+    def text(self, rows: Sequence[Any], title: str = "") -> str:
+        """A fixed-width text table (what the command prints)."""
+        body = [list(self.columns)] + [self.cells(r) for r in rows]
+        widths = [max(len(line[i]) for line in body) for i in range(len(self.columns))]
+        fmt = lambda line: "  ".join(c.ljust(w) if i < self.text_columns else c.rjust(w)  # noqa: E731
+                                     for i, (c, w) in enumerate(zip(line, widths)))
+        rule = "-" * len(fmt(body[0]))
+        lines = ([title] if title else []) + [rule, fmt(body[0]), rule] + [fmt(line) for line in body[1:]] + [rule]
+        notes = [f"  {r.method}: {r.note}" for r in rows if r.note]
+        return "\n".join(lines + [self.footnote] + (["notes:"] + notes if notes else []))
+
+    def markdown(self, rows: Sequence[Any], title: str = "") -> str:
+        head = "| " + " | ".join(self.columns) + " |"
+        align = "|" + "|".join(":---" if i < self.text_columns else "---:" for i in range(len(self.columns))) + "|"
+        lines = ([f"**{title}**", ""] if title else []) + [head, align]
+        lines += ["| " + " | ".join(self.cells(r)) + " |" for r in rows]
+        notes = [f"- {r.method}: {r.note}" for r in rows if r.note]
+        return "\n".join(lines + ["", self.footnote] + ([""] + notes if notes else [])) + "\n"
+
+    def write(self, rows: Sequence[Any], out_dir: str, title: str = "") -> List[str]:
+        """``results.csv`` (exact numbers) and ``results.md`` in ``out_dir``; returns their paths."""
+        csv_path, md_path = os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "results.md")
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=[fd.name for fd in dataclasses.fields(self.row_type)])
+            writer.writeheader()
+            for r in rows:
+                writer.writerow(dataclasses.asdict(r))
+        with open(md_path, "w") as f:
+            f.write(self.markdown(rows, title))
+        return [csv_path, md_path]
 
 
-def to_markdown(rows: Sequence[Row], title: str = "") -> str:
-    head = "| " + " | ".join(COLUMNS) + " |"
-    align = "|" + "|".join(":---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|"
-    lines = ([f"**{title}**", ""] if title else []) + [head, align]
-    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
-    notes = [f"- {r.method}: {r.note}" for r in rows if r.note]
-    return "\n".join(lines + ["", FOOTNOTE] + ([""] + notes if notes else [])) + "\n"
-
-
-def write(rows: Sequence[Row], out_dir: str, title: str = "") -> List[str]:
-    """``results.csv`` (exact numbers) and ``results.md`` in ``out_dir``; returns their paths."""
-    csv_path, md_path = os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "results.md")
-    fields = [f.name for f in dataclasses.fields(Row)]
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(dataclasses.asdict(r))
-    with open(md_path, "w") as f:
-        f.write(to_markdown(rows, title))
-    return [csv_path, md_path]
+TABLE = TableFormat(Row, COLUMNS, cells, FOOTNOTE, text_columns=2)
+format_table, to_markdown, write = TABLE.text, TABLE.markdown, TABLE.write
