@@ -181,8 +181,9 @@ class TritonBackend(Backend):
         run = getattr(load_triton(family), kernel or f"{family}_step")
         if self.device.type == "cuda":
             stream = torch.cuda.current_stream(self.device)
-            if launch.stream is not None and launch.stream != stream:
-                # the last launch, on another stream, may still read the device table: no overwrite before it ends
+            if launch.stream is not None and launch.stream != stream and not torch.cuda.is_current_stream_capturing():
+                # the last launch, on another stream, may still read the device table: no overwrite before it
+                # ends (a captured step rewrites no table, see device_table, and may not wait on outside work)
                 stream.wait_stream(launch.stream)
             launch.stream = stream
         table = self.device_table(launch)
