@@ -82,7 +82,8 @@ class FusedOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", None)
         self.__dict__.setdefault("_warned", set())
-        self.state = TrackedState(self.state)  # load_state_dict hands back a plain dict
+        # load_state_dict hands back a plain dict; loaded state counts as a step's
+        self.state = TrackedState(self.state, stepped=len(self.state) > 0)
         self._plans = {}
         for group in self.param_groups:
             for key, value in self.legacy_options.items():
@@ -108,6 +109,7 @@ class FusedOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
                     return loss  # an overflow step: parameters and state stay as they are
                 found_inf = None
             self._apply(prepared, grad_scale, found_inf)
+            self.state.stepped = True
             return loss
 
     def _kernels_skip(self, prepared: List[Any]) -> bool:

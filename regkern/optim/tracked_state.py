@@ -61,13 +61,24 @@ class ParamState(dict):
 
 
 class TrackedState(dict):
-    """``optimizer.state``: parameter -> ParamState, created on first access."""
+    """``optimizer.state``: parameter -> ParamState, created on first access.
 
-    def __init__(self, items: Iterable = (), clock: Clock = None) -> None:
+    Its truth value is torch's "has a step made state yet": False until a
+    step was taken (``stepped``), though regularizers create their entries
+    (``lam``, masks) at construction. torch.distributed.checkpoint relies on
+    it: on a fresh optimizer it takes one step at lr 0 on zero gradients to
+    make the state a checkpoint is loaded into (momentum buffers, moments).
+    """
+
+    def __init__(self, items: Iterable = (), clock: Clock = None, stepped: bool = False) -> None:
         super().__init__()
         self.clock = clock if clock is not None else Clock()
+        self.stepped = stepped
         for key, value in dict(items).items():
             self[key] = value
+
+    def __bool__(self) -> bool:
+        return self.stepped and len(self) > 0
 
     def _wrap(self, value: Any) -> Any:
         """A parameter's dict becomes a ParamState; any other value (torch's
