@@ -237,35 +237,7 @@ def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, schedul
     return state
 
 
-def template_step(optimizer: torch.optim.Optimizer) -> None:
-    """Create the state entries an optimizer's step creates (momentum, Adam's
-    moments and step count, RDA and SAS-ADMM accumulators), as torch's
-    distributed checkpoint does for an optimizer without state: one step on
-    zero gradients at learning rate 0. Parameters, gradients and learning
-    rates are put back bit for bit; the new entries are placeholders for a
-    checkpoint to overwrite."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    data = [p.detach().clone() for p in params]
-    grads = [p.grad for p in params]
-    lrs = [g.get("lr") for g in optimizer.param_groups]
-    try:
-        for g in optimizer.param_groups:
-            if "lr" in g:
-                g["lr"] = torch.tensor(0.0) if isinstance(g["lr"], Tensor) else 0.0
-        for p in params:
-            p.grad = torch.zeros_like(p) if p.requires_grad else None
-        optimizer.step()
-    finally:
-        with torch.no_grad():
-            for p, d, grad in zip(params, data, grads):
-                p.copy_(d)
-                p.grad = grad
-        for g, lr in zip(optimizer.param_groups, lrs):
-            if lr is not None:
-                g["lr"] = lr
-
-
-def _placeholder(meta, param: Tensor):
+def _load_target(meta, param: Tensor):
     """An empty tensor a checkpoint entry described by ``meta`` loads into:
     sharded like the parameter's rows when the parameter is a DTensor."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -301,9 +273,9 @@ def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, checkpoi
     saved without one (or the reverse) before anything is read, optimizer
     state of a parameter this model lacks before the model and optimizer
     are loaded (build fresh objects as when it was saved, and load again).
-    The optimizer's step-created entries come from :func:`template_step`,
-    as torch's distributed checkpoint makes them for an optimizer without
-    state."""
+    The optimizer's step-created entries come from torch's own template
+    step (lr 0, zero gradients), which ``get_state_dict`` takes for an
+    optimizer that has not stepped yet (``regkern.optim.tracked_state``)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint._nested_dict import flatten_state_dict
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -322,17 +294,16 @@ def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, checkpoi
         dcp.load(blob, storage_reader=reader)
         schedule.load_state_dict(torch.load(io.BytesIO(blob["schedule"]), weights_only=True))
     plain = unwrap(model)
-    template_step(optimizer)
     model_sd, optim_sd = get_state_dict(plain, optimizer, options=options)
     flat, _ = flatten_state_dict({"optim": {"state": optim_sd["state"]}})
     params = dict(plain.named_parameters())
     for key in sorted(k for k in saved if k.startswith("optim.state.") and k not in flat):
-        # entries a schedule or a cut wrote (lam, masks, ADMM targets): a placeholder to load into
+        # entries a schedule or a cut wrote (lam, masks, ADMM targets): an empty tensor to load into
         fqn, name = key[len("optim.state."):].rsplit(".", 1)
         if fqn not in params:
             raise ValueError(f"the checkpoint holds optimizer state {key!r} of a parameter this model does not have; "
                              "build the model, optimizer and schedule as when the checkpoint was saved")
-        optim_sd["state"].setdefault(fqn, {})[name] = _placeholder(meta[key], params[fqn])
+        optim_sd["state"].setdefault(fqn, {})[name] = _load_target(meta[key], params[fqn])
     # entries a step creates but the checkpoint lacks (saved before any step) stay absent, as saved
     for fqn, entries in optim_sd["state"].items():
         for key in [k for k in entries if f"optim.state.{fqn}.{k}" not in saved]:
