@@ -28,9 +28,9 @@ matplotlib.use("Agg")  # before pyplot: files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from regkern.demo.plots import norm_separation, save  # noqa: E402
 from regkern.demo.report import TableFormat  # noqa: E402
 
-KEPT, PRUNED = "#1f77b4", "#d62728"
 
 
 @dataclasses.dataclass
@@ -76,13 +76,6 @@ TABLE = TableFormat(Row, COLUMNS, cells, FOOTNOTE, text_columns=1)
 format_table, to_markdown, write = TABLE.text, TABLE.markdown, TABLE.write
 
 
-def _save(fig, path: str) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def perplexity_curves(baseline: List[Tuple[int, float]], methods: Dict[str, dict], path: str) -> str:
     """``methods[label]``: ``curve`` [(step, ppl)], ``cut`` (the step of the cut)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -103,7 +96,7 @@ def perplexity_curves(baseline: List[Tuple[int, float]], methods: Dict[str, dict
     right.set_ylabel("held-out perplexity")
     right.set_title("Pruning runs: regularization, cut, fine-tuning")
     right.legend(fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def unit_norms(traces: Dict[str, dict], path: str) -> str:
@@ -112,26 +105,12 @@ def unit_norms(traces: Dict[str, dict], path: str) -> str:
     kinds = (("heads", "kv head groups"), ("neurons", "MLP neurons"))
     fig, axes = plt.subplots(len(kinds), len(traces), figsize=(5.5 * len(traces), 7.5), squeeze=False)
     for col, (label, tr) in enumerate(traces.items()):
-        iters = np.asarray(tr["iters"])
         for row, (kind, what) in enumerate(kinds):
-            ax, t = axes[row][col], tr[kind]
-            norms = np.asarray(t["norms"], dtype=np.float64)
-            relative = norms / np.maximum(norms.max(axis=1, keepdims=True), 1e-30)
+            t = tr[kind]
             pruned = np.asarray(t["pruned"], dtype=bool)
-            for u in np.argsort(pruned, kind="stable"):  # red lines drawn on top
-                ax.plot(iters, relative[:, u], color=PRUNED if pruned[u] else KEPT,
-                        lw=1.5 if kind == "heads" else 0.6, alpha=0.8)
-            ax.set_ylim(0, 1.05)
-            ax.set_xlabel("step of the penalty phase")
-            ax.set_ylabel("unit L2 norm / max")
-            ax.set_title(f"{label}: block {tr['block']} {what} ({int(pruned.sum())} of {len(pruned)} pruned)",
-                         fontsize=9)
-            ax.plot([], [], color=PRUNED, label="pruned")
-            ax.plot([], [], color=KEPT, label="kept")
-            twin = ax.twinx()
-            twin.plot(iters, t["lam"], color="k", ls="--", lw=1.2, label="penalty $\\lambda$ (max)")
-            twin.set_ylabel("penalty $\\lambda$")
-            lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-            ax.legend(lines, [ln.get_label() for ln in lines], loc="center right", fontsize=8)
+            norm_separation(axes[row][col], tr["iters"], t["norms"], pruned, t["lam"], "step of the penalty phase",
+                            "unit L2 norm / max",
+                            f"{label}: block {tr['block']} {what} ({int(pruned.sum())} of {len(pruned)} pruned)",
+                            lw=1.5 if kind == "heads" else 0.6, title_size=9)
     fig.suptitle("Unit-norm separation as GReg's penalty grows (AdamW, decoupled penalty)")
-    return _save(fig, path)
+    return save(fig, path)

@@ -29,24 +29,33 @@ def filter_norms(traces: Dict[str, dict], layer: str, path: str) -> str:
     ``pruned`` bool [R], ``lam`` [T] (largest penalty in the layer)."""
     fig, axes = plt.subplots(1, len(traces), figsize=(5.5 * len(traces), 4), squeeze=False)
     for ax, (method, tr) in zip(axes[0], traces.items()):
-        iters, norms = np.asarray(tr["iters"]), np.asarray(tr["norms"], dtype=np.float64)
-        relative = norms / np.maximum(norms.max(axis=1, keepdims=True), 1e-30)
         pruned = np.asarray(tr["pruned"], dtype=bool)
-        for r in np.argsort(pruned, kind="stable"):  # red lines drawn on top
-            ax.plot(iters, relative[:, r], color=PRUNED if pruned[r] else KEPT, lw=0.8, alpha=0.8)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("filter L1 norm / max")
-        ax.set_ylim(0, 1.05)
-        ax.set_title(f"{method}: {layer} ({int(pruned.sum())} pruned of {len(pruned)})")
-        ax.plot([], [], color=PRUNED, label="pruned")
-        ax.plot([], [], color=KEPT, label="kept")
-        twin = ax.twinx()
-        twin.plot(iters, tr["lam"], color="k", ls="--", lw=1.2, label="penalty $\\lambda$ (max)")
-        twin.set_ylabel("penalty $\\lambda$")
-        lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-        ax.legend(lines, [ln.get_label() for ln in lines], loc="center right", fontsize=8)
+        norm_separation(ax, tr["iters"], tr["norms"], pruned, tr["lam"], "iteration", "filter L1 norm / max",
+                        f"{method}: {layer} ({int(pruned.sum())} pruned of {len(pruned)})")
     fig.suptitle("Filter-norm separation as the L2 penalty grows (GReg, Fig. 1)")
-    return _save(fig, path)
+    return save(fig, path)
+
+
+def norm_separation(ax, iters, norms, pruned, lam, xlabel: str, ylabel: str, title: str, lw: float = 0.8,
+                    title_size: Optional[float] = None) -> None:
+    """One panel of GReg's Figure 1: each unit's norm divided by the largest
+    at that iteration (``norms`` [T, U]), ``pruned`` units red on top of the
+    kept blue ones, and the penalty ``lam`` [T] on a second axis."""
+    iters, norms = np.asarray(iters), np.asarray(norms, dtype=np.float64)
+    relative = norms / np.maximum(norms.max(axis=1, keepdims=True), 1e-30)
+    for u in np.argsort(pruned, kind="stable"):  # red lines drawn on top
+        ax.plot(iters, relative[:, u], color=PRUNED if pruned[u] else KEPT, lw=lw, alpha=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title, fontsize=title_size)
+    ax.plot([], [], color=PRUNED, label="pruned")
+    ax.plot([], [], color=KEPT, label="kept")
+    twin = ax.twinx()
+    twin.plot(iters, lam, color="k", ls="--", lw=1.2, label="penalty $\\lambda$ (max)")
+    twin.set_ylabel("penalty $\\lambda$")
+    lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="center right", fontsize=8)
 
 
 def bn_histograms(scales: Dict[str, dict], path: str, bins: int = 50) -> str:
@@ -64,7 +73,7 @@ def bn_histograms(scales: Dict[str, dict], path: str, bins: int = 50) -> str:
         ax.set_title(method)
         ax.legend(fontsize=8)
     fig.suptitle("BatchNorm scales after sparsity training: L1 vs polarization")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def sparsity_curves(curves: Dict[str, dict], path: str) -> str:
@@ -82,10 +91,10 @@ def sparsity_curves(curves: Dict[str, dict], path: str) -> str:
     ax.set_ylim(-2, 102)
     ax.set_title("Weight sparsity over training: RDA vs SGD + L1 subgradient")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
-def _save(fig, path: str) -> str:
+def save(fig, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

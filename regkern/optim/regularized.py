@@ -82,7 +82,9 @@ class RegularizedOptimizer(FusedOptimizer):
         the step was taken: ``norm_current`` then keeps, on the device,
         whether the norms describe the weights (the step was taken, or they
         did before it), for ``current_row_norms`` to read when asked."""
-        described = cached.norm_params and cached.norm_versions == list(map(VERSION, cached.norm_params))
+        # only a step the host may not know was taken reads the versions before it (rarely: norms and AMP on GPU)
+        described = (found_inf is not None and cached.norm_params
+                     and cached.norm_versions == list(map(VERSION, cached.norm_params)))
         cached.mark_written(cached.fast_params)
         if not cached.norm_params:
             return
