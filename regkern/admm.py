@@ -36,7 +36,7 @@ from torch import Tensor
 from regkern.backends.admm import admm_zu_step, check_zu
 from regkern.reference.admm import keep_mask, kept_count, magnitude_scores, row_scores
 from regkern.reference.sgd import num_rows
-from regkern.sharding import is_dtensor, local_tensor
+from regkern.sharding import is_dtensor, local_tensor, whole, write_whole
 
 __all__ = ["project", "admm_update", "admm_update_all", "update", "soft_threshold_", "kept_count"]
 
@@ -141,12 +141,33 @@ def admm_update_all(params: Sequence[Tensor], zs: Sequence[Tensor], us: Sequence
     params = [p.detach() if isinstance(p, Tensor) else p for p in params]
     count = len(params)
     targets = list(targets) if targets is not None else [None] * count
-    check_zu(params, list(zs), list(us), targets)
+    check_zu(*([local_tensor(t) for t in ts] for ts in (params, zs, us, targets)))  # shards: as the kernels see them
     opts = [_per_tensor(v, params, name) for v, name in
             ((k, "k"), (ratio, "ratio"), (rows, "rows"), (prox, "prox"), (lam, "lam"), (rho, "rho"))]
     where = (lambda i: "") if count == 1 else (lambda i: f"tensor {i}: ")
     keeps, by_rows, taus = _modes(params, *opts, where)
-    admm_zu_step(params, list(zs), list(us), targets, keep=keeps, rows=by_rows, tau=taus, backend=backend)
+    _zu_step(params, list(zs), list(us), targets, keep=keeps, rows=by_rows, tau=taus, backend=backend)
+
+
+def _zu_step(params, zs, us, targets, *, keep, **options) -> None:
+    """``admm_zu_step`` over tensors that may be sharded (DTensors). An
+    element-wise step runs on the local shards; a top-k projection needs
+    whole tensors, so then every tensor is gathered (a collective: call it
+    on every rank), stepped whole, and each rank keeps its shard of Z, U and
+    the target."""
+    if not any(is_dtensor(t) for t in params):
+        admm_zu_step(params, zs, us, targets, keep=keep, **options)
+        return
+    if all(k is None for k in keep):
+        admm_zu_step(*([local_tensor(t) for t in ts] for ts in (params, zs, us, targets)), keep=keep, **options)
+        return
+    state = [zs, us, targets]
+    gathered = [[whole(t) for t in ts] for ts in state]
+    admm_zu_step([whole(p) for p in params], *gathered, keep=keep, **options)
+    for ts, values in zip(state, gathered):
+        for t, value in zip(ts, values):
+            if is_dtensor(t):
+                write_whole(t, value)
 
 
 @torch.no_grad()
@@ -207,13 +228,6 @@ def update(optimizer: torch.optim.Optimizer, *, k=None, ratio=None, rows=False, 
     else:
         rhos = _per_tensor(rho, params, "rho", keyed=params)
     keeps, by_rows, taus = _modes(params, *opts, rhos, lambda i: f"ADMM parameter {i}: ")
-    for i, (p, keep) in enumerate(zip(params, keeps)):
-        if keep is not None and is_dtensor(p):
-            raise ValueError(f"ADMM parameter {i} is sharded (DTensor): a top-k projection needs the whole tensor; "
-                             "use prox='l1' (element-wise) or project the full parameters")
-    local = [local_tensor(p).detach() for p in params]
-    admm_zu_step(local, [local_tensor(st["admm_z"]) for _, st, _ in found],
-                 [local_tensor(st["admm_u"]) for _, st, _ in found],
-                 [local_tensor(st.get("admm_target")) for _, st, _ in found],
-                 keep=keeps, rows=by_rows, tau=taus,
-                 backend=backend if backend is not None else getattr(optimizer, "backend", None))
+    _zu_step([p.detach() for p in params], [st["admm_z"] for _, st, _ in found], [st["admm_u"] for _, st, _ in found],
+             [st.get("admm_target") for _, st, _ in found], keep=keeps, rows=by_rows, tau=taus,
+             backend=backend if backend is not None else getattr(optimizer, "backend", None))

@@ -33,6 +33,7 @@ from torch import nn
 from regkern.group import Group, Member, named_tensors
 from regkern.groups import group_scores
 from regkern.slicing import kept_indices, slice_model
+from regkern.sharding import user_class
 
 LAYERS_FILE = "regkern_layers.json"
 LAYERS_FORMAT = "regkern-layers"
@@ -509,7 +510,7 @@ def make_plan(model: nn.Module, removals: Removals, previous: Optional[Dict[str,
     shapes = _tensor_shapes(model)
     tensors = {name: {"shape": list(shapes[name]), "kept": {str(d): k.tolist() for d, k in dims.items()}}
                for name, dims in kept.items()}
-    plan = {"format": PLAN_FORMAT, "version": FORMAT_VERSION, "model_class": type(model).__name__,
+    plan = {"format": PLAN_FORMAT, "version": FORMAT_VERSION, "model_class": user_class(model).__name__,
             "tensors": tensors, "attributes": dict(attributes)}
     if previous is None:
         return plan
@@ -563,8 +564,8 @@ def apply_plan(model: nn.Module, plan: Union[Dict[str, Any], str, os.PathLike],
         where = os.fspath(plan)
         plan = _read_json(where, "pruning plan", PLAN_FORMAT)
     _check_plan(plan, where)
-    if plan["model_class"] != type(model).__name__:
-        raise ValueError(f"{where} was made for a {plan['model_class']}, not a {type(model).__name__}; apply it to "
+    if plan["model_class"] != user_class(model).__name__:
+        raise ValueError(f"{where} was made for a {plan['model_class']}, not a {user_class(model).__name__}; apply it to "
                          f"the model it was made on")
     tensors = named_tensors(model)
     parameters = dict(model.named_parameters())

@@ -28,7 +28,7 @@ from regkern.attention import AttentionFinder, as_specs, claimed_modules, discov
 from regkern.group import (Group, Member, canonical_names, check_group, is_conv1d, named_tensors,  # noqa: F401
                            param_index)
 from regkern.model_calls import modes_kept
-from regkern.sharding import is_dtensor
+from regkern.sharding import edited, is_dtensor, whole
 
 SCORE_KINDS = ("l1", "l2", "mean_abs")
 
@@ -665,9 +665,7 @@ def _check_disjoint(model: nn.Module, groups: Sequence[Group]) -> None:
 
 def _unit_sums(t: Tensor, dim: int, index: Tensor) -> Tuple[Tensor, Tensor, int]:
     """Per unit: sum |W|, sum W^2 (fp64) and the element count of ``t``'s slices."""
-    if is_dtensor(t):
-        t = t.full_tensor()
-    w = t.detach().movedim(dim, 0)
+    w = whole(t).detach().movedim(dim, 0)
     units, width = index.shape
     picked = w.index_select(0, index.reshape(-1).to(w.device)).reshape(units, -1).double()
     return picked.abs().sum(1), picked.square().sum(1), picked.shape[1]
@@ -685,6 +683,8 @@ def _fresh_row_norms(optimizer, param: Tensor) -> Optional[Tensor]:
     ``param`` still holds the weights that step wrote; else None (score W)."""
     current = getattr(optimizer, "current_row_norms", None)
     norms = current(param) if current is not None else None
+    # sharded norms: whether they are current is known per rank, and a gather
+    # taken on one rank only would hang, so sharded parameters score W
     if norms is None or is_dtensor(norms) or param.dim() == 0 or tuple(norms.shape) != (param.shape[0], 3):
         return None
     return norms
@@ -786,19 +786,18 @@ def set_group_lambda(optimizer: torch.optim.Optimizer, group: Group, values, sco
         if not isinstance(target, Tensor):
             maker = "regkern.RowL2()" if key == "lam" else "regkern.RowL2(columns=True)"
             raise ValueError(f"{m.name} has no state[{key!r}] in this optimizer; give its param group the regularizer {maker}")
-        if is_dtensor(target):
-            raise ValueError(f"{m.name}: set_group_lambda does not write sharded (DTensor) state")
         size = p.shape[m.dim]
         if key == "lam" and tuple(target.shape) not in ((size,), tuple(p.shape)):
             raise ValueError(f"{m.name}: state['lam'] of shape {tuple(target.shape)} is neither per row ({size},) nor per element {tuple(p.shape)}")
         if key == "lam_cols" and tuple(target.shape) != (size,):
             raise ValueError(f"{m.name}: state['lam_cols'] of shape {tuple(target.shape)} must be ({size},)")
         writes.append((target, m.index))
-    for target, index in writes:  # everything checked: now write
-        rows = index.to(target.device)
-        per_row = v.to(target.device, target.dtype)[:, None].expand(rows.shape)
-        if target.dim() == 1:
-            target[rows.reshape(-1)] = per_row.reshape(-1)
-        else:
-            shape = (-1,) + (1,) * (target.dim() - 1)
-            target[rows.reshape(-1)] = per_row.reshape(shape).expand((rows.numel(),) + tuple(target.shape[1:])).to(target.dtype)
+    for state, index in writes:  # everything checked: now write (sharded state: by global row)
+        with edited(state) as target:
+            rows = index.to(target.device)
+            per_row = v.to(target.device, target.dtype)[:, None].expand(rows.shape)
+            if target.dim() == 1:
+                target[rows.reshape(-1)] = per_row.reshape(-1)
+            else:
+                shape = (-1,) + (1,) * (target.dim() - 1)
+                target[rows.reshape(-1)] = per_row.reshape(shape).expand((rows.numel(),) + tuple(target.shape[1:])).to(target.dtype)

@@ -21,13 +21,25 @@ def call_model(model: nn.Module, example_inputs: Any) -> Any:
 
 @contextlib.contextmanager
 def modes_kept(model: nn.Module) -> Iterator[None]:
-    """Restore every module's train/eval flag on exit (whatever ran inside)."""
+    """Restore every module's train/eval flag on exit (whatever ran inside),
+    and shard FSDP2 modules again: a forward gathers their parameters, and
+    the root keeps them gathered for a backward that will not come."""
     modes = [(m, m.training) for m in model.modules()]
     try:
         yield
     finally:
         for m, training in modes:
             m.training = training
+        for m in _fsdp_modules(model):
+            m.reshard()
+
+
+def _fsdp_modules(model: nn.Module):
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
 def run_in_eval(model: nn.Module, example_inputs: Any) -> Any:

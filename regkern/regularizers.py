@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from regkern.reference.sgd import PROX_GROUP, PROX_L1
-from regkern.sharding import is_dtensor, local_tensor, row_state
+from regkern.sharding import is_dtensor, local_tensor, row_state, sum_over_shards, whole
 from regkern.terms import STATE_BY_KEY
 
 
@@ -318,19 +318,28 @@ class Polarization(Regularizer):
         if not params:
             return
         polar = states[0]["polar"]
+        sharded = any(map(is_dtensor, params))
         with torch.no_grad():
-            tensors = [local_tensor(p) for p in params] if any(map(is_dtensor, params)) else params
+            tensors = [local_tensor(p) for p in params] if sharded else params
             if not all(t.dim() == 1 for t in tensors):
                 tensors = [t.reshape(-1) for t in tensors]
             values = torch.cat(tensors)
             if values.dtype != torch.float32:
                 values = values.float()
-            m = values.mean()
-            torch.stack([m, values.sub_(m).sign_().mean()], out=polar[2:])
+            if not sharded:
+                m = values.mean()
+                torch.stack([m, values.sub_(m).sign_().mean()], out=polar[2:])
+                return
+            # sharded scales: the means are over the whole set, summed across the ranks
+            sums = sum_over_shards(torch.stack([values.sum(), values.new_tensor(float(values.numel()))]), params)
+            m = sums[0] / sums[1]
+            signs = sum_over_shards(values.sub_(m).sign_().sum().reshape(1), params)
+            torch.stack([m, signs[0] / sums[1]], out=polar[2:])
 
     def value(self, params: Sequence[Tensor]) -> Tensor:
-        """``R(gamma) = lam * sum(t |gamma| - |gamma - mean(gamma)|)`` over the set."""
-        values = torch.cat([local_tensor(p).detach().reshape(-1) for p in params]).double()
+        """``R(gamma) = lam * sum(t |gamma| - |gamma - mean(gamma)|)`` over the set
+        (sharded scales are gathered: call it on every rank)."""
+        values = torch.cat([whole(p).detach().reshape(-1) for p in params]).double()
         return self.lam * (self.t * values.abs() - (values - values.mean()).abs()).sum()
 
 

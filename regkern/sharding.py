@@ -4,10 +4,17 @@ A DTensor parameter is stepped on its local shard; its per-row state (lambda,
 masks, row norms) is a DTensor too, sharded along rows exactly as the
 parameter's first dimension, so each rank's kernel sees matching local rows
 and users index it with global row numbers.
+
+The schedules decide on whole tensors: :func:`whole` gathers a DTensor (a
+collective: every rank calls it, and every rank then takes the same
+decision from the same values), :func:`write_whole` stores a whole value
+into a DTensor (each rank keeps its own shard, no communication), and
+:func:`edited` joins the two for writes by global index.
 """
 from __future__ import annotations
 
-from typing import Tuple
+import contextlib
+from typing import Iterator, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -38,3 +45,86 @@ def row_state(param: Tensor, trailing: Tuple[int, ...] = (), dtype=torch.float32
     shape = (num_rows(param), *trailing)
     stride = tuple(int(torch.tensor(shape[i + 1:]).prod()) for i in range(len(shape)))
     return DTensor.from_local(value, param.device_mesh, placements, shape=shape, stride=stride)
+
+
+def like_param(param: Tensor, local: Tensor) -> Tensor:
+    """``local`` (shaped like ``param``'s local shard) as a tensor laid out
+    like ``param``: a DTensor with its placements, or ``local`` itself."""
+    if not is_dtensor(param):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+
+
+def whole(t):
+    """``t``'s whole value: a DTensor gathered from every rank (a collective:
+    call it on every rank), any other tensor as it is (None stays None)."""
+    if t is None or not is_dtensor(t):
+        return t
+    return t.detach().full_tensor()
+
+
+def own_shard(like: Tensor, value: Tensor) -> Tensor:
+    """This rank's part of the whole-valued ``value``, laid out as ``like``'s
+    local shard (``value`` itself when ``like`` is not a DTensor; every rank
+    holds the same ``value``: nothing is communicated)."""
+    if not is_dtensor(like):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.detach().to(like.to_local().device), like.device_mesh, like.placements,
+                             src_data_rank=None).to_local()
+
+
+def write_whole(target: Tensor, value: Tensor) -> None:
+    """Copy the whole-valued ``value`` into ``target`` in place; a DTensor
+    ``target`` keeps its own shard of it (:func:`own_shard`)."""
+    local_tensor(target).copy_(own_shard(target, value))
+
+
+@contextlib.contextmanager
+def edited(t: Tensor) -> Iterator[Tensor]:
+    """Edit ``t`` by global indices: yields ``t`` itself, or for a DTensor
+    its whole value (gathered: a collective), written back on exit."""
+    if not is_dtensor(t):
+        yield t
+        return
+    value = whole(t)
+    yield value
+    write_whole(t, value)
+
+
+def sum_over_shards(value: Tensor, params: Sequence[Tensor]) -> Tensor:
+    """``value``, a sum over the local shards of ``params`` (all laid out
+    alike), summed over the ranks that hold other shards (an all-reduce over
+    each mesh dimension they are sharded along; in place, returned). Plain
+    parameters: ``value`` as it is."""
+    sharded = [p for p in params if is_dtensor(p)]
+    if not sharded:
+        return value
+    first = sharded[0]
+    if len(sharded) != len(params) or any(p.device_mesh != first.device_mesh or p.placements != first.placements
+                                          for p in sharded):
+        raise ValueError("the parameters of this set are not all sharded alike (DTensors on one mesh with the same "
+                         "placements); shard them with one fully_shard call or keep them in separate sets")
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+
+    for mesh_dim, placement in enumerate(first.placements):
+        if isinstance(placement, Shard):
+            dist.all_reduce(value, group=first.device_mesh.get_group(mesh_dim))
+    return value
+
+
+def user_class(module) -> type:
+    """The class a user built ``module`` from: FSDP2's ``fully_shard`` swaps
+    in a subclass of it (named ``FSDP<name>``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return type(module)
+    kind = type(module)
+    if isinstance(module, FSDPModule):
+        kind = next(base for base in kind.__bases__ if not issubclass(base, FSDPModule))
+    return kind

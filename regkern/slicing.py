@@ -40,19 +40,28 @@ class LayerCut:
 @dataclasses.dataclass
 class SliceSummary:
     """What ``slice_model`` did: parameter counts and MACs (with
-    ``example_inputs``) before and after, and every sliced parameter dimension."""
+    ``example_inputs``) before and after, and every sliced parameter dimension.
+
+    A sharded (FSDP2) model is cut by masks (:func:`regkern.distributed.mask_cut`):
+    ``masked`` is then True, the counts are those the cut model will have,
+    and ``plan`` is the cut in :func:`regkern.export.make_plan`'s format, for
+    :func:`regkern.export.apply_plan` on a plain copy of the model."""
 
     params_before: int
     params_after: int
     macs_before: Optional[int]
     macs_after: Optional[int]
     layers: List[LayerCut]
+    masked: bool = False
+    plan: Optional[Dict[str, Any]] = dataclasses.field(default=None, repr=False)
 
     def __str__(self) -> str:
         def ratio(after, before):
             return f"{after:,} / {before:,} ({100.0 * after / before:.1f}% kept)" if before else f"{after} / {before}"
 
         lines = [f"params: {ratio(self.params_after, self.params_before)}"]
+        if self.masked:
+            lines[0] += "  (masked in the sharded model; regkern.export.apply_plan(copy, plan) cuts a plain copy)"
         if self.macs_before is not None:
             lines.append(f"MACs:   {ratio(self.macs_after, self.macs_before)}")
         width = max([len(c.name) for c in self.layers] + [9])
@@ -346,7 +355,9 @@ def slice_model(model: nn.Module, removals: Removals, optimizer: Optional[torch.
     params = dict(model.named_parameters())
     for name in kept:
         if is_dtensor(tensors[name]):
-            raise ValueError(f"{name} is sharded (DTensor); slice_model slices plain tensors only")
+            raise ValueError(f"{name} is sharded (DTensor); slice_model slices plain tensors only: cut a sharded "
+                             "model with regkern.distributed.mask_cut (a schedule's prune() does) and apply its plan "
+                             "to a plain copy with regkern.export.apply_plan")
     new_shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     new_shapes.update({name: _new_shape(tensors[name].shape, kept[first])
                        for name, first in canonical_names(model).items() if first in kept})

@@ -21,6 +21,7 @@ from regkern.prune.base import (PruneSummary, Schedule, check_in_optimizer, drop
 from regkern.prune.greg import _check_int, _check_pos
 from regkern.prune.ratios import RatioSpec, layer_ratios, prunable_layers
 from regkern.prune.sparse import check_mask_optimizer, install_masks
+from regkern.sharding import local_tensor, own_shard, whole, write_whole
 
 
 class ADMMPruner(Schedule):
@@ -125,7 +126,7 @@ class ADMMPruner(Schedule):
 
             for _, p, ratio in self.layers:  # Z = Proj(W), U = 0
                 st = optimizer.state[p]
-                project(p.detach().to(st["admm_z"].dtype), ratio=ratio, rows=self.structured, out=st["admm_z"])
+                write_whole(st["admm_z"], project(whole(p).to(st["admm_z"].dtype), ratio=ratio, rows=self.structured))
                 st["admm_u"].zero_()
                 st["admm_target"].copy_(st["admm_z"])
             self._done = steps == 0
@@ -192,7 +193,7 @@ class ADMMPruner(Schedule):
                 p.copy_(self.optimizer.state[p]["admm_z"])
         keeps = {}
         for name, p, ratio in self.layers:
-            kept = project(p.detach().float(), ratio=ratio, rows=self.structured)
+            kept = project(whole(p).float(), ratio=ratio, rows=self.structured)
             w = kept.reshape(kept.shape[0], -1) if self.structured else kept
             keeps[p] = w.ne(0).any(dim=1) if self.structured else w.ne(0)
         if finetune_optimizer is not None and finetune_optimizer is not self.optimizer:
@@ -201,7 +202,8 @@ class ADMMPruner(Schedule):
 
         if self.sas:
             for p, keep in keeps.items():
-                p.mul_(keep.view((-1,) + (1,) * (p.dim() - 1)) if keep.dim() == 1 and p.dim() > 1 else keep)
+                full = keep.view((-1,) + (1,) * (p.dim() - 1)).expand(p.shape) if keep.dim() == 1 else keep
+                local_tensor(p).mul_(own_shard(p, full))
         else:
             for p, keep in keeps.items():
                 apply_mask(self.optimizer, p, keep)

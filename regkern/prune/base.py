@@ -182,6 +182,9 @@ class Schedule(abc.ABC, metaclass=_Checked):
         self._phase = ""
         self._done = False
         self.pruned = False
+        #: A sharded (FSDP2) model's structured cut, made by masks: the plan
+        #: that cuts a plain copy (regkern.export.apply_plan); None otherwise.
+        self.plan: Optional[Dict[str, Any]] = None
 
     # -- protocol -----------------------------------------------------------
     @property
@@ -213,13 +216,14 @@ class Schedule(abc.ABC, metaclass=_Checked):
         with agreement(distributed_group(self.model)):
             summary = self._prune(**options)
         self.pruned = True
+        self.plan = getattr(summary.slice, "plan", None)
         return summary
 
     # -- checkpointing ------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """Plain data (tensors, numbers, strings, lists, dicts)."""
         return {"method": self.method, "iteration": self.iteration, "phase": self._phase, "done": self._done,
-                "pruned": self.pruned, **self._extra_state()}
+                "pruned": self.pruned, "plan": self.plan, **self._extra_state()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a saved schedule. Load it BEFORE the model and optimizer
@@ -241,6 +245,7 @@ class Schedule(abc.ABC, metaclass=_Checked):
         self.iteration = int(state["iteration"])
         self._phase = str(state["phase"])
         self._done = bool(state["done"])
+        self.plan = state.get("plan")
         self._load_extra(state)
 
     # -- construction checks --------------------------------------------------
@@ -307,16 +312,8 @@ def optimizer_params(optimizer: torch.optim.Optimizer) -> Dict[Tensor, int]:
 
 
 def check_in_optimizer(optimizer: torch.optim.Optimizer, params: Iterable[Tuple[str, Tensor]]) -> None:
-    """Every parameter is held by the optimizer and is a plain (not sharded) tensor."""
-    from regkern.sharding import is_dtensor
-
+    """Every parameter is held by the optimizer."""
     params = list(params)
-    sharded = [name for name, p in params if is_dtensor(p)]
-    if sharded:
-        raise ValueError(f"parameter {sharded[0]} is sharded (DTensor, e.g. by FSDP2's fully_shard); the pruning "
-                         "schedules need whole parameters on every rank: regularize and prune under "
-                         "DistributedDataParallel (or in one process), then fully_shard the pruned model and "
-                         "fine-tune it with a new regkern optimizer")
     owned = optimizer_params(optimizer)
     missing = [name for name, p in params if p not in owned]
     if missing:
@@ -333,10 +330,15 @@ def state_vector(optimizer: torch.optim.Optimizer, p: Tensor, key: str, shape: T
                  fill: float = 0.0) -> Tensor:
     """``optimizer.state[p][key]``, created as an fp32 tensor of ``shape`` filled
     with ``fill`` when missing; an existing entry of another shape is an error."""
+    from regkern.sharding import row_state
+
     st = optimizer.state[p]
     value = st.get(key)
     if value is None:
-        st[key] = value = torch.full(shape, fill, dtype=torch.float32, device=p.device)
+        if not shape or shape[0] != p.shape[0]:
+            raise ValueError(f"state_vector makes per-row state; shape {tuple(shape)} has no row per row of "
+                             f"a parameter of shape {tuple(p.shape)}")
+        st[key] = value = row_state(p, tuple(shape[1:]), fill=fill)
     elif tuple(value.shape) != tuple(shape):
         raise ValueError(f"optimizer state {key!r} of a parameter of shape {tuple(p.shape)} has shape "
                          f"{tuple(value.shape)}, but this schedule needs {tuple(shape)}")
@@ -344,24 +346,37 @@ def state_vector(optimizer: torch.optim.Optimizer, p: Tensor, key: str, shape: T
 
 
 def apply_mask(optimizer: torch.optim.Optimizer, p: Tensor, keep: Tensor) -> None:
-    """Put ``keep`` (bool, ``[R]`` or W-shaped) into ``state[p]["mask"]`` (and-ed
-    with a mask already there) and zero the masked weights and their momentum
-    now: the fused step keeps them exact zeros from then on. In a
-    data-parallel ``prune()`` the ranks check first that their masks agree."""
+    """Put ``keep`` (bool, whole: ``[R]`` or W-shaped) into ``state[p]["mask"]``
+    (and-ed with a mask already there) and zero the masked weights and their
+    momentum now: the fused step keeps them exact zeros from then on. A
+    sharded (DTensor) ``p`` gets a mask sharded like it. In a data-parallel
+    ``prune()`` the ranks check first that their masks agree."""
     from regkern.distributed import agree_here
+    from regkern.sharding import is_dtensor, like_param, local_tensor, row_state, whole, write_whole
 
     agree_here("masks", keep)
     st = optimizer.state[p]
-    old = st.get("mask")
-    if old is not None and old.shape == keep.shape:
-        keep = keep & old.to(keep.device)
-    st["mask"] = keep
-    full = keep.view((-1,) + (1,) * (p.dim() - 1)) if keep.dim() == 1 and p.dim() > 1 else keep
+    old = whole(st.get("mask"))
+    if old is not None:
+        old = old.to(keep.device)
+        if old.shape != keep.shape:  # a row mask and an element mask: their join is per element
+            rows = (-1,) + (1,) * (p.dim() - 1)
+            old, keep = (m.view(rows).expand(p.shape) if m.dim() == 1 else m for m in (old, keep))
+        keep = keep & old
+    if is_dtensor(p):
+        mask = row_state(p, dtype=torch.bool) if keep.dim() == 1 and p.dim() > 1 else \
+            like_param(p, torch.empty_like(local_tensor(p), dtype=torch.bool))
+        write_whole(mask, keep)
+    else:
+        mask = keep
+    st["mask"] = mask
+    local, weights = local_tensor(mask), local_tensor(p)
+    full = local.view((-1,) + (1,) * (p.dim() - 1)) if local.dim() == 1 and p.dim() > 1 else local
     with torch.no_grad():
-        p.mul_(full)
+        weights.mul_(full)
         for name in ("momentum_buffer",):
-            buf = st.get(name)
-            if isinstance(buf, Tensor) and buf.shape == p.shape:
+            buf = local_tensor(st.get(name))
+            if isinstance(buf, Tensor) and buf.shape == weights.shape:
                 buf.mul_(full)
 
 
@@ -369,9 +384,16 @@ def cut(model: nn.Module, removals, optimizer, example_inputs):
     """:func:`regkern.slicing.slice_model` after a garbage collection: the
     tracer's graph from ``find_groups`` sits in reference cycles, and a graph
     still alive when shapes change makes the next backward fail (so does a
-    ``loss`` of the last step still referenced by the caller: drop it first)."""
+    ``loss`` of the last step still referenced by the caller: drop it first).
+    A sharded (FSDP2) model is cut by masks instead
+    (:func:`regkern.distributed.mask_cut`)."""
+    from regkern.sharding import is_dtensor
     from regkern.slicing import slice_model
 
+    if any(is_dtensor(p) for p in model.parameters()):
+        from regkern.distributed import mask_cut
+
+        return mask_cut(model, removals, optimizer)
     gc.collect()
     return slice_model(model, removals, optimizer=optimizer, example_inputs=example_inputs)
 

@@ -24,6 +24,7 @@ from regkern.prune.base import (PruneSummary, Schedule, check_in_optimizer, cut,
                                 group_of, groups_restored_on_error, module_of, named_params, optimizer_params,
                                 regularizers_of)
 from regkern.prune.expand import attach_expand, branch_ends
+from regkern.sharding import is_dtensor, row_state, whole
 from regkern.slicing import kept_indices
 from regkern.prune.greg import _check_int, _check_pos, smallest
 from regkern.prune.ratios import _resolve_layers, ignored_layers, prunable_layers, pruned_count
@@ -62,7 +63,7 @@ class _BNUnit:
 
     def gamma(self) -> Tensor:
         """|gamma| per channel (the largest over the group's BatchNorm layers)."""
-        values = torch.stack([p.detach().float().abs().reshape(-1) for _, p in self.scales])
+        values = torch.stack([whole(p).detach().float().abs().reshape(-1) for _, p in self.scales])
         return values.max(dim=0).values
 
 
@@ -72,6 +73,9 @@ def _apply_cut(model: nn.Module, removals: List[Tuple[_BNUnit, Tensor]], optimiz
     BatchNorm of every cut residual branch end its :class:`ChannelExpand`.
     Returns the slice summary with the MACs of the whole model before and
     after (counted here: the model only runs again once the expansions are in)."""
+    if any(is_dtensor(p) for p in model.parameters()):
+        # masks keep every width, so no expansion: a masked channel of the branch end adds zero
+        return cut(model, [(u.group, idx) for u, idx in removals], optimizer, None)
     modules = dict(model.named_modules())
     kept = kept_indices(model, [(u.group, idx) for u, idx in removals])
     widths = {u.expand: int(modules[u.expand].num_features) for u, _ in removals if u.expand}
@@ -233,7 +237,7 @@ class Slimming(_BNPruner):
         for p in self.scale_params():
             st = optimizer.state[p]
             if st.get("l1") is None or st["l1"].shape != (p.shape[0],):
-                st["l1"] = torch.full((p.shape[0],), self.lam, dtype=torch.float32, device=p.device)
+                st["l1"] = row_state(p, fill=self.lam)
             else:
                 st["l1"].fill_(self.lam)
 
@@ -358,6 +362,9 @@ class PolarizationPruner(_BNPruner):
             _check_pos(bn_init, "bn_init", allow_zero=True)
         if target_flops is not None:
             _check_pos(target_flops, "target_flops (the fraction of MACs to remain)")
+            if any(is_dtensor(p) for p in model.parameters()):
+                raise ValueError("target_flops measures cuts on copies of the model, which a sharded (FSDP2) model "
+                                 "cannot give; pass target_flops=None and prune after a fixed number of steps")
             if not target_flops < 1:
                 raise ValueError(f"target_flops is the fraction of the model's MACs that should remain, in (0, 1); "
                                  f"got {target_flops}")
@@ -472,6 +479,10 @@ class PolarizationPruner(_BNPruner):
         if self.pruned:
             raise ValueError("the model is already pruned; remaining_flops measures a cut before it is made "
                              "(the prune() summary's flops_reduction gives the cut that was made)")
+        if any(is_dtensor(p) for p in self.model.parameters()):
+            raise ValueError("remaining_flops (and target_flops) measure a cut on a copy of the model, which a "
+                             "sharded (FSDP2) model cannot give; pass target_flops=None and prune after a fixed "
+                             "number of steps, or search the steps on a plain model")
         pruned, _, _ = self._plan(strict=False)
         clone = copy.deepcopy(self.model)
         removals = [(_BNUnit(u.name, dataclasses.replace(u.group, tensors={}, shapes={}), [], u.expand),

@@ -32,6 +32,8 @@ from torch import Tensor, nn
 
 from regkern.prune.base import (PruneSummary, Schedule, apply_mask, check_in_optimizer, cut, module_of, named_params)
 from regkern.prune.ratios import RatioSpec, ignored_layers, layer_ratios, prunable_layers, pruned_count
+from regkern.regularizers import new_state
+from regkern.sharding import is_dtensor, whole, write_whole
 
 MODES = ("filter", "weight")
 SCOPES = ("producer", "rows", "group")
@@ -140,7 +142,7 @@ class _RowPruner(Schedule):
 
             return group_scores(self.model, [u.group for u in units], kind=kind, scope="producer",
                                 optimizer=self.optimizer)
-        return [u.param.detach().abs().float() for u in units]
+        return [whole(u.param).detach().abs().float() for u in units]
 
     def _pick(self, u: _Unit, scores: Tensor) -> Tensor:
         return smallest(scores, u.n_prune)
@@ -293,7 +295,7 @@ class _GReg(_RowPruner):
             old = self.optimizer.state[p].get(key) if p in self.optimizer.state else None
             if old is None or tuple(old.shape) == shape or tuple(old.shape) in accepted:
                 continue
-            if not (replace and not bool(old.any())):
+            if not (replace and not bool(whole(old).any())):
                 raise ValueError(f"optimizer state {key!r} of a parameter of shape {tuple(p.shape)} has shape "
                                  f"{tuple(old.shape)}{' with non-zero values' if replace else ''}, but {self.method} "
                                  f"in mode {self.mode!r} needs shape {shape}; remove that regularizer from the "
@@ -303,15 +305,16 @@ class _GReg(_RowPruner):
             st = self.optimizer.state[p]
             old = st.get(key)
             if old is None or (tuple(old.shape) != shape and tuple(old.shape) not in accepted):
-                st[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+                layout = {"lam_cols": "column", "row_norms": "row3"}.get(key, "row" if len(shape) == 1 else "element")
+                st[key] = new_state(key, layout, p)  # sharded parameters: sharded like them
             if key != "row_norms" and (id(p), key) not in seen:
                 seen.add((id(p), key))
                 entries.append((p, key))
         for u in self.units:
             if self.mode == "filter":
                 u.lam = torch.zeros(u.total, dtype=torch.float32, device=params[u.group.by_role("producer")[0].name].device)
-            else:
-                u.lam = self.optimizer.state[u.param]["lam"]
+            else:  # the optimizer's tensor, or the whole value of a sharded one (_write_lam stores it)
+                u.lam = whole(self.optimizer.state[u.param]["lam"])
         return entries
 
     # -- timetable ------------------------------------------------------------
@@ -328,7 +331,7 @@ class _GReg(_RowPruner):
         scores = self._scores(active, "mean_abs") if self._needs_scores() else [None] * len(active)
         for u, w_abs in zip(active, scores):
             if self.mode == "weight":  # the optimizer's tensor (a loaded state_dict brings a new one)
-                u.lam = self.optimizer.state[u.param]["lam"]
+                u.lam = whole(self.optimizer.state[u.param]["lam"])
             if self._update_unit(u, w_abs):
                 u.finished = self.iteration
             self._write_lam(u)
@@ -365,7 +368,9 @@ class _GReg(_RowPruner):
             from regkern.groups import set_group_lambda
 
             set_group_lambda(self.optimizer, u.group, u.lam, scope=self.scope)
-        # weight mode: u.lam is the optimizer's own tensor, already written
+        elif is_dtensor(self.optimizer.state[u.param]["lam"]):
+            write_whole(self.optimizer.state[u.param]["lam"], u.lam)
+        # plain weight mode: u.lam is the optimizer's own tensor, already written
 
     def _finetune_setup(self) -> None:
         """Fine-tuning runs without the penalty: zero every lam this schedule wrote."""

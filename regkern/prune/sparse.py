@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from regkern.prune.base import (PruneSummary, Schedule, apply_mask, drop_regularizer, param_names, regularizers_of,
                                 require_reads)
 from regkern.prune.greg import _check_int
+from regkern.sharding import whole
 
 
 def check_mask_optimizer(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> None:
@@ -95,7 +96,7 @@ class SparseTraining(Schedule):
 
     @staticmethod
     def _keep(p: Tensor, rows: bool) -> Tensor:
-        w = p.detach()
+        w = whole(p).detach()
         return w.reshape(w.shape[0], -1).ne(0).any(dim=1) if rows else w.ne(0)
 
     def _prune(self, finetune_optimizer: Optional[torch.optim.Optimizer] = None) -> PruneSummary:

@@ -177,6 +177,28 @@ class BNNet(Net):
 
 
 
+class OddNet(Net):
+    """Net with odd widths: FSDP2 splits their rows unevenly over 2 ranks (4 and 3, 6 and 5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 7, 3, padding=1), nn.ReLU(), nn.Conv2d(7, 11, 3, padding=1), nn.ReLU())
+        self.classifier = nn.Linear(11, 4)
+
+
+def fully_sharded(model, world: int):
+    """``model`` under FSDP2: ``fully_shard`` on every layer with parameters, then on the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.features:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def sgd(model):
     return regkern.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4, backend=BACKEND)
 
@@ -191,7 +213,7 @@ def convs_apart(model, regularizer):
 def build(name, target, model):
     """Optimizer and schedule ``name`` for ``model``; the schedule is handed ``target``
     (the DDP wrapper or the module inside it)."""
-    from regkern.prune import ADMMPruner, GReg1, PolarizationPruner, SparseTraining
+    from regkern.prune import ADMMPruner, GReg1, GReg2, OneShotL1, PolarizationPruner, Slimming, SparseTraining
 
     if name == "greg1":
         opt = sgd(model)
@@ -211,6 +233,22 @@ def build(name, target, model):
     if name == "admm":
         opt = sgd(model)
         return opt, ADMMPruner(target, opt, ratios=0.5, steps=4, K=2, rho=1e-2)
+    if name == "admm_rows":
+        opt = sgd(model)
+        return opt, ADMMPruner(target, opt, ratios=0.5, steps=4, K=2, rho=1e-2, structured=True)
+    if name == "greg2_adamw":
+        opt = regkern.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-2, backend=BACKEND)
+        return opt, GReg2(target, opt, X, ratios=0.5, Ku=1, Ks=2, delta=0.5, delta_pick=0.02, pick_ceiling=0.05,
+                          tau=2.0)
+    if name == "greg1_weight":
+        opt = sgd(model)
+        return opt, GReg1(target, opt, ratios=0.5, mode="weight", Ku=2, Ks=2, delta=0.5, tau=2.0)
+    if name == "slimming":
+        opt = sgd(model)
+        return opt, Slimming(target, opt, X, lam=1e-3, steps=3, percent=0.3)
+    if name == "oneshot":
+        opt = sgd(model)
+        return opt, OneShotL1(target, opt, X, ratios=0.5)
     raise AssertionError(name)
 
 

@@ -1,11 +1,12 @@
 """torch.distributed.checkpoint round trip of a data-parallel pruning run (2
-gloo ranks): model, optimizer (momentum, Adam's moments, lam, masks,
-row_norms, RDA and ADMM state) and schedule, saved mid-regularization and
-after the cut, resume into fresh objects and continue bit for bit."""
+gloo ranks, under DistributedDataParallel and under FSDP2): model, optimizer
+(momentum, Adam's moments, lam, masks, row_norms, RDA and ADMM state) and
+schedule, saved mid-regularization and after the cut, resume into fresh
+objects and continue bit for bit."""
 import pytest
 import torch
 
-from ranks import MAX_STEPS, Net, build, train_step
+from ranks import MAX_STEPS, Net, OddNet, build, fully_sharded, train_step
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():
@@ -14,19 +15,27 @@ if not dist.is_available():
 CASES = ("greg1", "greg1_adam", "rda", "admm")
 
 
-def _fresh(name):
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
+def _fresh(name, wrap, world):
+    """Model, the module the loop calls (a DDP wrapper or the FSDP2 model), optimizer, schedule."""
     torch.manual_seed(0)
-    model = Net()
-    ddp = DDP(model)
-    opt, schedule = build(name, ddp, model)
-    return model, ddp, opt, schedule
+    if wrap == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = Net()
+        target = DDP(model)
+    else:
+        model = target = fully_sharded(OddNet(), world)
+    opt, schedule = build(name, target, model)
+    return model, target, opt, schedule
+
+
+def _local(v):
+    return v.to_local() if hasattr(v, "to_local") else v
 
 
 def _state(model, opt):
-    return {"model": {k: v.clone() for k, v in model.state_dict().items()},
-            "optim": {i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+    return {"model": {k: _local(v).clone() for k, v in model.state_dict().items()},
+            "optim": {i: {k: _local(v).clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
                       for i, s in opt.state_dict()["state"].items()}}
 
 
@@ -38,14 +47,14 @@ def _equal(a, b):
     return a == b
 
 
-def _resume(rank, world, root):
+def _resume(rank, world, root, wrap):
     import torch.distributed.checkpoint as dcp
 
     from regkern.distributed import checkpoint_state, load_checkpoint
 
     out = {}
     for name in CASES:
-        model, ddp, opt, schedule = _fresh(name)
+        model, ddp, opt, schedule = _fresh(name, wrap, world)
         saves, end, i = {}, MAX_STEPS, 0
         while i < end:
             train_step(ddp, opt, schedule, i, rank, world)
@@ -61,7 +70,7 @@ def _resume(rank, world, root):
         final = _state(model, opt)
         keys = {k for s in opt.state.values() for k in s}
         for when, start in saves.items():
-            model2, ddp2, opt2, schedule2 = _fresh(name)
+            model2, ddp2, opt2, schedule2 = _fresh(name, wrap, world)
             load_checkpoint(ddp2, opt2, f"{root}/{name}-{when}", schedule=schedule2)
             j, end2 = start, end
             while j < end2:
@@ -71,20 +80,25 @@ def _resume(rank, world, root):
                     schedule2.prune()
             out[f"{name}-{when}"] = _equal(final, _state(model2, opt2)) and schedule2.pruned
         out[f"{name}-keys"] = sorted(keys)
-    # a checkpoint with schedule state loaded without the schedule: one sentence, nothing read
-    model, ddp, opt, schedule = _fresh("greg1")
-    before = _state(model, opt)
-    with pytest.raises(ValueError, match=r"^this checkpoint holds a pruning schedule's state; pass that schedule$"):
-        load_checkpoint(ddp, opt, f"{root}/greg1-before")
-    out["refused"] = _equal(before, _state(model, opt)) and schedule.iteration == 0
+        out[f"{name}-plan"] = schedule.plan is not None and schedule2.plan == schedule.plan
+    if wrap == "ddp":  # a checkpoint with schedule state loaded without the schedule: one sentence, nothing read
+        model, ddp, opt, schedule = _fresh("greg1", wrap, world)
+        before = _state(model, opt)
+        with pytest.raises(ValueError, match=r"^this checkpoint holds a pruning schedule's state; pass that schedule$"):
+            load_checkpoint(ddp, opt, f"{root}/greg1-before")
+        out["refused"] = _equal(before, _state(model, opt)) and schedule.iteration == 0
     return out
 
 
-def test_dcp_resume_before_and_after_the_cut_continues_bit_for_bit(ranks, tmp_path):
-    for out in ranks.run(_resume, str(tmp_path), timeout=150):
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+def test_dcp_resume_before_and_after_the_cut_continues_bit_for_bit(ranks, tmp_path, wrap):
+    for out in ranks.run(_resume, str(tmp_path), wrap, timeout=150):
         for name in CASES:
             assert out[f"{name}-before"] and out[f"{name}-after"], (name, out)
         assert {"momentum_buffer", "lam", "row_norms"} <= set(out["greg1-keys"]), out["greg1-keys"]
         assert {"exp_avg", "exp_avg_sq", "lam"} <= set(out["greg1_adam-keys"]), out["greg1_adam-keys"]
         assert "mask" in out["rda-keys"] and "mask" in out["admm-keys"], (out["rda-keys"], out["admm-keys"])
-        assert out["refused"]
+        if wrap == "fsdp2":  # the masked cut: masks, and the plan that cuts a plain copy
+            assert "mask" in out["greg1-keys"] and out["greg1-plan"], out
+        else:
+            assert out["refused"]

@@ -1,7 +1,9 @@
-"""The README's DDP recipe runs as pasted, as torchrun would start it: two
-processes with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set, a first
-run that prunes and saves a distributed checkpoint, a second that resumes
-from it and finishes."""
+"""The README's distributed recipes run as pasted, as torchrun would start
+them: two processes with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set.
+DDP: a first run that prunes and saves a distributed checkpoint, a second
+that resumes from it and finishes. FSDP2: a run that prunes the sharded
+model, then cuts a plain copy with the schedule's plan."""
+import re
 import os
 import pathlib
 import subprocess
@@ -53,3 +55,13 @@ def test_ddp_recipe_prunes_saves_and_resumes(tmp_path):
     assert "params" in first.lower()  # rank 0 printed the cut's summary
     assert (checkpoint / ".metadata").exists()
     _check(_launch(script, checkpoint, tmp_path), "resumed")
+
+
+def test_fsdp2_recipe_prunes_and_cuts_a_plain_copy(tmp_path):
+    script = tmp_path / "train_fsdp.py"
+    script.write_text(block_with("torchrun --nproc-per-node 2 train_fsdp.py"))
+    out = _check(_launch(script, tmp_path / "unused", tmp_path), "FSDP2")
+    assert "masked in the sharded model" in out  # rank 0 printed the masked cut's summary
+    shapes, gap = re.search(r"cut model (\[.*\]) max output difference (\S+)", out).groups()
+    assert shapes == "[(8, 3, 3, 3), (8,)]"
+    assert float(gap) < 1e-5
