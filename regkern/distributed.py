@@ -241,7 +241,7 @@ def mask_cut(model: nn.Module, removals, optimizer: torch.optim.Optimizer):
     from regkern.export import make_plan
     from regkern.flops import count_params
     from regkern.prune.base import apply_mask, optimizer_params
-    from regkern.sharding import local_tensor
+    from regkern.sharding import local_tensor, user_class
     from regkern.slicing import LayerCut, SliceSummary, kept_indices
 
     if optimizer is None:
@@ -254,7 +254,7 @@ def mask_cut(model: nn.Module, removals, optimizer: torch.optim.Optimizer):
     for name in kept:
         owner = owners.get(name.rsplit(".", 1)[0] if "." in name else "")
         if isinstance(owner, _MIXING_NORMS):
-            raise ValueError(f"the cut goes through {name} of a {type(owner).__name__}, whose statistics mix "
+            raise ValueError(f"the cut goes through {name} of a {user_class(owner).__name__}, whose statistics mix "
                              "channels, so masks cannot stand for it in a sharded model; prune this model in one "
                              "process or under DistributedDataParallel")
         if name in params and params[name] not in held:

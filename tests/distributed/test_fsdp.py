@@ -7,8 +7,9 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
-from ranks import MAX_STEPS, BNNet, OddNet, build, close_params, fully_sharded, train_step
+from ranks import MAX_STEPS, BNNet, OddNet, X, build, close_params, fully_sharded, sgd, train_step
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():
@@ -81,3 +82,123 @@ def test_every_schedule_under_fsdp2_equals_the_single_process_run(ranks):
         assert a["sharded"] and a["close"] and b["close"] and a["layers"], (name, a)
         assert a["masked"] == (name in CUT), name
         assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"])), name
+
+
+def _raw_dcp(rank, world, root):
+    """torch's own flow, no regkern helper: get_state_dict of fresh objects as
+    the template, dcp.load, set_state_dict; under DDP and FSDP2."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import regkern
+
+    def fresh(wrap, family):
+        torch.manual_seed(0)
+        model = OddNet()
+        target = DDP(model) if wrap == "ddp" else fully_sharded(model, world)
+        reg = regkern.RowL2(track_norms=True)
+        opt = (regkern.SGD(model.parameters(), lr=0.05, momentum=0.9, regularizer=reg, backend="reference")
+               if family == "sgd" else
+               regkern.AdamW(model.parameters(), lr=1e-2, regularizer=reg, backend="reference"))
+        for p in model.parameters():
+            opt.state[p]["lam"].fill_(0.05)
+        return model, target, opt
+
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    out = {}
+    for wrap in ("ddp", "fsdp2"):
+        for family in ("sgd", "adamw"):
+            model, target, opt = fresh(wrap, family)
+            for i in range(3):
+                train_step(target, opt, None, i, rank, world)
+            msd, osd = get_state_dict(model, opt)
+            where = f"{root}/{wrap}-{family}"
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=where)
+            for i in range(3, 6):
+                train_step(target, opt, None, i, rank, world)
+            model2, target2, opt2 = fresh(wrap, family)
+            template_model, template_optim = get_state_dict(model2, opt2)
+            state = {"model": template_model, "optim": template_optim}
+            dcp.load(state, checkpoint_id=where)
+            set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            for i in range(3, 6):
+                train_step(target2, opt2, None, i, rank, world)
+            same = all(torch.equal(local(p), local(q)) for p, q in zip(model.parameters(), model2.parameters()))
+            for p, q in zip(model.parameters(), model2.parameters()):
+                a, b = opt.state[p], opt2.state[q]
+                same = same and a.keys() == b.keys() and all(
+                    torch.equal(local(a[k]), local(b[k])) for k in a if isinstance(a[k], torch.Tensor))
+            out[f"{wrap}-{family}"] = same
+    return out
+
+
+def test_torch_dcp_flow_resumes_bit_for_bit_under_ddp_and_fsdp2(ranks, tmp_path):
+    for out in ranks.run(_raw_dcp, str(tmp_path), timeout=120):
+        assert out == {"ddp-sgd": True, "ddp-adamw": True, "fsdp2-sgd": True, "fsdp2-adamw": True}
+
+
+def _polarization_and_refusals(rank, world):
+    import regkern
+    from regkern.distributed import mask_cut
+    from regkern.groups import find_groups
+    from regkern.prune import PolarizationPruner
+    from regkern.slicing import slice_model
+
+    out = {}
+    # m and s of the polarization set are over all of its scales, not this rank's shard
+    torch.manual_seed(0)
+    plain = BNNet()
+    with torch.no_grad():
+        plain.features[1].weight.uniform_(0, 1)
+        plain.features[4].weight.uniform_(0, 1)
+    model = fully_sharded(copy.deepcopy(plain), world)
+    polar = []
+    for m in (plain, model):
+        scales = [m.features[1].weight, m.features[4].weight]
+        rest = [p for p in m.parameters() if all(p is not s for s in scales)]
+        opt = regkern.SGD([{"params": scales, "regularizer": regkern.Polarization(lam=1e-4)}, {"params": rest}],
+                          lr=0.0, backend="reference")
+        for p in m.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        polar.append(opt.state[scales[0]]["polar"].clone())
+    out["polar"] = torch.allclose(polar[0], polar[1], rtol=1e-6, atol=1e-7) and bool(polar[0][2] != 0)
+
+    # refusals, one sentence each, nothing changed
+    model = fully_sharded(OddNet(), world)
+    opt = regkern.SGD(model.parameters(), lr=0.05, backend="reference")
+    group = next(g for g in find_groups(model, X) if g.units == 7)
+    with pytest.raises(ValueError, match=r"slice_model slices plain tensors only: cut a sharded model with "
+                                         r"regkern\.distributed\.mask_cut"):
+        slice_model(model, {group: [0]}, optimizer=opt)
+    with pytest.raises(ValueError, match=r"^a sharded model is cut by masks held by its optimizer"):
+        mask_cut(model, {group: [0]}, None)
+    out["untouched"] = not any("mask" in opt.state[p] for p in model.parameters() if p in opt.state)
+    summary = mask_cut(model, {group: [0, 3]}, opt)
+    w = model.features[0].weight
+    out["masked"] = (summary.masked and summary.params_after == summary.params_before - 2 * (3 * 9 + 1 + 11 * 9)
+                     and torch.equal(opt.state[w]["mask"].full_tensor(), torch.tensor([0, 1, 1, 0, 1, 1, 1]).bool())
+                     and float(w.detach().full_tensor()[[0, 3]].abs().sum()) == 0.0)
+    gn = fully_sharded(GNNet(), world)
+    gn_opt = regkern.SGD(gn.parameters(), lr=0.05, backend="reference")
+    group = next(g for g in find_groups(gn, X) if g.name == "features.0")  # 4 units of 2 channels
+    with pytest.raises(ValueError, match=r"of a GroupNorm, whose statistics mix channels, so masks cannot stand for it"):
+        mask_cut(gn, {group: [0]}, gn_opt)
+    out["gn untouched"] = not any("mask" in s for s in gn_opt.state.values())
+    with pytest.raises(ValueError, match=r"^target_flops measures cuts on copies of the model"):
+        PolarizationPruner(fully_sharded(BNNet(), world), sgd(BNNet()), X, steps=3, target_flops=0.5)
+    return out
+
+
+class GNNet(BNNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features[1] = nn.GroupNorm(2, 8)
+
+
+def test_polarization_means_span_ranks_and_sharded_cuts_refuse_clearly(ranks):
+    for out in ranks.run(_polarization_and_refusals):
+        assert out == {"polar": True, "untouched": True, "masked": True, "gn untouched": True}
