@@ -314,7 +314,7 @@ def _load_target(meta, param: Tensor):
     sharded like the parameter's rows when the parameter is a DTensor."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from regkern.sharding import is_dtensor, row_state
+    from regkern.sharding import is_dtensor, like_param, row_state
 
     if not isinstance(meta, TensorStorageMetadata):
         return None
@@ -322,10 +322,7 @@ def _load_target(meta, param: Tensor):
     if not is_dtensor(param):
         return torch.empty(shape, dtype=dtype, device=param.device)
     if shape == tuple(param.shape):
-        from torch.distributed.tensor import DTensor
-
-        local = torch.empty(param.to_local().shape, dtype=dtype, device=param.to_local().device)
-        return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+        return like_param(param, torch.empty_like(param.to_local(), dtype=dtype))
     if shape and shape[0] == param.shape[0]:
         return row_state(param, shape[1:], dtype=dtype)
     return torch.empty(shape, dtype=dtype, device=param.to_local().device)

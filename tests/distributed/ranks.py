@@ -177,6 +177,17 @@ class BNNet(Net):
 
 
 
+def skip_without_fsdp2() -> None:
+    """Skip the calling test module when this torch lacks torch.distributed or FSDP2's fully_shard."""
+    import pytest
+
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available", allow_module_level=True)
+    if not hasattr(pytest.importorskip("torch.distributed.fsdp"), "fully_shard"):
+        pytest.skip("this torch has no FSDP2 fully_shard", allow_module_level=True)
+
+
 class OddNet(Net):
     """Net with odd widths: FSDP2 splits their rows unevenly over 2 ranks (4 and 3, 6 and 5)."""
 
@@ -250,6 +261,29 @@ def build(name, target, model):
         opt = sgd(model)
         return opt, OneShotL1(target, opt, X, ratios=0.5)
     raise AssertionError(name)
+
+
+def beside_reference(name, loop, model, ref, rank: int, world: int, given=None):
+    """Schedule ``name`` trained data-parallel (the loop calls ``loop``, which
+    holds ``model``; the schedule is handed ``given``, by default ``loop``)
+    and in one process (on ``ref``) side by side, each on its share of the
+    same global batches, until the cut and 3 steps after it; returns the two
+    schedules and their prune() summaries."""
+    opt, schedule = build(name, loop if given is None else given, model)
+    ref_opt, ref_schedule = build(name, ref, ref)
+    summary = ref_summary = None
+    end = MAX_STEPS
+    for i in range(MAX_STEPS):
+        if i == end:
+            break
+        train_step(loop, opt, schedule, i, rank, world)
+        train_step(ref, ref_opt, ref_schedule, i)
+        if schedule.done and not schedule.pruned:
+            summary = schedule.prune()
+            ref_summary = ref_schedule.prune()
+            end = i + 4
+    assert schedule.pruned, name
+    return schedule, summary, ref_schedule, ref_summary
 
 
 def close_params(a, b, atol: float = 1e-5) -> bool:

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from ranks import MAX_STEPS, BNNet, Net, X, build, close_params, sgd, train_step
+from ranks import BNNet, Net, X, beside_reference, build, close_params, sgd, train_step
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():
@@ -24,20 +24,9 @@ def _run(name, rank, world, give_wrapper):
     model = SCHEDULES[name]().eval()
     ref = copy.deepcopy(model)
     ddp = DDP(model)
-    opt, schedule = build(name, ddp if give_wrapper else model, model)
+    schedule, summary, _, _ = beside_reference(name, ddp, model, ref, rank, world, given=ddp if give_wrapper else model)
     assert schedule.model is model
-    ref_opt, ref_schedule = build(name, ref, ref)
-    cut, end = None, MAX_STEPS
-    for i in range(MAX_STEPS):
-        if i == end:
-            break
-        train_step(ddp, opt, schedule, i, rank, world)
-        train_step(ref, ref_opt, ref_schedule, i)
-        if schedule.done and not schedule.pruned:
-            summary = schedule.prune()
-            ref_schedule.prune()
-            cut, end = summary.slice is not None, i + 4
-    assert schedule.pruned, name
+    cut = summary.slice is not None
     # the same wrapper goes on: its reducer covers the sliced parameters
     assert ddp.module is model
     return {"close": close_params(model, ref), "cut": cut,

@@ -9,14 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from ranks import MAX_STEPS, BNNet, OddNet, X, build, close_params, fully_sharded, sgd, train_step
+from ranks import (BNNet, OddNet, X, beside_reference, close_params, fully_sharded, sgd, skip_without_fsdp2,
+                   train_step)
 
-dist = pytest.importorskip("torch.distributed")
-if not dist.is_available():
-    pytest.skip("torch.distributed is not available", allow_module_level=True)
-fsdp = pytest.importorskip("torch.distributed.fsdp")
-if not hasattr(fsdp, "fully_shard"):
-    pytest.skip("this torch has no FSDP2 fully_shard", allow_module_level=True)
+skip_without_fsdp2()
 
 
 SCHEDULES = {"greg1": OddNet, "polarization": BNNet, "rda": OddNet, "proxl1": OddNet, "admm": OddNet,
@@ -46,19 +42,7 @@ def _run(name, rank, world):
     initial = copy.deepcopy(model)
     ref = copy.deepcopy(model)
     fully_sharded(model, world)
-    opt, schedule = build(name, model, model)
-    ref_opt, ref_schedule = build(name, ref, ref)
-    summary, end = None, MAX_STEPS
-    for i in range(MAX_STEPS):
-        if i == end:
-            break
-        train_step(model, opt, schedule, i, rank, world)
-        train_step(ref, ref_opt, ref_schedule, i)
-        if schedule.done and not schedule.pruned:
-            summary = schedule.prune()
-            ref_summary = ref_schedule.prune()
-            end = i + 4
-    assert schedule.pruned, name
+    schedule, summary, _, ref_summary = beside_reference(name, model, model, ref, rank, world)
     plain = full_copy(model, initial)
     masked = summary.slice is not None and summary.slice.masked
     if masked:

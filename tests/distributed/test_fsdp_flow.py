@@ -4,17 +4,11 @@ pruned model with fully_shard and fine-tune it with a new regkern
 optimizer, equal to the single-process run."""
 import copy
 
-import pytest
 import torch
 
-from ranks import Net, build, close_params, sgd, train_step
+from ranks import Net, build, close_params, sgd, skip_without_fsdp2, train_step
 
-dist = pytest.importorskip("torch.distributed")
-if not dist.is_available():
-    pytest.skip("torch.distributed is not available", allow_module_level=True)
-fsdp = pytest.importorskip("torch.distributed.fsdp")
-if not hasattr(fsdp, "fully_shard"):
-    pytest.skip("this torch has no FSDP2 fully_shard", allow_module_level=True)
+skip_without_fsdp2()
 
 
 def _flow(rank, world):
