@@ -152,20 +152,22 @@ def admm_update_all(params: Sequence[Tensor], zs: Sequence[Tensor], us: Sequence
 def _zu_step(params, zs, us, targets, *, keep, **options) -> None:
     """``admm_zu_step`` over tensors that may be sharded (DTensors). An
     element-wise step runs on the local shards; a top-k projection needs
-    whole tensors, so then every tensor is gathered (a collective: call it
-    on every rank), stepped whole, and each rank keeps its shard of Z, U and
-    the target."""
+    whole tensors, so then each tensor in turn is gathered with its Z, U and
+    target (a collective: call it on every rank), stepped whole, and each
+    rank keeps its shard of Z, U and the target. ``options``: per-tensor
+    lists (``rows``, ``tau``) and ``backend``."""
     if not any(is_dtensor(t) for t in params):
         admm_zu_step(params, zs, us, targets, keep=keep, **options)
         return
     if all(k is None for k in keep):
         admm_zu_step(*([local_tensor(t) for t in ts] for ts in (params, zs, us, targets)), keep=keep, **options)
         return
-    state = [zs, us, targets]
-    gathered = [[whole(t) for t in ts] for ts in state]
-    admm_zu_step([whole(p) for p in params], *gathered, keep=keep, **options)
-    for ts, values in zip(state, gathered):
-        for t, value in zip(ts, values):
+    for i, p in enumerate(params):  # one whole tensor at a time: the gathered copies stay small
+        state = [zs[i], us[i], targets[i]]
+        gathered = [whole(t) for t in state]
+        one = {name: [value[i]] if isinstance(value, list) else value for name, value in options.items()}
+        admm_zu_step([whole(p)], *([t] for t in gathered), keep=[keep[i]], **one)
+        for t, value in zip(state, gathered):
             if is_dtensor(t):
                 write_whole(t, value)
 

@@ -135,9 +135,9 @@ _GROUP: contextvars.ContextVar = contextvars.ContextVar("regkern_agreement_group
 
 
 def distributed_group(model: nn.Module):
-    """The process group a model trains over (its live DDP wrapper's, or the
-    default group when its parameters are DTensors), or None for a model that
-    is not trained across processes."""
+    """The process groups a model trains over: its live DDP wrapper's group,
+    or for DTensor (FSDP2) parameters the groups of their device mesh, one
+    per mesh dimension; None for a model that is not trained across processes."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -147,14 +147,16 @@ def distributed_group(model: nn.Module):
         return wrappers[0].process_group
     from regkern.sharding import is_dtensor
 
-    if any(is_dtensor(p) for p in model.parameters()):
-        return dist.group.WORLD
-    return None
+    mesh = next((p.device_mesh for p in model.parameters() if is_dtensor(p)), None)
+    if mesh is None:
+        return None
+    return [mesh.get_group(dim) for dim in range(mesh.ndim)]
 
 
 @contextlib.contextmanager
 def agreement(group) -> Iterator[None]:
-    """Inside, :func:`agree_here` compares decisions across the ranks of ``group`` (None: no check)."""
+    """Inside, :func:`agree_here` compares decisions across the ranks of
+    ``group`` (a process group, a list of them: each in turn, or None: no check)."""
     token = _GROUP.set(group)
     try:
         yield
@@ -208,80 +210,8 @@ def agree(group, what: str, payload: Any) -> None:
 def agree_here(what: str, payload: Any) -> None:
     """:func:`agree` over the group set by :func:`agreement` (nothing outside one)."""
     group = _GROUP.get()
-    if group is not None:
-        agree(group, what, payload)
-
-
-# -- the structured cut of a sharded (FSDP2) model -----------------------------------------
-
-# Modules whose statistics mix channels: a zeroed channel still counts in them,
-# so masks are not the cut.
-_MIXING_NORMS = (nn.GroupNorm, nn.LayerNorm)
-
-
-def mask_cut(model: nn.Module, removals, optimizer: torch.optim.Optimizer):
-    """The structured cut of a model whose parameters are sharded (FSDP2's
-    ``fully_shard``), as masks: every slice ``slice_model`` would remove is
-    zeroed and held at zero by ``state["mask"]`` of ``optimizer`` (a row mask
-    where only rows go, else an element mask, sharded like the parameter).
-    The model computes what the cut model computes and the optimizer steps
-    its kept entries as it would step the cut model's, but its shapes stay:
-    FSDP2 fixes each parameter's shards and gather buffers when it shards
-    the model. Buffers (BatchNorm running statistics) are left alone: a
-    zeroed channel's output is zero whatever they hold.
-
-    Returns a :class:`regkern.slicing.SliceSummary` with ``masked=True`` and
-    ``plan`` (:func:`regkern.export.make_plan`): load the trained weights into
-    a plain copy of the model (torch's ``get_model_state_dict`` with
-    ``full_state_dict=True``) and :func:`regkern.export.apply_plan` cuts it.
-    Collective: call it on every rank; the ranks first check that they
-    remove the same units. A cut through a GroupNorm or LayerNorm is refused
-    (their statistics would count the zeroed channels), as is a parameter the
-    optimizer does not hold; nothing is changed then."""
-    from regkern.export import make_plan
-    from regkern.flops import count_params
-    from regkern.prune.base import apply_mask, optimizer_params
-    from regkern.sharding import local_tensor, user_class
-    from regkern.slicing import LayerCut, SliceSummary, kept_indices
-
-    if optimizer is None:
-        raise ValueError("a sharded model is cut by masks held by its optimizer; pass the regkern optimizer "
-                         "that trains it")
-    kept = kept_indices(model, removals)
-    params = dict(model.named_parameters())
-    owners = dict(model.named_modules())
-    held = optimizer_params(optimizer)
-    for name in kept:
-        owner = owners.get(name.rsplit(".", 1)[0] if "." in name else "")
-        if isinstance(owner, _MIXING_NORMS):
-            raise ValueError(f"the cut goes through {name} of a {user_class(owner).__name__}, whose statistics mix "
-                             "channels, so masks cannot stand for it in a sharded model; prune this model in one "
-                             "process or under DistributedDataParallel")
-        if name in params and params[name] not in held:
-            raise ValueError(f"the cut goes through parameter {name}, which the optimizer does not hold, so no "
-                             "mask keeps it at zero; build the optimizer over model.parameters()")
-    group = distributed_group(model)
-    if group is not None:
-        agree(group, "units to slice", {name: dict(cuts) for name, cuts in kept.items()})
-    plan = make_plan(model, removals)
-    layers, removed = [], 0
-    for name, cuts in kept.items():
-        if name not in params:
-            continue
-        p = params[name]
-        shape = tuple(p.shape)
-        keep = torch.ones(shape, dtype=torch.bool)
-        for d, idx in cuts.items():
-            along = torch.zeros(shape[d], dtype=torch.bool)
-            along[idx] = True
-            keep &= along.view([-1 if i == d else 1 for i in range(len(shape))])
-        removed += int((~keep).sum())
-        if set(cuts) == {0} and len(shape) > 1:  # rows only: a row mask
-            keep = keep.reshape(shape[0], -1)[:, 0].clone()
-        apply_mask(optimizer, p, keep.to(local_tensor(p).device))
-        layers += [LayerCut(name, d, int(k.numel()), shape[d]) for d, k in sorted(cuts.items())]
-    before = count_params(model)
-    return SliceSummary(before, before - removed, None, None, layers, masked=True, plan=plan)
+    for one in group if isinstance(group, list) else [group] if group is not None else []:
+        agree(one, what, payload)
 
 
 # -- torch.distributed.checkpoint -----------------------------------------------------

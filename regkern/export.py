@@ -599,7 +599,19 @@ def apply_plan(model: nn.Module, plan: Union[Dict[str, Any], str, os.PathLike],
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ValueError(f"{where} sets {module_name}.{attr} to {value!r}; it must be a positive integer; "
                                  f"the plan is damaged")
+    expansions = plan.get("expansions", {})
+    for norm, entry in expansions.items():
+        if not (isinstance(modules.get(norm), nn.modules.batchnorm._BatchNorm) and isinstance(entry, dict)
+                and entry.get("kept") == plan["tensors"].get(f"{norm}.weight", {}).get("kept", {}).get("0")
+                and isinstance(entry.get("width"), int) and entry["width"] == modules[norm].num_features):
+            raise ValueError(f"{where} re-expands {norm}, which is not a BatchNorm of width {entry.get('width')!r} "
+                             "whose channels the plan cuts; the plan is damaged or made for another model")
     slice_model(model, removals, optimizer)
     for module_name, values in plan["attributes"].items():
         for attr, value in values.items():
             setattr(modules[module_name], attr, value)
+    if expansions:
+        from regkern.prune.expand import attach_expand  # the prune package imports this module
+
+        for norm, entry in expansions.items():
+            attach_expand(modules[norm], torch.tensor(entry["kept"]), entry["width"])

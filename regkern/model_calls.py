@@ -9,6 +9,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from regkern.sharding import fsdp_modules
+
 
 def call_model(model: nn.Module, example_inputs: Any) -> Any:
     """``model(**x)`` for a dict, ``model(*x)`` for a tuple or list, else ``model(x)``."""
@@ -30,16 +32,8 @@ def modes_kept(model: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
-        for m in _fsdp_modules(model):
+        for m in fsdp_modules(model):
             m.reshard()
-
-
-def _fsdp_modules(model: nn.Module):
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch without FSDP2
-        return []
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
 def run_in_eval(model: nn.Module, example_inputs: Any) -> Any:

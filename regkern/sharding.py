@@ -117,14 +117,29 @@ def sum_over_shards(value: Tensor, params: Sequence[Tensor]) -> Tensor:
     return value
 
 
-def user_class(module) -> type:
-    """The class a user built ``module`` from: FSDP2's ``fully_shard`` swaps
-    in a subclass of it (named ``FSDP<name>``)."""
+def _fsdp_module_type():
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # a torch without FSDP2
-        return type(module)
-    kind = type(module)
-    if isinstance(module, FSDPModule):
-        kind = next(base for base in kind.__bases__ if not issubclass(base, FSDPModule))
+        return None
+    return FSDPModule
+
+
+def fsdp_modules(model) -> list:
+    """The modules of ``model`` that FSDP2's ``fully_shard`` manages."""
+    kind = _fsdp_module_type()
+    return [] if kind is None else [m for m in model.modules() if isinstance(m, kind)]
+
+
+def user_class(module) -> type:
+    """The class a user built ``module`` from: FSDP2's ``fully_shard`` swaps
+    in a subclass of it (named ``FSDP<name>``)."""
+    kind, fsdp = type(module), _fsdp_module_type()
+    if fsdp is not None and isinstance(module, fsdp):
+        kind = next(base for base in kind.__bases__ if not issubclass(base, fsdp))
     return kind
+
+
+def is_sharded(model) -> bool:
+    """Whether any parameter of ``model`` is a DTensor (e.g. sharded by FSDP2)."""
+    return any(is_dtensor(p) for p in model.parameters())

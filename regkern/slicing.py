@@ -42,7 +42,7 @@ class SliceSummary:
     """What ``slice_model`` did: parameter counts and MACs (with
     ``example_inputs``) before and after, and every sliced parameter dimension.
 
-    A sharded (FSDP2) model is cut by masks (:func:`regkern.distributed.mask_cut`):
+    A sharded (FSDP2) model is cut by masks (:func:`regkern.masks.mask_cut`):
     ``masked`` is then True, the counts are those the cut model will have,
     and ``plan`` is the cut in :func:`regkern.export.make_plan`'s format, for
     :func:`regkern.export.apply_plan` on a plain copy of the model."""
@@ -93,7 +93,8 @@ def _units(group: Group, units) -> Tensor:
     return u.sort().values
 
 
-def _removal_list(removals: Removals) -> List[Tuple[Group, Tensor]]:
+def removal_list(removals: Removals) -> List[Tuple[Group, Tensor]]:
+    """``removals`` as checked ``(group, sorted int64 units)`` pairs."""
     items = list(removals.items()) if isinstance(removals, Mapping) else list(removals)
     out, seen = [], set()
     for item in items:
@@ -113,7 +114,7 @@ def kept_indices(model: nn.Module, removals: Removals) -> Dict[str, Dict[int, Te
     """For every tensor the removals cut: ``{name: {dim: kept indices}}``
     (int64, sorted), after all checks of ``slice_model``; nothing is changed.
     Useful to compare a sliced model with a masked copy."""
-    return _plan_cuts(model, _removal_list(removals))
+    return _plan_cuts(model, removal_list(removals))
 
 
 def _plan_cuts(model: nn.Module, removals: List[Tuple[Group, Tensor]]):
@@ -347,8 +348,8 @@ def slice_model(model: nn.Module, removals: Removals, optimizer: Optional[torch.
 
     if not isinstance(model, nn.Module):
         raise ValueError(f"slice_model needs an nn.Module, got {type(model).__name__}")
-    removal_list = _removal_list(removals)
-    kept = _plan_cuts(model, removal_list)
+    pairs = removal_list(removals)
+    kept = _plan_cuts(model, pairs)
     wrappers = distributed.wrappers_of(model)
     ddp_options = [distributed.ddp_options(w) for w in wrappers]
     tensors = named_tensors(model)
@@ -356,12 +357,12 @@ def slice_model(model: nn.Module, removals: Removals, optimizer: Optional[torch.
     for name in kept:
         if is_dtensor(tensors[name]):
             raise ValueError(f"{name} is sharded (DTensor); slice_model slices plain tensors only: cut a sharded "
-                             "model with regkern.distributed.mask_cut (a schedule's prune() does) and apply its plan "
+                             "model with regkern.masks.mask_cut (a schedule's prune() does) and apply its plan "
                              "to a plain copy with regkern.export.apply_plan")
     new_shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     new_shapes.update({name: _new_shape(tensors[name].shape, kept[first])
                        for name, first in canonical_names(model).items() if first in kept})
-    module_updates = _module_updates(model, kept, new_shapes) + _attribute_updates(model, removal_list)
+    module_updates = _module_updates(model, kept, new_shapes) + _attribute_updates(model, pairs)
     state_updates = _state_updates(optimizer, params, kept)
     params_before = count_params(model)
     macs_before = count_flops(model, example_inputs) if example_inputs is not None else None

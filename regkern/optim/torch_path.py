@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 from torch.optim.sgd import sgd as torch_functional_sgd
 
-from regkern.reference.sgd import PROX_NONE, _broadcast_mask, _prox, as_rows, num_rows
+from regkern.reference.sgd import PROX_NONE, element_mask, _prox, as_rows, num_rows
 from regkern.regularizers import step_options
 from regkern.terms import FINITE_STATE, GRADIENT_STATE, STEP_OPTIONS, STEP_STATE, UPDATE_OPTIONS, UPDATE_STATE
 
@@ -200,7 +200,7 @@ def _after_update(param: Tensor, buf: Optional[Tensor], terms: _Terms, lr, diffe
     the updated parameter; returns the momentum buffer (a new tensor only
     under autograd)."""
     real = param.dtype.to_real()
-    keep = _broadcast_mask(terms.mask, param).to(real) if terms.mask is not None else None
+    keep = element_mask(terms.mask, param.shape).to(real) if terms.mask is not None else None
     # Under autograd the ops below read a copy: the values they save must not
     # be overwritten by the final copy into the parameter.
     w = param.clone() if differentiable else param

@@ -20,6 +20,7 @@ from regkern.prune.base import (PruneSummary, Schedule, check_in_optimizer, drop
                                 group_of, nothing_to_prune, regularizers_of)
 from regkern.prune.greg import _check_int, _check_pos
 from regkern.prune.ratios import RatioSpec, layer_ratios, prunable_layers
+from regkern.masks import apply_mask
 from regkern.prune.sparse import check_mask_optimizer, install_masks
 from regkern.sharding import local_tensor, own_shard, whole, write_whole
 
@@ -198,8 +199,6 @@ class ADMMPruner(Schedule):
             keeps[p] = w.ne(0).any(dim=1) if self.structured else w.ne(0)
         if finetune_optimizer is not None and finetune_optimizer is not self.optimizer:
             install_masks(finetune_optimizer, keeps)
-        from regkern.prune.base import apply_mask
-
         if self.sas:
             for p, keep in keeps.items():
                 full = keep.view((-1,) + (1,) * (p.dim() - 1)).expand(p.shape) if keep.dim() == 1 else keep

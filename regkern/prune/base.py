@@ -20,6 +20,11 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import torch
 from torch import Tensor, nn
 
+from regkern.masks import check_mask_cut, mask_cut
+from regkern.optim.features import require_reads
+from regkern.sharding import is_sharded
+from regkern.slicing import slice_model
+
 PHASE_FINETUNE = "finetune"
 
 
@@ -67,50 +72,6 @@ class PruneSummary:
             lines.extend("  " + line for line in str(self.slice).splitlines())
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
-
-
-# What a schedule can work through, and which optimizer's step acts on it. A
-# schedule names the features it needs in ``Schedule.drives``; the optimizer
-# must act on at least one of them, or the schedule would change nothing.
-FEATURES = {
-    "lam": "the penalty state['lam']",
-    "l1": "the L1 coefficients state['l1']",
-    "polar": "a regkern.Polarization param group",
-    "prox": "a regkern.ProxL1 or regkern.GroupLasso param group",
-    "admm": "a regkern.ADMM param group",
-    "rda": "the L1 term of regkern.RDA",
-    "sas_admm": "the ADMM iteration of regkern.SASADMM",
-    "mask": "the masks state['mask']",
-}
-READERS = {  # regkern.optim class name -> what its step acts on
-    "SGD": frozenset({"lam", "l1", "polar", "prox", "admm", "mask"}),
-    "Adam": frozenset({"lam", "l1", "polar", "prox", "admm", "mask"}),  # AdamW too (a subclass)
-    "RDA": frozenset({"rda", "mask"}),
-    "SASADMM": frozenset({"sas_admm"}),
-}
-def optimizer_reads(optimizer: torch.optim.Optimizer) -> frozenset:
-    """The features (keys of :data:`FEATURES`) that ``optimizer``'s step acts on:
-    none for an optimizer outside regkern (it ignores regkern's state)."""
-    import regkern.optim
-
-    for name, reads in READERS.items():
-        if isinstance(optimizer, getattr(regkern.optim, name)):
-            return reads
-    return frozenset()
-
-
-def require_reads(optimizer: torch.optim.Optimizer, drives: Sequence[str], method: str) -> None:
-    """Refuse ``optimizer`` when its step acts on none of ``drives`` (nothing
-    is written: call it before the schedule touches the optimizer)."""
-    if not drives or optimizer_reads(optimizer) & set(drives):
-        return
-    kind = type(optimizer)
-    what = " or ".join(FEATURES[d] for d in drives)
-    names = [f"regkern.{n}" for name, reads in READERS.items() if reads & set(drives)
-             for n in ((name, "AdamW") if name == "Adam" else (name,))]
-    use = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
-    raise ValueError(f"{method} works through {what}, which the step of {kind.__module__}.{kind.__qualname__} "
-                     f"does not read (it would have no effect); build the optimizer as {use}")
 
 
 def nothing_to_prune(method: str, ratios: Dict[str, float], mode: Optional[str] = None) -> str:
@@ -166,7 +127,7 @@ class Schedule(abc.ABC, metaclass=_Checked):
     """
 
     method = "schedule"
-    #: The features (keys of ``FEATURES``) the schedule works through; the
+    #: The features (keys of ``regkern.optim.features.FEATURES``) the schedule works through; the
     #: optimizer's step must act on at least one. ``()``: any optimizer.
     drives: Tuple[str, ...] = ()
 
@@ -257,6 +218,13 @@ class Schedule(abc.ABC, metaclass=_Checked):
         if reason:
             raise ValueError(reason)
 
+    def _check_cut_groups(self, groups) -> None:
+        """Before the constructor writes anything: on a sharded (FSDP2) model,
+        refuse now what would refuse the cut of these groups by masks at
+        ``prune()`` (:func:`regkern.masks.check_mask_cut`), not after training."""
+        if is_sharded(self.model):
+            check_mask_cut(self.model, groups, self.optimizer, f"{self.method}'s cut of a sharded model")
+
     def _late_drives(self) -> Tuple[str, ...]:
         """Features needed according to the constructor's options: a schedule
         in ``mode="weight"`` freezes element masks into ``state["mask"]``."""
@@ -326,73 +294,13 @@ def module_of(param_name: str) -> str:
     return param_name.rsplit(".", 1)[0] if "." in param_name else ""
 
 
-def state_vector(optimizer: torch.optim.Optimizer, p: Tensor, key: str, shape: Tuple[int, ...],
-                 fill: float = 0.0) -> Tensor:
-    """``optimizer.state[p][key]``, created as an fp32 tensor of ``shape`` filled
-    with ``fill`` when missing; an existing entry of another shape is an error."""
-    from regkern.sharding import row_state
-
-    st = optimizer.state[p]
-    value = st.get(key)
-    if value is None:
-        if not shape or shape[0] != p.shape[0]:
-            raise ValueError(f"state_vector makes per-row state; shape {tuple(shape)} has no row per row of "
-                             f"a parameter of shape {tuple(p.shape)}")
-        st[key] = value = row_state(p, tuple(shape[1:]), fill=fill)
-    elif tuple(value.shape) != tuple(shape):
-        raise ValueError(f"optimizer state {key!r} of a parameter of shape {tuple(p.shape)} has shape "
-                         f"{tuple(value.shape)}, but this schedule needs {tuple(shape)}")
-    return value
-
-
-def apply_mask(optimizer: torch.optim.Optimizer, p: Tensor, keep: Tensor) -> None:
-    """Put ``keep`` (bool, whole: ``[R]`` or W-shaped) into ``state[p]["mask"]``
-    (and-ed with a mask already there) and zero the masked weights and their
-    momentum now: the fused step keeps them exact zeros from then on. A
-    sharded (DTensor) ``p`` gets a mask sharded like it. In a data-parallel
-    ``prune()`` the ranks check first that their masks agree."""
-    from regkern.distributed import agree_here
-    from regkern.sharding import is_dtensor, like_param, local_tensor, row_state, whole, write_whole
-
-    agree_here("masks", keep)
-    st = optimizer.state[p]
-    old = whole(st.get("mask"))
-    if old is not None:
-        old = old.to(keep.device)
-        if old.shape != keep.shape:  # a row mask and an element mask: their join is per element
-            rows = (-1,) + (1,) * (p.dim() - 1)
-            old, keep = (m.view(rows).expand(p.shape) if m.dim() == 1 else m for m in (old, keep))
-        keep = keep & old
-    if is_dtensor(p):
-        mask = row_state(p, dtype=torch.bool) if keep.dim() == 1 and p.dim() > 1 else \
-            like_param(p, torch.empty_like(local_tensor(p), dtype=torch.bool))
-        write_whole(mask, keep)
-    else:
-        mask = keep
-    st["mask"] = mask
-    local, weights = local_tensor(mask), local_tensor(p)
-    full = local.view((-1,) + (1,) * (p.dim() - 1)) if local.dim() == 1 and p.dim() > 1 else local
-    with torch.no_grad():
-        weights.mul_(full)
-        for name in ("momentum_buffer",):
-            buf = local_tensor(st.get(name))
-            if isinstance(buf, Tensor) and buf.shape == weights.shape:
-                buf.mul_(full)
-
-
 def cut(model: nn.Module, removals, optimizer, example_inputs):
     """:func:`regkern.slicing.slice_model` after a garbage collection: the
     tracer's graph from ``find_groups`` sits in reference cycles, and a graph
     still alive when shapes change makes the next backward fail (so does a
     ``loss`` of the last step still referenced by the caller: drop it first).
-    A sharded (FSDP2) model is cut by masks instead
-    (:func:`regkern.distributed.mask_cut`)."""
-    from regkern.sharding import is_dtensor
-    from regkern.slicing import slice_model
-
-    if any(is_dtensor(p) for p in model.parameters()):
-        from regkern.distributed import mask_cut
-
+    A sharded (FSDP2) model is cut by masks instead (:func:`regkern.masks.mask_cut`)."""
+    if is_sharded(model):
         return mask_cut(model, removals, optimizer)
     gc.collect()
     return slice_model(model, removals, optimizer=optimizer, example_inputs=example_inputs)

@@ -24,7 +24,7 @@ from regkern.prune.base import (PruneSummary, Schedule, check_in_optimizer, cut,
                                 group_of, groups_restored_on_error, module_of, named_params, optimizer_params,
                                 regularizers_of)
 from regkern.prune.expand import attach_expand, branch_ends
-from regkern.sharding import is_dtensor, row_state, whole
+from regkern.sharding import is_sharded, row_state, whole
 from regkern.slicing import kept_indices
 from regkern.prune.greg import _check_int, _check_pos, smallest
 from regkern.prune.ratios import _resolve_layers, ignored_layers, prunable_layers, pruned_count
@@ -73,12 +73,17 @@ def _apply_cut(model: nn.Module, removals: List[Tuple[_BNUnit, Tensor]], optimiz
     BatchNorm of every cut residual branch end its :class:`ChannelExpand`.
     Returns the slice summary with the MACs of the whole model before and
     after (counted here: the model only runs again once the expansions are in)."""
-    if any(is_dtensor(p) for p in model.parameters()):
-        # masks keep every width, so no expansion: a masked channel of the branch end adds zero
-        return cut(model, [(u.group, idx) for u, idx in removals], optimizer, None)
     modules = dict(model.named_modules())
     kept = kept_indices(model, [(u.group, idx) for u, idx in removals])
     widths = {u.expand: int(modules[u.expand].num_features) for u, _ in removals if u.expand}
+    if is_sharded(model):
+        # masks keep every width, so no expansion here (a masked channel of the branch end adds
+        # zero); the plan carries it, for the plain copy it cuts
+        summary = cut(model, [(u.group, idx) for u, idx in removals], optimizer, None)
+        if widths:
+            summary.plan["expansions"] = {norm: {"kept": kept[f"{norm}.weight"][0].tolist(), "width": width}
+                                          for norm, width in widths.items()}
+        return summary
     macs_before = count_flops(model, example_inputs)
     summary = cut(model, [(u.group, idx) for u, idx in removals], optimizer, None)
     for u, _ in removals:
@@ -86,6 +91,14 @@ def _apply_cut(model: nn.Module, removals: List[Tuple[_BNUnit, Tensor]], optimiz
             attach_expand(modules[u.expand], kept[f"{u.expand}.weight"][0], widths[u.expand])
     summary.macs_before, summary.macs_after = macs_before, count_flops(model, example_inputs)
     return summary
+
+
+def _check_copyable(model: nn.Module) -> None:
+    """``ValueError`` for a sharded model: ``target_flops`` and ``remaining_flops``
+    measure cuts on copies of the model."""
+    if is_sharded(model):
+        raise ValueError("target_flops and remaining_flops measure cuts on copies of the model, which a sharded "
+                         "(FSDP2) model cannot give; pass target_flops=None and prune after a fixed number of steps")
 
 
 class _BNPruner(Schedule):
@@ -139,6 +152,7 @@ class _BNPruner(Schedule):
             raise ValueError(f"{self.method} found no prunable conv/linear layer followed by a BatchNorm among the "
                              "chosen layers (BatchNorm scales are what it regularizes)")
         check_in_optimizer(optimizer, [s for u in self.units for s in u.scales])
+        self._check_cut_groups([u.group for u in self.units])
         self._removals: Optional[List[List[Any]]] = None
         self._phase = "train"
         self._done = steps == 0
@@ -362,9 +376,7 @@ class PolarizationPruner(_BNPruner):
             _check_pos(bn_init, "bn_init", allow_zero=True)
         if target_flops is not None:
             _check_pos(target_flops, "target_flops (the fraction of MACs to remain)")
-            if any(is_dtensor(p) for p in model.parameters()):
-                raise ValueError("target_flops measures cuts on copies of the model, which a sharded (FSDP2) model "
-                                 "cannot give; pass target_flops=None and prune after a fixed number of steps")
+            _check_copyable(model)
             if not target_flops < 1:
                 raise ValueError(f"target_flops is the fraction of the model's MACs that should remain, in (0, 1); "
                                  f"got {target_flops}")
@@ -479,10 +491,7 @@ class PolarizationPruner(_BNPruner):
         if self.pruned:
             raise ValueError("the model is already pruned; remaining_flops measures a cut before it is made "
                              "(the prune() summary's flops_reduction gives the cut that was made)")
-        if any(is_dtensor(p) for p in self.model.parameters()):
-            raise ValueError("remaining_flops (and target_flops) measure a cut on a copy of the model, which a "
-                             "sharded (FSDP2) model cannot give; pass target_flops=None and prune after a fixed "
-                             "number of steps, or search the steps on a plain model")
+        _check_copyable(self.model)
         pruned, _, _ = self._plan(strict=False)
         clone = copy.deepcopy(self.model)
         removals = [(_BNUnit(u.name, dataclasses.replace(u.group, tensors={}, shapes={}), [], u.expand),

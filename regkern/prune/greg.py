@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from regkern.prune.base import (PruneSummary, Schedule, apply_mask, check_in_optimizer, cut, module_of, named_params)
+from regkern.masks import apply_mask
+from regkern.prune.base import PruneSummary, Schedule, check_in_optimizer, cut, module_of, named_params
 from regkern.prune.ratios import RatioSpec, ignored_layers, layer_ratios, prunable_layers, pruned_count
 from regkern.regularizers import new_state
 from regkern.sharding import is_dtensor, whole, write_whole
@@ -118,6 +119,7 @@ class _RowPruner(Schedule):
                     raise ValueError(f"layer(s) {', '.join(bad)} cannot lose output rows (classifier, a residual add "
                                      "under residual_rule, or an ignored layer); give them ratio 0 or leave them out")
             check_in_optimizer(optimizer, [(m.name, params[m.name]) for u in self.units for m in u.group.members])
+            self._check_cut_groups([u.group for u in self.units])
         else:
             if heads:
                 raise ValueError("heads= (attention heads as units) is for mode='filter'")
@@ -133,7 +135,7 @@ class _RowPruner(Schedule):
         self._removals: Optional[List[List[Any]]] = None
 
     # -- scoring and picking ------------------------------------------------
-    def _scores(self, units: Sequence[_Unit], kind: str) -> List[Tensor]:
+    def _scores(self, units: Sequence[_Unit], kind: str) -> Iterable[Tensor]:
         """Per-unit scores: rows of the producer (``kind``: "mean_abs", "l1") or |W|."""
         if not units:
             return []
@@ -142,7 +144,7 @@ class _RowPruner(Schedule):
 
             return group_scores(self.model, [u.group for u in units], kind=kind, scope="producer",
                                 optimizer=self.optimizer)
-        return [whole(u.param).detach().abs().float() for u in units]
+        return (whole(u.param).detach().abs().float() for u in units)  # one gathered tensor at a time
 
     def _pick(self, u: _Unit, scores: Tensor) -> Tensor:
         return smallest(scores, u.n_prune)
@@ -313,8 +315,8 @@ class _GReg(_RowPruner):
         for u in self.units:
             if self.mode == "filter":
                 u.lam = torch.zeros(u.total, dtype=torch.float32, device=params[u.group.by_role("producer")[0].name].device)
-            else:  # the optimizer's tensor, or the whole value of a sharded one (_write_lam stores it)
-                u.lam = whole(self.optimizer.state[u.param]["lam"])
+            else:
+                u.lam = self.optimizer.state[u.param]["lam"]
         return entries
 
     # -- timetable ------------------------------------------------------------
@@ -330,7 +332,8 @@ class _GReg(_RowPruner):
         active = [u for u in self.units if u.finished is None]
         scores = self._scores(active, "mean_abs") if self._needs_scores() else [None] * len(active)
         for u, w_abs in zip(active, scores):
-            if self.mode == "weight":  # the optimizer's tensor (a loaded state_dict brings a new one)
+            if self.mode == "weight":  # the optimizer's tensor (a loaded state_dict brings a new one);
+                # a sharded one's whole value, stored back by _write_lam
                 u.lam = whole(self.optimizer.state[u.param]["lam"])
             if self._update_unit(u, w_abs):
                 u.finished = self.iteration
@@ -370,6 +373,7 @@ class _GReg(_RowPruner):
             set_group_lambda(self.optimizer, u.group, u.lam, scope=self.scope)
         elif is_dtensor(self.optimizer.state[u.param]["lam"]):
             write_whole(self.optimizer.state[u.param]["lam"], u.lam)
+            u.lam = self.optimizer.state[u.param]["lam"]  # the gathered copy goes
         # plain weight mode: u.lam is the optimizer's own tensor, already written
 
     def _finetune_setup(self) -> None:

@@ -7,8 +7,9 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from regkern.prune.base import (PruneSummary, Schedule, apply_mask, drop_regularizer, param_names, regularizers_of,
-                                require_reads)
+from regkern.masks import apply_mask
+from regkern.optim.features import require_reads
+from regkern.prune.base import PruneSummary, Schedule, drop_regularizer, param_names, regularizers_of
 from regkern.prune.greg import _check_int
 from regkern.sharding import whole
 

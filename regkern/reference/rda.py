@@ -37,7 +37,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from regkern.reference.sgd import _broadcast_mask, as_rows, num_rows
+from regkern.reference.sgd import element_mask, as_rows, num_rows
 
 Number = Union[float, Tensor]
 
@@ -100,7 +100,7 @@ def rda_step(
         new_w0 = w0.to(compute)
         v = new_w0 - c * new_gbar
         if mask is not None:
-            keep = _broadcast_mask(mask, w).to(compute)
+            keep = element_mask(mask, w.shape).to(compute)
             new_gbar = new_gbar * keep
             new_w0 = new_w0 * keep
             v = v * keep

@@ -163,7 +163,7 @@ def finish_update(new_w: Tensor, states: Sequence[Optional[Tensor]], w: Tensor, 
     (threshold ``lr * prox_lam[r]``), the clamp and the mask again. Returns
     the new W and the states."""
     compute = new_w.dtype
-    keep = _broadcast_mask(mask, w).to(compute) if mask is not None else None
+    keep = element_mask(mask, w.shape).to(compute) if mask is not None else None
     if keep is not None:
         new_w = new_w * keep
         states = [None if s is None else s * keep for s in states]
@@ -186,11 +186,15 @@ def write_norms(w: Tensor, norm: Tensor) -> None:
     norm[:, 2] = l1 / n_r if n_r else 0.0
 
 
-def _broadcast_mask(mask: Tensor, w: Tensor) -> Tensor:
-    """A row mask ``[R]`` or an element mask of ``w``'s shape, as w's shape."""
-    if mask.shape == w.shape:
+def element_mask(mask: Tensor, shape) -> Tensor:
+    """A row mask ``[R]`` or an element mask of ``shape``, as an element mask
+    of ``shape`` (a row mask: a broadcast view)."""
+    shape = tuple(shape)
+    if tuple(mask.shape) == shape:
         return mask
-    return as_rows(torch.ones_like(w, dtype=torch.bool)).logical_and(mask[:, None]).reshape(w.shape)
+    if not shape:  # a scalar parameter: one row of one element
+        return mask.reshape(shape)
+    return mask.reshape((-1,) + (1,) * (len(shape) - 1)).expand(shape)
 
 
 def _prox(w: Tensor, kind: int, threshold: Tensor) -> Tensor:

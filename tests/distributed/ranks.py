@@ -251,6 +251,9 @@ def build(name, target, model):
         opt = regkern.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-2, backend=BACKEND)
         return opt, GReg2(target, opt, X, ratios=0.5, Ku=1, Ks=2, delta=0.5, delta_pick=0.02, pick_ceiling=0.05,
                           tau=2.0)
+    if name == "greg1_group":  # lam on rows and lam_cols on the consumers' columns
+        opt = sgd(model)
+        return opt, GReg1(target, opt, X, ratios=0.5, Ku=2, Ks=2, delta=0.5, tau=2.0, scope="group")
     if name == "greg1_weight":
         opt = sgd(model)
         return opt, GReg1(target, opt, ratios=0.5, mode="weight", Ku=2, Ks=2, delta=0.5, tau=2.0)

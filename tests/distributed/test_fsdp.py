@@ -17,8 +17,8 @@ skip_without_fsdp2()
 
 SCHEDULES = {"greg1": OddNet, "polarization": BNNet, "rda": OddNet, "proxl1": OddNet, "admm": OddNet,
              "greg1_adam": OddNet, "greg2_adamw": OddNet, "greg1_weight": OddNet, "slimming": BNNet,
-             "admm_rows": OddNet, "oneshot": OddNet}
-CUT = ("greg1", "polarization", "greg1_adam", "greg2_adamw", "slimming", "oneshot")  # structured: masked cuts
+             "admm_rows": OddNet, "oneshot": OddNet, "greg1_group": OddNet}
+CUT = ("greg1", "polarization", "greg1_adam", "greg2_adamw", "slimming", "oneshot", "greg1_group")  # masked cuts
 
 
 def full_copy(model, like):
@@ -126,9 +126,9 @@ def test_torch_dcp_flow_resumes_bit_for_bit_under_ddp_and_fsdp2(ranks, tmp_path)
 
 def _polarization_and_refusals(rank, world):
     import regkern
-    from regkern.distributed import mask_cut
+    from regkern.masks import mask_cut
     from regkern.groups import find_groups
-    from regkern.prune import PolarizationPruner
+    from regkern.prune import GReg1, OneShotL1, PolarizationPruner
     from regkern.slicing import slice_model
 
     out = {}
@@ -156,9 +156,9 @@ def _polarization_and_refusals(rank, world):
     opt = regkern.SGD(model.parameters(), lr=0.05, backend="reference")
     group = next(g for g in find_groups(model, X) if g.units == 7)
     with pytest.raises(ValueError, match=r"slice_model slices plain tensors only: cut a sharded model with "
-                                         r"regkern\.distributed\.mask_cut"):
+                                         r"regkern\.masks\.mask_cut"):
         slice_model(model, {group: [0]}, optimizer=opt)
-    with pytest.raises(ValueError, match=r"^a sharded model is cut by masks held by its optimizer"):
+    with pytest.raises(ValueError, match=r"^a cut of a sharded model is made by masks held by the optimizer"):
         mask_cut(model, {group: [0]}, None)
     out["untouched"] = not any("mask" in opt.state[p] for p in model.parameters() if p in opt.state)
     summary = mask_cut(model, {group: [0, 3]}, opt)
@@ -172,8 +172,19 @@ def _polarization_and_refusals(rank, world):
     with pytest.raises(ValueError, match=r"of a GroupNorm, whose statistics mix channels, so masks cannot stand for it"):
         mask_cut(gn, {group: [0]}, gn_opt)
     out["gn untouched"] = not any("mask" in s for s in gn_opt.state.values())
-    with pytest.raises(ValueError, match=r"^target_flops measures cuts on copies of the model"):
-        PolarizationPruner(fully_sharded(BNNet(), world), sgd(BNNet()), X, steps=3, target_flops=0.5)
+    # refused when the schedule is built, not when prune() comes after training; nothing written
+    gn_opt = sgd(gn)
+    with pytest.raises(ValueError, match=r"^GReg1's cut of a sharded model goes through features\.1\.weight of a "
+                                         r"GroupNorm, whose statistics mix channels"):
+        GReg1(gn, gn_opt, X, ratios=0.5)
+    out["gn built untouched"] = not gn_opt.state
+    plain_sgd = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pytest.raises(ValueError, match=r"^OneShotL1's cut of a sharded model works through the masks "
+                                         r"state\['mask'\], which the step of torch\.optim\.sgd\.SGD does not read"):
+        OneShotL1(model, plain_sgd, X, ratios=0.5)
+    sharded_bn = fully_sharded(BNNet(), world)
+    with pytest.raises(ValueError, match=r"^target_flops and remaining_flops measure cuts on copies of the model"):
+        PolarizationPruner(sharded_bn, sgd(sharded_bn), X, steps=3, target_flops=0.5)
     return out
 
 
@@ -185,4 +196,77 @@ class GNNet(BNNet):
 
 def test_polarization_means_span_ranks_and_sharded_cuts_refuse_clearly(ranks):
     for out in ranks.run(_polarization_and_refusals):
-        assert out == {"polar": True, "untouched": True, "masked": True, "gn untouched": True}
+        assert out == {"polar": True, "untouched": True, "masked": True, "gn untouched": True,
+                       "gn built untouched": True}
+
+
+def _cut_copy_sharded_again(rank, world):
+    """The documented way to fine-tune the small model under FSDP2: the full
+    weights into a plain copy, apply_plan, fully_shard it, a new optimizer."""
+    from regkern.export import apply_plan
+
+    torch.manual_seed(0)
+    model = OddNet()
+    initial, ref = copy.deepcopy(model), copy.deepcopy(model)
+    fully_sharded(model, world)
+    schedule, _, _, _ = beside_reference("greg1", model, model, ref, rank, world)
+    small = full_copy(model, initial)
+    apply_plan(small, schedule.plan)
+    fully_sharded(small, world)
+    opt, ref_opt = sgd(small), sgd(ref)
+    for i in range(100, 103):
+        train_step(small, opt, None, i, rank, world)
+        train_step(ref, ref_opt, None, i)
+    return close_params(full_copy(small, ref), ref) and small.features[0].weight.shape[0] == 3
+
+
+def test_the_cut_copy_sharded_again_fine_tunes_like_the_single_process_run(ranks):
+    assert ranks.run(_cut_copy_sharded_again) == [True, True]
+
+
+def _residual_expand(rank, world):
+    """Polarization's default residual="expand" on a sharded ResNet: the plan
+    carries the re-expansion of each cut branch end, so the plain copy it cuts
+    computes what the masked sharded model computes."""
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import regkern
+    from models import image_batch, resnet_basic
+    from regkern.export import apply_plan
+    from regkern.prune import PolarizationPruner
+
+    torch.manual_seed(0)
+    model = resnet_basic().eval()
+    with torch.no_grad():
+        model.layer1[0].bn2.weight[[1, 5]] = 1e-4
+        model.layer1[0].bn1.weight[[2]] = 1e-4
+    initial = copy.deepcopy(model)
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    opt = regkern.SGD(model.parameters(), lr=0.05, momentum=0.9, backend="reference")
+    schedule = PolarizationPruner(model, opt, image_batch(2, 8), steps=2, lam=1e-2, no_valley="fixed")
+    for i in range(2):
+        g = torch.Generator().manual_seed(100 + i)
+        x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+        loss = F.cross_entropy(model(x.chunk(world)[rank]), y.chunk(world)[rank])
+        opt.zero_grad()
+        loss.backward()
+        del loss
+        opt.step()
+        schedule.step()
+    schedule.prune()
+    x = image_batch(2, 8)
+    with torch.no_grad():
+        expected = model(x)
+    plain = full_copy(model, initial)
+    apply_plan(plain, schedule.plan)
+    with torch.no_grad():
+        got = plain(x)
+    return {"expansions": sorted(schedule.plan.get("expansions", {})), "same": torch.allclose(got, expected, atol=1e-5),
+            "narrower": plain.layer1[0].bn2.weight.shape[0] < initial.layer1[0].bn2.weight.shape[0]}
+
+
+def test_residual_expand_cut_of_a_sharded_resnet_carries_its_expansions(ranks):
+    for out in ranks.run(_residual_expand):
+        assert out["expansions"] and out["same"] and out["narrower"], out
