@@ -28,7 +28,7 @@ from regkern.attention import AttentionFinder, as_specs, claimed_modules, discov
 from regkern.group import (Group, Member, canonical_names, check_group, is_conv1d, named_tensors,  # noqa: F401
                            param_index)
 from regkern.model_calls import modes_kept
-from regkern.sharding import edited, is_dtensor, whole
+from regkern.sharding import edited, is_dtensor, unsharded, whole
 
 SCORE_KINDS = ("l1", "l2", "mean_abs")
 
@@ -577,6 +577,22 @@ def find_groups(model: nn.Module, example_inputs, *, ignore=(), residual_rule: b
     given = as_specs(heads) if heads else []
     if given:
         claimed_modules(model, given)  # checks the specs before tracing
+    with unsharded(model):  # one tensor per parameter from the trace to the groups
+        groups, extra, skipped, order = _grouped(model, example_inputs, ignored, given, residual_rule)
+    groups.sort(key=lambda g: order.get(g.members[0].name, len(order)))
+    if skipped:
+        warnings.warn("find_groups left out the groups that cross what regkern cannot slice: "
+                      + "; ".join(sorted(set(skipped))), stacklevel=2)
+    result = groups + extra
+    for group in result:
+        group.bind(model)
+    _check_disjoint(model, result)
+    return result
+
+
+def _grouped(model: nn.Module, example_inputs, ignored, given, residual_rule: bool):
+    """find_groups' trace and grouping: the channel groups, the head groups,
+    the reasons of the groups left out and the parameter order (unbound)."""
     dg, joins, found = _trace(model, example_inputs)
     try:
         specs = given + _found_heads(model, found, given, ignored)
@@ -604,15 +620,7 @@ def find_groups(model: nn.Module, example_inputs, *, ignore=(), residual_rule: b
     finally:
         _release(dg)
         joins.clear()
-    groups.sort(key=lambda g: order.get(g.members[0].name, len(order)))
-    if skipped:
-        warnings.warn("find_groups left out the groups that cross what regkern cannot slice: "
-                      + "; ".join(sorted(set(skipped))), stacklevel=2)
-    result = groups + extra
-    for group in result:
-        group.bind(model)
-    _check_disjoint(model, result)
-    return result
+    return groups, extra, skipped, order
 
 
 def _found_heads(model: nn.Module, found, given, ignored: Sequence[nn.Module]):

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from regkern.sharding import fsdp_modules
+from regkern.sharding import unsharded
 
 
 def call_model(model: nn.Module, example_inputs: Any) -> Any:
@@ -23,17 +23,18 @@ def call_model(model: nn.Module, example_inputs: Any) -> Any:
 
 @contextlib.contextmanager
 def modes_kept(model: nn.Module) -> Iterator[None]:
-    """Restore every module's train/eval flag on exit (whatever ran inside),
-    and shard FSDP2 modules again: a forward gathers their parameters, and
-    the root keeps them gathered for a backward that will not come."""
+    """Restore every module's train/eval flag on exit (whatever ran inside).
+    A model sharded by FSDP2 holds its whole parameters inside
+    (:func:`regkern.sharding.unsharded`): the forward passes run here see
+    the tensors ``named_parameters()`` gives, and the model is sharded again
+    on exit."""
     modes = [(m, m.training) for m in model.modules()]
     try:
-        yield
+        with unsharded(model):
+            yield
     finally:
         for m, training in modes:
             m.training = training
-        for m in fsdp_modules(model):
-            m.reshard()
 
 
 def run_in_eval(model: nn.Module, example_inputs: Any) -> Any:

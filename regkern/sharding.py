@@ -14,6 +14,7 @@ into a DTensor (each rank keeps its own shard, no communication), and
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Iterator, Sequence, Tuple
 
 import torch
@@ -143,3 +144,41 @@ def user_class(module) -> type:
 def is_sharded(model) -> bool:
     """Whether any parameter of ``model`` is a DTensor (e.g. sharded by FSDP2)."""
     return any(is_dtensor(p) for p in model.parameters())
+
+
+# ids of the FSDP2 modules an enclosing ``unsharded`` holds whole
+_HELD: contextvars.ContextVar = contextvars.ContextVar("regkern_unsharded", default=frozenset())
+
+
+@contextlib.contextmanager
+def unsharded(model) -> Iterator[None]:
+    """Inside, the FSDP2 modules of ``model`` hold their whole parameters as
+    plain tensors, through forward passes too (a trace then sees one tensor
+    per parameter, the one ``named_parameters()`` gives); sharded again on
+    exit, each with its own resharding setting. Collective (call it on every
+    rank); nested uses hold the parameters once. A model without FSDP2
+    modules is left as it is."""
+    held = _HELD.get()
+    modules = [m for m in fsdp_modules(model) if id(m) not in held]
+    if not modules:
+        yield
+        return
+    states = [m._get_fsdp_state() for m in modules]
+    groups = [g for st in states for g in st._fsdp_param_groups]
+    after_forward = [g.post_forward_mesh_info for g in groups]
+    automatic = [st._auto_reshard_after_forward for st in states]
+    token = _HELD.set(held | {id(m) for m in modules})
+    try:
+        for m in modules:
+            m.set_reshard_after_forward(False, recurse=False)
+        for m in modules:
+            m.unshard()
+        yield
+    finally:
+        for g, info in zip(groups, after_forward):  # the settings as fully_shard made them
+            g.post_forward_mesh_info = info
+        for st, auto in zip(states, automatic):
+            st._auto_reshard_after_forward = auto
+        for m in modules:
+            m.reshard()
+        _HELD.reset(token)

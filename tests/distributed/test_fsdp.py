@@ -270,3 +270,55 @@ def _residual_expand(rank, world):
 def test_residual_expand_cut_of_a_sharded_resnet_carries_its_expansions(ranks):
     for out in ranks.run(_residual_expand):
         assert out["expansions"] and out["same"] and out["narrower"], out
+
+
+def _llama(rank, world):
+    """A Hugging Face Llama (grouped-query attention, RMSNorm) sharded per
+    decoder layer: GReg-1 with AdamW prunes MLP neurons and attention heads,
+    whose heads the trace finds on the sharded model, as in one process."""
+    import transformers
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import regkern
+    from regkern.export import apply_plan
+    from regkern.prune import GReg1
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(config).eval()
+    x = {"input_ids": torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))}
+    initial, ref = copy.deepcopy(model), copy.deepcopy(model)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    ratios = {"model.layers.0.mlp.gate_proj": 0.5, "model.layers.1.self_attn.q_proj": 0.5}
+    for m, share in ((model, True), (ref, False)):
+        opt = regkern.AdamW(m.parameters(), lr=1e-3, backend="reference")
+        schedule = GReg1(m, opt, x, ratios=ratios, Ku=1, Ks=1, delta=0.5, tau=1.0)
+        for i in range(6):
+            ids = torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(10 + i))
+            loss = m(input_ids=ids.chunk(world)[rank] if share else ids).logits.float().pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            del loss
+            opt.step()
+            schedule.step()
+            if schedule.done and not schedule.pruned:
+                schedule.prune()
+        if share:
+            plan = schedule.plan
+    plain = full_copy(model, initial)
+    apply_plan(plain, plan)
+    with torch.no_grad():
+        same = torch.allclose(plain(**x).logits, ref(**x).logits, atol=1e-4)
+    return {"close": close_params(plain, ref), "same": same, "heads": plain.model.layers[1].self_attn.k_proj.weight.shape[0],
+            "neurons": plain.model.layers[0].mlp.gate_proj.weight.shape[0]}
+
+
+def test_a_sharded_llama_prunes_heads_and_neurons_like_one_process(ranks):
+    pytest.importorskip("transformers")
+    for out in ranks.run(_llama, timeout=150):
+        assert out == {"close": True, "same": True, "heads": 8, "neurons": 24}, out
