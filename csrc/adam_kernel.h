@@ -401,15 +401,12 @@ struct AdamStep : TermRunner<AdamStep<DT>, DT> {
     v = static_cast<T*>(d.v);
     vmax = static_cast<T*>(d.vmax);
     const bool mask = t.mask != nullptr;
-    const int f = (h.has_scale ? kDScale : 0) | (t.lam != nullptr ? kDLam : 0) |
-                  (t.lam_cols != nullptr ? kDLamCols : 0) | (t.l1 != nullptr ? kDL1 : 0) |
-                  (t.polar != nullptr ? kDPolar : 0) | (t.target != nullptr ? kDAdmm : 0);
+    const int f = d_terms_of(t, h.has_scale);
     fused = nullptr;
     fused_direct = nullptr;
     weights_direct = nullptr;
     rows = false;
-    // group lasso clamps after its scale (TermRunner's group_loop)
-    const bool clamp_now = t.clamp && t.prox != 2;
+    const bool clamp_now = update_clamps(t);
     if ((f & ~(kDScale | kDLam)) == 0) {
       rows = this->rows_ok();
       const int fi =
@@ -431,18 +428,8 @@ struct AdamStep : TermRunner<AdamStep<DT>, DT> {
     moments = moment_fns[vmax != nullptr ? 1 : 0][mask ? 1 : 0];
     weights = adam_weights_for<float>(weights_index(mask, clamp_now, rows), std::make_integer_sequence<int, 16>{});
     vml = h.vml_sqrt;
-    c = Terms{};
-    c.scale = h.scale;
-    c.wd = h.wd;
-    c.lr = h.lr;
+    c = terms_of(t, h);
     c.mu = h.keep_w;
-    c.negate = h.maximize ? 0x80000000u : 0u;
-    c.wd_m = mask_of(h.has_wd);
-    c.p_lam = t.polar != nullptr ? t.polar[0] : 0.0f;
-    c.p_t = t.polar != nullptr ? t.polar[1] : 0.0f;
-    c.p_m = t.polar != nullptr ? t.polar[2] : 0.0f;
-    c.p_s = t.polar != nullptr ? t.polar[3] : 0.0f;
-    c.rho = t.rho;
     a.coef = h.lerp_coef;
     a.small = h.lerp_small;
     a.b2 = h.b2;
@@ -451,8 +438,8 @@ struct AdamStep : TermRunner<AdamStep<DT>, DT> {
     a.neg_ss = d.neg_step_size;
     a.bc2 = d.bc2_sqrt;
     a.lr = h.lr;
-    a.lo = clamp_now ? t.clamp_lo : -__builtin_inff();
-    a.hi = clamp_now ? t.clamp_hi : __builtin_inff();
+    a.lo = c.lo;
+    a.hi = c.hi;
   }
 
   // Software prefetch of the streams kAhead elements past [e, e + q) (and

@@ -339,8 +339,7 @@ struct TermsStep : TermRunner<TermsStep<DT>, DT> {
     const bool lam = t.lam != nullptr;
     const bool prox1 = t.prox == 1;
     const int d_count = (t.lam_cols != nullptr) + (t.l1 != nullptr) + (t.target != nullptr);
-    // group lasso clamps after its scale (group_loop), the others in the update
-    const bool clamp_now = t.clamp && t.prox != 2;
+    const bool clamp_now = update_clamps(t);
     one = nullptr;
     one_direct = nullptr;
     one_out = nullptr;
@@ -368,28 +367,12 @@ struct TermsStep : TermRunner<TermsStep<DT>, DT> {
         }
       }
     }
-    const int f = (h.has_scale ? kDScale : 0) | (lam ? kDLam : 0) | (t.lam_cols != nullptr ? kDLamCols : 0) |
-                  (t.l1 != nullptr ? kDL1 : 0) | (t.polar != nullptr ? kDPolar : 0) |
-                  (t.target != nullptr ? kDAdmm : 0);
-    dfn = d_loop_for(f, std::make_integer_sequence<int, kDVariants>{});
+    dfn = d_loop_for(d_terms_of(t, h.has_scale), std::make_integer_sequence<int, kDVariants>{});
     update = update_loop_for((mom * 2 + (mask ? 1 : 0)) * 2 + (prox1 ? 1 : 0), std::make_integer_sequence<int, 12>{});
-    c.scale = h.scale;
-    c.wd = h.wd;
-    c.lr = h.lr;
+    c = terms_of(t, h);
     c.mu = h.mu;
     c.damp1 = h.damp1;
-    c.negate = h.maximize ? 0x80000000u : 0u;
-    c.wd_m = mask_of(h.has_wd);
     c.nesterov_m = mask_of(h.nesterov);
-    c.p_lam = t.polar != nullptr ? t.polar[0] : 0.0f;
-    c.p_t = t.polar != nullptr ? t.polar[1] : 0.0f;
-    c.p_m = t.polar != nullptr ? t.polar[2] : 0.0f;
-    c.p_s = t.polar != nullptr ? t.polar[3] : 0.0f;
-    c.rho = t.rho;
-    // the update loops clamp to the tensor's bounds, or to bounds that change
-    // nothing (group lasso clamps after its scale: TermRunner's group_loop)
-    c.lo = clamp_now ? t.clamp_lo : -__builtin_inff();
-    c.hi = clamp_now ? t.clamp_hi : __builtin_inff();
   }
 
   // Step the fp32 values xf (W on entry) of m elements with gradient gf

@@ -7,7 +7,8 @@
 // common/dtype_kernel.h already compiled in). Everything here is therefore
 // compiled for that ISA. It holds the element helpers (select, sign, soft
 // threshold, clamp), the row norms, the per-row / per-column stream
-// expansions, the regularizer gradient terms of reference.sgd.add_terms
+// expansions, the per-tensor constants both families fill alike (terms_of,
+// d_terms_of), the regularizer gradient terms of reference.sgd.add_terms
 // (add_terms_at), the group-lasso finish, the coefficient streams of a
 // piece (Streams: per element, or one value per row piece), and TermRunner:
 // the block / row / group-lasso machinery of the general path, which a
@@ -281,6 +282,39 @@ struct TermCoefs {
 };
 
 RK_AI TermCoefs coefs_of(const Terms& c) { return TermCoefs{c.rho, c.p_lam, c.p_t, c.p_m, c.p_s}; }
+
+// The kD* bits of a tensor's d terms (kDScale: the step unscales g).
+RK_AI int d_terms_of(const TensorDesc& t, bool has_scale) {
+  return (has_scale ? kDScale : 0) | (t.lam != nullptr ? kDLam : 0) | (t.lam_cols != nullptr ? kDLamCols : 0) |
+         (t.l1 != nullptr ? kDL1 : 0) | (t.polar != nullptr ? kDPolar : 0) | (t.target != nullptr ? kDAdmm : 0);
+}
+
+// Whether the update loops clamp: the group lasso clamps after its scale
+// instead (TermRunner's group_loop).
+RK_AI bool update_clamps(const TensorDesc& t) { return t.clamp && t.prox != 2; }
+
+// The Terms both families fill alike (H: Hyper or AdamHyper): the gradient's
+// scale and sign, L2 decay, lr, the polarization and ADMM coefficients, and
+// the bounds the update loops clamp to (the tensor's, or bounds that change
+// nothing). The family's own (mu, damp1, nesterov_m) are left 0.
+template <class H>
+RK_AI Terms terms_of(const TensorDesc& t, const H& h) {
+  Terms c{};
+  c.scale = h.scale;
+  c.wd = h.wd;
+  c.lr = h.lr;
+  c.negate = h.maximize ? 0x80000000u : 0u;
+  c.wd_m = mask_of(h.has_wd);
+  c.p_lam = t.polar != nullptr ? t.polar[0] : 0.0f;
+  c.p_t = t.polar != nullptr ? t.polar[1] : 0.0f;
+  c.p_m = t.polar != nullptr ? t.polar[2] : 0.0f;
+  c.p_s = t.polar != nullptr ? t.polar[3] : 0.0f;
+  c.rho = t.rho;
+  const bool clamp_now = update_clamps(t);
+  c.lo = clamp_now ? t.clamp_lo : -__builtin_inff();
+  c.hi = clamp_now ? t.clamp_hi : __builtin_inff();
+  return c;
+}
 
 // The regularizer gradient terms of reference.sgd.add_terms, added to d in
 // the contract's order, each one fp32 rounding, no FMA (F: the kD* bits of

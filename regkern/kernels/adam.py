@@ -26,8 +26,9 @@ decay ``W * (1 - lr * decay)``, the regularizer terms (``.common.add_terms``:
 coupled, added to h; decoupled, ``W - lr * (0 + terms)``), the moments
 (torch's lerp and addcmul, with fma where torch's CPU kernels have one), the
 amsgrad maximum, the update, the mask of W and every moment, then the sgd
-family's post-update part (``.common``: proximal map, clamp, mask again, row
-norms; group lasso on rows longer than a block in two passes). W and the
+family's post-update part (``.common.step_unit``, the piece loop of both
+kernels: proximal map, clamp, mask again, row norms; group lasso on rows
+longer than a block in two passes). W and the
 moments are stored rounded once to W's dtype.
 
 No host synchronisation: ``lr`` may be a 0-d device tensor and GradScaler's
@@ -55,10 +56,9 @@ from torch import Tensor
 
 from regkern.layouts import ADAM_COLUMN, ADAM_FIELDS, DTYPE_CODE
 
-from .common import (UNIT_FIELDS, add_terms, aligned16, clamped, descent_grad, has_terms, keep_mask,
-                     load_grad_scale, piece_plan, place_amp_scalars, program_unit, prox_map, register_ceiling,
-                     piece_origin, row_origin, skip_step, store_row_norms, tl_dtype, vector_piece, whole,
-                     zero_empty_row_norms)
+from .common import (UNIT_FIELDS, add_terms, descent_grad, device_lr, has_terms, keep_mask, load_grad_scale,
+                     place_amp_scalars, program_unit, register_ceiling, skip_step, step_unit, tl_dtype,
+                     unit_pointers)
 from .sgd import DEFAULT_CHUNK, check_columns, work_units
 from .table_checks import TableCheck
 
@@ -86,10 +86,6 @@ _NUM_FIELDS = tl.constexpr(len(ADAM_FIELDS))
 _PARAM = tl.constexpr(ADAM_COLUMN["PARAM"])
 _GRAD = tl.constexpr(ADAM_COLUMN["GRAD"])
 _MASK_KIND = tl.constexpr(ADAM_COLUMN["MASK_KIND"])
-_NORMS = tl.constexpr(ADAM_COLUMN["NORMS"])
-_ROW_LEN = tl.constexpr(ADAM_COLUMN["ROW_LEN"])
-_PROX = tl.constexpr(ADAM_COLUMN["PROX"])
-_PROX_LAM = tl.constexpr(ADAM_COLUMN["PROX_LAM"])
 _EXP_AVG = tl.constexpr(ADAM_COLUMN["EXP_AVG"])
 _EXP_AVG_SQ = tl.constexpr(ADAM_COLUMN["EXP_AVG_SQ"])
 _MAX_EXP_AVG_SQ = tl.constexpr(ADAM_COLUMN["MAX_EXP_AVG_SQ"])
@@ -129,16 +125,21 @@ def _count_steps(table, count, found_inf_ptr, HAS_FOUND_INF: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _updated(meta, w_at, g_at, m_at, v_at, vmax_at, idx, inb, start, r0, c0, row_len,
-             lr, w1, small_w1, b2, one_minus_b2, eps, weight_decay, decay, decay_factor, terms,
-             neg_step_size, bc2_sqrt, grad_scale,
-             DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED: tl.constexpr,
-             HAS_GRAD_SCALE: tl.constexpr, STORE_MOMENTS: tl.constexpr):
+def _updated(meta, at, idx, inb, start, r0, c0, row_len, args, FLAGS: tl.constexpr, DTYPE: tl.constexpr,
+             WRITE: tl.constexpr):
     """The contract up to the first mask for the lanes idx of a piece
-    (elements start + idx, the first at row r0, column c0; the pointers point
-    at element start): W in fp32. With ``STORE_MOMENTS`` the masked
-    moments are stored here, rounded once (their registers and addresses are
-    free before the post-update part); without, nothing is written."""
+    (elements start + idx, the first at row r0, column c0; ``at``: W, the
+    gradient, the moments at element start): W in fp32. With ``WRITE`` the
+    masked moments are stored here, rounded once (their registers and
+    addresses are free before the post-update part); without, nothing is
+    written (``.common.step_unit``'s UPDATE)."""
+    w_at, g_at, m_at, v_at, vmax_at = at
+    (lr, w1, small_w1, b2, one_minus_b2, eps, weight_decay, decay, decay_factor, terms, neg_step_size, bc2_sqrt,
+     grad_scale) = args
+    AMSGRAD: tl.constexpr = FLAGS[0]
+    MAXIMIZE: tl.constexpr = FLAGS[1]
+    COUPLED: tl.constexpr = FLAGS[2]
+    HAS_GRAD_SCALE: tl.constexpr = FLAGS[3]
     w = tl.load(w_at + idx, mask=inb).to(tl.float32)
     h = descent_grad(g_at, idx, inb, grad_scale, HAS_GRAD_SCALE, MAXIMIZE)
     if weight_decay != 0:
@@ -170,36 +171,12 @@ def _updated(meta, w_at, g_at, m_at, v_at, vmax_at, idx, inb, start, r0, c0, row
         v = v * keep
         if AMSGRAD:
             vmax = vmax * keep
-    if STORE_MOMENTS:
+    if WRITE:
         tl.store(m_at + idx, m.to(DTYPE), mask=inb)
         tl.store(v_at + idx, v.to(DTYPE), mask=inb)
         if AMSGRAD:
             tl.store(vmax_at + idx, vmax.to(DTYPE), mask=inb)
     return x
-
-
-@triton.jit
-def _step_piece(meta, w_at, g_at, m_at, v_at, vmax_at, norms_ptr, idx, inb, start, r0, c0, row_len, prox,
-                prox_lam_ptr, norm, long_rows, carry_l1, carry_sq, with_norms,
-                lr, w1, small_w1, b2, one_minus_b2, eps, weight_decay, decay, decay_factor, terms,
-                neg_step_size, bc2_sqrt, grad_scale, DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
-                MAXIMIZE: tl.constexpr, COUPLED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr):
-    """One piece (its lanes idx at elements start + idx, the first at row r0,
-    column c0; the pointers at element start) stepped and written: the
-    contract with the moments stored, the proximal map, the clamp, W rounded
-    once, the row norms. Returns the norms' carries into the next piece."""
-    w = _updated(meta, w_at, g_at, m_at, v_at, vmax_at, idx, inb, start, r0, c0, row_len,
-                 lr, w1, small_w1, b2, one_minus_b2, eps, weight_decay, decay, decay_factor,
-                 terms, neg_step_size, bc2_sqrt, grad_scale,
-                 DTYPE, AMSGRAD, MAXIMIZE, COUPLED, HAS_GRAD_SCALE, True)
-    w = prox_map(w, prox, prox_lam_ptr, lr, norm, long_rows, idx, inb, idx, r0, c0, row_len, BLOCK)
-    w = clamped(meta, w, idx, inb, start, r0, c0, row_len)
-    stored = w.to(DTYPE)
-    tl.store(w_at + idx, stored, mask=inb)
-    if with_norms:
-        carry_l1, carry_sq = store_row_norms(norms_ptr, stored, idx, inb, idx, r0, c0, row_len, carry_l1, carry_sq,
-                                             BLOCK)
-    return carry_l1, carry_sq
 
 
 @triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "decay_bits"])
@@ -231,74 +208,12 @@ def _adam_kernel(
     small_w1 = tl.abs(w1) < 0.5  # torch's is_lerp_weight_small
     terms = has_terms(meta)
 
-    w_addr = tl.load(meta + _PARAM)
-    g_addr = tl.load(meta + _GRAD)
-    m_addr = tl.load(meta + _EXP_AVG)
-    v_addr = tl.load(meta + _EXP_AVG_SQ)
-    vmax_addr = tl.load(meta + _MAX_EXP_AVG_SQ)
-    aligned = aligned16(w_addr | g_addr | m_addr | v_addr | vmax_addr)  # whole pieces then move 16 bytes per access
-    w_ptr = w_addr.to(tl.pointer_type(DTYPE)) + start
-    g_ptr = g_addr.to(tl.pointer_type(DTYPE)) + start
-    m_ptr = m_addr.to(tl.pointer_type(DTYPE)) + start
-    v_ptr = v_addr.to(tl.pointer_type(DTYPE)) + start
-    vmax_ptr = vmax_addr.to(tl.pointer_type(DTYPE)) + start
-    norms = tl.load(meta + _NORMS)
-    norms_ptr = norms.to(tl.pointer_type(tl.float32))
-    prox = tl.load(meta + _PROX)
-    prox_lam_ptr = tl.load(meta + _PROX_LAM).to(tl.pointer_type(tl.float32))
-    row_len = tl.load(meta + _ROW_LEN)
-    idx = tl.arange(0, BLOCK)
-
-    if (norms != 0) & (row_len == 0):
-        zero_empty_row_norms(meta, norms_ptr, idx, BLOCK)
-
-    # Element start lies in row r0 at column c0; each piece finds its own (piece_origin).
-    r0, c0, row_len = row_origin(start, row_len)
-    size = (end - start).to(tl.int32)
-
-    # Pieces as in the sgd kernel (.common.piece_plan): group-lasso rows longer
-    # than a block one row at a time, after a pass that only computes ||W_r||.
-    long_rows, step, span = piece_plan(prox, row_len, size, BLOCK)
-    carry_l1 = 0.0  # norms: sums of the row that the previous piece left unfinished
-    carry_sq = 0.0
-    for row_start in range(0, size, span):
-        row_end = tl.minimum(row_start + span, size)
-        norm = 0.0
-        if long_rows:
-            # pass 1: ||W_r|| of the updated, masked row; nothing written
-            for piece in range(row_start, row_end, BLOCK):
-                i = piece + idx
-                inb = i < row_end
-                rp, cp = piece_origin(r0, c0, row_len, piece)
-                w = _updated(meta, w_ptr + piece, g_ptr + piece, m_ptr + piece, v_ptr + piece, vmax_ptr + piece,
-                             idx, inb, start + piece, rp, cp, row_len,
-                             lr, w1, small_w1, b2, one_minus_b2, eps, weight_decay, decay, decay_factor,
-                             terms, neg_step_size, bc2_sqrt, grad_scale,
-                             DTYPE, AMSGRAD, MAXIMIZE, COUPLED, HAS_GRAD_SCALE, False)
-                norm += tl.sum(tl.where(inb, w * w, 0.0))
-            norm = tl.sqrt_rn(norm)
-        for piece in range(row_start, row_end, step):
-            i = piece + idx
-            rp, cp = piece_origin(r0, c0, row_len, piece)
-            if vector_piece(aligned, start, piece, row_end, BLOCK, DTYPE) & (step == BLOCK):
-                # the same code with pointers known 16-byte aligned and a mask known true
-                w_at = tl.multiple_of(w_ptr + piece, 16)
-                g_at = tl.multiple_of(g_ptr + piece, 16)
-                m_at = tl.multiple_of(m_ptr + piece, 16)
-                v_at = tl.multiple_of(v_ptr + piece, 16)
-                vmax_at = tl.multiple_of(vmax_ptr + piece, 16)
-                carry_l1, carry_sq = _step_piece(
-                    meta, w_at, g_at, m_at, v_at, vmax_at, norms_ptr, idx, whole(BLOCK), start + piece, rp, cp, row_len,
-                    prox, prox_lam_ptr, norm, long_rows, carry_l1, carry_sq, norms != 0,
-                    lr, w1, small_w1, b2, one_minus_b2, eps, weight_decay, decay, decay_factor, terms,
-                    neg_step_size, bc2_sqrt, grad_scale, DTYPE, AMSGRAD, MAXIMIZE, COUPLED, HAS_GRAD_SCALE, BLOCK)
-            else:
-                carry_l1, carry_sq = _step_piece(
-                    meta, w_ptr + piece, g_ptr + piece, m_ptr + piece, v_ptr + piece, vmax_ptr + piece, norms_ptr,
-                    idx, (i < row_end) & (idx < step), start + piece, rp, cp, row_len, prox, prox_lam_ptr, norm,
-                    long_rows, carry_l1, carry_sq, norms != 0,
-                    lr, w1, small_w1, b2, one_minus_b2, eps, weight_decay, decay, decay_factor, terms,
-                    neg_step_size, bc2_sqrt, grad_scale, DTYPE, AMSGRAD, MAXIMIZE, COUPLED, HAS_GRAD_SCALE, BLOCK)
+    aligned, ptrs = unit_pointers((tl.load(meta + _PARAM), tl.load(meta + _GRAD), tl.load(meta + _EXP_AVG),
+                                   tl.load(meta + _EXP_AVG_SQ), tl.load(meta + _MAX_EXP_AVG_SQ)), start, DTYPE)
+    step_unit(meta, start, end, ptrs, aligned, lr,
+              (lr, w1, small_w1, b2, one_minus_b2, eps, weight_decay, decay, decay_factor, terms, neg_step_size,
+               bc2_sqrt, grad_scale),
+              (AMSGRAD, MAXIMIZE, COUPLED, HAS_GRAD_SCALE), _updated, DTYPE, BLOCK)
 
 
 def check_table(table: Tensor, dtype: Optional[torch.dtype] = None, amsgrad: bool = False,
@@ -393,9 +308,7 @@ def adam_step(
     skip, found_inf, grad_scale = place_amp_scalars(found_inf, grad_scale, device)
     if skip:
         return
-    lr_on_device = isinstance(lr, Tensor) and lr.device == device
-    if isinstance(lr, Tensor) and not lr_on_device:
-        lr = float(lr)  # a CPU scalar: reading it costs no device sync
+    lr, lr_on_device = device_lr(lr, device)
     has_found_inf = found_inf is not None
     found_inf_arg = table if found_inf is None else found_inf
     _count_steps[(triton.cdiv(count, COUNT_BLOCK),)](

@@ -41,8 +41,8 @@ from torch import Tensor
 
 from regkern.layouts import DTYPE_CODE, MODE_ELEMENT, MODE_ROWS, MODE_SOFT, SAS_COLUMN, SAS_FIELDS, ZU_COLUMN, ZU_FIELDS
 
-from .common import (UNIT_FIELDS, aligned16, column_f32, lane_rows, last_lane, piece_origin, program_unit, row_origin,
-                     row_running_sum, rows_of, tl_dtype, units_of, vector_piece, whole)
+from .common import (UNIT_FIELDS, aligned16, column_f32, for_pieces, lane_rows, last_lane, piece_origin, program_unit,
+                     row_origin, row_running_sum, rows_of, tl_dtype, units_of)
 from .table_checks import TableCheck
 
 DEFAULT_CHUNK = 16384  # elements per work unit
@@ -137,10 +137,12 @@ def _scores_kernel(table, units, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _zu_piece(w_at, z_at, u_at, t_at, keep_ptr, idx, inb, start, r0, c0, row_len, mode, threshold, cut,
-              has_target, DTYPE: tl.constexpr):
-    """Z, U and the target of one piece (its lanes idx at elements start + idx,
-    the first at row r0, column c0; the pointers at element start)."""
+def _zu_piece(at, idx, inb, start, r0, c0, row_len, carry, args, FLAGS: tl.constexpr, DTYPE: tl.constexpr):
+    """Z, U and the target of one piece (.common.for_pieces's PIECE, no
+    carry: its lanes idx at elements start + idx, the first at row r0,
+    column c0; ``at``: W, Z, U and the target at element start)."""
+    w_at, z_at, u_at, t_at = at
+    keep_ptr, mode, threshold, cut, has_target = args
     w = tl.load(w_at + idx, mask=inb).to(tl.float32)
     u = tl.load(u_at + idx, mask=inb)
     v = w + u
@@ -158,6 +160,7 @@ def _zu_piece(w_at, z_at, u_at, t_at, keep_ptr, idx, inb, start, r0, c0, row_len
     tl.store(u_at + idx, u, mask=inb)
     if has_target:
         tl.store(t_at + idx, (z - u).to(DTYPE), mask=inb)
+    return carry
 
 
 @triton.jit
@@ -168,10 +171,8 @@ def _zu_kernel(table, units, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     u_addr = tl.load(meta + _ZU_U)
     target = tl.load(meta + _ZU_TARGET)
     aligned = aligned16(w_addr | z_addr | u_addr | target)  # whole pieces then move 16 bytes per access
-    w_ptr = w_addr.to(tl.pointer_type(DTYPE)) + start
-    z_ptr = z_addr.to(tl.pointer_type(tl.float32)) + start
-    u_ptr = u_addr.to(tl.pointer_type(tl.float32)) + start
-    t_ptr = target.to(tl.pointer_type(DTYPE)) + start
+    ptrs = (w_addr.to(tl.pointer_type(DTYPE)) + start, z_addr.to(tl.pointer_type(tl.float32)) + start,
+            u_addr.to(tl.pointer_type(tl.float32)) + start, target.to(tl.pointer_type(DTYPE)) + start)
     keep_ptr = tl.load(meta + _ZU_ROW_KEEP).to(tl.pointer_type(tl.int8))  # torch.bool: one byte
     mode = tl.load(meta + _ZU_MODE)
     threshold = column_f32(meta, _ZU_THRESHOLD)
@@ -179,28 +180,19 @@ def _zu_kernel(table, units, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     # element start lies in row r0 at column c0; each piece finds its own (piece_origin)
     r0, c0, row_len = row_origin(start, tl.load(meta + _ZU_ROW_LEN))
     size = (end - start).to(tl.int32)
-    idx = tl.arange(0, BLOCK)
-    for piece in range(0, size, BLOCK):
-        i = piece + idx
-        rp, cp = piece_origin(r0, c0, row_len, piece)
-        if vector_piece(aligned, start, piece, size, BLOCK, DTYPE):
-            # the same code with pointers known 16-byte aligned and a mask known true
-            w_at = tl.multiple_of(w_ptr + piece, 16)
-            z_at = tl.multiple_of(z_ptr + piece, 16)
-            u_at = tl.multiple_of(u_ptr + piece, 16)
-            t_at = tl.multiple_of(t_ptr + piece, 16)
-            _zu_piece(w_at, z_at, u_at, t_at, keep_ptr, idx, whole(BLOCK), start + piece, rp, cp, row_len, mode,
-                      threshold, cut, target != 0, DTYPE)
-        else:
-            _zu_piece(w_ptr + piece, z_ptr + piece, u_ptr + piece, t_ptr + piece, keep_ptr, idx, i < size,
-                      start + piece, rp, cp, row_len, mode, threshold, cut, target != 0, DTYPE)
+    nothing = 0.0  # no carry between pieces
+    for_pieces(_zu_piece, ptrs, aligned, start, size, r0, c0, row_len, nothing,
+               (keep_ptr, mode, threshold, cut, target != 0), (), DTYPE, BLOCK)
 
 
 @triton.jit
-def _sas_piece(meta, p_at, g_at, w_at, wb_at, a_at, z_at, u_at, idx, inb, outer, c, inv_cr, b, b1, bn, bn1,
-               DTYPE: tl.constexpr):
-    """One SAS-ADMM piece (the pointers at its first element): W_breve, W, the
-    outer update where due, W_hat into the parameter."""
+def _sas_piece(at, idx, inb, start, r0, c0, row_len, carry, args, FLAGS: tl.constexpr, DTYPE: tl.constexpr):
+    """One SAS-ADMM piece (.common.for_pieces's PIECE, no rows, no carry;
+    ``at``: the parameter, gradient, W, W_breve, anchor, Z and U at its first
+    element): W_breve, W, the outer update where due, W_hat into the
+    parameter."""
+    p_at, g_at, w_at, wb_at, a_at, z_at, u_at = at
+    meta, outer, c, inv_cr, b, b1, bn, bn1 = args
     g = tl.load(g_at + idx, mask=inb).to(tl.float32)
     wb = ((c * tl.load(wb_at + idx, mask=inb) + tl.load(a_at + idx, mask=inb)) - g) * inv_cr
     w = b * wb + b1 * tl.load(w_at + idx, mask=inb)
@@ -222,6 +214,7 @@ def _sas_piece(meta, p_at, g_at, w_at, wb_at, a_at, z_at, u_at, idx, inb, outer,
     tl.store(wb_at + idx, wb, mask=inb)
     tl.store(w_at + idx, w, mask=inb)
     tl.store(p_at + idx, (bn * wb + bn1 * w).to(DTYPE), mask=inb)
+    return carry
 
 
 @triton.jit
@@ -231,13 +224,13 @@ def _sas_kernel(table, units, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
                  | tl.load(meta + _SAS_W_BREVE) | tl.load(meta + _SAS_ANCHOR) | tl.load(meta + _SAS_Z)
                  | tl.load(meta + _SAS_U))
     aligned = aligned16(addresses)  # whole pieces then move 16 bytes per access
-    p_ptr = tl.load(meta + _SAS_PARAM).to(tl.pointer_type(DTYPE)) + start
-    g_ptr = tl.load(meta + _SAS_GRAD).to(tl.pointer_type(DTYPE)) + start
-    w_ptr = tl.load(meta + _SAS_W).to(tl.pointer_type(tl.float32)) + start
-    wb_ptr = tl.load(meta + _SAS_W_BREVE).to(tl.pointer_type(tl.float32)) + start
-    a_ptr = tl.load(meta + _SAS_ANCHOR).to(tl.pointer_type(tl.float32)) + start
-    z_ptr = tl.load(meta + _SAS_Z).to(tl.pointer_type(tl.float32)) + start
-    u_ptr = tl.load(meta + _SAS_U).to(tl.pointer_type(tl.float32)) + start
+    ptrs = (tl.load(meta + _SAS_PARAM).to(tl.pointer_type(DTYPE)) + start,
+            tl.load(meta + _SAS_GRAD).to(tl.pointer_type(DTYPE)) + start,
+            tl.load(meta + _SAS_W).to(tl.pointer_type(tl.float32)) + start,
+            tl.load(meta + _SAS_W_BREVE).to(tl.pointer_type(tl.float32)) + start,
+            tl.load(meta + _SAS_ANCHOR).to(tl.pointer_type(tl.float32)) + start,
+            tl.load(meta + _SAS_Z).to(tl.pointer_type(tl.float32)) + start,
+            tl.load(meta + _SAS_U).to(tl.pointer_type(tl.float32)) + start)
     outer = tl.load(meta + _SAS_OUTER) != 0
     c = column_f32(meta, _SAS_C)
     inv_cr = column_f32(meta, _SAS_INV_CR)
@@ -246,22 +239,10 @@ def _sas_kernel(table, units, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     bn = column_f32(meta, _SAS_BN)
     bn1 = column_f32(meta, _SAS_BN1)
     size = (end - start).to(tl.int32)
-    idx = tl.arange(0, BLOCK)
-    for piece in range(0, size, BLOCK):
-        if vector_piece(aligned, start, piece, size, BLOCK, DTYPE):
-            # the same code with pointers known 16-byte aligned and a mask known true
-            p_at = tl.multiple_of(p_ptr + piece, 16)
-            g_at = tl.multiple_of(g_ptr + piece, 16)
-            w_at = tl.multiple_of(w_ptr + piece, 16)
-            wb_at = tl.multiple_of(wb_ptr + piece, 16)
-            a_at = tl.multiple_of(a_ptr + piece, 16)
-            z_at = tl.multiple_of(z_ptr + piece, 16)
-            u_at = tl.multiple_of(u_ptr + piece, 16)
-            _sas_piece(meta, p_at, g_at, w_at, wb_at, a_at, z_at, u_at, idx, whole(BLOCK), outer, c, inv_cr, b, b1,
-                       bn, bn1, DTYPE)
-        else:
-            _sas_piece(meta, p_ptr + piece, g_ptr + piece, w_ptr + piece, wb_ptr + piece, a_ptr + piece,
-                       z_ptr + piece, u_ptr + piece, idx, piece + idx < size, outer, c, inv_cr, b, b1, bn, bn1, DTYPE)
+    nothing = 0.0  # no carry between pieces
+    # elements without rows: the pieces' rows (one row of every element) go unused
+    for_pieces(_sas_piece, ptrs, aligned, start, size, start, 0, 1, nothing, (meta, outer, c, inv_cr, b, b1, bn, bn1),
+               (), DTYPE, BLOCK)
 
 
 def build_units(numel: Tensor, row_len: Optional[Tensor] = None, chunk: Optional[int] = None) -> Tensor:

@@ -5,7 +5,7 @@ Launch side (Python):
 - ``TL_DTYPE``: the storage dtypes the kernels take, as Triton types, and
   :func:`tl_dtype`, which refuses any other;
 - :func:`place_amp_scalars`: GradScaler's ``found_inf`` and ``grad_scale``
-  moved where a kernel reads them;
+  moved where a kernel reads them, and :func:`device_lr` the learning rate;
 - :func:`units_of`: the ``[U, 3]`` work list (tensor, start, end) from each
   tensor's element count and unit length;
 - :func:`register_ceiling`: the ``maxnreg`` launch option on NVIDIA GPUs.
@@ -21,10 +21,11 @@ Kernel side (``@triton.jit``, inlined into the caller):
   (a piece's first row and column, int64, one division per piece),
   :func:`lane_rows` (each lane's row, row start and row end flags),
   :func:`lane_columns`, both on :func:`small_divmod`;
-- vector accesses: :func:`aligned16`, :func:`vector_piece`, :func:`whole`
-  (a piece whose tensors start on 16 bytes and that is whole
+- vector accesses: :func:`aligned16`, :func:`vector_piece`, :func:`whole`,
+  :func:`piece_at` (a piece whose tensors start on 16 bytes and that is whole
   is stepped with pointers and a mask the compiler knows, so loads and
-  stores move 16 bytes; other pieces take the same code with plain ones);
+  stores move 16 bytes; other pieces take the same code with plain ones),
+  and :func:`for_pieces`, a unit's loop over such pieces;
 - table columns holding float64 bits (:func:`column_f64`, :func:`column_f32`);
 - :func:`descent_grad`: a gradient loaded in fp32, unscaled and negated
   under ``maximize``;
@@ -46,7 +47,10 @@ both), in one home for the ``sgd`` and ``adam`` kernels:
   and rows for group lasso), :func:`prox_map` (soft threshold or group-lasso
   shrink, :func:`soft_threshold`, :func:`group_shrink`), :func:`clamped`
   (the clamp and the mask again), :func:`zero_empty_row_norms` and
-  :func:`store_row_norms` (the row norms of the stored W).
+  :func:`store_row_norms` (the row norms of the stored W);
+- the unit's piece loop of both kernels: :func:`step_unit` (pieces, the
+  two group-lasso passes, vector pieces, the post-update part) around the
+  family's contract, on the pointers of :func:`unit_pointers`.
 
 This module imports only the table layouts (``regkern.layouts``) of regkern.
 """
@@ -90,6 +94,16 @@ def place_amp_scalars(found_inf: Optional[Tensor], grad_scale: Optional[Tensor],
     if grad_scale is not None and grad_scale.device != device:
         grad_scale = grad_scale.to(device)
     return False, found_inf, grad_scale
+
+
+def device_lr(lr, device):
+    """``(lr, on_device)``: a 0-d tensor on ``device`` the kernel reads (no
+    host sync), or else a number (a CPU tensor read here: that costs no
+    device sync)."""
+    on_device = isinstance(lr, Tensor) and lr.device == device
+    if isinstance(lr, Tensor) and not on_device:
+        lr = float(lr)
+    return lr, on_device
 
 
 def register_ceiling(device, max_registers: int) -> dict:
@@ -230,9 +244,10 @@ def vector_piece(aligned, start, piece, piece_end, BLOCK: tl.constexpr, DTYPE: t
     tensors whose base addresses are ``aligned`` (:func:`aligned16`) lies whole
     before ``piece_end`` and starts on 16 bytes of the storage ``DTYPE`` (fp32
     companions of a 16-bit tensor then start on 16 bytes too): its pointers
-    may be declared 16-byte aligned (``tl.multiple_of(ptr + piece, 16)``, in
-    the kernel itself: the hint marks the operation that computes the pointer,
-    which a helper's argument is not) and its mask all true (:func:`whole`),
+    may be declared 16-byte aligned (``tl.multiple_of(ptr + piece, 16)``
+    where the sum is computed: the hint marks the operation that computes the
+    pointer, which a helper's argument is not; :func:`piece_at`) and its mask
+    all true (:func:`whole`),
     so each thread moves its elements in vector accesses."""
     return aligned & (piece + BLOCK <= piece_end) & (((start + piece) * (DTYPE.primitive_bitwidth // 8)) % 16 == 0)
 
@@ -241,6 +256,44 @@ def vector_piece(aligned, start, piece, piece_end, BLOCK: tl.constexpr, DTYPE: t
 def whole(BLOCK: tl.constexpr):
     """The mask of a whole piece: all true, and known so at compile time."""
     return tl.full([BLOCK], 1, tl.int1)
+
+
+@triton.jit
+def piece_at(ptrs, piece, VECTOR: tl.constexpr):
+    """The pointers ``ptrs`` moved ``piece`` elements on; for a vector piece
+    (:func:`vector_piece`) declared 16-byte aligned where the sum is computed
+    (the hint marks that operation)."""
+    if VECTOR:
+        at = [tl.multiple_of(p + piece, 16) for p in ptrs]
+    else:
+        at = [p + piece for p in ptrs]
+    return at
+
+
+@triton.jit
+def for_pieces(PIECE: tl.constexpr, ptrs, aligned, start, size, r0, c0, row_len, carry, args, FLAGS: tl.constexpr,
+               DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """``carry = PIECE(at, idx, inb, start + piece, rp, cp, row_len, carry,
+    args, FLAGS, DTYPE)`` on each piece of BLOCK elements of a unit of
+    ``size`` elements from element ``start`` (row r0, column c0): ``at`` the
+    pointers ``ptrs`` (at element start; :func:`aligned16` of their bases:
+    ``aligned``) moved to the piece, whose first element lies at row rp,
+    column cp; a vector piece (:func:`vector_piece`) with pointers and mask
+    known at compile time. ``carry`` (a row sum continued into the next
+    piece, or anything passed on) must be a tensor, not a literal: a
+    constexpr is not carried by the loop. Returns the last carry."""
+    idx = tl.arange(0, BLOCK)
+    for piece in range(0, size, BLOCK):
+        i = piece + idx
+        rp, cp = piece_origin(r0, c0, row_len, piece)
+        if vector_piece(aligned, start, piece, size, BLOCK, DTYPE):
+            # the same code with pointers known 16-byte aligned and a mask known true
+            carry = PIECE(piece_at(ptrs, piece, True), idx, whole(BLOCK), start + piece, rp, cp, row_len, carry,
+                          args, FLAGS, DTYPE)
+        else:
+            carry = PIECE(piece_at(ptrs, piece, False), idx, i < size, start + piece, rp, cp, row_len, carry, args,
+                          FLAGS, DTYPE)
+    return carry
 
 
 @triton.jit
@@ -484,3 +537,107 @@ def store_row_norms(norms_ptr, stored, i, inb, idx, r0, c0, row_len, carry_l1, c
     tl.store(out + 1, tl.sqrt_rn(sq), mask=tail)
     tl.store(out + 2, tl.div_rn(l1, row_len.to(tl.float32)), mask=tail)
     return last_lane(l1, idx, BLOCK), last_lane(sq, idx, BLOCK)
+
+
+# ---------------------------------------------------------------------------
+# The unit's piece loop of the sgd-style kernels (sgd, adam): one home for
+# the pieces, the two group-lasso passes, the vector pieces and the
+# post-update part. A family gives its contract up to the first mask as
+# UPDATE(meta, at, i, inb, start, r0, c0, row_len, args, FLAGS, DTYPE, WRITE)
+# -> fp32 W: ``at`` its tensors' pointers at the piece (W first), ``args`` its
+# runtime hyper-parameters (a tuple), ``FLAGS`` its compile-time flags (a
+# tuple read by index: unpacking a tuple turns constexprs into tensors); with
+# WRITE its state (momentum buffer, moments) is stored, masked and rounded
+# once, without it nothing is written.
+
+_NORMS = tl.constexpr(SGD_COLUMN["NORMS"])
+_ROW_LEN = tl.constexpr(SGD_COLUMN["ROW_LEN"])
+_PROX = tl.constexpr(SGD_COLUMN["PROX"])
+_PROX_LAM = tl.constexpr(SGD_COLUMN["PROX_LAM"])
+
+
+@triton.jit
+def unit_pointers(addrs, start, DTYPE: tl.constexpr):
+    """``(aligned, ptrs)``: the tensors at the raw addresses ``addrs`` (a
+    tuple) as ``DTYPE`` pointers at element ``start``, and whether they all
+    start on 16 bytes (:func:`aligned16`: whole pieces then move 16 bytes per
+    access)."""
+    bits = addrs[0]
+    for k in tl.static_range(1, len(addrs)):
+        bits = bits | addrs[k]
+    return aligned16(bits), [a.to(tl.pointer_type(DTYPE)) + start for a in addrs]
+
+
+@triton.jit
+def _step_piece(meta, at, idx, inb, start, r0, c0, row_len, lr, args, FLAGS: tl.constexpr, norms_ptr, prox,
+                prox_lam_ptr, norm, long_rows, carry_l1, carry_sq, with_norms, UPDATE: tl.constexpr,
+                DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """One piece (its lanes idx at elements start + idx, the first at row r0,
+    column c0; ``at`` at element start) stepped and written: the family's
+    contract with its state stored, the proximal map, the clamp, W rounded
+    once, the row norms. Returns the norms' carries into the next piece."""
+    w = UPDATE(meta, at, idx, inb, start, r0, c0, row_len, args, FLAGS, DTYPE, True)
+    w = prox_map(w, prox, prox_lam_ptr, lr, norm, long_rows, idx, inb, idx, r0, c0, row_len, BLOCK)
+    w = clamped(meta, w, idx, inb, start, r0, c0, row_len)
+    stored = w.to(DTYPE)
+    tl.store(at[0] + idx, stored, mask=inb)
+    if with_norms:
+        carry_l1, carry_sq = store_row_norms(norms_ptr, stored, idx, inb, idx, r0, c0, row_len, carry_l1, carry_sq,
+                                             BLOCK)
+    return carry_l1, carry_sq
+
+
+@triton.jit
+def step_unit(meta, start, end, ptrs, aligned, lr, args, FLAGS: tl.constexpr, UPDATE: tl.constexpr,
+              DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """Step the elements [start, end) of the tensor of table row ``meta``
+    (``ptrs``, ``aligned``: :func:`unit_pointers`) in pieces of ``BLOCK``:
+    the family's ``UPDATE``, then the post-update part, row norms included.
+
+    With group lasso (units start on a row: c0 == 0), rows up to BLOCK long
+    are stepped whole rows per piece, and longer rows one row at a time
+    (span), each after a first pass that only computes ||W_r|| (:func:`piece_plan`)."""
+    norms = tl.load(meta + _NORMS)
+    norms_ptr = norms.to(tl.pointer_type(tl.float32))
+    prox = tl.load(meta + _PROX)
+    prox_lam_ptr = tl.load(meta + _PROX_LAM).to(tl.pointer_type(tl.float32))
+    row_len = tl.load(meta + _ROW_LEN)
+    idx = tl.arange(0, BLOCK)
+
+    if (norms != 0) & (row_len == 0):
+        zero_empty_row_norms(meta, norms_ptr, idx, BLOCK)
+
+    # Element start lies in row r0 at column c0; each piece finds its own (piece_origin).
+    r0, c0, row_len = row_origin(start, row_len)
+    size = (end - start).to(tl.int32)
+
+    long_rows, step, span = piece_plan(prox, row_len, size, BLOCK)
+    carry_l1 = 0.0  # norms: sums of the row that the previous piece left unfinished
+    carry_sq = 0.0
+    for row_start in range(0, size, span):
+        row_end = tl.minimum(row_start + span, size)
+        norm = 0.0
+        if long_rows:
+            # pass 1: ||W_r|| of the updated, masked row; nothing written
+            for piece in range(row_start, row_end, BLOCK):
+                i = piece + idx
+                inb = i < row_end
+                rp, cp = piece_origin(r0, c0, row_len, piece)
+                w = UPDATE(meta, piece_at(ptrs, piece, False), idx, inb, start + piece, rp, cp, row_len, args,
+                           FLAGS, DTYPE, False)
+                norm += tl.sum(tl.where(inb, w * w, 0.0))
+            norm = tl.sqrt_rn(norm)
+        for piece in range(row_start, row_end, step):
+            i = piece + idx
+            rp, cp = piece_origin(r0, c0, row_len, piece)
+            if vector_piece(aligned, start, piece, row_end, BLOCK, DTYPE) & (step == BLOCK):
+                # the same code with pointers known 16-byte aligned and a mask known true
+                carry_l1, carry_sq = _step_piece(
+                    meta, piece_at(ptrs, piece, True), idx, whole(BLOCK), start + piece, rp, cp, row_len, lr, args,
+                    FLAGS, norms_ptr, prox, prox_lam_ptr, norm, long_rows, carry_l1, carry_sq, norms != 0,
+                    UPDATE, DTYPE, BLOCK)
+            else:
+                carry_l1, carry_sq = _step_piece(
+                    meta, piece_at(ptrs, piece, False), idx, (i < row_end) & (idx < step), start + piece, rp, cp,
+                    row_len, lr, args, FLAGS, norms_ptr, prox, prox_lam_ptr, norm, long_rows, carry_l1, carry_sq,
+                    norms != 0, UPDATE, DTYPE, BLOCK)

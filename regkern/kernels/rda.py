@@ -43,9 +43,9 @@ from torch import Tensor
 
 from regkern.layouts import DTYPE_CODE, MASK_ELEMENT, MASK_NONE, MASK_ROW, RDA_COLUMN, RDA_FIELDS
 
-from .common import (UNIT_FIELDS, aligned16, column_f64, descent_grad, lane_rows, last_lane, load_grad_scale,
-                     piece_origin, place_amp_scalars, program_unit, row_origin, row_running_sum, rows_of, skip_step,
-                     tl_dtype, units_of, vector_piece, whole)
+from .common import (UNIT_FIELDS, aligned16, column_f64, descent_grad, for_pieces, lane_rows, last_lane,
+                     load_grad_scale, piece_origin, place_amp_scalars, program_unit, row_origin, row_running_sum,
+                     rows_of, skip_step, tl_dtype, units_of)
 from .table_checks import TableCheck
 
 DEFAULT_CHUNK = 16384  # elements per work unit
@@ -74,14 +74,19 @@ _MASK_ROW = tl.constexpr(MASK_ROW)
 
 
 @triton.jit
-def _first_pass_piece(w_at, g_at, gbar_at, w0_at, mask_ptr, norm_sq_ptr, idx, inb, start, r0, c0, row_len,
-                      mask_kind, grouped, a, c, t, tau, grad_scale, carry,
-                      DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    """One piece of the first pass (its lanes idx at elements start + idx, the
-    first at row r0, column c0; the pointers at element start): gbar (and W0 under a mask) updated,
-    then W written (element tensors) or the rows' sums of v^2 stored (group
-    tensors). Returns the carry of the row sum into the next piece."""
+def _first_pass_piece(ptrs, idx, inb, start, r0, c0, row_len, carry, args, FLAGS: tl.constexpr,
+                      DTYPE: tl.constexpr):
+    """One piece of the first pass (.common.for_pieces's PIECE: its lanes idx
+    at elements start + idx, the first at row r0, column c0; ``ptrs``: W,
+    the gradient, gbar and W0 at element start): gbar (and W0 under a mask)
+    updated, then W written (element tensors) or the rows' sums of v^2
+    stored (group tensors). Returns the carry of the row sum into the next
+    piece."""
+    w_at, g_at, gbar_at, w0_at = ptrs
+    mask_ptr, norm_sq_ptr, mask_kind, grouped, a, c, t, tau, grad_scale = args
+    MAXIMIZE: tl.constexpr = FLAGS[0]
+    HAS_GRAD_SCALE: tl.constexpr = FLAGS[1]
+    BLOCK: tl.constexpr = idx.shape[0]
     g = descent_grad(g_at, idx, inb, grad_scale, HAS_GRAD_SCALE, MAXIMIZE)
     gb = tl.load(gbar_at + idx, mask=inb) * a + tl.div_rn(g, t)
     w0 = tl.load(w0_at + idx, mask=inb)
@@ -150,22 +155,9 @@ def _rda_kernel(
     r0, c0, row_len = row_origin(start, tl.load(meta + _ROW_LEN))
     size = (end - start).to(tl.int32)
     carry = 0.0  # the sum of squares of the row the previous piece left unfinished
-    for piece in range(0, size, BLOCK):
-        i = piece + idx
-        rp, cp = piece_origin(r0, c0, row_len, piece)
-        if vector_piece(aligned, start, piece, size, BLOCK, DTYPE):
-            # the same code with pointers known 16-byte aligned and a mask known true
-            w_at = tl.multiple_of(w_ptr + piece, 16)
-            g_at = tl.multiple_of(g_ptr + piece, 16)
-            gbar_at = tl.multiple_of(gbar_ptr + piece, 16)
-            w0_at = tl.multiple_of(w0_ptr + piece, 16)
-            carry = _first_pass_piece(w_at, g_at, gbar_at, w0_at, mask_ptr, norm_sq_ptr, idx, whole(BLOCK),
-                                      start + piece, rp, cp, row_len, mask_kind, grouped, a, c, t, tau, grad_scale,
-                                      carry, DTYPE, MAXIMIZE, HAS_GRAD_SCALE, BLOCK)
-        else:
-            carry = _first_pass_piece(w_ptr + piece, g_ptr + piece, gbar_ptr + piece, w0_ptr + piece, mask_ptr,
-                                      norm_sq_ptr, idx, i < size, start + piece, rp, cp, row_len, mask_kind, grouped,
-                                      a, c, t, tau, grad_scale, carry, DTYPE, MAXIMIZE, HAS_GRAD_SCALE, BLOCK)
+    for_pieces(_first_pass_piece, (w_ptr, g_ptr, gbar_ptr, w0_ptr), aligned, start, size, r0, c0, row_len, carry,
+               (mask_ptr, norm_sq_ptr, mask_kind, grouped, a, c, t, tau, grad_scale), (MAXIMIZE, HAS_GRAD_SCALE),
+               DTYPE, BLOCK)
 
     if grouped:
         tl.debug_barrier()  # the row sums stored above are read by every lane below

@@ -36,10 +36,11 @@ kernel); ``lr`` may be a 0-d tensor on the device, read by the kernel (no host
 sync). The regularizer terms are read from the table (the polarization
 coefficients from device memory, so they may change every step without a
 sync); an absent term is skipped by a branch on its table entry. The term
-math and the post-update part (gradient terms, mask, proximal maps, clamp,
-row norms) live in ``.common``, shared with the ``adam`` kernel. Compile-time
-constants are the storage dtype, the flags that change the code (momentum on,
-nesterov, maximize, lr / grad_scale / found_inf given) and ``BLOCK``. Math is
+math, the piece loop and the post-update part (gradient terms, mask,
+proximal maps, clamp, row norms; ``.common.step_unit``) live in ``.common``,
+shared with the ``adam`` kernel. Compile-time constants are the storage
+dtype, the flags that change the code (momentum on, nesterov, maximize, lr /
+grad_scale / found_inf given) and ``BLOCK``. Math is
 fp32 whatever the storage, rounded op by op like the reference (no fma
 contraction, IEEE division and square root); W and the momentum buffer are
 rounded once to their dtype, to nearest even.
@@ -61,10 +62,8 @@ from torch import Tensor
 from regkern.layouts import (DTYPE_CODE, LAM_ELEMENT, LAM_NONE, LAM_ROW, MASK_ELEMENT, MASK_NONE, MASK_ROW,
                              SGD_COLUMN, SGD_FIELDS)
 
-from .common import (UNIT_FIELDS, add_terms, aligned16, clamped, descent_grad, keep_mask, load_grad_scale,
-                     piece_plan, place_amp_scalars, program_unit, prox_map, register_ceiling, piece_origin,
-                     row_origin, skip_step, store_row_norms, tl_dtype, units_of, vector_piece, whole,
-                     zero_empty_row_norms)
+from .common import (UNIT_FIELDS, add_terms, descent_grad, device_lr, keep_mask, load_grad_scale, place_amp_scalars,
+                     program_unit, register_ceiling, skip_step, step_unit, tl_dtype, unit_pointers, units_of)
 from .table_checks import TableCheck, float_text
 
 # The regularizer terms of the contract this kernel computes (names as
@@ -95,21 +94,22 @@ _PARAM = tl.constexpr(SGD_COLUMN["PARAM"])
 _GRAD = tl.constexpr(SGD_COLUMN["GRAD"])
 _BUF = tl.constexpr(SGD_COLUMN["BUF"])
 _MASK_KIND = tl.constexpr(SGD_COLUMN["MASK_KIND"])
-_NORMS = tl.constexpr(SGD_COLUMN["NORMS"])
-_ROW_LEN = tl.constexpr(SGD_COLUMN["ROW_LEN"])
 _FIRST = tl.constexpr(SGD_COLUMN["FIRST"])
-_PROX = tl.constexpr(SGD_COLUMN["PROX"])
-_PROX_LAM = tl.constexpr(SGD_COLUMN["PROX_LAM"])
 
 
 @triton.jit
-def _updated(meta, w_at, g_at, b_at, idx, inb, start, r0, c0, row_len,
-             lr, momentum, keep_d, weight_decay, grad_scale, first,
-             DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-             MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+def _updated(meta, at, idx, inb, start, r0, c0, row_len, args, FLAGS: tl.constexpr, DTYPE: tl.constexpr,
+             WRITE: tl.constexpr):
     """The contract up to the first mask for the lanes idx of a piece
-    (elements start + idx, the first at row r0, column c0; w_at, g_at, b_at
-    point at element start): fp32 (W, buf), nothing written."""
+    (elements start + idx, the first at row r0, column c0; ``at``: W, the
+    gradient and buf at element start): fp32 W; with ``WRITE`` the masked
+    buf is stored, rounded once (``.common.step_unit``'s UPDATE)."""
+    w_at, g_at, b_at = at
+    lr, momentum, keep_d, weight_decay, grad_scale, first = args
+    MOMENTUM: tl.constexpr = FLAGS[0]
+    NESTEROV: tl.constexpr = FLAGS[1]
+    MAXIMIZE: tl.constexpr = FLAGS[2]
+    HAS_GRAD_SCALE: tl.constexpr = FLAGS[3]
     w = tl.load(w_at + idx, mask=inb).to(tl.float32)
     d = descent_grad(g_at, idx, inb, grad_scale, HAS_GRAD_SCALE, MAXIMIZE)
     if weight_decay != 0:
@@ -133,31 +133,10 @@ def _updated(meta, w_at, g_at, b_at, idx, inb, start, r0, c0, row_len,
         w = w * keep
         if MOMENTUM:
             b = b * keep
-    return w, b
-
-
-@triton.jit
-def _step_piece(meta, w_at, g_at, b_at, norms_ptr, idx, inb, start, r0, c0, row_len, prox, prox_lam_ptr,
-                norm, long_rows, carry_l1, carry_sq, lr, momentum, keep_d, weight_decay, grad_scale, first,
-                with_norms, DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-                MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr):
-    """One piece (its lanes idx at elements start + idx, the first at row r0,
-    column c0; w_at, g_at, b_at at element start) stepped and written: the
-    contract, the proximal map, the clamp, W and buf rounded once, the row
-    norms. Returns the norms' carries into the next piece."""
-    w, b = _updated(meta, w_at, g_at, b_at, idx, inb, start, r0, c0, row_len,
-                    lr, momentum, keep_d, weight_decay, grad_scale, first,
-                    DTYPE, MOMENTUM, NESTEROV, MAXIMIZE, HAS_GRAD_SCALE)
-    w = prox_map(w, prox, prox_lam_ptr, lr, norm, long_rows, idx, inb, idx, r0, c0, row_len, BLOCK)
-    w = clamped(meta, w, idx, inb, start, r0, c0, row_len)
-    stored = w.to(DTYPE)
-    tl.store(w_at + idx, stored, mask=inb)
-    if MOMENTUM:
-        tl.store(b_at + idx, b.to(DTYPE), mask=inb)
-    if with_norms:
-        carry_l1, carry_sq = store_row_norms(norms_ptr, stored, idx, inb, idx, r0, c0, row_len, carry_l1, carry_sq,
-                                             BLOCK)
-    return carry_l1, carry_sq
+    if WRITE:
+        if MOMENTUM:
+            tl.store(b_at + idx, b.to(DTYPE), mask=inb)
+    return w
 
 
 @triton.jit
@@ -174,68 +153,11 @@ def _sgd_kernel(
         lr = tl.load(lr_ptr).to(tl.float32)
     grad_scale = load_grad_scale(grad_scale_ptr, HAS_GRAD_SCALE)
     meta, start, end = program_unit(table, units, _NUM_FIELDS)
-
-    w_addr = tl.load(meta + _PARAM)
-    g_addr = tl.load(meta + _GRAD)
-    b_addr = tl.load(meta + _BUF)
-    aligned = aligned16(w_addr | g_addr | b_addr)  # whole pieces then move 16 bytes per access
-    w_ptr = w_addr.to(tl.pointer_type(DTYPE)) + start
-    g_ptr = g_addr.to(tl.pointer_type(DTYPE)) + start
-    b_ptr = b_addr.to(tl.pointer_type(DTYPE)) + start
-    norms = tl.load(meta + _NORMS)
-    norms_ptr = norms.to(tl.pointer_type(tl.float32))
-    prox = tl.load(meta + _PROX)
-    prox_lam_ptr = tl.load(meta + _PROX_LAM).to(tl.pointer_type(tl.float32))
+    aligned, ptrs = unit_pointers((tl.load(meta + _PARAM), tl.load(meta + _GRAD), tl.load(meta + _BUF)), start,
+                                  DTYPE)
     first = tl.load(meta + _FIRST) != 0
-    row_len = tl.load(meta + _ROW_LEN)
-    idx = tl.arange(0, BLOCK)
-
-    if (norms != 0) & (row_len == 0):
-        zero_empty_row_norms(meta, norms_ptr, idx, BLOCK)
-
-    # Element start lies in row r0 at column c0; each piece finds its own (piece_origin).
-    r0, c0, row_len = row_origin(start, row_len)
-    size = (end - start).to(tl.int32)
-
-    # Pieces of BLOCK elements. With group lasso (units start on a row: c0 == 0),
-    # rows up to BLOCK long are stepped whole rows per piece, and longer rows one
-    # row at a time (span), each after a first pass that only computes ||W_r||.
-    long_rows, step, span = piece_plan(prox, row_len, size, BLOCK)
-    carry_l1 = 0.0  # norms: sums of the row that the previous piece left unfinished
-    carry_sq = 0.0
-    for row_start in range(0, size, span):
-        row_end = tl.minimum(row_start + span, size)
-        norm = 0.0
-        if long_rows:
-            # pass 1: ||W_r|| of the updated, masked row; nothing written
-            for piece in range(row_start, row_end, BLOCK):
-                i = piece + idx
-                inb = i < row_end
-                rp, cp = piece_origin(r0, c0, row_len, piece)
-                w, _ = _updated(meta, w_ptr + piece, g_ptr + piece, b_ptr + piece, idx, inb, start + piece, rp, cp,
-                                row_len, lr, momentum, keep_d, weight_decay, grad_scale, first,
-                                DTYPE, MOMENTUM, NESTEROV, MAXIMIZE, HAS_GRAD_SCALE)
-                norm += tl.sum(tl.where(inb, w * w, 0.0))
-            norm = tl.sqrt_rn(norm)
-        for piece in range(row_start, row_end, step):
-            i = piece + idx
-            rp, cp = piece_origin(r0, c0, row_len, piece)
-            if vector_piece(aligned, start, piece, row_end, BLOCK, DTYPE) & (step == BLOCK):
-                # the same code with pointers known 16-byte aligned and a mask known true
-                w_at = tl.multiple_of(w_ptr + piece, 16)
-                g_at = tl.multiple_of(g_ptr + piece, 16)
-                b_at = tl.multiple_of(b_ptr + piece, 16)
-                carry_l1, carry_sq = _step_piece(
-                    meta, w_at, g_at, b_at, norms_ptr, idx, whole(BLOCK), start + piece, rp, cp, row_len, prox,
-                    prox_lam_ptr, norm, long_rows, carry_l1, carry_sq,
-                    lr, momentum, keep_d, weight_decay, grad_scale, first, norms != 0,
-                    DTYPE, MOMENTUM, NESTEROV, MAXIMIZE, HAS_GRAD_SCALE, BLOCK)
-            else:
-                carry_l1, carry_sq = _step_piece(
-                    meta, w_ptr + piece, g_ptr + piece, b_ptr + piece, norms_ptr, idx,
-                    (i < row_end) & (idx < step), start + piece, rp, cp, row_len, prox, prox_lam_ptr, norm, long_rows,
-                    carry_l1, carry_sq, lr, momentum, keep_d, weight_decay, grad_scale, first, norms != 0,
-                    DTYPE, MOMENTUM, NESTEROV, MAXIMIZE, HAS_GRAD_SCALE, BLOCK)
+    step_unit(meta, start, end, ptrs, aligned, lr, (lr, momentum, keep_d, weight_decay, grad_scale, first),
+              (MOMENTUM, NESTEROV, MAXIMIZE, HAS_GRAD_SCALE), _updated, DTYPE, BLOCK)
 
 
 def check_table(table: Tensor, dtype: Optional[torch.dtype] = None, momentum: float = 0.0,
@@ -368,9 +290,7 @@ def sgd_step(
     skip, found_inf, grad_scale = place_amp_scalars(found_inf, grad_scale, device)
     if skip:
         return
-    lr_on_device = isinstance(lr, Tensor) and lr.device == device
-    if isinstance(lr, Tensor) and not lr_on_device:
-        lr = float(lr)  # a CPU scalar: reading it costs no device sync
+    lr, lr_on_device = device_lr(lr, device)
     _sgd_kernel[(units.shape[0],)](
         table, units,
         0.0 if lr_on_device else float(lr), lr if lr_on_device else table,

@@ -37,7 +37,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from regkern.reference.sgd import PROX_NONE, add_terms, compute_dtype, descent_grad, finish_update, write_norms
+from regkern.reference.sgd import add_terms, compute_dtype, descent_grad, finish_update, term_columns, write_norms
 
 Number = Union[float, Tensor]
 
@@ -83,14 +83,12 @@ def adam_step(
     if found_inf is not None and bool(found_inf.item()):
         return
     count = len(params)
-    none = [None] * count
     lr_value = float(lr)
-    columns = zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else none, steps,
-                  lams or none, lam_cols or none, masks or none, norms or none, l1s or none, polars or none,
-                  admm_targets or none, admm_rhos or [0.0] * count, prox_kinds or [PROX_NONE] * count,
-                  prox_lams or none, clamps or none)
-    for (w, grad, m, v, vmax, step, lam, lam_col, mask, norm, l1, polar, target, rho, prox_kind, prox_lam,
-         clamp) in columns:
+    tensors = zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [None] * count, steps)
+    terms = term_columns(count, lams, lam_cols, masks, norms, l1s, polars, admm_targets, admm_rhos, prox_kinds,
+                         prox_lams, clamps)
+    for (w, grad, m, v, vmax, step), (lam, lam_col, mask, norm, l1, polar, target, rho, prox_kind, prox_lam,
+                                      clamp) in zip(tensors, terms):
         compute = compute_dtype(w)
         lr32 = lr.to(device=w.device, dtype=compute) if isinstance(lr, Tensor) else lr
         w32 = w.detach().to(compute)

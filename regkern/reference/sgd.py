@@ -91,13 +91,11 @@ def sgd_step(
         return
     count = len(params)
     firsts = [first_step] * count if isinstance(first_step, bool) else list(first_step)
-    none = [None] * count
-    columns = zip(params, grads, momentum_buffers, firsts, lams or none, lam_cols or none, masks or none,
-                  norms or none, l1s or none, polars or none, admm_targets or none,
-                  admm_rhos or [0.0] * count, prox_kinds or [PROX_NONE] * count, prox_lams or none,
-                  clamps or none)
-    for (w, grad, buf, first, lam, lam_col, mask, norm, l1, polar, target, rho, prox_kind, prox_lam,
-         clamp) in columns:
+    tensors = zip(params, grads, momentum_buffers, firsts)
+    terms = term_columns(count, lams, lam_cols, masks, norms, l1s, polars, admm_targets, admm_rhos, prox_kinds,
+                         prox_lams, clamps)
+    for (w, grad, buf, first), (lam, lam_col, mask, norm, l1, polar, target, rho, prox_kind, prox_lam,
+                                clamp) in zip(tensors, terms):
         compute = compute_dtype(w)
         lr32 = lr.to(device=w.device, dtype=compute) if isinstance(lr, Tensor) else lr
         w32 = w.detach().to(compute)
@@ -119,6 +117,18 @@ def sgd_step(
                 buf.copy_(b)
         if norm is not None:
             write_norms(w, norm)
+
+
+def term_columns(count: int, lams, lam_cols, masks, norms, l1s, polars, admm_targets, admm_rhos, prox_kinds,
+                 prox_lams, clamps):
+    """Each tensor's regularizer keywords of a step (``sgd_step``'s, which
+    ``adam_step`` shares): ``(lam, lam_col, mask, norm, l1, polar, target,
+    rho, prox_kind, prox_lam, clamp)`` for each of ``count`` tensors; a
+    keyword not given is None for every tensor (rho 0.0, prox_kind PROX_NONE)."""
+    none = [None] * count
+    return zip(lams or none, lam_cols or none, masks or none, norms or none, l1s or none, polars or none,
+               admm_targets or none, admm_rhos or [0.0] * count, prox_kinds or [PROX_NONE] * count,
+               prox_lams or none, clamps or none)
 
 
 def compute_dtype(w: Tensor) -> torch.dtype:
