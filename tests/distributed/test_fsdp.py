@@ -322,3 +322,36 @@ def test_a_sharded_llama_prunes_heads_and_neurons_like_one_process(ranks):
     pytest.importorskip("transformers")
     for out in ranks.run(_llama, timeout=150):
         assert out == {"close": True, "same": True, "heads": 8, "neurons": 24}, out
+
+
+def _hybrid(rank, world, name):
+    """HSDP: ``fully_shard`` over a 2 x 2 mesh (replicated across its first
+    dimension, sharded along its second)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from regkern.export import apply_plan
+
+    torch.manual_seed(0)
+    model = (BNNet if name == "polarization" else OddNet)().eval()
+    initial, ref = copy.deepcopy(model), copy.deepcopy(model)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    for layer in model.features:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    schedule, _, _, _ = beside_reference(name, model, model, ref, rank, world)
+    plain = full_copy(model, initial)
+    apply_plan(plain, schedule.plan)
+    return close_params(plain, ref)
+
+
+def test_hybrid_sharding_on_a_2x2_mesh_equals_the_single_process_run():
+    from ranks import Ranks
+
+    four = Ranks(world=4)
+    try:
+        for name in ("greg1", "polarization"):
+            assert four.run(_hybrid, name, timeout=120) == [True] * 4, name
+    finally:
+        four.close()
