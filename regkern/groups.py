@@ -645,7 +645,7 @@ def _warn_untraced(model: nn.Module, dg, ignored: Sequence[nn.Module]) -> None:
             listed += f" and {len(left_out) - 10} more"
         warnings.warn(f"find_groups' trace did not reach {listed}, so they are in no group (the forward left torch, "
                       "e.g. through numpy, or a branch skipped them on these inputs); give example_inputs that reach "
-                      "them, or name them in ignore= to keep them as they are", stacklevel=3)
+                      "them, or name them in ignore= to keep them as they are", stacklevel=4)  # find_groups -> _grouped -> here
 
 
 def _check_disjoint(model: nn.Module, groups: Sequence[Group]) -> None:

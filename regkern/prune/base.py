@@ -123,12 +123,16 @@ class Schedule(abc.ABC, metaclass=_Checked):
     (``RuntimeError`` on every rank otherwise, nothing changed); a
     structured cut then rebuilds the wrapper in place
     (:func:`regkern.distributed.rebuild_ddp`), so the loop goes on with the
-    same wrapper and optimizer.
+    same wrapper and optimizer. A model sharded by FSDP2 (``fully_shard``)
+    is taken as it is: decisions are made on whole (gathered) tensors, state
+    is written into its shards, and a structured cut is made with masks
+    (:func:`regkern.masks.mask_cut`); ``plan`` then cuts a plain copy.
     """
 
     method = "schedule"
-    #: The features (keys of ``regkern.optim.features.FEATURES``) the schedule works through; the
-    #: optimizer's step must act on at least one. ``()``: any optimizer.
+    #: The features (keys of ``regkern.optim.features.FEATURES``) the
+    #: schedule works through; the optimizer's step must act on at least
+    #: one. ``()``: any optimizer.
     drives: Tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
