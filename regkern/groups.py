@@ -643,9 +643,10 @@ def _warn_untraced(model: nn.Module, dg, ignored: Sequence[nn.Module]) -> None:
         listed = ", ".join(repr(n) for n in left_out[:10])
         if len(left_out) > 10:
             listed += f" and {len(left_out) - 10} more"
+        # stacklevel: the caller of find_groups (find_groups -> _grouped -> here)
         warnings.warn(f"find_groups' trace did not reach {listed}, so they are in no group (the forward left torch, "
                       "e.g. through numpy, or a branch skipped them on these inputs); give example_inputs that reach "
-                      "them, or name them in ignore= to keep them as they are", stacklevel=4)  # find_groups -> _grouped -> here
+                      "them, or name them in ignore= to keep them as they are", stacklevel=4)
 
 
 def _check_disjoint(model: nn.Module, groups: Sequence[Group]) -> None:
