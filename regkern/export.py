@@ -555,8 +555,9 @@ def apply_plan(model: nn.Module, plan: Union[Dict[str, Any], str, os.PathLike],
     """Cut ``model`` (a fresh or pretrained copy of the one the plan was made
     on) as the plan says: each tensor keeps the recorded entries, module
     shapes and head counts follow, through ``slice_model`` (so ``optimizer``,
-    if given, is cut along). A plan that does not fit the model raises
-    ``ValueError`` and nothing changes. For a Hugging Face model, follow with
+    if given, is cut along), and each recorded expansion (a sharded model's
+    cut with ``residual="expand"``) gets its ``ChannelExpand``. A plan that
+    does not fit the model raises ``ValueError`` and nothing changes. For a Hugging Face model, follow with
     :func:`update_config` or :func:`save_pruned`.
     """
     where = "plan"
@@ -600,12 +601,16 @@ def apply_plan(model: nn.Module, plan: Union[Dict[str, Any], str, os.PathLike],
                 raise ValueError(f"{where} sets {module_name}.{attr} to {value!r}; it must be a positive integer; "
                                  f"the plan is damaged")
     expansions = plan.get("expansions", {})
+    if not isinstance(expansions, dict):
+        raise ValueError(f"{where} has expansions of type {type(expansions).__name__}, not a mapping from "
+                         "BatchNorm names; the plan is damaged")
     for norm, entry in expansions.items():
+        cut = plan["tensors"].get(f"{norm}.weight", {}).get("kept", {}).get("0")
         if not (isinstance(modules.get(norm), nn.modules.batchnorm._BatchNorm) and isinstance(entry, dict)
-                and entry.get("kept") == plan["tensors"].get(f"{norm}.weight", {}).get("kept", {}).get("0")
-                and isinstance(entry.get("width"), int) and entry["width"] == modules[norm].num_features):
-            raise ValueError(f"{where} re-expands {norm}, which is not a BatchNorm of width {entry.get('width')!r} "
-                             "whose channels the plan cuts; the plan is damaged or made for another model")
+                and entry.get("kept") == cut and isinstance(entry.get("width"), int)
+                and entry["width"] == modules[norm].num_features):
+            raise ValueError(f"{where} re-expands {norm}, which is not a BatchNorm of the recorded width whose "
+                             "channels the plan cuts; the plan is damaged or made for another model")
     slice_model(model, removals, optimizer)
     for module_name, values in plan["attributes"].items():
         for attr, value in values.items():

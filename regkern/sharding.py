@@ -155,7 +155,9 @@ def unsharded(model) -> Iterator[None]:
     """Inside, the FSDP2 modules of ``model`` hold their whole parameters as
     plain tensors, through forward passes too (a trace then sees one tensor
     per parameter, the one ``named_parameters()`` gives); sharded again on
-    exit, each with its own resharding setting. Collective (call it on every
+    exit with the resharding settings they had (FSDP2's first-forward setup
+    is run first, so the root keeps its own), and, when a forward inside
+    raised, with FSDP2's iteration state reset. Collective (call it on every
     rank); nested uses hold the parameters once. A model without FSDP2
     modules is left as it is."""
     held = _HELD.get()
@@ -164,21 +166,36 @@ def unsharded(model) -> Iterator[None]:
         yield
         return
     states = [m._get_fsdp_state() for m in modules]
+    if not all(hasattr(st, name) for st in states
+               for name in ("_lazy_init", "_is_root", "_fsdp_param_groups", "_auto_reshard_after_forward")):
+        raise ValueError("regkern traces a model sharded by FSDP2 through FSDP2's per-module state, which this "
+                         "torch's FSDP2 does not have (regkern is tested with torch 2.13); find the groups and "
+                         "build the schedule with a torch of that line")
+    for st in states:  # the setup a first forward makes (which state is the root), before anything is saved
+        if st._is_root is None:
+            st._lazy_init()
     groups = [g for st in states for g in st._fsdp_param_groups]
     after_forward = [g.post_forward_mesh_info for g in groups]
     automatic = [st._auto_reshard_after_forward for st in states]
     token = _HELD.set(held | {id(m) for m in modules})
+    failed = False
     try:
         for m in modules:
             m.set_reshard_after_forward(False, recurse=False)
         for m in modules:
             m.unshard()
         yield
+    except BaseException:
+        failed = True
+        raise
     finally:
-        for g, info in zip(groups, after_forward):  # the settings as fully_shard made them
+        for g, info in zip(groups, after_forward):  # the settings as they were
             g.post_forward_mesh_info = info
         for st, auto in zip(states, automatic):
             st._auto_reshard_after_forward = auto
+        for m, st in zip(modules, states):
+            if failed and st._is_root:  # a forward that raised left FSDP2 mid-iteration
+                m.reset_iter_state()
         for m in modules:
             m.reshard()
         _HELD.reset(token)

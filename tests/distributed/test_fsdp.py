@@ -355,3 +355,42 @@ def test_hybrid_sharding_on_a_2x2_mesh_equals_the_single_process_run():
             assert four.run(_hybrid, name, timeout=120) == [True] * 4, name
     finally:
         four.close()
+
+
+def _unsharded_leaves_fsdp_as_it_was(rank, world):
+    from torch.distributed.tensor import DTensor
+
+    from regkern.groups import find_groups
+    from regkern.sharding import unsharded
+
+    out = {}
+    x = X
+    # a model that never ran a forward: its root keeps the root's rule (parameters kept gathered
+    # after forward, for the backward), as a model that never entered unsharded does
+    for entered in (False, True):
+        torch.manual_seed(0)
+        model = fully_sharded(OddNet(), world)
+        if entered:
+            with unsharded(model):
+                model(x)
+        loss = model(x).sum()
+        out[f"root gathered after forward, entered={entered}"] = not isinstance(model.classifier.weight, DTensor)
+        loss.backward()
+        out[f"sharded after backward, entered={entered}"] = isinstance(model.classifier.weight, DTensor)
+    # a forward that raises inside: the model holds the optimizer's sharded parameters again
+    torch.manual_seed(0)
+    model = fully_sharded(OddNet(), world)
+    opt = sgd(model)
+    train_step(model, opt, None, 0, rank, world)
+    with pytest.raises(ValueError, match="torch-pruning could not trace the model"):
+        find_groups(model, torch.randn(2, 5, 6, 6))
+    held = {id(p) for p in opt.param_groups[0]["params"]}
+    out["after a failed trace"] = all(isinstance(p, DTensor) and id(p) in held for p in model.parameters())
+    train_step(model, opt, None, 1, rank, world)
+    out["trains after"] = all(isinstance(p, DTensor) for p in model.parameters())
+    return out
+
+
+def test_unsharded_leaves_fsdp_as_it_was(ranks):
+    for out in ranks.run(_unsharded_leaves_fsdp_as_it_was):
+        assert all(out.values()), out

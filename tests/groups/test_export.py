@@ -291,3 +291,12 @@ def test_bad_input_is_refused_and_changes_nothing(tmp_path):
     with pytest.raises(ValueError, match="num_key_value_groups to 0; it must be a positive integer"):
         export.apply_plan(fresh, damaged)
     assert fresh.model.layers[0].mlp.gate_proj.weight.shape == (48, 32)
+    for expansions, what in (([1, 2], r"has expansions of type list, not a mapping"),
+                             ({"model.norm": {"kept": [0], "width": 32}}, r"re-expands model\.norm, which is not a "
+                                                                           r"BatchNorm of the recorded width"),
+                             ({"model.norm": [0, 1]}, r"re-expands model\.norm")):
+        damaged = copy.deepcopy(plan)
+        damaged["expansions"] = expansions
+        with pytest.raises(ValueError, match=what):
+            export.apply_plan(fresh, damaged)
+        assert fresh.model.layers[0].mlp.gate_proj.weight.shape == (48, 32)
