@@ -28,7 +28,7 @@ from regkern.attention import AttentionFinder, as_specs, claimed_modules, discov
 from regkern.group import (Group, Member, canonical_names, check_group, is_conv1d, named_tensors,  # noqa: F401
                            param_index)
 from regkern.model_calls import modes_kept
-from regkern.sharding import edited, is_dtensor, unsharded, whole
+from regkern.sharding import edited, is_dtensor, on_every_rank, unsharded, whole
 
 SCORE_KINDS = ("l1", "l2", "mean_abs")
 
@@ -692,11 +692,12 @@ def _fresh_row_norms(optimizer, param: Tensor) -> Optional[Tensor]:
     ``param`` still holds the weights that step wrote; else None (score W)."""
     current = getattr(optimizer, "current_row_norms", None)
     norms = current(param) if current is not None else None
-    # sharded norms: whether they are current is known per rank, and a gather
-    # taken on one rank only would hang, so sharded parameters score W
-    if norms is None or is_dtensor(norms) or param.dim() == 0 or tuple(norms.shape) != (param.shape[0], 3):
-        return None
-    return norms
+    usable = norms is not None and param.dim() > 0 and tuple(norms.shape) == (param.shape[0], 3)
+    if is_dtensor(param):
+        # whether they are current is known per rank: the ranks agree before gathering
+        # them (rows x 3 values, where scoring W would gather the whole parameter)
+        return whole(norms) if on_every_rank(usable, param) else None
+    return norms if usable else None
 
 
 def group_scores(model: nn.Module, groups: Sequence[Group], kind: str = "l1", scope: str = "producer",

@@ -96,6 +96,21 @@ def edited(t: Tensor) -> Iterator[Tensor]:
     write_whole(t, value)
 
 
+def on_every_rank(flag: bool, like: Tensor) -> bool:
+    """Whether ``flag`` holds on every rank holding a shard of ``like`` (a
+    DTensor: one small all-reduce per mesh dimension, a collective), so that
+    the ranks take the same branch before a collective; ``flag`` itself for
+    any other tensor."""
+    if not is_dtensor(like):
+        return flag
+    import torch.distributed as dist
+
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=like.to_local().device)
+    for mesh_dim in range(like.device_mesh.ndim):
+        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=like.device_mesh.get_group(mesh_dim))
+    return bool(value.item())
+
+
 def sum_over_shards(value: Tensor, params: Sequence[Tensor]) -> Tensor:
     """``value``, a sum over the local shards of ``params`` (all laid out
     alike), summed over the ranks that hold other shards (an all-reduce over

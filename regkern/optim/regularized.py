@@ -114,8 +114,9 @@ class RegularizedOptimizer(FusedOptimizer):
             for i, p in enumerate(cached.params):
                 if p is param:
                     local = local_tensor(param)
-                    versions = dict(zip(map(id, cached.norm_params), cached.norm_versions))
-                    fresh = (versions.get(id(local)) == local._version
+                    # by storage: a DTensor's local tensor is a new object each time it is asked for
+                    versions = dict(zip(map(Tensor.data_ptr, cached.norm_params), cached.norm_versions))
+                    fresh = (versions.get(local.data_ptr()) == local._version
                              and cached._pointers([param]) == [cached.pointers[i]]
                              and (cached.norm_current is None or bool(cached.norm_current)))
                     return norms if fresh else None

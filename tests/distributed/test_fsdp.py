@@ -394,3 +394,35 @@ def _unsharded_leaves_fsdp_as_it_was(rank, world):
 def test_unsharded_leaves_fsdp_as_it_was(ranks):
     for out in ranks.run(_unsharded_leaves_fsdp_as_it_was):
         assert all(out.values()), out
+
+
+def _scores_from_row_norms(rank, world):
+    """After a step, a sharded parameter's row norms count as current (its
+    local tensor is a new object each time one asks for it), so scores
+    gather rows x 3 norms instead of the whole weight, and equal the
+    scores of the same step in one process."""
+    import regkern
+    from regkern.groups import find_groups, group_scores
+
+    out = {}
+    models = []
+    for sharded in (True, False):
+        torch.manual_seed(0)
+        model = OddNet()
+        if sharded:
+            fully_sharded(model, world)
+        opt = regkern.SGD(model.parameters(), lr=0.05, momentum=0.9, backend="reference",
+                          regularizer=regkern.RowL2(track_norms=True))
+        train_step(model, opt, None, 0, rank if sharded else 0, world if sharded else 1)
+        groups = [g for g in find_groups(model, X) if g.name == "features.0"]
+        models.append((model, opt, groups))
+    (model, opt, groups), (ref, ref_opt, ref_groups) = models
+    out["current"] = opt.current_row_norms(model.features[0].weight) is not None
+    out["same scores"] = torch.allclose(group_scores(model, groups, optimizer=opt)[0],
+                                        group_scores(ref, ref_groups, optimizer=ref_opt)[0], rtol=1e-5)
+    return out
+
+
+def test_sharded_scores_come_from_the_row_norms_of_the_last_step(ranks):
+    for out in ranks.run(_scores_from_row_norms):
+        assert out == {"current": True, "same scores": True}
