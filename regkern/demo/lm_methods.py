@@ -63,6 +63,7 @@ from tqdm.auto import tqdm
 import regkern
 from regkern import prune as rp
 from regkern.demo import lm_data
+from regkern.demo.train import set_lr
 from regkern.prune.ratios import pruned_count
 
 METHODS = ("greg1", "greg2", "group-lasso", "magnitude", "wanda")
@@ -204,9 +205,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, text: lm_data.Text, s: L
     with tqdm(total=steps, desc=desc, unit="step", leave=False, disable=s.quiet, dynamic_ncols=True) as bar:
         while step < steps and not (stop is not None and stop()):
             ids = lm_data.train_batch(text, s.batch_size, s.seq_len, generator)
-            value = lr(step)
-            for group in opt.param_groups:
-                group["lr"] = value
+            set_lr(opt, lr(step))
             loss = lm_loss(model, ids)
             opt.zero_grad(set_to_none=True)
             loss.backward()

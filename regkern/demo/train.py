@@ -94,6 +94,13 @@ def run_quietly(run: Callable[..., Any], args: argparse.Namespace, settings: Any
         shutil.rmtree(out, ignore_errors=True)
 
 
+def set_lr(optimizer: torch.optim.Optimizer, value: float) -> None:
+    """The learning rate of every param group that has one (SAS-ADMM's have none)."""
+    for group in optimizer.param_groups:
+        if "lr" in group:
+            group["lr"] = value
+
+
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, data: Dataset, *, epochs: float, batch_size: int,
           generator: torch.Generator, device: torch.device, desc: str, lr: Optional[Callable[[int], float]] = None,
           on_step: Optional[Callable[[int], None]] = None, stop: Optional[Callable[[], bool]] = None,
@@ -139,10 +146,7 @@ def _loop(net, optimizer, data, n, total, rank, world, *, batch_size, generator,
                 if world > 1:  # this rank's share (the augmentation drew for the whole batch on every rank)
                     x, y = x.chunk(world)[rank], y.chunk(world)[rank]
                 if lr is not None:
-                    value = lr(step)
-                    for group in optimizer.param_groups:
-                        if "lr" in group:  # (SAS-ADMM has no learning rate)
-                            group["lr"] = value
+                    set_lr(optimizer, lr(step))
                 loss = F.cross_entropy(net(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
