@@ -125,6 +125,9 @@ def test_torch_dcp_flow_resumes_bit_for_bit_under_ddp_and_fsdp2(ranks, tmp_path)
 
 
 def _polarization_and_refusals(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
     import regkern
     from regkern.masks import mask_cut
     from regkern.groups import find_groups
@@ -182,6 +185,19 @@ def _polarization_and_refusals(rank, world):
     with pytest.raises(ValueError, match=r"^OneShotL1's cut of a sharded model works through the masks "
                                          r"state\['mask'\], which the step of torch\.optim\.sgd\.SGD does not read"):
         OneShotL1(model, plain_sgd, X, ratios=0.5)
+    # an RMSNorm in the group, and a norm without parameters anywhere: its place in the groups is unknown
+    x = torch.randn(2, 3, 6, 6)
+    for norm, what in ((nn.RMSNorm(8), r"goes through 2\.weight of a RMSNorm, whose statistics mix channels"),
+                       (nn.LayerNorm(8, elementwise_affine=False), r"cannot be made by masks in a model with 2 "
+                                                                    r"\(LayerNorm without parameters\)")):
+        torch.manual_seed(0)
+        mlp = nn.Sequential(nn.Flatten(), nn.Linear(108, 8), norm, nn.ReLU(), nn.Linear(8, 4))
+        fully_shard(mlp[1], mesh=init_device_mesh("cpu", (world,)))
+        fully_shard(mlp, mesh=init_device_mesh("cpu", (world,)))
+        mlp_opt = sgd(mlp)
+        with pytest.raises(ValueError, match=what):
+            OneShotL1(mlp, mlp_opt, x, ratios=0.5)
+        out[f"{type(norm).__name__} untouched"] = not mlp_opt.state
     sharded_bn = fully_sharded(BNNet(), world)
     with pytest.raises(ValueError, match=r"^target_flops and remaining_flops measure cuts on copies of the model"):
         PolarizationPruner(sharded_bn, sgd(sharded_bn), X, steps=3, target_flops=0.5)
@@ -197,7 +213,7 @@ class GNNet(BNNet):
 def test_polarization_means_span_ranks_and_sharded_cuts_refuse_clearly(ranks):
     for out in ranks.run(_polarization_and_refusals):
         assert out == {"polar": True, "untouched": True, "masked": True, "gn untouched": True,
-                       "gn built untouched": True}
+                       "gn built untouched": True, "RMSNorm untouched": True, "LayerNorm untouched": True}
 
 
 def _cut_copy_sharded_again(rank, world):
