@@ -21,6 +21,15 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+def pytest_sessionstart(session):
+    """Build the C++ step reader (about 20 s on a fresh machine) before any
+    test runs, not inside the first test that steps, which may have a time
+    limit (a multi-process test, a subprocess running a README snippet)."""
+    from regkern.backends import step_reader
+    if step_reader.enabled():
+        step_reader.load()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def triton_interpreter_rounds_bf16_to_nearest_even():
     """Under TRITON_INTERPRET=1, triton 3.x converts fp32 to bf16 by truncation;

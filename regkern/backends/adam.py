@@ -16,7 +16,7 @@ from torch import Tensor
 
 from regkern.backends.dispatch import _describe
 from regkern.backends.sgd import SGDPlan, _ptr, build_sgd_table
-from regkern.layouts import ADAM_FIELDS, SGD_COLUMN, SGD_FIELDS
+from regkern.layouts import ADAM_FIELDS, SGD_FIELDS
 from regkern.reference.adam import adam_step as reference_adam_step
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -97,7 +97,7 @@ class AdamPlan(SGDPlan):
         options = dict(beta1=float(beta1), beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay),
                        decay=float(decay), amsgrad=bool(amsgrad), maximize=bool(maximize), coupled=bool(coupled))
         for launch in self.launches:  # first: a kernel refuses its table before writing anything
-            launch.patch_grads(grads, SGD_COLUMN["GRAD"])
+            launch.patch_grads(grads, self.grad_column)
             self.backend.run(self.family, launch, lr=lr, **options, grad_scale=grad_scale, found_inf=found_inf)
         if self.slow_index:
             pick = lambda values: [values[i] for i in self.slow_index]  # noqa: E731

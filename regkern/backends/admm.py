@@ -336,6 +336,7 @@ class SASPlan(TablePlan):
     """
 
     family = "sas_admm"
+    grad_column = SAS_COLUMN["GRAD"]
 
     def __init__(self, params, ws, w_breves, anchors, zs, us, backend=None, warn=None):
         count = len(params)
@@ -364,7 +365,7 @@ class SASPlan(TablePlan):
                                      coefficients=[coefs[i] for i in idx])
         floats = sas_float_columns(coefs) if self.launches else None
         for launch in self.launches:
-            launch.patch_grads(grads, SAS_COLUMN["GRAD"])
+            launch.patch_grads(grads, self.grad_column)
             launch.columns[:, SAS_COLUMN["OUTER"]:] = floats if launch.index is None else floats[launch.index]
             self.backend.run(self.family, launch)
 

@@ -109,6 +109,17 @@ def slow_reason(w: Tensor, elementwise: Sequence[Optional[Tensor]], per_row: Seq
     return None
 
 
+class _GradsInTables:
+    """What a plan's ``run`` gets instead of gradients when the step reader
+    has already written their addresses into its tables."""
+
+    def __repr__(self) -> str:
+        return "GRADS_IN_TABLES"
+
+
+GRADS_IN_TABLES = _GradsInTables()
+
+
 class _Launch:
     """One C++ call or Triton launch: a metadata table over some of a plan's tensors."""
 
@@ -125,7 +136,10 @@ class _Launch:
         return values if self.index is None else [values[i] for i in self.index]
 
     def patch_grads(self, grads: Sequence[Tensor], column: int) -> None:
-        """Write this launch's gradient addresses into the table's ``column``."""
+        """Write this launch's gradient addresses into the table's ``column``
+        (``GRADS_IN_TABLES``: the step reader has)."""
+        if grads is GRADS_IN_TABLES:
+            return
         self.columns[:, column] = list(map(Tensor.data_ptr, self.pick(grads)))
 
 
@@ -139,6 +153,8 @@ class TablePlan:
 
     #: the kernel family (``Backend.run``): its kernels are ``<family>_step``
     family = ""
+    #: the table column of the gradient's address
+    grad_column = -1
 
     def _place(self, params: Sequence[Tensor], backend: Optional[str]) -> None:
         self.params = list(params)

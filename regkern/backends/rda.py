@@ -147,6 +147,7 @@ class RDAPlan(TablePlan):
     """
 
     family = "rda"
+    grad_column = _GRAD
 
     def __init__(self, params, gbars, w0s, masks=None, groups=False, backend=None, warn=None):
         count = len(params)
@@ -210,7 +211,7 @@ class RDAPlan(TablePlan):
                                 group=[self.groups[i] for i in idx],
                                 maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
         for launch in self.launches:
-            launch.patch_grads(grads, _GRAD)
+            launch.patch_grads(grads, self.grad_column)
             cols = launch.columns
             cols[:, _T] = (steps if launch.rows is None else steps[launch.rows]).view(np.int64)
             if gamma != launch.gamma:

@@ -155,6 +155,7 @@ class SGDPlan(TablePlan):
     """
 
     family = "sgd"
+    grad_column = SGD_COLUMN["GRAD"]
 
     def __init__(self, params, bufs=None, lams=None, masks=None, norms=None, backend=None, warn=None, **terms):
         count = len(params)
@@ -269,7 +270,7 @@ class SGDPlan(TablePlan):
         options = dict(momentum=float(momentum), dampening=float(dampening), nesterov=bool(nesterov),
                        weight_decay=float(weight_decay), maximize=bool(maximize))
         for launch in self.launches:  # first: a kernel refuses its table before writing anything
-            launch.patch_grads(grads, SGD_COLUMN["GRAD"])
+            launch.patch_grads(grads, self.grad_column)
             flags = launch.pick(firsts)
             if flags != launch.firsts:
                 launch.columns[:, SGD_COLUMN["FIRST"]] = flags

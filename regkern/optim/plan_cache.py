@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
+from regkern.backends.dispatch import GRADS_IN_TABLES
+from regkern.backends.step_reader import make_reader
 from regkern.sharding import is_dtensor, local_tensor
 
 
@@ -24,6 +26,8 @@ class CachedPlan:
     it does not step all of them (None: all)."""
 
     fast_index: Optional[List[int]] = None
+    #: the plan's step reader (``regkern.backends.step_reader``), set by ``prepare_group``
+    reader: Any = None
 
     def _remember(self, optimizer, params: Sequence[Tensor]) -> None:
         self.params = list(params)
@@ -38,8 +42,12 @@ class CachedPlan:
     def same_inputs(self, params: Sequence[Tensor], clock: int, backend) -> bool:
         """Whether ``params`` (those with gradients now), the state clock and
         the backend are what the plan was built from."""
-        return (clock == self.clock and backend == self.backend and len(params) == len(self.params)
-                and all(map(operator.is_, params, self.params)) and self._pointers(params) == self.pointers)
+        if clock != self.clock or backend != self.backend:
+            return False
+        if params is self.params:  # checked by the step reader: same objects, same storage
+            return True
+        return (len(params) == len(self.params) and all(map(operator.is_, params, self.params))
+                and self._pointers(params) == self.pointers)
 
     def step_fills_state(self) -> bool:
         """Whether this plan created state that only a step taken fills (a
@@ -57,32 +65,45 @@ class CachedPlan:
         through raw pointers (default: all of ``self.params``), as an in-place
         torch op would: autograd then refuses a backward through a graph that
         saved the old weights, as it does after a torch.optim step."""
+        if self.reader is not None and (params is None or len(params) == len(self.params)):
+            self.reader.bump_versions()  # (a subset of self.params as long as it is all of them)
+            return
         params = self.params if params is None else params
         increment_version([local_tensor(p) for p in params] if self.sharded else params)
 
 
 def prepare_group(plans: Dict[int, Any], index: int, group_params: List[Tensor],
                   fits: Callable[[Any, List[Tensor]], bool],
-                  build: Callable[[List[Tensor]], Any]) -> Tuple[Any, List[Tensor]]:
+                  build: Callable[[List[Tensor]], Any]) -> Tuple[Any, Any]:
     """The group's cached plan (rebuilt with ``build`` unless ``fits``) and its
-    checked local gradients; parameters without a gradient are left out."""
+    checked local gradients; parameters without a gradient are left out.
+    Where the plan's step reader finds the group as the plan saw it, the
+    gradients' addresses are already in the plan's tables and
+    ``GRADS_IN_TABLES`` stands for them."""
+    cached = plans.get(index)
+    if cached is not None and cached.reader is not None and cached.reader.read(group_params) \
+            and fits(cached, cached.params):
+        return cached, GRADS_IN_TABLES
     params = group_params
     grads = [p.grad for p in params]
     if not all(map(operator.is_not, grads, repeat(None))):
         params = [p for p, g in zip(params, grads) if g is not None]
         grads = [g for g in grads if g is not None]
-    cached = plans.get(index)
     fresh = cached is None or not fits(cached, params)
     if fresh:
         cached = plans[index] = build(params)
     if cached.sharded:
         grads = [local_tensor(g) for g in grads]
     try:
-        return cached, cached.checked_grads(grads)
+        checked = cached.checked_grads(grads)
     except ValueError:
         if fresh:
             raise
-    # e.g. a parameter resized in place through .data, or a gradient that
-    # turned sparse: check against a new plan
-    cached = plans[index] = build(params)
-    return cached, cached.checked_grads(grads)
+        # e.g. a parameter resized in place through .data, or a gradient that
+        # turned sparse: check against a new plan
+        cached = plans[index] = build(params)
+        fresh = True
+        checked = cached.checked_grads(grads)
+    if fresh and not cached.sharded and cached.fast_index is None:
+        cached.reader = make_reader(group_params, params, cached.plan)
+    return cached, checked

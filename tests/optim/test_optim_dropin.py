@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import regkern
 from regkern import reference
@@ -149,6 +150,55 @@ def test_hooks_of_the_other_optimizers(make):
     opt.step()
     opt.load_state_dict(opt.state_dict())
     assert log == ["step pre", "step post", "save pre", "save post", "load pre", "load post"]
+
+
+def _step_hooks(opt, log):
+    """Step hooks of every kind; the instance pre-hook swaps in a closure that logs."""
+    def pre(o, args, kwargs):
+        log.append("pre")
+        return args[:1], {"closure": lambda: log.append("closure") or 1.5}
+    handles = [register_optimizer_step_pre_hook(lambda o, a, k: log.append("global pre")),
+               register_optimizer_step_post_hook(lambda o, a, k: log.append("global post")),
+               opt.register_step_pre_hook(pre),
+               opt.register_step_post_hook(lambda o, args, kwargs: log.append(("post", sorted(kwargs))))]
+    return handles
+
+
+@pytest.mark.parametrize("subclass", [False, True])
+def test_step_hooks_run_once_as_in_torch(subclass):
+    """regkern runs torch's step hooks itself (no profiler range unless a
+    profiler records); a subclass with its own step is wrapped by torch, and
+    the hooks still run once (torch runs them twice for a subclass of its
+    SGD once a plain SGD exists: its SGD.step is then wrapped too)."""
+    class Mine(regkern.SGD):
+        def step(self, closure=None):
+            log.append("mine")
+            return super().step(closure)
+    logs = []
+    for make in (Mine if subclass else regkern.SGD, torch.optim.SGD):
+        log = []
+        params = make_params(shapes=[(4, 3)])
+        opt = make(params, lr=0.1)
+        handles = _step_hooks(opt, log)
+        try:
+            fake_grads(params, 0)
+            assert opt.step() == 1.5
+        finally:
+            for handle in handles:
+                handle.remove()
+        logs.append(log)
+    expected = ["global pre", "pre", "mine", "closure", ("post", ["closure"]), "global post"]
+    assert logs[0] == (expected if subclass else logs[1])
+    assert logs[1] == [e for e in expected if e != "mine"]
+
+
+def test_a_profiler_sees_the_step():
+    params = make_params(shapes=[(4, 3)])
+    opt = regkern.SGD(params, lr=0.1)
+    fake_grads(params, 0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert "Optimizer.step#SGD.step" in {e.name for e in prof.events()}
 
 
 @pytest.mark.parametrize("backend_name", ["cpp", "triton"] if "triton" in CPU_BACKENDS else ["cpp"])

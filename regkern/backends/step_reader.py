@@ -1,0 +1,115 @@
+"""The C++ step reader: a cached plan's per-step checks of its param group
+(same parameters, same storage, gradients of the recorded shape, dtype and
+layout) and the patch of the gradients' addresses into its metadata tables,
+in one C++ call instead of six torch attribute reads per tensor in Python.
+
+It is compiled against the installed torch (``torch.utils.cpp_extension``),
+because reading tensors directly needs torch's headers and ABI, which the
+ahead-of-time extension ``regkern._C`` deliberately does without. The first
+use builds it once (about 20 s; one line on stderr says so) into
+``$REGKERN_CACHE`` (default ``~/.cache/regkern``), under a name that carries
+torch's version, so a new torch gets its own build. ``REGKERN_STEP_READER=0``
+turns it off. When it cannot be built, steps do the same checks in Python
+(about 0.1 ms more per step of a ResNet-56) and a warning says so, once.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import sys
+import threading
+import time
+import warnings
+from typing import Any, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "step_reader.cpp")
+_lock = threading.Lock()
+_module: Any = None
+_failed: Optional[str] = None
+_STALE_LOCK_S = 600  # a build takes about 20 s
+
+
+def enabled() -> bool:
+    """Whether steps use the reader (``REGKERN_STEP_READER`` is not ``0``)."""
+    return os.environ.get("REGKERN_STEP_READER", "1") != "0"
+
+
+def _name() -> str:
+    """The extension's name: torch's version, and a digest of the source and of the torch it is built against."""
+    digest = hashlib.sha256()
+    with open(_SOURCE, "rb") as f:
+        digest.update(f.read())
+    digest.update(f"{torch.__version__} {torch.version.git_version}".encode())
+    version = re.sub(r"[^0-9a-zA-Z]", "_", torch.__version__)
+    return f"regkern_step_reader_{version}_{digest.hexdigest()[:16]}"
+
+
+def load() -> Any:
+    """The compiled module, built on first use; None when it is turned off or
+    cannot be built (then a warning, once)."""
+    global _module, _failed
+    if not enabled():
+        return None
+    if _module is None and _failed is None:
+        with _lock:
+            if _module is None and _failed is None:
+                try:
+                    _module = _build()
+                except Exception as err:  # no compiler, no ninja, headers that do not match, ...
+                    lines = str(err).strip().splitlines()
+                    _failed = f"{type(err).__name__}: {lines[-1] if lines else ''}"
+                    warnings.warn(f"regkern: the C++ step reader could not be built ({_failed}); optimizer steps "
+                                  "check their tensors in Python instead (slower by about 0.6 us per tensor and "
+                                  "step). Set REGKERN_STEP_READER=0 to skip the build.", stacklevel=4)
+    return _module
+
+
+def _build() -> Any:
+    """Load the built library, building it first if it is not there."""
+    name = _name()
+    directory = os.path.join(os.environ.get("REGKERN_CACHE", os.path.expanduser("~/.cache/regkern")), name)
+    library = os.path.join(directory, f"{name}.so")
+    if not os.path.exists(library):
+        from torch.utils import cpp_extension
+        os.makedirs(directory, exist_ok=True)
+        lock = os.path.join(directory, "lock")
+        # torch's build lock, left behind by a build that was killed: later builds would wait on it forever
+        if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > _STALE_LOCK_S:
+            os.remove(lock)
+        print(f"regkern: building the C++ step reader for torch {torch.__version__} in {directory} (once, about "
+              "20 s; REGKERN_STEP_READER=0 skips it)", file=sys.stderr, flush=True)
+        return cpp_extension.load(name, [_SOURCE], build_directory=directory, extra_cflags=["-O2"], verbose=False)
+    # built before (the name carries the source and torch): import it without a build step
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_reader(group_params: Sequence[Tensor], params: Sequence[Tensor], plan) -> Any:
+    """A reader for ``plan`` (a ``TablePlan`` over ``params``, the members of
+    ``group_params`` that had gradients), or None where the Python path must
+    run: the reader is off or unbuilt, the group is not a plain list of plain
+    tensors, or the plan has tensors outside its tables (the reference's)."""
+    if plan.slow_index or not plan.params or not isinstance(group_params, list) or not all(
+            type(p) in (Tensor, torch.nn.Parameter) for p in group_params):
+        return None
+    module = load()
+    if module is None:
+        return None
+    cells: List[int] = [0] * len(params)
+    for launch in plan.launches:
+        table = launch.table
+        base, width = table.data_ptr(), table.shape[1]
+        rows = range(len(params)) if launch.index is None else launch.index
+        for row, i in enumerate(rows):
+            cells[i] = base + (row * width + plan.grad_column) * table.element_size()
+    if not all(cells):
+        return None
+    stepped = {id(p) for p in params}
+    return module.StepReader(group_params, [id(p) in stepped for p in group_params], cells, plan.strides is None)
