@@ -3,11 +3,17 @@
 //
 // A cached step plan (regkern/optim/plan_cache.py) is reused while its param
 // group holds the same parameters, with the same storage, and gradients of
-// the recorded shape, dtype and layout. Checking that in Python costs six
-// torch attribute reads per tensor (about 0.7 us each); here it is a few
-// nanoseconds. read() checks everything first and only then writes each
-// gradient's address into the plan's metadata tables, so a refused read
-// leaves the tables as they were for the Python path to take over.
+// the recorded shape, dtype and layout. Checking that in Python takes six
+// torch attribute reads per tensor (about 0.5 us in all); here about 30 ns.
+// read() checks everything first and only then writes each gradient's
+// address into the plan's metadata tables, so a refused read leaves the
+// tables as they were for the Python path to take over.
+//
+// References: the reader holds no reference to the parameters (the plan
+// keeps them, in Python lists the garbage collector sees, for as long as the
+// reader lives); it holds the gradients it read from read() until release(),
+// so a gradient replaced or dropped between the read and the kernels (a
+// regularizer hook, another thread) stays alive while the kernels use it.
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/variable.h>
 
@@ -15,6 +21,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <vector>
 
 namespace py = pybind11;
@@ -22,19 +29,20 @@ namespace py = pybind11;
 namespace {
 
 struct StepReader {
-  std::vector<py::object> group;      // the param group's list as the plan saw it
+  std::vector<PyObject*> group;       // borrowed: the param group's members as the plan saw them
   std::vector<bool> stepped;          // whether group[i] had a gradient (the plan steps it)
   std::vector<void*> storage;         // data_ptr of each stepped parameter
   std::vector<c10::ScalarType> dtypes;
   std::vector<std::vector<int64_t>> sizes, strides;
   std::vector<int64_t*> slots;        // the table cell each stepped gradient's address goes to
-  std::vector<at::Tensor> stepped_params;
   bool contiguous_only;               // true: gradients must be contiguous, else have `strides`
-  std::vector<void*> found;           // scratch: this read's gradient addresses
+  std::vector<const at::Tensor*> found;  // scratch: this read's gradients
+  std::vector<at::Tensor> held;       // the gradients of the last accepted read, until release()
 
-  // group: the group's parameters; has_grad: which of them the plan steps;
-  // slots: for each stepped one, the address (int) of its table cell;
-  // contiguous_only: the plan's layout rule (see TablePlan.checked_grads).
+  // params: the group's members (kept alive by the caller for the reader's
+  // lifetime); has_grad: which of them the plan steps; cells: for each
+  // stepped one, the address (int) of its table cell; contiguous: the
+  // plan's layout rule (TablePlan.checked_grads).
   StepReader(const py::list& params, const std::vector<bool>& has_grad, const std::vector<int64_t>& cells,
              bool contiguous)
       : stepped(has_grad), contiguous_only(contiguous) {
@@ -42,10 +50,9 @@ struct StepReader {
     for (size_t i = 0; i < params.size(); ++i) {
       PyObject* o = params[i].ptr();
       if (!THPVariable_Check(o)) throw std::invalid_argument("parameters must be tensors");
-      group.push_back(py::reinterpret_borrow<py::object>(o));
+      group.push_back(o);
       if (!has_grad[i]) continue;
       const at::Tensor& p = THPVariable_Unpack(o);
-      stepped_params.push_back(p);
       storage.push_back(p.data_ptr());
       dtypes.push_back(p.scalar_type());
       sizes.emplace_back(p.sizes().begin(), p.sizes().end());
@@ -54,6 +61,7 @@ struct StepReader {
     if (cells.size() != storage.size()) throw std::invalid_argument("one table cell per stepped parameter");
     for (int64_t c : cells) slots.push_back(reinterpret_cast<int64_t*>(c));
     found.resize(storage.size());
+    held.reserve(storage.size());
   }
 
   bool same_gradient(const at::Tensor& g, size_t k) const {
@@ -63,16 +71,19 @@ struct StepReader {
     return contiguous_only ? g.is_contiguous() : g.strides() == c10::IntArrayRef(strides[k]);
   }
 
-  // True when `params` is the recorded group (same objects, same storage,
-  // the same parameters with gradients, each of the recorded shape, dtype
-  // and layout); the gradients' addresses are then in the tables.
-  bool read(const py::list& params) {
+  // True when `params` is a list holding the recorded group (same objects,
+  // same storage, the same members with gradients, each of the recorded
+  // shape, dtype and layout); the gradients' addresses are then in the
+  // tables and the gradients held until release().
+  bool read(const py::handle& params) {
+    PyObject* list = params.ptr();
+    if (!PyList_CheckExact(list)) return false;
     const size_t n = group.size();
-    if (static_cast<size_t>(PyList_GET_SIZE(params.ptr())) != n) return false;
+    if (static_cast<size_t>(PyList_GET_SIZE(list)) != n) return false;
     size_t k = 0;
     for (size_t i = 0; i < n; ++i) {
-      PyObject* o = PyList_GET_ITEM(params.ptr(), i);
-      if (o != group[i].ptr()) return false;
+      PyObject* o = PyList_GET_ITEM(list, i);
+      if (o != group[i]) return false;
       const at::Tensor& p = THPVariable_Unpack(o);
       const at::Tensor& g = p.grad();
       if (!stepped[i]) {
@@ -80,24 +91,34 @@ struct StepReader {
         continue;
       }
       if (!p.has_storage() || p.data_ptr() != storage[k] || !same_gradient(g, k)) return false;
-      found[k++] = g.data_ptr();
+      found[k++] = &g;  // (no Python code runs before the loop below: the reference stays valid)
     }
-    for (size_t j = 0; j < k; ++j) *slots[j] = reinterpret_cast<int64_t>(found[j]);
+    held.clear();
+    for (size_t j = 0; j < k; ++j) {
+      held.push_back(*found[j]);
+      *slots[j] = reinterpret_cast<int64_t>(found[j]->data_ptr());
+    }
     return true;
   }
+
+  // Drop the gradients of the last read (after the kernels ran, or when the
+  // step stopped before them).
+  void release() { held.clear(); }
 
   // After the kernels wrote the stepped parameters through raw pointers:
   // advance their version counters, as an in-place torch op would.
   void bump_versions() const {
-    for (const at::Tensor& p : stepped_params) torch::autograd::impl::bump_version(p);
+    for (size_t i = 0; i < group.size(); ++i)
+      if (stepped[i]) torch::autograd::impl::bump_version(THPVariable_Unpack(group[i]));
   }
 };
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  py::class_<StepReader>(m, "StepReader")
+  py::class_<StepReader>(m, "StepReader", py::module_local())
       .def(py::init<const py::list&, const std::vector<bool>&, const std::vector<int64_t>&, bool>())
       .def("read", &StepReader::read)
+      .def("release", &StepReader::release)
       .def("bump_versions", &StepReader::bump_versions);
 }

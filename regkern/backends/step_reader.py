@@ -8,19 +8,22 @@ because reading tensors directly needs torch's headers and ABI, which the
 ahead-of-time extension ``regkern._C`` deliberately does without. The first
 use builds it once (about 20 s; one line on stderr says so) into
 ``$REGKERN_CACHE`` (default ``~/.cache/regkern``), under a name that carries
-torch's version, so a new torch gets its own build. ``REGKERN_STEP_READER=0``
-turns it off. When it cannot be built, steps do the same checks in Python
-(about 0.1 ms more per step of a ResNet-56) and a warning says so, once.
+the Python, torch's version and a digest of torch's build, so another Python
+or torch gets its own build. ``REGKERN_STEP_READER=0`` turns it off. When it
+cannot be built, steps make the same checks in Python (about 0.1 ms more per
+step of a ResNet-56) and a warning says so, once per process.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import os
 import re
+import shutil
 import sys
+import sysconfig
 import threading
-import time
 import warnings
 from typing import Any, List, Optional, Sequence
 
@@ -31,7 +34,6 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "step_reader.
 _lock = threading.Lock()
 _module: Any = None
 _failed: Optional[str] = None
-_STALE_LOCK_S = 600  # a build takes about 20 s
 
 
 def enabled() -> bool:
@@ -40,18 +42,20 @@ def enabled() -> bool:
 
 
 def _name() -> str:
-    """The extension's name: torch's version, and a digest of the source and of the torch it is built against."""
+    """The extension's name: torch's version, and a digest of the source, of
+    the torch it is built against and of the Python it is built for."""
     digest = hashlib.sha256()
     with open(_SOURCE, "rb") as f:
         digest.update(f.read())
-    digest.update(f"{torch.__version__} {torch.version.git_version}".encode())
-    version = re.sub(r"[^0-9a-zA-Z]", "_", torch.__version__)
-    return f"regkern_step_reader_{version}_{digest.hexdigest()[:16]}"
+    digest.update(f"{torch.__version__} {torch.version.git_version} {torch._C._GLIBCXX_USE_CXX11_ABI} "
+                  f"{sysconfig.get_config_var('EXT_SUFFIX')}".encode())
+    tag = re.sub(r"[^0-9a-zA-Z]", "_", f"{sys.implementation.cache_tag}_{torch.__version__}")
+    return f"regkern_step_reader_{tag}_{digest.hexdigest()[:16]}"
 
 
 def load() -> Any:
     """The compiled module, built on first use; None when it is turned off or
-    cannot be built (then a warning, once)."""
+    cannot be built (then a warning, once per process)."""
     global _module, _failed
     if not enabled():
         return None
@@ -70,21 +74,43 @@ def load() -> Any:
 
 
 def _build() -> Any:
-    """Load the built library, building it first if it is not there."""
+    """Import the built library, building it first where it is missing or
+    does not import (left broken by a killed build, say). A build runs in the
+    folder ``build`` under an OS file lock, which a killed process releases,
+    and the finished library is moved into place in one rename: a process
+    never imports a half-written library nor waits on a dead one. (Called
+    once per process: torch renames a second build of one name.)"""
     name = _name()
     directory = os.path.join(os.environ.get("REGKERN_CACHE", os.path.expanduser("~/.cache/regkern")), name)
     library = os.path.join(directory, f"{name}.so")
-    if not os.path.exists(library):
+    if os.path.exists(library):
+        try:
+            return _import(name, library)
+        except ImportError:
+            pass  # rebuilt below
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "build.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process's build: wait for it
+        if os.path.exists(library):
+            try:
+                return _import(name, library)
+            except ImportError:
+                os.remove(library)
         from torch.utils import cpp_extension
-        os.makedirs(directory, exist_ok=True)
-        lock = os.path.join(directory, "lock")
-        # torch's build lock, left behind by a build that was killed: later builds would wait on it forever
-        if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > _STALE_LOCK_S:
-            os.remove(lock)
         print(f"regkern: building the C++ step reader for torch {torch.__version__} in {directory} (once, about "
               "20 s; REGKERN_STEP_READER=0 skips it)", file=sys.stderr, flush=True)
-        return cpp_extension.load(name, [_SOURCE], build_directory=directory, extra_cflags=["-O2"], verbose=False)
-    # built before (the name carries the source and torch): import it without a build step
+        build = os.path.join(directory, "build")
+        shutil.rmtree(build, ignore_errors=True)  # what a killed build left
+        os.makedirs(build)
+        try:
+            module = cpp_extension.load(name, [_SOURCE], build_directory=build, extra_cflags=["-O2"], verbose=False)
+            os.replace(os.path.join(build, f"{name}.so"), library)
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+        return module
+
+
+def _import(name: str, library: str) -> Any:
     spec = importlib.util.spec_from_file_location(name, library)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -94,8 +120,12 @@ def _build() -> Any:
 def make_reader(group_params: Sequence[Tensor], params: Sequence[Tensor], plan) -> Any:
     """A reader for ``plan`` (a ``TablePlan`` over ``params``, the members of
     ``group_params`` that had gradients), or None where the Python path must
-    run: the reader is off or unbuilt, the group is not a plain list of plain
-    tensors, or the plan has tensors outside its tables (the reference's)."""
+    run: the reader is off or unbuilt, the group is not a list of plain
+    tensors, or the plan has tensors outside its tables (the reference's).
+    The caller keeps ``group_params``' members alive while the reader lives
+    (it refers to them without references of its own), and calls
+    ``release()`` once the kernels ran. A later read of a group that is no
+    longer a list of those members returns False."""
     if plan.slow_index or not plan.params or not isinstance(group_params, list) or not all(
             type(p) in (Tensor, torch.nn.Parameter) for p in group_params):
         return None

@@ -159,9 +159,7 @@ class _GroupPlan(CachedPlan):
         self._remember(optimizer, params)
         differentiable = bool(group["differentiable"])
         by_torch = [differentiable or p.is_complex() for p in params]
-        self.torch_params = [p for p, t in zip(params, by_torch) if t]
-        self.fast_params = [p for p, t in zip(params, by_torch) if not t]
-        self.fast_index = [i for i, t in enumerate(by_torch) if not t] if self.torch_params else None
+        self._route_torch(by_torch)
         self.norm_params = [local_tensor(p) for p in params
                             if p in optimizer.state and optimizer.state[p].get("row_norms") is not None]
         self.norm_versions = self.norm_current = None

@@ -132,6 +132,7 @@ class FusedOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         return loss
 
     def _step(self, closure: Optional[Callable[[], float]] = None):
+        """The step itself, between the hooks."""
         with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
             loss = None
             if closure is not None:
@@ -143,14 +144,20 @@ class FusedOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
                 self._check_group(group, f" (param group {index})")
             for group in self.param_groups:
                 self._sync_group(group)
-            prepared = [self._prepare(index, group) for index, group in enumerate(self.param_groups)]
-            if found_inf is not None and not self._kernels_skip(prepared):
-                if bool(found_inf.item()):
-                    return loss  # an overflow step: parameters and state stay as they are
-                found_inf = None
-            self._apply(prepared, grad_scale, found_inf)
+            try:
+                prepared = [self._prepare(index, group) for index, group in enumerate(self.param_groups)]
+                if found_inf is not None and not self._kernels_skip(prepared):
+                    if bool(found_inf.item()):
+                        return loss  # an overflow step: parameters and state stay as they are
+                    found_inf = None
+                self._apply(prepared, grad_scale, found_inf)
+            finally:
+                for cached in self._plans.values():
+                    cached.release_grads()
             self.state.stepped = True
             return loss
+
+    step.__wrapped__ = _step  # inspect.signature(opt.step): (closure=None), as torch's
 
     def _kernels_skip(self, prepared: List[Any]) -> bool:
         """Whether the step of these prepared groups may leave GradScaler's

@@ -2,7 +2,10 @@
 
 A plan (validated metadata of a group's parameters and state) is reused
 while the parameters that have gradients, their storage and the state are the
-same; each step then only checks the gradients.
+same; each step then only checks the gradients. The plan's step reader
+(``regkern.backends.step_reader``) makes those checks, and writes the
+gradients' addresses into the plan's tables, in one C++ call; whatever it
+does not accept goes through the checks here in Python.
 """
 from __future__ import annotations
 
@@ -26,8 +29,10 @@ class CachedPlan:
     it does not step all of them (None: all)."""
 
     fast_index: Optional[List[int]] = None
-    #: the plan's step reader (``regkern.backends.step_reader``), set by ``prepare_group``
+    #: the plan's step reader (``regkern.backends.step_reader``) and the group
+    #: members it checks, kept alive here; set by ``prepare_group``
     reader: Any = None
+    reader_group: Optional[List[Tensor]] = None
 
     def _remember(self, optimizer, params: Sequence[Tensor]) -> None:
         self.params = list(params)
@@ -39,6 +44,17 @@ class CachedPlan:
     def _pointers(self, params: Sequence[Tensor]) -> List[int]:
         return [local_tensor(p).data_ptr() for p in params] if self.sharded else list(map(Tensor.data_ptr, params))
 
+    def _route_torch(self, by_torch: Sequence[bool]) -> None:
+        """Split ``self.params`` into ``torch_params`` (``by_torch[i]``: stepped
+        with torch ops) and ``fast_params`` (the plan's; ``self.params`` itself
+        when that is all of them), with ``fast_index`` their indices (None: all)."""
+        self.torch_params = [p for p, t in zip(self.params, by_torch) if t]
+        if self.torch_params:
+            self.fast_params = [p for p, t in zip(self.params, by_torch) if not t]
+            self.fast_index = [i for i, t in enumerate(by_torch) if not t]
+        else:
+            self.fast_params, self.fast_index = self.params, None
+
     def same_inputs(self, params: Sequence[Tensor], clock: int, backend) -> bool:
         """Whether ``params`` (those with gradients now), the state clock and
         the backend are what the plan was built from."""
@@ -48,6 +64,13 @@ class CachedPlan:
             return True
         return (len(params) == len(self.params) and all(map(operator.is_, params, self.params))
                 and self._pointers(params) == self.pointers)
+
+    def release_grads(self) -> None:
+        """Drop the step reader's hold on the gradients it read (once the step
+        ran or stopped): until then a gradient replaced after the read stays
+        alive for the kernels."""
+        if self.reader is not None:
+            self.reader.release()
 
     def step_fills_state(self) -> bool:
         """Whether this plan created state that only a step taken fills (a
@@ -65,8 +88,8 @@ class CachedPlan:
         through raw pointers (default: all of ``self.params``), as an in-place
         torch op would: autograd then refuses a backward through a graph that
         saved the old weights, as it does after a torch.optim step."""
-        if self.reader is not None and (params is None or len(params) == len(self.params)):
-            self.reader.bump_versions()  # (a subset of self.params as long as it is all of them)
+        if self.reader is not None and (params is None or params is self.params):
+            self.reader.bump_versions()
             return
         params = self.params if params is None else params
         increment_version([local_tensor(p) for p in params] if self.sharded else params)
@@ -106,4 +129,5 @@ def prepare_group(plans: Dict[int, Any], index: int, group_params: List[Tensor],
         checked = cached.checked_grads(grads)
     if fresh and not cached.sharded and cached.fast_index is None:
         cached.reader = make_reader(group_params, params, cached.plan)
+        cached.reader_group = list(group_params) if cached.reader is not None else None
     return cached, checked

@@ -2,10 +2,14 @@
 in C++, every change of the group, the storage or the gradients hands the
 step back to Python, and a run gives bit for bit what the Python path gives,
 errors included."""
+import dataclasses
+import gc
+import inspect
 import os
 import subprocess
 import sys
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ import torch
 import regkern
 from regkern.backends import step_reader
 from regkern.backends.dispatch import GRADS_IN_TABLES
+from regkern.regularizers import Regularizer
 from optim_helpers import fake_grads, make_params
 
 OPTIMIZERS = {
@@ -128,3 +133,81 @@ def test_a_built_reader_is_loaded_without_a_build_step():
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert done.returncode == 0, done.stderr
     assert "building" not in done.stderr
+
+
+@dataclasses.dataclass(frozen=True)
+class _ClipOutOfPlace(Regularizer):
+    """A regularizer whose per-step hook replaces each gradient after the
+    step has read them: the step still uses the gradients it read."""
+    kind = "clip_out_of_place"
+
+    def before_step(self, params, states):
+        for p in params:
+            p.grad = p.grad.clamp(-1.0, 1.0)  # the gradient read by the step has no other reference now
+
+
+@pytest.mark.parametrize("reader", ["1", "0"])
+def test_gradients_replaced_after_the_read_stay_alive_for_the_kernels(reader, monkeypatch):
+    monkeypatch.setenv("REGKERN_STEP_READER", reader)
+    params = [torch.nn.Parameter(torch.zeros(1024, 1024)) for _ in range(2)]  # 4 MB: freed memory is unmapped
+    opt = regkern.SGD([{"params": params, "regularizer": _ClipOutOfPlace()}], lr=1.0)
+    for t in range(4):
+        for p in params:
+            p.grad = torch.full_like(p, 5.0)
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        assert all(torch.equal(b - p.detach(), torch.full_like(p, 5.0)) for b, p in zip(before, params))
+    assert (opt._plans[0].reader is not None) == (reader == "1")
+
+
+def test_an_optimizer_in_a_cycle_with_its_parameters_is_collected():
+    def run():
+        model = torch.nn.Linear(8, 8)
+        opt = regkern.SGD(model.parameters(), lr=0.1)
+        model.weight.owner = opt  # a cycle: parameter -> optimizer -> plan -> reader -> parameter
+        for _ in range(3):
+            for p in model.parameters():
+                p.grad = torch.ones_like(p)
+            opt.step()
+        assert opt._plans[0].reader is not None
+        return weakref.ref(model.weight), weakref.ref(opt)
+    param, opt = run()
+    gc.collect()
+    assert param() is None and opt() is None
+
+
+def test_a_group_that_is_no_longer_a_list_takes_the_python_path():
+    opt, params = _stepped_sgd()
+    opt.param_groups[0]["params"] = tuple(opt.param_groups[0]["params"])
+    before = [p.detach().clone() for p in params]
+    fake_grads(params, 3)
+    opt.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, params))
+
+
+def test_the_step_keeps_torchs_signature():
+    ours = inspect.signature(OPTIMIZERS["sgd"](make_params()).step).parameters
+    torchs = inspect.signature(torch.optim.SGD(make_params(), lr=0.1).step).parameters
+    assert [(p.name, p.default) for p in ours.values()] == [(p.name, p.default) for p in torchs.values()]
+
+
+def test_builds_are_kept_apart_by_python_and_torch():
+    name = step_reader._name()
+    assert name.startswith(f"regkern_step_reader_{sys.implementation.cache_tag.replace('-', '_')}_")
+    assert name.isidentifier()
+
+
+def test_a_broken_library_is_rebuilt(tmp_path):
+    """What a killed build may leave (a truncated library, a build folder) is
+    built again, and the library lands in one rename (in a new process:
+    torch builds one name once per process)."""
+    name = step_reader._name()
+    (tmp_path / name / "build").mkdir(parents=True)
+    (tmp_path / name / f"{name}.so").write_bytes(b"\x7fELF truncated")
+    code = "import regkern.backends.step_reader as r; assert hasattr(r._build(), 'StepReader')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "REGKERN_CACHE": str(tmp_path),
+                               "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    assert "building the C++ step reader" in done.stderr
+    assert sorted(os.listdir(tmp_path / name)) == ["build.lock", f"{name}.so"]
