@@ -193,25 +193,7 @@ static void shrink(float* __restrict out, const float* __restrict gbar, const fl
   for (; j < n; ++j) shrink_at<false, float>(out, gbar, w0, j, c, s);
 }
 
-// Sum of x^2 over n values in 16 fixed lanes (lane k: elements j % 16 == k)
-// added up in a fixed order: the result depends on n only, not on the ISA.
-typedef float lanes16 __attribute__((vector_size(64)));
-
-RK_AI float sum_squares(const float* __restrict x, int64_t n) {
-  lanes16 acc = {};
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    lanes16 v;
-    __builtin_memcpy(&v, x + j, sizeof v);
-    acc += v * v;
-  }
-  float r[16];
-  __builtin_memcpy(r, &acc, sizeof r);
-  for (int k = 0; j < n; ++j, ++k) r[k] += x[j] * x[j];
-  for (int half = 8; half >= 1; half >>= 1)
-    for (int k = 0; k < half; ++k) r[k] += r[k + half];
-  return r[0];
-}
+#include "common/lane_sums.h"  // sq_sums: the group row norm in fixed lanes
 
 // out[j] = row mask of element i + j, j < n
 RK_AI void expand_row_mask(const Desc& d, int64_t i, int64_t n, uint8_t* __restrict out) {
@@ -288,7 +270,7 @@ static void range_group(const Desc& d, const Opt& o, int64_t lo, int64_t hi) {
       const float* gp = as_f32<DT>(d.g, i, n, gf);
       const uint8_t* kp = !mask ? nullptr : row_mask ? keepx : d.mask + i;
       fn(vf_, gp, d.gbar + i, d.w0 + i, kp, n, k);
-      acc += static_cast<double>(sum_squares(vf_, n));
+      acc += static_cast<double>(sq_sums(vf_, n));
     }
     const float norm = static_cast<float>(__builtin_sqrt(acc));
     const float s = clamp_min0(1.0f - d.kappa / norm);
