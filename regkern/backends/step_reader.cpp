@@ -76,6 +76,7 @@ struct StepReader {
   // shape, dtype and layout); the gradients' addresses are then in the
   // tables and the gradients held until release().
   bool read(const py::handle& params) {
+    held.clear();  // first: dropping a gradient may run Python code, which must not run below
     PyObject* list = params.ptr();
     if (!PyList_CheckExact(list)) return false;
     const size_t n = group.size();
@@ -93,7 +94,6 @@ struct StepReader {
       if (!p.has_storage() || p.data_ptr() != storage[k] || !same_gradient(g, k)) return false;
       found[k++] = &g;  // (no Python code runs before the loop below: the reference stays valid)
     }
-    held.clear();
     for (size_t j = 0; j < k; ++j) {
       held.push_back(*found[j]);
       *slots[j] = reinterpret_cast<int64_t>(found[j]->data_ptr());
@@ -106,10 +106,14 @@ struct StepReader {
   void release() { held.clear(); }
 
   // After the kernels wrote the stepped parameters through raw pointers:
-  // advance their version counters, as an in-place torch op would.
+  // advance their version counters, as an in-place torch op would (as
+  // torch.autograd.graph.increment_version: inference tensors have none).
   void bump_versions() const {
-    for (size_t i = 0; i < group.size(); ++i)
-      if (stepped[i]) torch::autograd::impl::bump_version(THPVariable_Unpack(group[i]));
+    for (size_t i = 0; i < group.size(); ++i) {
+      if (!stepped[i]) continue;
+      const at::Tensor& p = THPVariable_Unpack(group[i]);
+      if (!p.is_inference()) torch::autograd::impl::bump_version(p);
+    }
   }
 };
 

@@ -68,8 +68,8 @@ def load() -> Any:
                     lines = str(err).strip().splitlines()
                     _failed = f"{type(err).__name__}: {lines[-1] if lines else ''}"
                     warnings.warn(f"regkern: the C++ step reader could not be built ({_failed}); optimizer steps "
-                                  "check their tensors in Python instead (slower by about 0.6 us per tensor and "
-                                  "step). Set REGKERN_STEP_READER=0 to skip the build.", stacklevel=4)
+                                  "check their tensors in Python instead (about 0.1 ms more per step of a "
+                                  "ResNet-56's 167 tensors). Set REGKERN_STEP_READER=0 to skip the build.", stacklevel=4)
     return _module
 
 
@@ -126,7 +126,7 @@ def make_reader(group_params: Sequence[Tensor], params: Sequence[Tensor], plan) 
     (it refers to them without references of its own), and calls
     ``release()`` once the kernels ran. A later read of a group that is no
     longer a list of those members returns False."""
-    if plan.slow_index or not plan.params or not isinstance(group_params, list) or not all(
+    if plan.slow_index or not plan.params or type(group_params) is not list or not all(
             type(p) in (Tensor, torch.nn.Parameter) for p in group_params):
         return None
     module = load()

@@ -127,7 +127,17 @@ def prepare_group(plans: Dict[int, Any], index: int, group_params: List[Tensor],
         cached = plans[index] = build(params)
         fresh = True
         checked = cached.checked_grads(grads)
-    if fresh and not cached.sharded and cached.fast_index is None:
+    if (fresh or _members_changed(cached, group_params)) and not cached.sharded and cached.fast_index is None:
+        members = list(group_params)
         cached.reader = make_reader(group_params, params, cached.plan)
-        cached.reader_group = list(group_params) if cached.reader is not None else None
+        cached.reader_group = members if cached.reader is not None else None
     return cached, checked
+
+
+def _members_changed(cached: CachedPlan, group_params) -> bool:
+    """Whether a plan that still fits was read for another group list than
+    ``group_params`` (its members or the list's type changed): its reader
+    would refuse every step, so it is made again."""
+    members = cached.reader_group
+    return members is not None and (type(group_params) is not list or len(group_params) != len(members)
+                                    or not all(map(operator.is_, group_params, members)))

@@ -211,3 +211,28 @@ def test_a_broken_library_is_rebuilt(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "building the C++ step reader" in done.stderr
     assert sorted(os.listdir(tmp_path / name)) == ["build.lock", f"{name}.so"]
+
+
+@pytest.mark.parametrize("reader", ["1", "0"])
+def test_an_inference_tensor_parameter_steps_alike_on_both_paths(reader, monkeypatch):
+    """Version counters are advanced as torch.autograd.graph.increment_version
+    does it: an inference tensor has none and is skipped, on both paths."""
+    monkeypatch.setenv("REGKERN_STEP_READER", reader)
+    with torch.inference_mode():
+        p = torch.ones(4, 3)
+    opt = regkern.SGD([p], lr=0.1, momentum=0.9)
+    for t in range(3):
+        p.grad = torch.full((4, 3), 0.5 + t)
+        opt.step()
+    assert torch.allclose(p, torch.full((4, 3), 1 - 0.1 * (0.5 + (1.5 + 0.9 * 0.5) + (2.5 + 0.9 * (1.5 + 0.9 * 0.5)))))
+
+
+def test_a_reader_follows_a_group_that_gains_a_member_without_a_gradient():
+    opt, params = _stepped_sgd()
+    opt.param_groups[0]["params"].append(torch.nn.Parameter(torch.randn(3)))  # no gradient: the plan still fits
+    for t in range(3, 5):
+        fake_grads(params, t)
+        opt.step()
+    fake_grads(params, 5)
+    cached, grads = opt._prepare(0, opt.param_groups[0])
+    assert grads is GRADS_IN_TABLES
