@@ -83,19 +83,17 @@ def _build() -> Any:
     name = _name()
     directory = os.path.join(os.environ.get("REGKERN_CACHE", os.path.expanduser("~/.cache/regkern")), name)
     library = os.path.join(directory, f"{name}.so")
-    if os.path.exists(library):
-        try:
-            return _import(name, library)
-        except ImportError:
-            pass  # rebuilt below
+    module = _imported(name, library)
+    if module is not None:
+        return module
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "build.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process's build: wait for it
+        module = _imported(name, library)  # built while this process waited
+        if module is not None:
+            return module
         if os.path.exists(library):
-            try:
-                return _import(name, library)
-            except ImportError:
-                os.remove(library)
+            os.remove(library)  # does not import
         from torch.utils import cpp_extension
         print(f"regkern: building the C++ step reader for torch {torch.__version__} in {directory} (once, about "
               "20 s; REGKERN_STEP_READER=0 skips it)", file=sys.stderr, flush=True)
@@ -110,10 +108,16 @@ def _build() -> Any:
         return module
 
 
-def _import(name: str, library: str) -> Any:
+def _imported(name: str, library: str) -> Any:
+    """The module in ``library``; None where it is missing or does not import."""
+    if not os.path.exists(library):
+        return None
     spec = importlib.util.spec_from_file_location(name, library)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        module = importlib.util.module_from_spec(spec)  # (an extension module is loaded here)
+        spec.loader.exec_module(module)
+    except ImportError:
+        return None
     return module
 
 
