@@ -69,7 +69,8 @@ def load() -> Any:
                     _failed = f"{type(err).__name__}: {lines[-1] if lines else ''}"
                     warnings.warn(f"regkern: the C++ step reader could not be built ({_failed}); optimizer steps "
                                   "check their tensors in Python instead (about 0.1 ms more per step of a "
-                                  "ResNet-56's 167 tensors). Set REGKERN_STEP_READER=0 to skip the build.", stacklevel=4)
+                                  "ResNet-56's 167 tensors). Set REGKERN_STEP_READER=0 to skip the build.",
+                                  stacklevel=4)
     return _module
 
 
