@@ -141,8 +141,7 @@ def make_reader(group_params: Sequence[Tensor], params: Sequence[Tensor], plan) 
     for launch in plan.launches:
         table = launch.table
         base, width = table.data_ptr(), table.shape[1]
-        rows = range(len(params)) if launch.index is None else launch.index
-        for row, i in enumerate(rows):
+        for row, i in enumerate(launch.pick(range(len(params)))):
             cells[i] = base + (row * width + plan.grad_column) * table.element_size()
     if not all(cells):
         return None

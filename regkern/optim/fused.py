@@ -97,7 +97,7 @@ class FusedOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         torch wraps an optimizer's ``step`` in a profiler range and its step
         hooks; this one runs the hooks itself, exactly where torch runs them,
         and opens the range only while a profiler records (torch's wrapper
-        with its range costs about 30 us per step on a 2-core CPU). A
+        with its range cost about 20 us per step on a 2-core CPU). A
         subclass that defines its own ``step`` is wrapped by torch as usual,
         and this one then only steps.
         """

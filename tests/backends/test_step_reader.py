@@ -197,19 +197,21 @@ def test_builds_are_kept_apart_by_python_and_torch():
     assert name.isidentifier()
 
 
-def test_a_broken_library_is_rebuilt(tmp_path):
+def test_a_broken_library_is_rebuilt_once_by_concurrent_first_uses(tmp_path):
     """What a killed build may leave (a truncated library, a build folder) is
-    built again, and the library lands in one rename (in a new process:
+    built again, once for two processes starting together (the other waits
+    on the lock and imports it), and lands in one rename (new processes:
     torch builds one name once per process)."""
     name = step_reader._name()
     (tmp_path / name / "build").mkdir(parents=True)
     (tmp_path / name / f"{name}.so").write_bytes(b"\x7fELF truncated")
     code = "import regkern.backends.step_reader as r; assert hasattr(r._build(), 'StepReader')"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "REGKERN_CACHE": str(tmp_path),
-                               "PYTHONPATH": os.pathsep.join(sys.path)})
-    assert done.returncode == 0, done.stderr
-    assert "building the C++ step reader" in done.stderr
+    env = {**os.environ, "REGKERN_CACHE": str(tmp_path), "PYTHONPATH": os.pathsep.join(sys.path)}
+    runs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, env=env)
+            for _ in range(2)]
+    errs = [run.communicate(timeout=300)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], errs
+    assert sum("building the C++ step reader" in err for err in errs) == 1
     assert sorted(os.listdir(tmp_path / name)) == ["build.lock", f"{name}.so"]
 
 
