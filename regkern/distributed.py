@@ -244,7 +244,7 @@ def _load_target(meta, param: Tensor):
     sharded like the parameter's rows when the parameter is a DTensor."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from regkern.sharding import is_dtensor, like_param, row_state
+    from regkern.sharding import is_dtensor, row_state
 
     if not isinstance(meta, TensorStorageMetadata):
         return None
@@ -252,7 +252,7 @@ def _load_target(meta, param: Tensor):
     if not is_dtensor(param):
         return torch.empty(shape, dtype=dtype, device=param.device)
     if shape == tuple(param.shape):
-        return like_param(param, torch.empty_like(param.to_local(), dtype=dtype))
+        return torch.empty_like(param.detach(), dtype=dtype)  # a DTensor laid out like the parameter
     if shape and shape[0] == param.shape[0]:
         return row_state(param, shape[1:], dtype=dtype)
     return torch.empty(shape, dtype=dtype, device=param.to_local().device)

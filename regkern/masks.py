@@ -18,7 +18,7 @@ from regkern.flops import count_params
 from regkern.group import Group
 from regkern.optim.features import require_reads
 from regkern.reference.sgd import element_mask
-from regkern.sharding import is_dtensor, like_param, local_tensor, row_state, user_class, whole, write_whole
+from regkern.sharding import is_dtensor, local_tensor, row_state, user_class, whole, write_whole
 from regkern.slicing import LayerCut, SliceSummary, kept_indices, removal_list
 
 
@@ -38,7 +38,7 @@ def apply_mask(optimizer: torch.optim.Optimizer, p: Tensor, keep: Tensor) -> Non
         keep = keep & old
     if is_dtensor(p):
         mask = row_state(p, dtype=torch.bool) if keep.dim() == 1 and p.dim() > 1 else \
-            like_param(p, torch.empty_like(local_tensor(p), dtype=torch.bool))
+            torch.empty_like(p.detach(), dtype=torch.bool)  # a DTensor laid out like p
         write_whole(mask, keep)
     else:
         mask = keep

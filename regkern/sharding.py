@@ -48,16 +48,6 @@ def row_state(param: Tensor, trailing: Tuple[int, ...] = (), dtype=torch.float32
     return DTensor.from_local(value, param.device_mesh, placements, shape=shape, stride=stride)
 
 
-def like_param(param: Tensor, local: Tensor) -> Tensor:
-    """``local`` (shaped like ``param``'s local shard) as a tensor laid out
-    like ``param``: a DTensor with its placements, or ``local`` itself."""
-    if not is_dtensor(param):
-        return local
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
-
-
 def whole(t):
     """``t``'s whole value: a DTensor gathered from every rank (a collective:
     call it on every rank), any other tensor as it is (None stays None)."""

@@ -445,14 +445,17 @@ class PolarizationPruner(_BNPruner):
 
         return next((r for r in regularizers_of(self.group) if isinstance(r, Polarization)), None)
 
-    def thresholds(self) -> Dict[str, Optional[float]]:
-        """The valley threshold of each layer now (None: no valley)."""
-        return {u.name: search_threshold(u.gamma()) for u in self.units}
+    def thresholds(self, gammas: Optional[Dict[str, Tensor]] = None) -> Dict[str, Optional[float]]:
+        """The valley threshold of each layer now (None: no valley); ``gammas``:
+        the layers' scales when already at hand (each is a gather when sharded)."""
+        gammas = gammas or {u.name: u.gamma() for u in self.units}
+        return {u.name: search_threshold(gammas[u.name]) for u in self.units}
 
     def _plan(self, strict: bool = True):
         """``(pruned, notes, thresholds used)`` of a cut made now."""
         notes: List[str] = []
-        thresholds = self.thresholds()
+        gammas = {u.name: u.gamma() for u in self.units}
+        thresholds = self.thresholds(gammas)
         missing = [n for n, thr in thresholds.items() if thr is None]
         policy = "keep" if self.no_valley == "error" and not strict else self.no_valley
         if missing and policy == "error":
@@ -464,7 +467,7 @@ class PolarizationPruner(_BNPruner):
             notes.append(f"no valley in the scale histogram of {', '.join(missing)}: {fallback}")
         pruned, used = {}, {}
         for u in self.units:
-            gamma = u.gamma()
+            gamma = gammas[u.name]
             thr = thresholds[u.name]
             if thr is None:
                 if policy == "keep":

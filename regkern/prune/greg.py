@@ -543,6 +543,10 @@ class GReg2(_GReg):
     def picked(self) -> Dict[str, Tensor]:
         return {u.name: u.pruned for u in self.units if u.picked is not None}
 
+    def _needs_scores(self) -> bool:
+        # weight mode reads magnitudes only while picking (filter mode: the ratio too)
+        return self.mode == "filter" or any(u.picked is None for u in self.units)
+
     def _update_unit(self, u: _Unit, w_abs: Tensor) -> bool:
         if u.picked is not None:
             u.lam[u.pruned] += self.delta

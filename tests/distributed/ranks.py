@@ -254,6 +254,13 @@ def build(name, target, model):
     if name == "greg1_group":  # lam on rows and lam_cols on the consumers' columns
         opt = sgd(model)
         return opt, GReg1(target, opt, X, ratios=0.5, Ku=2, Ks=2, delta=0.5, tau=2.0, scope="group")
+    if name == "greg2_weight":
+        opt = sgd(model)
+        return opt, GReg2(target, opt, ratios=0.5, mode="weight", Ku=1, Ks=2, delta=0.5, delta_pick=0.02,
+                          pick_ceiling=0.05, tau=2.0)
+    if name == "admm_sas":  # SAS-ADMM outer iterations, then the element masks
+        opt = regkern.SASADMM(model.parameters(), beta=0.04, lam=1e-3, M=2, k0=2, backend=BACKEND)
+        return opt, ADMMPruner(target, opt, ratios=0.5, outer_iterations=2)
     if name == "greg1_weight":
         opt = sgd(model)
         return opt, GReg1(target, opt, ratios=0.5, mode="weight", Ku=2, Ks=2, delta=0.5, tau=2.0)

@@ -17,7 +17,8 @@ skip_without_fsdp2()
 
 SCHEDULES = {"greg1": OddNet, "polarization": BNNet, "rda": OddNet, "proxl1": OddNet, "admm": OddNet,
              "greg1_adam": OddNet, "greg2_adamw": OddNet, "greg1_weight": OddNet, "slimming": BNNet,
-             "admm_rows": OddNet, "oneshot": OddNet, "greg1_group": OddNet}
+             "admm_rows": OddNet, "oneshot": OddNet, "greg1_group": OddNet, "greg2_weight": OddNet,
+             "admm_sas": OddNet}
 CUT = ("greg1", "polarization", "greg1_adam", "greg2_adamw", "slimming", "oneshot", "greg1_group")  # masked cuts
 
 
